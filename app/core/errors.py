@@ -1,0 +1,283 @@
+"""The one exception tree of the toolkit.
+
+Every error a user can catch from this package derives from ``ToolkitError``;
+Redis client errors never leak raw, they are wrapped with ``raise ... from exc``
+so the original stays in ``__cause__``::
+
+    ToolkitError
+    ├── ConfigurationError            bad or unsafe settings
+    ├── RedisUnavailable              Redis cannot be reached (or the breaker is open)
+    ├── CodecError                    a value cannot be encoded or a stored payload decoded
+    │   ├── PayloadTooLarge           over a size cap (e.g. decompression bomb)
+    │   └── SignatureError            a signed payload was tampered with or the key is wrong
+    ├── InvalidKey                    a key part is empty or not allowed
+    ├── LockError
+    │   ├── LockNotAcquired           could not get the lock within the wait bound
+    │   ├── LockNotOwned              release/extend of a lock that is no longer ours
+    │   └── LockLost                  the lock expired or was taken while held
+    ├── RateLimitExceeded             a rate-limit policy refused the request
+    ├── IdempotencyError
+    │   ├── IdempotencyKeyMissing     required Idempotency-Key header absent (400)
+    │   ├── IdempotencyKeyInvalid     malformed Idempotency-Key (400)
+    │   ├── IdempotencyConflict       the first request is still in flight (409)
+    │   └── IdempotencyMismatch       key reused with another request payload (422)
+    ├── SessionError
+    │   ├── SessionNotFound           unknown or expired session id
+    │   └── SessionConflict           a concurrent change could not be merged
+    └── StreamError                   consumer-group / stream misuse
+
+Each class carries an HTTP ``status_code``, a stable ``problem_type`` slug and a
+``title``; ``app.api.problems`` turns any of them into an RFC 9457
+``application/problem+json`` response. Errors carry their facts as attributes
+(``retry_after``, ``lock_name``, ...) so handlers never parse messages.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+__all__ = [
+    "CodecError",
+    "ConfigurationError",
+    "IdempotencyConflict",
+    "IdempotencyError",
+    "IdempotencyKeyInvalid",
+    "IdempotencyKeyMissing",
+    "IdempotencyMismatch",
+    "InvalidKey",
+    "LockError",
+    "LockLost",
+    "LockNotAcquired",
+    "LockNotOwned",
+    "PayloadTooLarge",
+    "RateLimitExceeded",
+    "RedisUnavailable",
+    "SessionConflict",
+    "SessionError",
+    "SessionNotFound",
+    "SignatureError",
+    "StreamError",
+    "ToolkitError",
+]
+
+
+class ToolkitError(Exception):
+    """Root of every error raised by the toolkit."""
+
+    status_code: ClassVar[int] = 500
+    problem_type: ClassVar[str] = "internal-error"
+    title: ClassVar[str] = "Internal error"
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after = retry_after
+
+    @property
+    def detail(self) -> str:
+        return self.message
+
+    def retry_after_header(self) -> str | None:
+        """``Retry-After`` in whole seconds, rounded up (RFC 9110 §10.2.3)."""
+        if self.retry_after is None:
+            return None
+        return str(max(0, math.ceil(self.retry_after)))
+
+    def headers(self) -> dict[str, str]:
+        """Extra HTTP headers a problem response for this error should carry."""
+        value = self.retry_after_header()
+        return {"Retry-After": value} if value is not None else {}
+
+    def extensions(self) -> dict[str, Any]:
+        """Extension members for the problem+json body (RFC 9457 §3.2)."""
+        return {}
+
+
+class ConfigurationError(ToolkitError, ValueError):
+    """Settings are invalid or unsafe for the environment."""
+
+    problem_type = "configuration-error"
+    title = "Configuration error"
+
+
+class RedisUnavailable(ToolkitError, ConnectionError):
+    """Redis could not be reached, timed out, or the circuit breaker is open."""
+
+    status_code = 503
+    problem_type = "redis-unavailable"
+    title = "Service temporarily unavailable"
+
+    def __init__(
+        self, message: str, *, url: str | None = None, retry_after: float | None = 1.0
+    ) -> None:
+        super().__init__(message, retry_after=retry_after)
+        self.url = url
+
+    @property
+    def detail(self) -> str:
+        # The URL (even masked) is operator information, not client information.
+        return "A backing store is temporarily unavailable; retry later."
+
+
+class CodecError(ToolkitError, ValueError):
+    """A value could not be encoded, or a stored payload could not be decoded."""
+
+    problem_type = "codec-error"
+    title = "Stored data could not be decoded"
+
+
+class PayloadTooLarge(CodecError):
+    """A payload exceeds a size cap (for example a decompression bomb)."""
+
+    status_code = 413
+    problem_type = "payload-too-large"
+    title = "Payload too large"
+
+    def __init__(self, message: str, *, limit: int) -> None:
+        super().__init__(message)
+        self.limit = limit
+
+
+class SignatureError(CodecError):
+    """A signed payload failed HMAC verification."""
+
+    problem_type = "signature-error"
+    title = "Signature verification failed"
+
+
+class InvalidKey(ToolkitError, ValueError):
+    """A key part is empty or uses characters the key builder refuses."""
+
+    status_code = 400
+    problem_type = "invalid-key"
+    title = "Invalid key"
+
+
+class LockError(ToolkitError):
+    """Base class for lock errors; carries the lock name."""
+
+    status_code = 409
+    problem_type = "lock-error"
+    title = "Lock error"
+
+    def __init__(self, message: str, *, lock_name: str, retry_after: float | None = None) -> None:
+        super().__init__(message, retry_after=retry_after)
+        self.lock_name = lock_name
+
+
+class LockNotAcquired(LockError):
+    """The lock is held by another owner and the wait bound ran out."""
+
+    problem_type = "lock-not-acquired"
+    title = "Resource is locked"
+
+
+class LockNotOwned(LockError):
+    """Release or extend of a lock this owner no longer holds."""
+
+    problem_type = "lock-not-owned"
+    title = "Lock not owned"
+
+
+class LockLost(LockError):
+    """The lock expired or was taken by another owner while it was held."""
+
+    problem_type = "lock-lost"
+    title = "Lock lost"
+
+
+class RateLimitExceeded(ToolkitError):
+    """A rate-limit policy refused the request."""
+
+    status_code = 429
+    problem_type = "quota-exceeded"
+    title = "Quota exceeded"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after: float,
+        violated_policies: Sequence[str] = (),
+        extra_headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message, retry_after=retry_after)
+        self.violated_policies = list(violated_policies)
+        self.extra_headers = dict(extra_headers or {})
+
+    def headers(self) -> dict[str, str]:
+        return {**self.extra_headers, **super().headers()}
+
+    def extensions(self) -> dict[str, Any]:
+        return {"violated-policies": self.violated_policies}
+
+
+class IdempotencyError(ToolkitError):
+    """Base class for Idempotency-Key errors."""
+
+    status_code = 400
+    problem_type = "idempotency-error"
+    title = "Idempotency error"
+
+
+class IdempotencyKeyMissing(IdempotencyError):
+    """The route requires an ``Idempotency-Key`` header and none was sent."""
+
+    problem_type = "idempotency-key-missing"
+    title = "Idempotency-Key header is required"
+
+
+class IdempotencyKeyInvalid(IdempotencyError):
+    """The ``Idempotency-Key`` header is not 1-255 printable ASCII characters."""
+
+    problem_type = "idempotency-key-invalid"
+    title = "Idempotency-Key header is malformed"
+
+
+class IdempotencyConflict(IdempotencyError):
+    """A request with the same key is still being processed."""
+
+    status_code = 409
+    problem_type = "idempotency-key-in-use"
+    title = "A request with this Idempotency-Key is still being processed"
+
+
+class IdempotencyMismatch(IdempotencyError):
+    """The key was already used with a different request payload."""
+
+    status_code = 422
+    problem_type = "idempotency-key-reused"
+    title = "Idempotency-Key reused with a different request"
+
+
+class SessionError(ToolkitError):
+    """Base class for session errors."""
+
+    status_code = 400
+    problem_type = "session-error"
+    title = "Session error"
+
+
+class SessionNotFound(SessionError):
+    """The session id is unknown, expired or was deleted."""
+
+    status_code = 404
+    problem_type = "session-not-found"
+    title = "Session not found"
+
+
+class SessionConflict(SessionError):
+    """A concurrent change to the same session keys could not be merged."""
+
+    status_code = 409
+    problem_type = "session-conflict"
+    title = "Session changed concurrently"
+
+
+class StreamError(ToolkitError):
+    """Stream or consumer-group misuse."""
+
+    problem_type = "stream-error"
+    title = "Stream error"

@@ -1,0 +1,114 @@
+"""Cluster-safe key building: ``<prefix>:<service>:<part>:<part>...``.
+
+Rules that make keys safe to build from untrusted input:
+
+* The prefix and service are code-chosen names (``[A-Za-z0-9_.-]``) and are
+  validated; every other part is *escaped*: any byte outside
+  ``[A-Za-z0-9_.~@+=,;!$&'()/-]`` becomes ``%XX``. So a part can never contain
+  ``:`` (no collision between ``("a:b",)`` and ``("a", "b")``), ``{``/``}``
+  (no forged hash tag), or ``*?[]\\`` (no glob in ``SCAN MATCH``). Escaping is
+  injective: two different parts never produce the same key.
+* ``KeySpace.tagged(tag, ...)`` wraps the escaped tag in ``{...}`` so every key
+  one Lua script touches lands in the same Redis Cluster slot.
+* ``digest()`` turns long or sensitive values into a fixed-length hex part.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+
+from app.core.errors import InvalidKey
+
+__all__ = ["KeySpace", "digest", "escape", "escape_glob", "key_slot_tag"]
+
+_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.~@+=,;!$&'()/-")
+_GLOB_SPECIAL = re.compile(r"([*?\[\]\\])")
+_ESCAPE_TABLE = [chr(b) if b in _SAFE else f"%{b:02X}" for b in range(256)]
+
+
+def escape(part: str | bytes | int) -> str:
+    """Escape one untrusted key part (injective; no ``:``, braces or glob characters)."""
+    if isinstance(part, int) and not isinstance(part, bool):
+        return str(part)
+    raw = part.encode("utf-8") if isinstance(part, str) else bytes(part)
+    if not raw:
+        raise InvalidKey("a key part must not be empty")
+    if all(b in _SAFE for b in raw):
+        return raw.decode("ascii")
+    return "".join(_ESCAPE_TABLE[b] for b in raw)
+
+
+def escape_glob(text: str) -> str:
+    """Escape ``* ? [ ] \\`` so *text* matches itself literally in ``SCAN MATCH``."""
+    return _GLOB_SPECIAL.sub(r"\\\1", text)
+
+
+def digest(value: str | bytes, *, length: int = 32) -> str:
+    """A hex SHA-256 digest of *value*, truncated to *length* characters (default 128 bits)."""
+    raw = value.encode("utf-8") if isinstance(value, str) else value
+    return hashlib.sha256(raw).hexdigest()[:length]
+
+
+def key_slot_tag(key: str) -> str | None:
+    """The hash tag Redis Cluster would hash for *key*, or None when it has none."""
+    start = key.find("{")
+    if start == -1:
+        return None
+    end = key.find("}", start + 1)
+    if end == -1 or end == start + 1:
+        return None
+    return key[start + 1 : end]
+
+
+def _check_name(kind: str, name: str) -> str:
+    if not _NAME.match(name):
+        raise InvalidKey(f"{kind} {name!r} must match [A-Za-z0-9_.-]{{1,64}}")
+    return name
+
+
+@dataclass(frozen=True, slots=True)
+class KeySpace:
+    """The keys of one service: ``<prefix>:<service>:...``.
+
+    ``KeySpace("app", "cache").key("user", 1)`` -> ``"app:cache:user:1"``;
+    ``KeySpace("app", "lock").tagged("jobs:42", "fence")`` ->
+    ``"app:lock:{jobs%3A42}:fence"``.
+    """
+
+    prefix: str
+    service: str
+
+    def __post_init__(self) -> None:
+        _check_name("key prefix", self.prefix)
+        _check_name("service name", self.service)
+
+    @property
+    def root(self) -> str:
+        """``<prefix>:<service>:`` — every key of this space starts with it."""
+        return f"{self.prefix}:{self.service}:"
+
+    def key(self, *parts: str | bytes | int) -> str:
+        """A key from escaped *parts* (at least one)."""
+        if not parts:
+            raise InvalidKey("a key needs at least one part")
+        return self.root + ":".join(escape(p) for p in parts)
+
+    def tagged(self, tag: str | bytes | int, *parts: str | bytes | int) -> str:
+        """A key whose escaped *tag* is a Cluster hash tag; extra *parts* follow it."""
+        base = f"{self.root}{{{escape(tag)}}}"
+        return base + "".join(":" + escape(p) for p in parts)
+
+    def pattern(self, glob: str = "*") -> str:
+        """A ``SCAN MATCH`` pattern confined to this space.
+
+        *glob* is used as given: escape user input with ``escape_glob(escape(x))``
+        before putting it in. The namespace part is always literal.
+        """
+        return escape_glob(self.root) + glob
+
+    def child(self, service: str) -> KeySpace:
+        """A sibling space under the same prefix (e.g. ``cache`` -> ``cache.tags``)."""
+        return KeySpace(self.prefix, service)

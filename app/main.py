@@ -1,0 +1,64 @@
+"""The demo service: ``create_app()`` and ``app = create_app()`` (for uvicorn).
+
+Run it with ``make run`` (embedded in-process Redis when ``REDIS_URL`` is
+unset) or ``uvicorn app.main:app``. Each capability's routes, middleware and
+lifespan come from its module under ``app.api.routes``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from types import ModuleType
+from typing import Any
+
+from fastapi import FastAPI
+
+from app.api.problems import install_problem_handlers
+from app.api.routes import (
+    cache,
+    health,
+    idempotency,
+    locks,
+    pubsub,
+    rate_limit,
+    sessions,
+    streams,
+)
+from app.core.redis import redis_lifespan
+
+__all__ = ["CAPABILITIES", "app", "create_app"]
+
+CAPABILITIES: tuple[ModuleType, ...] = (
+    cache,
+    idempotency,
+    locks,
+    rate_limit,
+    pubsub,
+    streams,
+    sessions,
+)
+
+
+@asynccontextmanager
+async def _capabilities_lifespan(app: FastAPI) -> AsyncIterator[None]:
+    async with AsyncExitStack() as stack:
+        for module in CAPABILITIES:
+            if module.lifespan is not None:
+                await stack.enter_async_context(module.lifespan(app))
+        yield
+
+
+def create_app(**fastapi_kwargs: Any) -> FastAPI:
+    """Build the demo app: Redis lifespan, problem+json errors, every capability's routes."""
+    fastapi_kwargs.setdefault("title", "FastAPI Redis toolkit demo")
+    app = FastAPI(lifespan=redis_lifespan(_capabilities_lifespan), **fastapi_kwargs)
+    install_problem_handlers(app)
+    app.include_router(health.router)
+    for module in CAPABILITIES:
+        app.include_router(module.router)
+        module.setup(app)
+    return app
+
+
+app = create_app()

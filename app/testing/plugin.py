@@ -1,0 +1,253 @@
+"""The toolkit's pytest plugin: real and fake Redis fixtures and an app client.
+
+Enable it in a root ``conftest.py``: ``pytest_plugins = ["app.testing.plugin"]``.
+
+Finding a real server (``redis_server``, session-scoped, sync), in order:
+
+1. ``--redis-url`` or ``REDIS_URL`` (unless ``memory://``): a server the tests
+   did not start. It is never flushed wholesale: each test gets its own key
+   prefix and only keys under it are removed afterwards.
+2. ``redis-server`` on PATH: started on a free port in a temp dir, flushed
+   between tests, stopped by pid at the end.
+3. A Docker engine that answers: testcontainers' Redis container.
+4. None: integration tests are skipped with one reason, or *fail* when
+   ``REDIS_REQUIRED=1`` (CI sets it), so they can never be skipped silently.
+
+Fixtures: ``redis_server``, ``real_redis``, ``fake_redis``, ``any_redis``
+(runs the test once on fakeredis and once on the real server),
+``settings_override``, ``make_app_client`` and ``app_client``.
+Markers: ``integration`` (added automatically to tests that use a real
+server) and ``slow``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import pytest_asyncio
+from redis.asyncio import Redis
+
+from app.core import redis as core_redis
+from app.core.codec import default_codec
+from app.core.config import get_settings
+from app.testing.servers import RedisServer, redis_server_binary
+
+__all__ = ["RedisServerInfo"]
+
+REAL_FIXTURES = frozenset({"redis_server", "real_redis", "real_app_client"})
+
+
+@dataclass
+class RedisServerInfo:
+    """Where the real server is, and whether the tests own it."""
+
+    url: str
+    owned: bool
+    how: str
+    server: RedisServer | None = None
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--redis-url",
+        action="store",
+        default=None,
+        help="Use this Redis for integration tests instead of starting one (never flushed).",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "integration: talks to a real redis-server")
+    config.addinivalue_line("markers", "slow: takes seconds (cluster, sentinel, faults)")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        names = set(getattr(item, "fixturenames", ()))
+        callspec = getattr(item, "callspec", None)
+        uses_real = bool(names & REAL_FIXTURES) or (
+            "any_redis" in names
+            and callspec is not None
+            and callspec.params.get("any_redis") == "real"
+        )
+        if uses_real:
+            item.add_marker(pytest.mark.integration)
+
+
+def _docker_answers() -> bool:
+    try:
+        import docker
+
+        client = docker.from_env(timeout=2)
+        client.ping()
+        return True
+    except Exception:
+        return False
+
+
+def _no_server(reason: str) -> None:
+    if os.environ.get("REDIS_REQUIRED") == "1":
+        pytest.fail(f"REDIS_REQUIRED=1 but no real Redis could be found: {reason}", pytrace=False)
+    pytest.skip(f"integration tests need a real Redis: {reason}")
+
+
+@pytest.fixture(scope="session")
+def redis_server(request: pytest.FixtureRequest) -> Iterator[RedisServerInfo]:
+    """A real Redis for the whole session (see the module docstring for the search order)."""
+    url = request.config.getoption("--redis-url") or os.environ.get("REDIS_URL")
+    if url and not url.startswith("memory://"):
+        yield RedisServerInfo(url=url, owned=False, how="REDIS_URL/--redis-url")
+        return
+    if redis_server_binary():
+        server = RedisServer().start()
+        try:
+            yield RedisServerInfo(url=server.url, owned=True, how="redis-server", server=server)
+        finally:
+            server.cleanup()
+        return
+    if _docker_answers():
+        from testcontainers.redis import RedisContainer
+
+        with RedisContainer() as container:
+            host = container.get_container_host_ip()
+            port = container.get_exposed_port(6379)
+            yield RedisServerInfo(url=f"redis://{host}:{port}/0", owned=True, how="testcontainers")
+        return
+    _no_server(
+        "set REDIS_URL or --redis-url, put redis-server on PATH "
+        "(apt-get install redis-server), or run a Docker engine"
+    )
+
+
+@pytest.fixture
+def settings_override(monkeypatch: pytest.MonkeyPatch) -> Callable[..., None]:
+    """Override settings for one test: ``settings_override(redis_key_prefix="t1")``."""
+
+    def apply(**values: Any) -> None:
+        for name, value in values.items():
+            if value is None:
+                monkeypatch.delenv(name.upper(), raising=False)
+            else:
+                monkeypatch.setenv(name.upper(), str(value))
+        _clear_caches()
+
+    return apply
+
+
+def _clear_caches() -> None:
+    get_settings.cache_clear()
+    default_codec.cache_clear()
+
+
+@pytest.fixture(autouse=True)
+def _toolkit_isolation() -> Iterator[None]:
+    """Restore the global client and re-read settings around every test."""
+    saved = (core_redis.redis_client, core_redis._owned_client)
+    _clear_caches()
+    yield
+    core_redis.redis_client, core_redis._owned_client = saved
+    _clear_caches()
+
+
+async def _unlink_prefix(client: Redis, prefix: str) -> None:
+    batch: list[bytes] = []
+    async for key in client.scan_iter(match=f"{prefix}:*", count=1000):
+        batch.append(key)
+        if len(batch) >= 500:
+            await client.unlink(*batch)
+            batch.clear()
+    if batch:
+        await client.unlink(*batch)
+
+
+@pytest_asyncio.fixture
+async def real_redis(
+    redis_server: RedisServerInfo, settings_override: Callable[..., None]
+) -> AsyncIterator[Redis]:
+    """A fresh async client to the real server, isolated from other tests."""
+    client = Redis.from_url(redis_server.url, decode_responses=False)
+    prefix = None
+    if redis_server.owned:
+        await client.flushall()
+    else:
+        prefix = f"t{uuid.uuid4().hex[:12]}"
+        settings_override(redis_key_prefix=prefix)
+    try:
+        yield client
+    finally:
+        with contextlib.suppress(Exception):
+            if prefix is None:
+                await client.flushall()
+            else:
+                await _unlink_prefix(client, prefix)
+        await client.aclose()
+
+
+@pytest_asyncio.fixture
+async def fake_redis() -> AsyncIterator[Any]:
+    """fakeredis with Lua, on a fresh fake server for this test."""
+    import fakeredis
+
+    client = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer(), decode_responses=False)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture(params=["fake", "real"])
+def any_redis(request: pytest.FixtureRequest) -> Any:
+    """The same test on fakeredis (``fake``) and on the real server (``real``)."""
+    return request.getfixturevalue("fake_redis" if request.param == "fake" else "real_redis")
+
+
+AppClientFactory = Callable[..., Awaitable[Any]]
+
+
+@pytest_asyncio.fixture
+async def make_app_client() -> AsyncIterator[AppClientFactory]:
+    """Factory: ``client = await make_app_client(app, redis)`` -> httpx.AsyncClient.
+
+    The app's lifespan runs (startup before the first request, shutdown at
+    teardown), and ``app.core.redis.redis_client`` is *redis* meanwhile, so
+    every dependency and middleware of the app uses the test's client.
+    """
+    import httpx
+    from asgi_lifespan import LifespanManager
+
+    stack = contextlib.AsyncExitStack()
+
+    async def make(app: Any = None, redis: Any = None, **client_kwargs: Any) -> httpx.AsyncClient:
+        if app is None:
+            from app.main import create_app
+
+            app = create_app()
+        if redis is not None:
+            core_redis.redis_client = redis
+        manager = await stack.enter_async_context(LifespanManager(app, startup_timeout=30))
+        transport = httpx.ASGITransport(app=manager.app)
+        client_kwargs.setdefault("base_url", "http://testserver")
+        return await stack.enter_async_context(
+            httpx.AsyncClient(transport=transport, **client_kwargs)
+        )
+
+    async with stack:
+        yield make
+
+
+@pytest_asyncio.fixture
+async def app_client(make_app_client: AppClientFactory, fake_redis: Any) -> Any:
+    """The demo app over ASGI, wired to ``fake_redis``."""
+    return await make_app_client(None, fake_redis)
+
+
+@pytest_asyncio.fixture
+async def real_app_client(make_app_client: AppClientFactory, real_redis: Redis) -> Any:
+    """The demo app over ASGI, wired to ``real_redis``."""
+    return await make_app_client(None, real_redis)

@@ -1,0 +1,184 @@
+"""Real ``redis-server`` processes for tests: start on a free port, stop by pid.
+
+``RedisServer`` runs one server in its own temporary directory, with no
+persistence, bound to 127.0.0.1. It can be stopped, SIGKILLed, paused and
+restarted on the same port, which is what fault-injection tests need. Only
+processes started here are ever signalled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["RedisServer", "free_port", "ping", "redis_server_binary"]
+
+
+def redis_server_binary() -> str | None:
+    """Path of ``redis-server`` on PATH, or None."""
+    return shutil.which("redis-server")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def ping(host: str, port: int, timeout: float = 0.5) -> bool:
+    """True when a Redis server answers PING at host:port (plain socket, no event loop)."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+class RedisServer:
+    """One ``redis-server`` child process on 127.0.0.1.
+
+    Args:
+        port: port to use (default: a free one, kept across restarts).
+        extra_args: more ``redis-server`` arguments, e.g. ``["--maxmemory", "1mb"]``.
+        binary: the executable (default: ``redis-server`` from PATH).
+    """
+
+    def __init__(
+        self,
+        port: int | None = None,
+        *,
+        extra_args: Sequence[str] = (),
+        binary: str | None = None,
+        host: str = "127.0.0.1",
+    ) -> None:
+        found = binary or redis_server_binary()
+        if found is None:
+            raise FileNotFoundError("redis-server is not on PATH")
+        self.binary = found
+        self.host = host
+        self.port = port or free_port()
+        self.extra_args = list(extra_args)
+        self._dir = Path(tempfile.mkdtemp(prefix="redis-test-"))
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://{self.host}:{self.port}/0"
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    @property
+    def log_path(self) -> Path:
+        return self._dir / "redis.log"
+
+    def start(self, timeout: float = 10.0) -> RedisServer:
+        """Start the server and wait until it answers PING."""
+        if self.proc is not None and self.proc.poll() is None:
+            return self
+        args = [
+            self.binary,
+            "--port", str(self.port),
+            "--bind", self.host,
+            "--save", "",
+            "--appendonly", "no",
+            "--dir", str(self._dir),
+            "--logfile", str(self.log_path),
+            "--protected-mode", "no",
+            *self.extra_args,
+        ]  # fmt: skip
+        self.proc = subprocess.Popen(
+            args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
+                raise RuntimeError(
+                    f"redis-server exited at start on port {self.port}: {err}{self._log_tail()}"
+                )
+            if ping(self.host, self.port):
+                return self
+            time.sleep(0.02)
+        self.kill()
+        raise RuntimeError(f"redis-server on port {self.port} did not answer within {timeout}s")
+
+    def _log_tail(self) -> str:
+        with contextlib.suppress(OSError):
+            return "\n" + "\n".join(self.log_path.read_text().splitlines()[-5:])
+        return ""
+
+    def is_running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def _signal(self, sig: int) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, sig)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """SIGTERM, then SIGKILL after *timeout*; waits for the process to exit."""
+        if self.proc is None:
+            return
+        self._signal(signal.SIGCONT)  # a paused server cannot handle SIGTERM
+        self._signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self._signal(signal.SIGKILL)
+            self.proc.wait(timeout)
+        self._close_pipes()
+
+    def kill(self) -> None:
+        """SIGKILL (a crash: no shutdown work)."""
+        if self.proc is None:
+            return
+        self._signal(signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(5)
+        self._close_pipes()
+
+    def pause(self) -> None:
+        """SIGSTOP: the server holds its connections open but answers nothing."""
+        self._signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self._signal(signal.SIGCONT)
+
+    def restart(self, *, kill: bool = True, timeout: float = 10.0) -> None:
+        """Kill (or stop) and start again on the same port: all data and scripts are gone."""
+        self.kill() if kill else self.stop()
+        deadline = time.monotonic() + timeout
+        while True:  # the port can linger briefly after a kill
+            try:
+                self.start(timeout=timeout)
+                return
+            except RuntimeError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+
+    def _close_pipes(self) -> None:
+        if self.proc is not None and self.proc.stderr is not None:
+            self.proc.stderr.close()
+
+    def cleanup(self) -> None:
+        """Stop the server and remove its directory."""
+        self.stop()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    def __enter__(self) -> RedisServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.cleanup()
