@@ -62,8 +62,8 @@ __all__ = [
     "breaker_for",
     "build_client",
     "client_decodes_responses",
-    "describe_client",
     "close_redis",
+    "describe_client",
     "get_redis",
     "health",
     "init_redis",
@@ -73,6 +73,8 @@ __all__ = [
     "parse_redis_url",
     "redis_client",
     "redis_lifespan",
+    "scan_keys",
+    "unlink_matching",
 ]
 
 log = logging.getLogger("app.redis")
@@ -403,6 +405,48 @@ def client_decodes_responses(client: Any) -> bool:
         return False
 
 
+async def scan_keys(client: Any, match: str, *, count: int = 1000) -> AsyncIterator[bytes | str]:
+    """Every key matching *match*, on every primary of a Cluster (never ``KEYS``).
+
+    A key may be yielded twice if the keyspace changes during the walk (SCAN's
+    guarantee); callers that delete are idempotent anyway.
+    """
+    if is_cluster(client):
+        for node in client.get_primaries():
+            cursor: int = 0
+            while True:
+                cursor, keys = await client.scan(
+                    cursor=cursor, match=match, count=count, target_nodes=node
+                )
+                for key in keys:
+                    yield key
+                if not cursor:
+                    break
+        return
+    async for key in client.scan_iter(match=match, count=count):
+        yield key
+
+
+async def unlink_matching(client: Any, match: str, *, batch: int = 500) -> int:
+    """UNLINK every key matching *match* (all primaries); returns how many were removed."""
+    removed = 0
+    pending: list[bytes | str] = []
+    async for key in scan_keys(client, match):
+        pending.append(key)
+        if len(pending) >= batch:
+            removed += await _unlink_batch(client, pending)
+            pending = []
+    if pending:
+        removed += await _unlink_batch(client, pending)
+    return removed
+
+
+async def _unlink_batch(client: Any, keys: list[bytes | str]) -> int:
+    if is_cluster(client):  # keys of a batch may live in different slots
+        return sum([int(await client.unlink(k)) for k in keys])
+    return int(await client.unlink(*keys))
+
+
 # -- circuit breaker ----------------------------------------------------------
 
 BreakerState = Literal["closed", "open", "half_open"]
@@ -644,7 +688,9 @@ async def _version_and_role(client: Any) -> tuple[str | None, str]:
         return None, "embedded"
     if is_cluster(client):
         versions = {v.get("redis_version") for v in info.values() if isinstance(v, dict)}
-        return (versions.pop() if len(versions) == 1 else ",".join(sorted(map(str, versions)))), "cluster"
+        return (
+            versions.pop() if len(versions) == 1 else ",".join(sorted(map(str, versions)))
+        ), "cluster"
     try:
         reply = await client.execute_command("ROLE")
         first = reply[0]

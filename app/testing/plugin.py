@@ -155,17 +155,6 @@ def _toolkit_isolation() -> Iterator[None]:
     _clear_caches()
 
 
-async def _unlink_prefix(client: Redis, prefix: str) -> None:
-    batch: list[bytes] = []
-    async for key in client.scan_iter(match=f"{prefix}:*", count=1000):
-        batch.append(key)
-        if len(batch) >= 500:
-            await client.unlink(*batch)
-            batch.clear()
-    if batch:
-        await client.unlink(*batch)
-
-
 @pytest_asyncio.fixture
 async def real_redis(
     redis_server: RedisServerInfo, settings_override: Callable[..., None]
@@ -185,7 +174,7 @@ async def real_redis(
             if prefix is None:
                 await client.flushall()
             else:
-                await _unlink_prefix(client, prefix)
+                await core_redis.unlink_matching(client, f"{prefix}:*")
         await client.aclose()
 
 
