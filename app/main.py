@@ -18,6 +18,7 @@ from app.api.problems import install_problem_handlers
 from app.api.routes import (
     cache,
     health,
+    http_cache,
     idempotency,
     locks,
     pubsub,
@@ -31,6 +32,7 @@ __all__ = ["CAPABILITIES", "app", "create_app"]
 
 CAPABILITIES: tuple[ModuleType, ...] = (
     cache,
+    http_cache,
     idempotency,
     locks,
     rate_limit,

@@ -33,6 +33,8 @@ SettingsDep = Annotated[Settings, Depends(settings_dependency)]
 
 # --- cache ---
 
+# --- http cache ---
+
 # --- idempotency ---
 
 # --- locks ---
