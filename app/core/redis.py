@@ -353,7 +353,7 @@ def build_client(settings: Settings | None = None, *, url: str | None = None) ->
             health_check_interval=s.redis_health_check_interval,
             **common,
         )
-        return Redis(connection_pool=pool)
+        return Redis.from_pool(pool)  # the client owns the pool: aclose() closes it
     auth: dict[str, Any] = {"username": target.username, "password": target.password}
     if target.kind == "cluster":
         return RedisCluster(
