@@ -24,7 +24,8 @@ so the original stays in ``__cause__``::
     ├── SessionError
     │   ├── SessionNotFound           unknown or expired session id
     │   └── SessionConflict           a concurrent change could not be merged
-    └── StreamError                   consumer-group / stream misuse
+    ├── StreamError                   consumer-group / stream misuse
+    └── SubscriberOverflow            a pub/sub subscriber fell behind and was disconnected
 
 Each class carries an HTTP ``status_code``, a stable ``problem_type`` slug and a
 ``title``; ``app.api.problems`` turns any of them into an RFC 9457
@@ -59,6 +60,7 @@ __all__ = [
     "SessionNotFound",
     "SignatureError",
     "StreamError",
+    "SubscriberOverflow",
     "ToolkitError",
 ]
 
@@ -281,3 +283,15 @@ class StreamError(ToolkitError):
 
     problem_type = "stream-error"
     title = "Stream error"
+
+
+class SubscriberOverflow(ToolkitError):
+    """A pub/sub subscriber's bounded queue overflowed under the ``disconnect`` policy."""
+
+    status_code = 503
+    problem_type = "subscriber-overflow"
+    title = "Subscriber fell behind"
+
+    def __init__(self, message: str, *, queue_size: int) -> None:
+        super().__init__(message)
+        self.queue_size = queue_size

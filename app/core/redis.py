@@ -305,6 +305,18 @@ class WaitingSentinelConnectionPool(_WaitForConnection, SentinelConnectionPool):
     """``SentinelConnectionPool`` that waits for a free connection."""
 
 
+class SentinelManagedRedis(Redis):
+    """A Sentinel-managed primary client that also closes its sentinel connections."""
+
+    sentinel_manager: Sentinel | None = None
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        await super().aclose(close_connection_pool)
+        if self.sentinel_manager is not None:
+            for sentinel_client in self.sentinel_manager.sentinels:
+                await sentinel_client.aclose()
+
+
 # -- building clients ---------------------------------------------------------
 
 _memory_server: Any = None
@@ -374,14 +386,15 @@ def build_client(settings: Settings | None = None, *, url: str | None = None) ->
         **auth,
         **common,
     )
-    master: Redis = sentinel.master_for(
+    master: SentinelManagedRedis = sentinel.master_for(
         target.service or "mymaster",
-        redis_class=Redis,
+        redis_class=SentinelManagedRedis,
         connection_pool_class=WaitingSentinelConnectionPool,
         db=target.db,
         max_connections=s.redis_pool_size,
         pool_timeout=s.redis_pool_timeout,
     )
+    master.sentinel_manager = sentinel
     return master
 
 
@@ -412,16 +425,11 @@ async def scan_keys(client: Any, match: str, *, count: int = 1000) -> AsyncItera
     guarantee); callers that delete are idempotent anyway.
     """
     if is_cluster(client):
-        for node in client.get_primaries():
-            cursor: int = 0
-            while True:
-                cursor, keys = await client.scan(
-                    cursor=cursor, match=match, count=count, target_nodes=node
-                )
-                for key in keys:
-                    yield key
-                if not cursor:
-                    break
+        # redis-py follows one cursor per node; PRIMARIES makes the walk explicit
+        async for key in client.scan_iter(
+            match=match, count=count, target_nodes=RedisCluster.PRIMARIES
+        ):
+            yield key
         return
     async for key in client.scan_iter(match=match, count=count):
         yield key

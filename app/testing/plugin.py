@@ -16,6 +16,13 @@ Finding a real server (``redis_server``, session-scoped, sync), in order:
 Fixtures: ``redis_server``, ``real_redis``, ``fake_redis``, ``any_redis``
 (runs the test once on fakeredis and once on the real server),
 ``settings_override``, ``make_app_client`` and ``app_client``.
+
+Topologies: ``redis_cluster`` (3 primaries x 1 replica) and ``redis_sentinel``
+(primary, replica, 3 sentinels) are session-scoped real setups started from the
+same binaries; ``topology_redis`` runs a test on standalone, Cluster and
+Sentinel with a client built exactly as the app builds it (``build_client``).
+They skip (or fail under ``REDIS_REQUIRED=1``) when the binaries are missing.
+``tcp_proxy`` puts a fault-injecting proxy in front of the real server.
 Markers: ``integration`` (added automatically to tests that use a real
 server) and ``slow``.
 """
@@ -36,11 +43,16 @@ from redis.asyncio import Redis
 from app.core import redis as core_redis
 from app.core.codec import default_codec
 from app.core.config import get_settings
+from app.testing.proxy import TcpProxy
 from app.testing.servers import RedisServer, redis_server_binary
+from app.testing.topologies import LocalCluster, LocalSentinel, topology_binaries_missing
 
 __all__ = ["RedisServerInfo"]
 
-REAL_FIXTURES = frozenset({"redis_server", "real_redis", "real_app_client"})
+REAL_FIXTURES = frozenset(
+    {"redis_server", "real_redis", "real_app_client", "redis_cluster", "redis_sentinel",
+     "topology_redis", "tcp_proxy"}
+)  # fmt: skip
 
 
 @dataclass
@@ -240,3 +252,83 @@ async def app_client(make_app_client: AppClientFactory, fake_redis: Any) -> Any:
 async def real_app_client(make_app_client: AppClientFactory, real_redis: Redis) -> Any:
     """The demo app over ASGI, wired to ``real_redis``."""
     return await make_app_client(None, real_redis)
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[LocalCluster]:
+    """A real Redis Cluster (3 primaries, 3 replicas) for the session."""
+    reason = topology_binaries_missing()
+    if reason:
+        _no_server(f"a Redis Cluster needs redis-server and redis-cli: {reason}")
+    cluster = LocalCluster().start()
+    try:
+        yield cluster
+    finally:
+        cluster.cleanup()
+
+
+@pytest.fixture(scope="session")
+def redis_sentinel() -> Iterator[LocalSentinel]:
+    """A real Sentinel setup (primary, replica, 3 sentinels on ``mymaster``)."""
+    reason = topology_binaries_missing()
+    if reason:
+        _no_server(f"a Sentinel setup needs redis-server and redis-cli: {reason}")
+    sentinel = LocalSentinel().start()
+    try:
+        yield sentinel
+    finally:
+        sentinel.cleanup()
+
+
+TOPOLOGIES = [
+    "standalone",
+    pytest.param("cluster", marks=pytest.mark.slow),
+    pytest.param("sentinel", marks=pytest.mark.slow),
+]
+
+
+@pytest_asyncio.fixture(params=TOPOLOGIES)
+async def topology_redis(request: pytest.FixtureRequest) -> AsyncIterator[Any]:
+    """The test once per topology, with a client built the way the app builds it."""
+    if request.param == "standalone":
+        info: RedisServerInfo = request.getfixturevalue("redis_server")
+        url, flush = info.url, None
+        if not info.owned:
+            pytest.fail("topology_redis needs servers the tests start (unset REDIS_URL)")
+    elif request.param == "cluster":
+        cluster: LocalCluster = request.getfixturevalue("redis_cluster")
+        url, flush = cluster.url, cluster.flushall
+    else:
+        sentinel: LocalSentinel = request.getfixturevalue("redis_sentinel")
+        url, flush = sentinel.url, sentinel.flushall
+    client = core_redis.build_client(url=url)
+    if flush is None:
+        await client.flushall()
+    else:
+        flush()
+    try:
+        yield client
+    finally:
+        await client.aclose()
+        if flush is not None:
+            flush()
+
+
+@pytest.fixture
+def tcp_proxy(redis_server: RedisServerInfo) -> Iterator[Callable[..., TcpProxy]]:
+    """Factory: ``proxy = tcp_proxy()`` forwards to the real server; faults on demand."""
+    proxies: list[TcpProxy] = []
+
+    def make(host: str | None = None, port: int | None = None) -> TcpProxy:
+        if host is None or port is None:
+            server = redis_server.server
+            if server is None:
+                pytest.fail("tcp_proxy needs a server the tests started, or an explicit host/port")
+            host, port = server.host, server.port
+        proxy = TcpProxy(host, port).start()
+        proxies.append(proxy)
+        return proxy
+
+    yield make
+    for proxy in proxies:
+        proxy.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -19,7 +20,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["RedisServer", "free_port", "ping", "redis_server_binary"]
+__all__ = ["RedisServer", "free_cluster_port", "free_port", "ping", "redis_server_binary"]
 
 
 def redis_server_binary() -> str | None:
@@ -32,6 +33,24 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def free_cluster_port() -> int:
+    """A free port <= 55535 whose cluster bus port (+10000) is free too."""
+    for _ in range(1000):
+        port = random.randrange(20000, 30000)
+        if _bindable(port) and _bindable(port + 10000):
+            return port
+    raise RuntimeError("no free port pair for a cluster node")
 
 
 def ping(host: str, port: int, timeout: float = 0.5) -> bool:
@@ -60,6 +79,8 @@ class RedisServer:
         extra_args: Sequence[str] = (),
         binary: str | None = None,
         host: str = "127.0.0.1",
+        config_text: str | None = None,
+        sentinel: bool = False,
     ) -> None:
         found = binary or redis_server_binary()
         if found is None:
@@ -69,11 +90,20 @@ class RedisServer:
         self.port = port or free_port()
         self.extra_args = list(extra_args)
         self._dir = Path(tempfile.mkdtemp(prefix="redis-test-"))
+        self.sentinel = sentinel
+        self.config_path: Path | None = None
+        if config_text is not None:  # redis-server takes a config file only as its first argument
+            self.config_path = self._dir / ("sentinel.conf" if sentinel else "redis.conf")
+            self.config_path.write_text(config_text)
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
         return f"redis://{self.host}:{self.port}/0"
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
 
     @property
     def pid(self) -> int | None:
@@ -87,17 +117,16 @@ class RedisServer:
         """Start the server and wait until it answers PING."""
         if self.proc is not None and self.proc.poll() is None:
             return self
-        args = [
-            self.binary,
-            "--port", str(self.port),
-            "--bind", self.host,
-            "--save", "",
-            "--appendonly", "no",
-            "--dir", str(self._dir),
-            "--logfile", str(self.log_path),
-            "--protected-mode", "no",
-            *self.extra_args,
-        ]  # fmt: skip
+        args = [self.binary]
+        if self.config_path is not None:
+            args.append(str(self.config_path))
+        args += ["--port", str(self.port), "--bind", self.host, "--dir", str(self._dir)]
+        args += ["--logfile", str(self.log_path), "--protected-mode", "no"]
+        if self.sentinel:
+            args.append("--sentinel")
+        else:
+            args += ["--save", "", "--appendonly", "no"]
+        args += self.extra_args
         self.proc = subprocess.Popen(
             args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
         )
