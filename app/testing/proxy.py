@@ -10,6 +10,11 @@ fixtures and from any test's event loop. Faults apply to live connections:
 * ``cut()``: every open connection is closed at once (like a network reset);
 * ``refuse = True``: new connections are closed as soon as they arrive.
 
+``count = True`` makes it parse the client-to-server byte stream and count RESP
+requests in ``commands`` (a pipeline of 100 counts 100) and write bursts in
+``writes`` (a pipeline counts 1): commands *sent*, unlike server statistics,
+which also count what Lua scripts call.
+
 Everything listens on 127.0.0.1 only.
 """
 
@@ -32,6 +37,9 @@ class TcpProxy:
         self.refuse = False
         self.port = 0
         self.connections_accepted = 0
+        self.count = False
+        self.commands = 0
+        self.writes = 0
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, daemon=True, name="tcp-proxy"
@@ -70,16 +78,25 @@ class TcpProxy:
             return
         self._writers.update((writer, up_writer))
         await asyncio.gather(
-            self._pipe(reader, up_writer), self._pipe(up_reader, writer), return_exceptions=True
+            self._pipe(reader, up_writer, _RespCounter(self)),
+            self._pipe(up_reader, writer, None),
+            return_exceptions=True,
         )
         for w in (writer, up_writer):
             self._writers.discard(w)
             w.close()
 
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pipe(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        counter: _RespCounter | None,
+    ) -> None:
         assert self._flowing is not None
         try:
             while data := await reader.read(65536):
+                if counter is not None and self.count:
+                    counter.feed(data)
                 if self.latency:
                     await asyncio.sleep(self.latency)
                 await self._flowing.wait()
@@ -129,3 +146,39 @@ class TcpProxy:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _RespCounter:
+    """Counts complete RESP requests (arrays of bulk strings, or inline lines) in a byte stream."""
+
+    def __init__(self, proxy: TcpProxy) -> None:
+        self.proxy = proxy
+        self.buf = bytearray()
+
+    def feed(self, data: bytes) -> None:
+        self.proxy.writes += 1
+        self.buf += data
+        pos = 0
+        while (end := self._request_end(pos)) is not None:
+            self.proxy.commands += 1
+            pos = end
+        del self.buf[:pos]
+
+    def _request_end(self, pos: int) -> int | None:
+        buf = self.buf
+        line_end = buf.find(b"\r\n", pos)
+        if line_end == -1:
+            return None
+        if buf[pos : pos + 1] != b"*":  # inline command
+            return line_end + 2
+        count = int(buf[pos + 1 : line_end])
+        pos = line_end + 2
+        for _ in range(count):
+            line_end = buf.find(b"\r\n", pos)
+            if line_end == -1:
+                return None
+            length = int(buf[pos + 1 : line_end])
+            pos = line_end + 2 + length + 2
+            if pos > len(buf):
+                return None
+        return pos

@@ -94,3 +94,22 @@ async def test_latency_is_added_to_every_round_trip(
         assert await client.ping()
     finally:
         await client.aclose()
+
+
+async def test_counting_sees_commands_sent_not_commands_scripts_run(
+    tcp_proxy: Callable[..., TcpProxy], settings_override: Callable[..., None]
+) -> None:
+    proxy = tcp_proxy()
+    client = client_through(proxy, settings_override)
+    try:
+        await client.ping()
+        proxy.count = True
+        await client.eval("redis.call('SET','a','1'); return redis.call('GET','a')", 0)
+        async with client.pipeline(transaction=False) as pipe:
+            for i in range(100):
+                pipe.set(f"k{i}", b"x" * 100_000 if i == 50 else b"v")
+            await pipe.execute()
+        assert proxy.commands == 101  # 1 EVAL + 100 pipelined SETs, none of the script's calls
+        assert proxy.writes < 101  # the pipeline went out in bursts, not one write per command
+    finally:
+        await client.aclose()
