@@ -38,9 +38,20 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix app tests bench
 	$(BIN)/ruff format app tests bench
 
-## bench: benchmarks against the peers (see bench/README)
-bench: $(STAMP)
-	@echo "benchmarks arrive with their issue; nothing to run yet"
+BENCH_VENV := .venv-bench
+BENCH_STAMP := $(BENCH_VENV)/.installed
+BENCH_ARGS ?=
+
+$(BENCH_STAMP): pyproject.toml
+	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(BENCH_VENV)/bin/python -m pip install --quiet -e ".[bench]"
+	touch $(BENCH_STAMP)
+
+## bench: our code and the peers on one private redis-server, ratios in one run
+bench: $(BENCH_STAMP)
+	@command -v wrk >/dev/null 2>&1 || (apt-get update -q && apt-get install -y -q wrk) || echo "wrk unavailable: the HTTP group is skipped"
+	$(BENCH_VENV)/bin/python -m bench $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage .coverage.*
+	rm -rf $(VENV) $(BENCH_VENV) .pytest_cache .mypy_cache .ruff_cache .coverage .coverage.*

@@ -1,0 +1,1 @@
+"""Benchmark groups: each module exports ``cases() -> list[Case]``."""
