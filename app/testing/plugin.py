@@ -72,6 +72,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=None,
         help="Use this Redis for integration tests instead of starting one (never flushed).",
     )
+    parser.addini(
+        "redis_strict_slots",
+        type="bool",
+        default=False,
+        help="fake_redis answers CROSSSLOT like Redis Cluster for multi-slot commands and scripts",
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -191,11 +197,19 @@ async def real_redis(
 
 
 @pytest_asyncio.fixture
-async def fake_redis() -> AsyncIterator[Any]:
-    """fakeredis with Lua, on a fresh fake server for this test."""
+async def fake_redis(request: pytest.FixtureRequest) -> AsyncIterator[Any]:
+    """fakeredis with Lua, on a fresh fake server for this test.
+
+    With ``redis_strict_slots = true`` in the ini file it refuses multi-slot
+    commands and scripts with CROSSSLOT, as Redis Cluster would.
+    """
     import fakeredis
 
-    client = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer(), decode_responses=False)
+    from app.testing.slots import slot_checking_fake_redis
+
+    strict = request.config.getini("redis_strict_slots")
+    make = slot_checking_fake_redis if strict else fakeredis.FakeAsyncRedis
+    client = make(server=fakeredis.FakeServer(), decode_responses=False)
     try:
         yield client
     finally:
