@@ -46,3 +46,25 @@ SettingsDep = Annotated[Settings, Depends(settings_dependency)]
 # --- streams ---
 
 # --- sessions ---
+
+from app.middleware.sessions import Session, load_session  # noqa: E402
+from app.services.sessions import SessionStore  # noqa: E402
+
+__all__ += ["SessionDep", "SessionStoreDep", "session_store_dependency"]
+
+
+async def session_store_dependency(redis: RedisDep) -> SessionStore:
+    """A ``SessionStore`` over the global client (default TTLs), for admin routes.
+
+    Routes behind ``SessionMiddleware`` usually want ``SessionDep`` instead; a
+    store with other options is ``SessionStore(redis, idle_ttl=..., ...)``.
+    """
+    return SessionStore(redis)
+
+
+SessionDep = Annotated[Session, Depends(load_session)]
+"""The request's session, loaded from Redis (needs ``SessionMiddleware``).
+
+Declaring it is what makes a route read the session: routes without it make no
+Redis call for sessions. Redis down: 503 problem+json (``sessions_failure_mode``)."""
+SessionStoreDep = Annotated[SessionStore, Depends(session_store_dependency)]

@@ -1,0 +1,222 @@
+"""SessionMiddleware on a real redis-server, through real ASGI apps (test app and demo)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import pytest
+from redis.asyncio import Redis
+
+from app.testing.plugin import AppClientFactory, RedisServerInfo
+from app.testing.servers import RedisServer
+from tests.unit.middleware.test_sessions import (
+    Hooks,
+    build_app,
+    cookie_value,
+    no_cookie_jar,
+    set_cookies,
+    with_cookie,
+)
+
+
+async def _commands(redis: Redis, name: str | None = None) -> int:
+    """Commands the server has run so far (INFO excluded; commands inside scripts count)."""
+    stats = await redis.info("commandstats")
+    if name is not None:
+        return int(stats.get(f"cmdstat_{name}", {}).get("calls", 0))
+    return sum(int(v["calls"]) for k, v in stats.items() if k != "cmdstat_info")
+
+
+async def _client(make: AppClientFactory, redis: Any, hooks: Hooks | None = None, **kw: Any) -> Any:
+    return await make(build_app(hooks, **kw), redis, cookies=no_cookie_jar())
+
+
+async def test_cookieless_and_untouched_requests_make_zero_redis_calls(
+    make_app_client: AppClientFactory, real_redis: Redis
+) -> None:
+    client = await _client(make_app_client, real_redis)
+    cookie = cookie_value(await client.post("/set", params={"key": "a", "value": "1"}))
+    await client.get("/read", headers=with_cookie(cookie))  # caches the load script
+    before = await _commands(real_redis)
+    for _ in range(5):
+        assert (await client.get("/plain")).status_code == 200
+        assert (await client.get("/read")).json()["new"] is True  # declares it, no cookie
+        assert (await client.get("/plain", headers=with_cookie(cookie))).status_code == 200
+        assert (await client.get("/unloaded")).json() == {"user": None}
+    assert await _commands(real_redis) - before == 0
+    names = ("evalsha", "eval", "hset")
+    counts = [await _commands(real_redis, name) for name in names]
+    r = await client.get("/read", headers=with_cookie(cookie))
+    assert r.json()["data"] == {"a": "1"}
+    deltas = [await _commands(real_redis, n) - c for n, c in zip(names, counts, strict=True)]
+    assert deltas == [1, 0, 0]  # one EVALSHA (read + idle refresh), no write
+
+
+async def test_concurrent_requests_changing_different_keys_all_persist(
+    make_app_client: AppClientFactory, real_redis: Redis
+) -> None:
+    hooks = Hooks(barrier=asyncio.Barrier(10))
+    client = await _client(make_app_client, real_redis, hooks)
+    cookie = cookie_value(await client.post("/set", params={"key": "user", "value": "alice"}))
+    responses = await asyncio.gather(
+        *(client.post(f"/overlap/k{i}", headers=with_cookie(cookie)) for i in range(10))
+    )
+    assert [r.status_code for r in responses] == [200] * 10
+    assert all(r.json() == {"seen": 2} for r in responses)  # all loaded the same version
+    data = (await client.get("/read", headers=with_cookie(cookie))).json()["data"]
+    assert data == {"user": "alice", **{f"k{i}": f"k{i}" for i in range(10)}}
+
+
+async def test_a_same_key_race_is_a_409_and_the_winner_is_kept(
+    make_app_client: AppClientFactory, real_redis: Redis
+) -> None:
+    client = await _client(make_app_client, real_redis)
+    cookie = cookie_value(await client.post("/set", params={"key": "n", "value": "0"}))
+    responses = await asyncio.gather(
+        *(client.post("/increment", headers=with_cookie(cookie)) for _ in range(2))
+    )
+    assert sorted(r.status_code for r in responses) == [200, 409]
+    assert (await client.get("/read", headers=with_cookie(cookie))).json()["data"] == {"n": 1}
+
+
+async def test_logout_during_a_slow_request_sticks(
+    make_app_client: AppClientFactory, real_redis: Redis
+) -> None:
+    hooks = Hooks()
+    client = await _client(make_app_client, real_redis, hooks)
+    cookie = cookie_value(await client.post("/login", params={"user": "alice"}))
+    slow = asyncio.create_task(client.post("/slow", headers=with_cookie(cookie)))
+    await hooks.loaded.wait()
+    assert (await client.post("/logout", headers=with_cookie(cookie))).status_code == 200
+    hooks.release.set()
+    late = await slow
+    assert late.status_code == 200 and set_cookies(late)["session"]["max-age"] == "0"
+    assert (await client.get("/read", headers=with_cookie(cookie))).json()["new"] is True
+    assert [k async for k in real_redis.scan_iter(match="app:session:*")] == []
+
+
+async def test_tampered_cookie_gives_a_new_session(
+    make_app_client: AppClientFactory, real_redis: Redis
+) -> None:
+    client = await _client(make_app_client, real_redis)
+    good = cookie_value(await client.post("/set", params={"key": "user", "value": "alice"}))
+    bad = good[:-2] + ("AA" if not good.endswith("AA") else "BB")
+    r = await client.post("/set", params={"key": "x", "value": "1"}, headers=with_cookie(bad))
+    assert r.status_code == 200
+    fresh = cookie_value(r)
+    assert (await client.get("/read", headers=with_cookie(fresh))).json()["data"] == {"x": "1"}
+    assert (await client.get("/read", headers=with_cookie(good))).json()["data"] == {
+        "user": "alice"
+    }
+
+
+async def test_idle_and_absolute_expiry_through_http(
+    make_app_client: AppClientFactory, real_redis: Redis
+) -> None:
+    idle = await _client(make_app_client, real_redis, idle_ttl=0.4, absolute_ttl=30)
+    cookie = cookie_value(await idle.post("/set", params={"key": "a", "value": "1"}))
+    for _ in range(3):
+        await asyncio.sleep(0.2)
+        assert (await idle.get("/read", headers=with_cookie(cookie))).json()["new"] is False
+    await asyncio.sleep(0.6)
+    r = await idle.get("/read", headers=with_cookie(cookie))
+    assert r.json()["new"] is True and set_cookies(r)["session"]["max-age"] == "0"
+
+    capped = await _client(make_app_client, real_redis, idle_ttl=0.5, absolute_ttl=0.8)
+    cookie = cookie_value(await capped.post("/set", params={"key": "a", "value": "1"}))
+    for _ in range(3):
+        await asyncio.sleep(0.2)
+        assert (await capped.get("/read", headers=with_cookie(cookie))).json()["new"] is False
+    await asyncio.sleep(0.35)  # active all along, but past the absolute lifetime
+    assert (await capped.get("/read", headers=with_cookie(cookie))).json()["new"] is True
+
+
+async def test_regenerate_grace_window_through_http(
+    make_app_client: AppClientFactory, real_redis: Redis
+) -> None:
+    client = await _client(make_app_client, real_redis, regenerate_grace=0.3)
+    old = cookie_value(await client.post("/set", params={"key": "cart", "value": "1"}))
+    new = cookie_value(await client.post("/login", params={"user": "a"}, headers=with_cookie(old)))
+    assert new.rpartition(".")[0] != old.rpartition(".")[0]
+    assert (await client.get("/read", headers=with_cookie(old))).json()["data"]["user"] == "a"
+    await asyncio.sleep(0.45)
+    assert (await client.get("/read", headers=with_cookie(old))).json()["new"] is True
+    assert (await client.get("/read", headers=with_cookie(new))).json()["data"] == {
+        "cart": "1",
+        "user": "a",
+    }
+
+
+async def test_works_with_a_decode_responses_client(
+    make_app_client: AppClientFactory, redis_server: RedisServerInfo, real_redis: Redis
+) -> None:
+    decoded = Redis.from_url(redis_server.url, decode_responses=True)
+    try:
+        client = await _client(make_app_client, decoded)
+        cookie = cookie_value(await client.post("/set", params={"key": "a", "value": "\u00e9"}))
+        await client.post("/append", params={"item": "x"}, headers=with_cookie(cookie))
+        data = (await client.get("/read", headers=with_cookie(cookie))).json()["data"]
+        assert data == {"a": "\u00e9", "cart": ["x"]}
+    finally:
+        await decoded.aclose()
+
+
+@pytest.fixture
+def private_server() -> Iterator[RedisServer]:
+    server = RedisServer().start()
+    try:
+        yield server
+    finally:
+        server.cleanup()
+
+
+async def test_redis_down_is_503_for_session_routes_only_and_recovers(
+    make_app_client: AppClientFactory,
+    private_server: RedisServer,
+    settings_override: Callable[..., None],
+) -> None:
+    settings_override(breaker_reset_timeout="0.2")
+    redis = Redis.from_url(private_server.url, socket_timeout=0.5, socket_connect_timeout=0.5)
+    try:
+        client = await _client(make_app_client, redis)
+        cookie = cookie_value(await client.post("/set", params={"key": "a", "value": "1"}))
+        private_server.stop()
+        r = await client.get("/read", headers=with_cookie(cookie))
+        assert r.status_code == 503
+        assert r.headers["content-type"] == "application/problem+json"
+        assert r.headers["retry-after"]
+        r = await client.post("/set", params={"key": "b", "value": "2"})
+        assert r.status_code == 503 and "set-cookie" not in r.headers
+        assert (await client.get("/plain", headers=with_cookie(cookie))).status_code == 200
+        assert (await client.get("/read")).status_code == 200  # no cookie: nothing to load
+        private_server.restart()
+        await asyncio.sleep(0.3)  # the breaker lets a trial call through
+        r = await client.get("/read", headers=with_cookie(cookie))
+        assert r.status_code == 200 and r.json()["new"] is True  # the restart lost the data
+    finally:
+        await redis.aclose()
+
+
+async def test_demo_login_profile_counter_logout(real_app_client: httpx.AsyncClient) -> None:
+    client = real_app_client
+    assert (await client.get("/session/profile")).status_code == 401
+    assert (await client.post("/session/counter")).json() == {"counter": 1}
+    anonymous = client.cookies["session"]
+    r = await client.post("/session/login", json={"user": "alice"})
+    assert r.json() == {"user": "alice"}
+    assert client.cookies["session"] != anonymous  # regenerated
+    assert (await client.post("/session/counter")).json() == {"counter": 2}
+    r = await client.get("/session/profile")
+    assert r.json() == {"user": "alice", "counter": 2, "login_count": 1}
+    assert r.headers["vary"] == "Cookie"
+    racing = await asyncio.gather(
+        *(client.post("/session/counter", params={"delay": 0.3}) for _ in range(2))
+    )
+    assert sorted(r.status_code for r in racing) == [200, 409]  # one increment is not lost
+    assert (await client.get("/session/profile")).json()["counter"] == 3
+    assert (await client.post("/session/logout")).json() == {"logged_out": True}
+    assert "session" not in client.cookies
+    assert (await client.get("/session/profile")).status_code == 401

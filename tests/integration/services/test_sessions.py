@@ -1,0 +1,199 @@
+"""SessionStore on a real redis-server: the same record contract, plus expiry and scale."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+import pytest_asyncio
+from redis.asyncio import Redis
+
+from app.core.errors import RedisUnavailable, SessionConflict, SessionNotFound
+from app.services.sessions import SessionStore
+from app.testing.plugin import RedisServerInfo
+from app.testing.servers import RedisServer
+
+
+@pytest_asyncio.fixture(params=[False, True], ids=["bytes", "decoded"])
+async def client(
+    request: pytest.FixtureRequest, real_redis: Redis, redis_server: RedisServerInfo
+) -> AsyncIterator[Any]:
+    """The real server, through a client with decode_responses False and True."""
+    if not request.param:
+        yield real_redis
+        return
+    decoded = Redis.from_url(redis_server.url, decode_responses=True)
+    try:
+        yield decoded
+    finally:
+        await decoded.aclose()
+
+
+def _key(store: SessionStore, session_id: str) -> str:
+    family, token = session_id.split(".")
+    return store._record_key(family, token)
+
+
+async def test_record_crud_round_trip_on_any_backend(any_redis: Any) -> None:
+    store = SessionStore(any_redis)
+    rec = await store.create(data={"user": 1, "raw": b"\x00\xff"}, client_ip="10.0.0.1")
+    assert await store.get(rec.id) == rec
+    updated = await store.update(rec.id, data={"user": 1, "raw": b"\xfe"}, locked=True)
+    assert (updated.locked, updated.version, updated.data) == (True, 2, {"user": 1, "raw": b"\xfe"})
+    assert updated.modified_at >= rec.modified_at and updated.created_at == rec.created_at
+    assert [r.id async for r in store.list()] == [rec.id]
+    assert await store.delete(rec.id)
+    assert [r async for r in store.list()] == []
+
+
+async def test_crud_binary_and_merge_rules_on_real_redis(client: Any) -> None:
+    store = SessionStore(client)
+    rec = await store.create(data={"user": "u", "blob": bytes(range(256))}, client_ip="::1")
+    got = await store.get(rec.id)
+    assert got is not None and got.data["blob"] == bytes(range(256)) and got.client_ip == "::1"
+    await store.merge(rec.id, base_version=1, changes={"a": 1})
+    await store.merge(rec.id, base_version=1, changes={"b": 2})
+    with pytest.raises(SessionConflict):
+        await store.merge(rec.id, base_version=1, changes={"a": 5})
+    got = await store.get(rec.id)
+    assert got is not None and got.data == {"user": "u", "blob": bytes(range(256)), "a": 1, "b": 2}
+    assert await store.delete(rec.id)
+    with pytest.raises(SessionNotFound, match="deleted"):
+        await store.merge(rec.id, base_version=0, changes={"user": "u"})
+    assert await store.get(rec.id) is None
+
+
+async def test_many_concurrent_writers_of_different_keys_lose_nothing(client: Any) -> None:
+    store = SessionStore(client)
+    rec = await store.create(data={})
+    await asyncio.gather(
+        *(store.merge(rec.id, base_version=1, changes={f"k{i}": i}) for i in range(100))
+    )
+    got = await store.get(rec.id)
+    assert got is not None
+    assert got.data == {f"k{i}": i for i in range(100)} and got.version == 101
+
+
+async def test_concurrent_increments_of_one_key_never_lose_an_update(client: Any) -> None:
+    store = SessionStore(client)
+    rec = await store.create(data={"n": 0})
+
+    async def increment() -> bool:
+        while True:  # what a client does with a 409: reload and retry
+            current = await store.load(rec.id)
+            assert current is not None
+            try:
+                await store.merge(
+                    rec.id, base_version=current.version, changes={"n": current.data["n"] + 1}
+                )
+                return True
+            except SessionConflict:
+                continue
+
+    await asyncio.gather(*(increment() for _ in range(30)))
+    got = await store.get(rec.id)
+    assert got is not None and got.data["n"] == 30
+
+
+async def test_idle_timeout_is_enforced_by_redis_and_restarted_by_activity(client: Any) -> None:
+    store = SessionStore(client, idle_ttl=0.4, absolute_ttl=30)
+    rec = await store.create(data={"a": 1})
+    assert 0 < await client.pttl(_key(store, rec.id)) <= 400
+    for _ in range(4):  # 0.8 s in total, never 0.4 s idle
+        await asyncio.sleep(0.2)
+        assert await store.load(rec.id) is not None
+    await asyncio.sleep(0.6)
+    assert await store.get(rec.id) is None
+    assert await client.exists(_key(store, rec.id)) == 0
+    assert await store.touch(rec.id) is False
+
+
+async def test_absolute_lifetime_ends_a_session_however_active(client: Any) -> None:
+    store = SessionStore(client, idle_ttl=0.5, absolute_ttl=0.9)
+    rec = await store.create(data={"a": 1})
+    assert rec.expires_at - rec.created_at == dt.timedelta(milliseconds=900)
+    await asyncio.sleep(0.3)
+    assert await store.touch(rec.id) is True
+    await asyncio.sleep(0.3)
+    assert await store.touch(rec.id) is True
+    # The TTL is bounded by the remaining absolute lifetime, not the idle timeout.
+    assert await client.pttl(_key(store, rec.id)) <= 300
+    await store.merge(rec.id, base_version=1, changes={"b": 2})
+    assert await client.pttl(_key(store, rec.id)) <= 300
+    await asyncio.sleep(0.45)
+    assert await store.load(rec.id) is None
+    with pytest.raises(SessionNotFound, match="expired"):
+        await store.merge(rec.id, base_version=0, changes={"c": 3})
+
+
+async def test_the_old_id_stops_resolving_after_the_grace_window(client: Any) -> None:
+    store = SessionStore(client, regenerate_grace=0.3)
+    rec = await store.create(data={"user": "alice"})
+    new_id = await store.regenerate(rec.id)
+    resolved = await store.load(rec.id)
+    assert resolved is not None and resolved.id == new_id
+    await asyncio.sleep(0.45)
+    assert await store.load(rec.id) is None
+    assert await store.load(new_id) is not None
+
+
+async def test_tombstone_and_index_expire(client: Any) -> None:
+    store = SessionStore(client, tombstone_ttl=0.3, absolute_ttl=5)
+    rec = await store.create(data={"user": "alice"})
+    index = store._index_key("alice")
+    assert 5_000 < await client.pttl(index) <= 65_000  # absolute lifetime + margin
+    await store.delete(rec.id)
+    with pytest.raises(SessionNotFound, match="deleted"):
+        await store.merge(rec.id, base_version=0, changes={"a": 1})
+    await asyncio.sleep(0.45)
+    with pytest.raises(SessionNotFound, match="does not exist"):
+        await store.merge(rec.id, base_version=0, changes={"a": 1})
+    assert await client.exists(index) == 0  # emptied on delete
+
+
+async def test_list_and_revoke_at_scale(client: Any) -> None:
+    store = SessionStore(client)
+    alice = [await store.create(data={"user": "alice"}) for _ in range(130)]
+    others = [await store.create(data={"n": i}) for i in range(120)]
+    listed = {r.id async for r in store.list()}
+    assert listed == {r.id for r in [*alice, *others]}
+    assert len(await store.list_for("alice")) == 130
+    assert await store.delete_all_for("alice") == 130
+    assert {r.id async for r in store.list()} == {r.id for r in others}
+    for rec in others:
+        await store.delete(rec.id)
+    assert [r async for r in store.list()] == []
+
+
+async def test_scripts_reload_after_the_server_forgets_them(client: Any) -> None:
+    store = SessionStore(client)
+    rec = await store.create(data={"a": 1})
+    await client.script_flush()
+    assert (await store.load(rec.id)) is not None
+    await client.script_flush()
+    await store.merge(rec.id, base_version=1, changes={"b": 1})
+    assert (await store.get(rec.id)).data == {"a": 1, "b": 1}  # type: ignore[union-attr]
+
+
+@pytest.fixture
+def private_server() -> Iterator[RedisServer]:
+    server = RedisServer().start()
+    try:
+        yield server
+    finally:
+        server.cleanup()
+
+
+async def test_redis_down_raises_redis_unavailable(private_server: RedisServer) -> None:
+    client = Redis.from_url(private_server.url, socket_timeout=0.5, socket_connect_timeout=0.5)
+    try:
+        store = SessionStore(client)
+        rec = await store.create(data={"a": 1})
+        private_server.stop()
+        with pytest.raises(RedisUnavailable):
+            await store.load(rec.id)
+    finally:
+        await client.aclose()

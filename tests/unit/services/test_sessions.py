@@ -1,0 +1,361 @@
+"""SessionStore on fakeredis: web2py records, lost-update rules, regeneration, revocation."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from collections.abc import AsyncIterator
+from decimal import Decimal
+from typing import Any
+
+import fakeredis
+import pytest
+import pytest_asyncio
+
+from app.core.errors import RedisUnavailable, SessionConflict, SessionNotFound
+from app.core.keys import KeySpace, key_slot_tag
+from app.services.sessions import SessionRecord, SessionStore, is_session_id, new_session_id
+
+
+@pytest_asyncio.fixture(params=[False, True], ids=["bytes", "decoded"])
+async def client(request: pytest.FixtureRequest) -> AsyncIterator[Any]:
+    """fakeredis on a fresh server, with decode_responses False and True."""
+    redis = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer(), decode_responses=request.param)
+    try:
+        yield redis
+    finally:
+        await redis.aclose()
+
+
+@pytest.fixture
+def store(client: Any) -> SessionStore:
+    return SessionStore(client, idle_ttl=600, absolute_ttl=3600)
+
+
+async def _all_keys(client: Any) -> list[str]:
+    keys = await client.keys("*")
+    return sorted(k.decode() if isinstance(k, bytes) else k for k in keys)
+
+
+async def test_record_crud_with_every_web2py_field(store: SessionStore) -> None:
+    rec = await store.create(data={"user": 1, "theme": "dark"}, client_ip="10.0.0.1")
+    assert isinstance(rec, SessionRecord)
+    assert is_session_id(rec.id)
+    assert rec.client_ip == "10.0.0.1"
+    assert rec.locked is False
+    assert rec.unique_key and len(rec.unique_key) >= 22
+    assert rec.created_at == rec.modified_at
+    assert rec.created_at.tzinfo is not None
+    assert rec.expires_at - rec.created_at == dt.timedelta(hours=1)
+    assert rec.version == 1
+    assert rec.data == {"user": 1, "theme": "dark"}
+
+    read = await store.get(rec.id)
+    assert read == rec
+
+    await asyncio.sleep(0.005)  # modified_at has millisecond resolution
+    updated = await store.update(rec.id, data={"user": 1, "cart": [1, 2]}, locked=True)
+    assert updated.locked is True
+    assert updated.data == {"user": 1, "cart": [1, 2]}
+    assert updated.modified_at > rec.modified_at
+    assert updated.created_at == rec.created_at
+    assert updated.unique_key == rec.unique_key
+    assert updated.client_ip == "10.0.0.1"
+    assert updated.version == 2
+    assert await store.get(rec.id) == updated
+
+    unlocked = await store.update(rec.id, locked=False)
+    assert unlocked.locked is False
+    assert unlocked.data == {"user": 1, "cart": [1, 2]}
+
+    other = await store.create(data={"user": 2})
+    listed = {r.id: r async for r in store.list()}
+    assert set(listed) == {rec.id, other.id}
+    assert listed[rec.id].data == {"user": 1, "cart": [1, 2]}
+
+    assert await store.delete(rec.id) is True
+    assert await store.get(rec.id) is None
+    assert await store.delete(rec.id) is False
+    assert await store.delete(other.id) is True
+    assert [r async for r in store.list()] == []
+
+
+async def test_update_that_changes_nothing_keeps_version_and_modified_at(
+    store: SessionStore,
+) -> None:
+    rec = await store.create(data={"a": 1})
+    same = await store.update(rec.id, data={"a": 1}, locked=False)
+    assert (same.version, same.modified_at) == (1, rec.modified_at)
+
+
+async def test_binary_and_typed_values_round_trip(store: SessionStore) -> None:
+    data = {
+        "raw": b"\x00\xff\xfe binary \x80",
+        "when": dt.datetime(2024, 5, 1, 12, 30, tzinfo=dt.timezone.utc),
+        "price": Decimal("9.99"),
+        "tags": {"a", "b"},
+        "pair": (1, "x"),
+        "nested": {"bytes": b"\x01\x02", "list": [b"\xff"]},
+        "unicode": "za\u017c\u00f3\u0142\u0107 \U0001f600",
+    }
+    rec = await store.create(data=data)
+    assert (await store.get(rec.id)).data == data  # type: ignore[union-attr]
+    await store.merge(rec.id, base_version=rec.version, changes={"raw": b"\x00" * 3})
+    assert (await store.get(rec.id)).data["raw"] == b"\x00\x00\x00"  # type: ignore[union-attr]
+
+
+async def test_concurrent_merges_of_different_keys_all_survive(store: SessionStore) -> None:
+    rec = await store.create(data={"user": 1})
+    results = await asyncio.gather(
+        *(store.merge(rec.id, base_version=rec.version, changes={f"k{i}": i}) for i in range(20))
+    )
+    assert sorted(r.version for r in results) == list(range(2, 22))
+    stored = await store.get(rec.id)
+    assert stored is not None
+    assert stored.data == {"user": 1, **{f"k{i}": i for i in range(20)}}
+
+
+async def test_conflicting_change_to_the_same_key_is_refused_and_writes_nothing(
+    store: SessionStore,
+) -> None:
+    rec = await store.create(data={"counter": 1, "other": "x"})
+    await store.merge(rec.id, base_version=rec.version, changes={"counter": 2})
+    with pytest.raises(SessionConflict, match="counter"):
+        # Same value the winner wrote: still a lost increment, so still a conflict.
+        await store.merge(rec.id, base_version=rec.version, changes={"counter": 2, "other": "y"})
+    stored = await store.get(rec.id)
+    assert stored is not None
+    assert stored.data == {"counter": 2, "other": "x"}
+    assert stored.version == 2
+
+
+async def test_deleting_a_key_changed_since_the_read_conflicts(store: SessionStore) -> None:
+    rec = await store.create(data={"cart": [1]})
+    await store.merge(rec.id, base_version=1, changes={"cart": [1, 2]})
+    with pytest.raises(SessionConflict, match="cart"):
+        await store.merge(rec.id, base_version=1, deleted=["cart"])
+    assert (await store.get(rec.id)).data == {"cart": [1, 2]}  # type: ignore[union-attr]
+
+
+async def test_deleting_a_key_someone_else_deleted_is_not_a_conflict(store: SessionStore) -> None:
+    rec = await store.create(data={"flash": "saved", "user": 1})
+    first = await store.merge(rec.id, base_version=1, deleted=["flash"])
+    second = await store.merge(rec.id, base_version=1, deleted=["flash"])
+    assert second.version == first.version  # nothing left to change
+    assert (await store.get(rec.id)).data == {"user": 1}  # type: ignore[union-attr]
+
+
+async def test_a_key_changed_before_the_read_is_no_conflict(store: SessionStore) -> None:
+    rec = await store.create(data={"a": 1})
+    w = await store.merge(rec.id, base_version=1, changes={"a": 2})
+    await store.merge(rec.id, base_version=w.version, changes={"b": 1})
+    done = await store.merge(rec.id, base_version=w.version, changes={"a": 3})
+    assert (await store.get(rec.id)).data == {"a": 3, "b": 1}  # type: ignore[union-attr]
+    assert done.version == 4
+
+
+async def test_update_with_expected_version_is_compare_and_set(store: SessionStore) -> None:
+    rec = await store.create(data={"a": 1})
+    await store.update(rec.id, data={"a": 2}, expected_version=1)
+    with pytest.raises(SessionConflict):
+        await store.update(rec.id, data={"a": 3}, expected_version=1)
+    with pytest.raises(SessionConflict):
+        await store.update(rec.id, locked=True, expected_version=1)
+    stored = await store.get(rec.id)
+    assert stored is not None
+    assert (stored.data, stored.locked, stored.version) == ({"a": 2}, False, 2)
+
+
+async def test_replacing_data_conflicts_with_a_writer_that_read_the_removed_key(
+    store: SessionStore,
+) -> None:
+    rec = await store.create(data={"a": 1, "b": 1})
+    await store.update(rec.id, data={"a": 1})
+    with pytest.raises(SessionConflict, match="b"):
+        await store.merge(rec.id, base_version=1, changes={"b": 2})
+    await store.merge(rec.id, base_version=1, changes={"c": 1})
+
+
+async def test_a_deleted_session_is_never_written_back(store: SessionStore, client: Any) -> None:
+    rec = await store.create(data={"user": 1})
+    assert await store.delete(rec.id)
+    with pytest.raises(SessionNotFound, match="deleted"):
+        await store.merge(rec.id, base_version=rec.version, changes={"user": 1})
+    with pytest.raises(SessionNotFound):
+        await store.update(rec.id, data={"user": 1})
+    with pytest.raises(SessionNotFound):
+        await store.regenerate(rec.id)
+    assert await store.get(rec.id) is None
+    assert await store.load(rec.id) is None
+    assert await store.touch(rec.id) is False
+    keys = await _all_keys(client)
+    assert len(keys) == 1 and ".gone:" in keys[0]  # only the tombstone
+
+
+async def test_unknown_and_malformed_ids_are_not_found(store: SessionStore) -> None:
+    unknown = new_session_id()
+    with pytest.raises(SessionNotFound, match="does not exist"):
+        await store.merge(unknown, base_version=0, changes={"a": 1})
+    for bad in ("", "nope", "a" * 31, "*.*", "{x}.abc", "../../etc"):
+        assert await store.get(bad) is None
+        assert await store.load(bad) is None
+        assert await store.delete(bad) is False
+        assert await store.touch(bad) is False
+        with pytest.raises(SessionNotFound):
+            await store.update(bad, data={})
+
+
+async def test_regenerate_moves_the_record_and_the_old_id_resolves_during_grace(
+    store: SessionStore,
+) -> None:
+    rec = await store.create(data={"user": 1, "cart": [1]}, client_ip="10.0.0.2")
+    new_id = await store.regenerate(rec.id)
+    assert new_id != rec.id
+    assert new_id.split(".")[0] == rec.id.split(".")[0]  # same family: same Cluster slot
+    moved = await store.get(new_id)
+    assert moved is not None
+    assert moved.data == rec.data
+    assert moved.created_at == rec.created_at
+    assert moved.client_ip == "10.0.0.2"
+    assert moved.unique_key != rec.unique_key
+    assert await store.get(rec.id) is None  # the old record is gone...
+    resolved = await store.load(rec.id)  # ...but the old id still leads to the new one
+    assert resolved is not None and resolved.id == new_id
+    chained = await store.regenerate(new_id)
+    resolved = await store.load(rec.id)
+    assert resolved is not None and resolved.id == chained
+
+
+async def test_without_grace_the_old_id_stops_at_once(client: Any) -> None:
+    store = SessionStore(client, regenerate_grace=0)
+    rec = await store.create(data={"a": 1})
+    new_id = await store.regenerate(rec.id)
+    assert await store.load(rec.id) is None
+    assert await store.load(new_id) is not None
+
+
+async def test_merge_with_regenerate_applies_changes_and_moves_in_one_step(
+    store: SessionStore,
+) -> None:
+    rec = await store.create(data={"cart": [1]})
+    result = await store.merge(
+        rec.id, base_version=rec.version, changes={"user": "alice"}, regenerate=True
+    )
+    assert result.id != rec.id
+    stored = await store.get(result.id)
+    assert stored is not None
+    assert stored.data == {"cart": [1], "user": "alice"}
+    assert stored.subject == "alice"
+    assert [r.id for r in await store.list_for("alice")] == [result.id]
+
+
+async def test_delete_all_for_revokes_every_session_of_one_subject(
+    store: SessionStore, client: Any
+) -> None:
+    alice = [await store.create(data={"user": "alice", "n": i}) for i in range(3)]
+    bob = await store.create(data={"user": "bob"})
+    anonymous = await store.create(data={"cart": []})
+    moved = await store.regenerate(alice[0].id)
+    assert sorted(r.id for r in await store.list_for("alice")) == sorted(
+        [moved, alice[1].id, alice[2].id]
+    )
+
+    assert await store.delete_all_for("alice") == 3
+    assert await store.list_for("alice") == []
+    assert await store.get(moved) is None
+    assert await store.get(bob.id) is not None
+    assert await store.get(anonymous.id) is not None
+    assert not any("alice" in k for k in await _all_keys(client))
+    with pytest.raises(SessionNotFound, match="deleted"):
+        await store.merge(alice[1].id, base_version=0, changes={"user": "alice"})
+
+
+async def test_subject_index_follows_login_logout_and_user_switch(store: SessionStore) -> None:
+    rec = await store.create(data={"cart": [1]})
+    await store.merge(rec.id, base_version=1, changes={"user": 7})
+    assert [r.id for r in await store.list_for(7)] == [rec.id]
+    await store.merge(rec.id, base_version=2, changes={"user": 8})
+    assert await store.list_for(7) == []
+    assert [r.subject for r in await store.list_for(8)] == ["8"]
+    await store.merge(rec.id, base_version=3, deleted=["user"])
+    assert await store.list_for(8) == []
+    assert await store.delete_all_for(8) == 0
+    assert await store.get(rec.id) is not None
+
+
+async def test_a_session_that_changed_subject_is_not_revoked_with_the_old_one(
+    store: SessionStore,
+) -> None:
+    rec = await store.create(data={"user": "alice"})
+    # The index is written before the record, so a crash can leave extra ids, never missing
+    # ones; simulate the leftover: the id is still listed under alice.
+    await store.merge(rec.id, base_version=1, changes={"user": "bob"})
+    await store._add_to_index("alice", rec.id)
+    assert await store.delete_all_for("alice") == 0
+    assert await store.get(rec.id) is not None
+
+
+async def test_touch_restarts_the_idle_timeout_within_the_absolute_bound(
+    client: Any,
+) -> None:
+    store = SessionStore(client, idle_ttl=100, absolute_ttl=1000)
+    rec = await store.create(data={})
+    key = store._record_key(*rec.id.split("."))
+    assert 0 < await client.pttl(key) <= 100_000
+    await client.pexpire(key, 5_000)
+    assert await store.touch(rec.id) is True
+    assert 95_000 < await client.pttl(key) <= 100_000
+    short = SessionStore(client, idle_ttl=1000, absolute_ttl=100)
+    rec2 = await short.create(data={})
+    assert await short.touch(rec2.id) is True
+    assert await client.pttl(short._record_key(*rec2.id.split("."))) <= 100_000
+
+
+async def test_every_key_has_a_ttl_and_one_script_keeps_to_one_hash_tag(
+    store: SessionStore, client: Any
+) -> None:
+    rec = await store.create(data={"user": "alice"})
+    new_id = await store.regenerate(rec.id)
+    other = await store.create(data={"user": "bob"})
+    await store.delete(other.id)
+    keys = await _all_keys(client)
+    assert len(keys) == 4  # record, moved marker, tombstone, alice's index
+    for key in keys:
+        assert await client.pttl(key) > 0, key
+    family = new_id.split(".")[0]
+    assert {key_slot_tag(k) for k in keys if "subject" not in k} == {
+        family,
+        other.id.split(".")[0],
+    }
+
+
+async def test_session_data_keys_must_be_strings(store: SessionStore) -> None:
+    with pytest.raises(Exception, match="non-empty strings"):
+        await store.create(data={"": 1})
+
+
+async def test_redis_down_raises_redis_unavailable(client: Any, store: SessionStore) -> None:
+    rec = await store.create(data={"a": 1})
+    client.connection_pool.connection_kwargs["server"].connected = False
+    with pytest.raises(RedisUnavailable):
+        await store.get(rec.id)
+    with pytest.raises(RedisUnavailable):
+        await store.merge(rec.id, base_version=1, changes={"a": 2})
+
+
+async def test_bad_ttls_are_refused(client: Any) -> None:
+    with pytest.raises(ValueError, match="idle_ttl"):
+        SessionStore(client, idle_ttl=0)
+    with pytest.raises(ValueError, match="regenerate_grace"):
+        SessionStore(client, regenerate_grace=-1)
+    store = SessionStore(
+        client, idle_ttl=dt.timedelta(minutes=5), absolute_ttl=dt.timedelta(hours=1)
+    )
+    assert (store.idle_ms, store.absolute_ms) == (300_000, 3_600_000)
+
+
+def test_fast_key_builders_match_the_key_space(store: SessionStore) -> None:
+    family, token = new_session_id().split(".")
+    assert store._record_key(family, token) == KeySpace("app", "session").tagged(family, token)
+    assert store._moved_key(family, token) == KeySpace("app", "session.moved").tagged(family, token)
+    assert store._gone_key(family, token) == KeySpace("app", "session.gone").tagged(family, token)
