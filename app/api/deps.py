@@ -37,6 +37,82 @@ SettingsDep = Annotated[Settings, Depends(settings_dependency)]
 
 # --- idempotency ---
 
+import inspect  # noqa: E402
+from collections.abc import Awaitable, Callable  # noqa: E402
+from typing import Any  # noqa: E402
+
+from fastapi import Header, Request  # noqa: E402
+
+from app.middleware.idempotency import (  # noqa: E402
+    DEFAULT_HEADER,
+    IDEMPOTENCY_RESPONSES,
+    guard_request,
+)
+
+__all__ += ["IDEMPOTENCY_RESPONSES", "IdempotencyKeyDep", "idempotency_key"]
+
+
+async def _no_principal() -> None:
+    return None
+
+
+def idempotency_key(
+    *,
+    required: bool = False,
+    header_name: str = DEFAULT_HEADER,
+    principal: Callable[..., Any] | None = None,
+) -> Callable[..., Awaitable[str | None]]:
+    """A dependency that makes one route idempotent (needs ``IdempotencyMiddleware``).
+
+    ``@router.post("/orders", dependencies=[Depends(idempotency_key(required=True))],
+    responses=IDEMPOTENCY_RESPONSES)``: the header appears in OpenAPI; a missing
+    (when *required*) or malformed key answers 400, a retry replays the first
+    response, a concurrent one 409, another payload under the same key 422; the
+    handler runs at most once per key. The route template (``/orders/{id}``)
+    scopes the key. *principal* is an optional dependency returning the caller's
+    id (str or bytes) to scope keys by, instead of the middleware's ``principal``
+    callable. If the middleware already guards the request (its ``paths``), this
+    only documents the route. The dependency returns the key, or None.
+    """
+    description = ("Required. " if required else "") + (
+        "Unique key of this request: a quoted string or a token, 1-255 printable ASCII "
+        "characters (a UUID). Retrying with the same key and payload replays the first "
+        "response with `Idempotent-Replayed: true`."
+    )
+
+    async def dependency(request: Request, key: str | None, caller: Any) -> str | None:
+        return await guard_request(
+            request, header_name=header_name, required=required, principal=caller
+        )
+
+    # Built by hand: this module's string annotations cannot see the closure's values.
+    keyword = inspect.Parameter.KEYWORD_ONLY
+    dependency.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [
+            inspect.Parameter("request", keyword, annotation=Request),
+            inspect.Parameter(
+                "key",
+                keyword,
+                default=None,
+                annotation=Annotated[
+                    str | None, Header(alias=header_name, description=description)
+                ],
+            ),
+            inspect.Parameter(
+                "caller",
+                keyword,
+                default=None,
+                annotation=Annotated[Any, Depends(principal or _no_principal)],
+            ),
+        ],
+        return_annotation=str | None,
+    )
+    return dependency
+
+
+IdempotencyKeyDep = Annotated[str | None, Depends(idempotency_key())]
+"""The request's Idempotency-Key (validated) with the route protected; None without one."""
+
 # --- locks ---
 
 # --- rate limiting ---

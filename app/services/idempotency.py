@@ -1,0 +1,384 @@
+"""Idempotency keys in Redis: remember that a request was seen, and what it returned.
+
+Two layers over one record per key (a Redis hash that expires):
+
+* The DESIGN.md contract for plain code: ``is_duplicate(key)`` (atomically marks
+  the key as seen and says whether it already was), ``store_request(key, result)``
+  and ``get_result(key)``.
+* The primitives the HTTP middleware is built on: ``claim`` answers *new*,
+  *in flight*, *completed* (with the stored result) or *mismatch* (the key was
+  used with another fingerprint) in one Lua round trip, and hands the caller
+  of a new claim an owner token. ``complete`` and ``release`` succeed only with
+  that token, so a slow worker whose claim expired cannot overwrite or delete a
+  newer claim. While the work runs, a ``heartbeat`` renews a short in-flight
+  lease; a crashed worker's key becomes claimable once the lease runs out,
+  not after the 24 h result TTL.
+
+Record lifecycle::
+
+    (absent) --claim--> in flight (lease, renewed by the heartbeat)
+        in flight --complete(token)--> completed (kept for ttl)
+        in flight --release(token) / lease expiry--> (absent)
+
+Waiters (``claim(..., wait=5)``) park on a per-key list with ``BLPOP``; the
+owner's ``complete`` or ``release`` pushes one element per waiter, so they
+wake at once instead of polling. Every key of one record shares a hash tag
+(Redis Cluster). Redis down: every method raises ``RedisUnavailable`` (the
+service fails closed; the middleware turns that into 503).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import secrets
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Final, Literal
+
+from app.core.codec import Codec, default_codec
+from app.core.config import get_settings
+from app.core.errors import ConfigurationError
+from app.core.keys import KeySpace
+from app.core.redis import AnyRedis, breaker_for, client_decodes_responses
+from app.core.scripts import Script
+
+__all__ = ["Claim", "ClaimStatus", "Heartbeat", "IdempotencyService"]
+
+log = logging.getLogger("app.idempotency")
+
+ClaimStatus = Literal["new", "in_flight", "completed", "mismatch"]
+
+_CLAIM = Script.from_package("app.services", "lua/idempotency_claim.lua")
+_COMPLETE = Script.from_package("app.services", "lua/idempotency_complete.lua")
+_RELEASE = Script.from_package("app.services", "lua/idempotency_release.lua")
+_RENEW = Script.from_package("app.services", "lua/idempotency_renew.lua")
+
+_STATUS: Final[dict[int, ClaimStatus]] = {
+    0: "new",
+    1: "in_flight",
+    2: "completed",
+    3: "mismatch",
+}
+_MAX_BLOCK: Final = 1.0  # longest single BLPOP while waiting; the loop re-checks the lease
+_NOTIFY_TTL_MS: Final = 60_000
+_UNCLAIMED: Final = ""
+
+
+def _ms(value: float | dt.timedelta, name: str) -> int:
+    seconds = value.total_seconds() if isinstance(value, dt.timedelta) else float(value)
+    if not seconds > 0:
+        raise ConfigurationError(f"{name} must be a positive number of seconds, got {value!r}")
+    return max(1, round(seconds * 1000))
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """What ``claim`` found.
+
+    ``status`` is ``"new"`` (you own the key: do the work, then ``complete`` or
+    ``release`` with ``token``), ``"in_flight"`` (someone else is doing it;
+    ``lease_remaining`` seconds are left on their lease), ``"completed"``
+    (``result`` is what they stored) or ``"mismatch"`` (the key was used with
+    another fingerprint).
+    """
+
+    status: ClaimStatus
+    key: str
+    token: str | None = None
+    result: Any = None
+    lease_remaining: float | None = None
+
+    @property
+    def is_new(self) -> bool:
+        return self.status == "new"
+
+
+class IdempotencyService:
+    """Idempotency records in Redis for *redis* (any client, ``decode_responses`` either way).
+
+    Args:
+        redis: a ``redis.asyncio`` client, a ``RedisCluster`` or fakeredis.
+        ttl: how long a completed result is kept (seconds or ``timedelta``; default 24 h).
+        lease: how long an in-flight claim lives without a renewal (default 30 s).
+            Keep it short: it is how long a crashed worker blocks its key.
+        namespace: the key space service name (``<prefix>:<namespace>:{key}``).
+        codec: how results are encoded (default: the settings' JSON codec).
+    """
+
+    __slots__ = ("_codec", "_keys", "_lease_ms", "_max_block", "_ttl_ms", "redis")
+
+    def __init__(
+        self,
+        redis: AnyRedis,
+        ttl: float | dt.timedelta = 86400,
+        *,
+        lease: float | dt.timedelta = 30.0,
+        namespace: str = "idempotency",
+        codec: Codec | None = None,
+    ) -> None:
+        self.redis = redis
+        self._ttl_ms = _ms(ttl, "ttl")
+        self._lease_ms = _ms(lease, "lease")
+        self._keys = KeySpace(get_settings().redis_key_prefix, namespace)
+        text_safe = client_decodes_responses(redis)
+        self._codec = (codec or default_codec()).with_text_safe(text_safe)
+        self._max_block = _MAX_BLOCK
+        pool = getattr(redis, "connection_pool", None)
+        socket_timeout = getattr(pool, "connection_kwargs", {}).get("socket_timeout")
+        if socket_timeout:  # a BLPOP must return before the socket gives up on it
+            self._max_block = min(_MAX_BLOCK, float(socket_timeout) / 2)
+
+    @property
+    def ttl(self) -> float:
+        """Seconds a completed result is kept."""
+        return self._ttl_ms / 1000
+
+    @property
+    def lease(self) -> float:
+        """Seconds an in-flight claim lives without a renewal."""
+        return self._lease_ms / 1000
+
+    def record_key(self, key: str) -> str:
+        """The Redis key of *key*'s record (escaped, hash-tagged)."""
+        return self._keys.tagged(key)
+
+    def _notify_key(self, key: str) -> str:
+        return self._keys.tagged(key, "n")
+
+    # -- the DESIGN.md contract ----------------------------------------------
+
+    async def is_duplicate(self, key: str) -> bool:
+        """True if *key* was seen before; the first caller gets False and marks it seen.
+
+        Atomic (one Lua call): among any number of concurrent callers exactly one
+        gets False. The mark lasts ``lease`` seconds unless ``store_request``
+        stores a result (then ``ttl``), so a caller that crashes before storing
+        blocks the key for one lease only. Raises ``RedisUnavailable`` when Redis
+        is down; cancelling the call may or may not have marked the key.
+        """
+        claim = await self.claim(key)
+        return claim.status != "new"
+
+    async def store_request(
+        self, key: str, result: Any, *, ttl: float | dt.timedelta | None = None
+    ) -> None:
+        """Store *result* as the outcome of *key* for ``ttl`` seconds (default: the service's).
+
+        Overwrites whatever the key held (no owner token: use ``complete`` for
+        that) and wakes callers waiting on the key. One round trip; raises
+        ``CodecError`` for an unencodable result and ``RedisUnavailable`` when
+        Redis is down.
+        """
+        await self._complete(key, _UNCLAIMED, result, ttl)
+
+    async def get_result(self, key: str, type_: Any = None) -> Any:
+        """The stored result of *key*, or None when unknown, expired or still in flight.
+
+        *type_* validates and converts the stored value (e.g. a pydantic model).
+        One round trip; raises ``RedisUnavailable`` when Redis is down.
+        """
+        with breaker_for(self.redis):
+            state, blob = await self.redis.hmget(self.record_key(key), ["s", "r"])
+        if state is None or _text(state) != "c" or blob is None:
+            return None
+        return self._codec.decode(blob, type_)
+
+    async def forget(self, key: str) -> bool:
+        """Delete *key*'s record whatever its state; True if there was one.
+
+        An operator tool (and a test helper): the next claim of the key is new.
+        """
+        with breaker_for(self.redis):
+            return bool(await self.redis.delete(self.record_key(key), self._notify_key(key)))
+
+    # -- primitives ----------------------------------------------------------
+
+    async def claim(
+        self,
+        key: str,
+        fingerprint: str = "",
+        *,
+        wait: float = 0.0,
+        result_type: Any = None,
+    ) -> Claim:
+        """Claim *key* for a request whose payload hashes to *fingerprint*.
+
+        One Lua round trip decides atomically: a free key becomes in flight
+        under a fresh owner token for ``lease`` seconds (``"new"``); otherwise
+        the answer is ``"mismatch"`` (another fingerprint), ``"completed"``
+        (with the stored result, decoded as *result_type*) or ``"in_flight"``.
+
+        With ``wait > 0`` an in-flight answer parks the caller (``BLPOP`` on the
+        key's notify list, one pooled connection held) until the owner
+        completes or releases the key or its lease runs out, for at most *wait*
+        seconds; then it claims again, so a waiter can get ``"completed"``, or
+        ``"new"`` when the first attempt failed and released the key (it then
+        owns the key and must do the work). After *wait* seconds it returns
+        ``"in_flight"``. Cancelling a wait leaves nothing behind.
+
+        Raises ``RedisUnavailable`` when Redis is down.
+        """
+        register = b"1" if wait > 0 else b"0"
+        record, notify = self.record_key(key), self._notify_key(key)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        while True:
+            token = secrets.token_hex(16)
+            with breaker_for(self.redis):
+                code, payload = await _CLAIM(
+                    self.redis,
+                    keys=(record, notify),
+                    args=(fingerprint, token, self._lease_ms, register),
+                )
+            status = _STATUS[int(code)]
+            if status == "new":
+                return Claim("new", key, token=token)
+            if status == "completed":
+                return Claim("completed", key, result=self._codec.decode(payload, result_type))
+            if status == "mismatch":
+                return Claim("mismatch", key)
+            lease_left = max(int(payload), 0) / 1000
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return Claim("in_flight", key, lease_remaining=lease_left)
+            block = min(remaining, self._max_block, max(lease_left, 0.01))
+            with breaker_for(self.redis):
+                await self.redis.blpop([notify], timeout=block)
+
+    async def complete(
+        self, key: str, token: str, result: Any, *, ttl: float | dt.timedelta | None = None
+    ) -> bool:
+        """Store *result* for the claim *token* owns and keep it ``ttl`` seconds.
+
+        Returns False, storing nothing, when the claim is not this token's any
+        more (its lease expired and someone else may have claimed the key).
+        Wakes every waiter. One round trip; raises ``RedisUnavailable`` when
+        Redis is down (the claim then stays in flight until its lease ends).
+        """
+        if not token:
+            raise ValueError("complete() needs the owner token from claim()")
+        return await self._complete(key, token, result, ttl)
+
+    async def _complete(
+        self, key: str, token: str, result: Any, ttl: float | dt.timedelta | None
+    ) -> bool:
+        ttl_ms = self._ttl_ms if ttl is None else _ms(ttl, "ttl")
+        blob = self._codec.encode(result)
+        with breaker_for(self.redis):
+            done = await _COMPLETE(
+                self.redis,
+                keys=(self.record_key(key), self._notify_key(key)),
+                args=(token, blob, ttl_ms, _NOTIFY_TTL_MS),
+            )
+        return bool(done)
+
+    async def release(self, key: str, token: str) -> bool:
+        """Drop the in-flight claim *token* owns so the key can be claimed again.
+
+        For work that failed and may be retried. Returns False when the claim
+        is not this token's (expired, completed, or another owner's). Wakes
+        every waiter. One round trip; raises ``RedisUnavailable`` when Redis is
+        down (the claim then ends with its lease).
+        """
+        with breaker_for(self.redis):
+            done = await _RELEASE(
+                self.redis,
+                keys=(self.record_key(key), self._notify_key(key)),
+                args=(token, _NOTIFY_TTL_MS),
+            )
+        return bool(done)
+
+    async def renew(self, key: str, token: str) -> bool:
+        """Extend the in-flight lease of the claim *token* owns to ``lease`` seconds from now.
+
+        Returns False when the claim is not this token's any more. One round
+        trip; raises ``RedisUnavailable`` when Redis is down.
+        """
+        with breaker_for(self.redis):
+            done = await _RENEW(
+                self.redis, keys=(self.record_key(key),), args=(token, self._lease_ms)
+            )
+        return bool(done)
+
+    def heartbeat(self, key: str, token: str, *, interval: float | None = None) -> Heartbeat:
+        """A task that renews the claim every *interval* seconds (default: a third of the lease).
+
+        ``async with service.heartbeat(key, token) as hb: ...`` (or
+        ``hb.start()`` / ``await hb.stop()``). ``hb.lost`` turns True when a
+        renewal finds the claim gone; the heartbeat then stops.
+        """
+        return Heartbeat(self, key, token, interval=interval or self.lease / 3)
+
+
+class Heartbeat:
+    """Renews one in-flight claim in the background until stopped (see ``heartbeat``).
+
+    A renewal that fails because Redis is unreachable is logged and retried at
+    the next tick (the lease may survive a short outage); a renewal that finds
+    the claim taken or gone sets ``lost`` and ends the task.
+    """
+
+    __slots__ = ("_service", "_task", "interval", "key", "lost", "renewals", "token")
+
+    def __init__(
+        self, service: IdempotencyService, key: str, token: str, *, interval: float
+    ) -> None:
+        if not interval > 0:
+            raise ConfigurationError(f"heartbeat interval must be positive, got {interval!r}")
+        self._service = service
+        self.key = key
+        self.token = token
+        self.interval = interval
+        self.lost = False
+        self.renewals = 0
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> Heartbeat:
+        """Start renewing (idempotent)."""
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name=f"idempotency-heartbeat:{self.key}")
+        return self
+
+    async def stop(self) -> None:
+        """Stop renewing and wait for the task to end (safe to call twice)."""
+        task, self._task = self._task, None
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                renewed = await self._service.renew(self.key, self.token)
+            except Exception as exc:  # Redis down or erroring: the lease may still survive
+                log.warning("idempotency lease renewal failed (retrying next tick): %s", exc)
+                continue
+            if not renewed:
+                self.lost = True
+                log.warning(
+                    "idempotency claim %s lost its lease while the request was still running; "
+                    "a retry may run it again (raise the lease or check Redis latency)",
+                    self.key,
+                )
+                return
+            self.renewals += 1
+
+    async def __aenter__(self) -> Heartbeat:
+        return self.start()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()

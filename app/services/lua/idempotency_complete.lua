@@ -1,0 +1,25 @@
+-- KEYS[1] record hash (see idempotency_claim.lua)
+-- KEYS[2] notify list
+-- ARGV[1] owner token; "" stores unconditionally (store_request without a claim)
+-- ARGV[2] result to store
+-- ARGV[3] time to keep the completed record, ms
+-- ARGV[4] time to keep the notify list, ms
+-- returns 1 if stored, 0 if the claim is not ours any more (lease expired, released or
+--         completed by its owner, or taken by a newer claim)
+local rec = redis.call('HMGET', KEYS[1], 's', 't', 'w')
+if ARGV[1] ~= '' and (rec[1] ~= 'p' or rec[2] ~= ARGV[1]) then
+  return 0
+end
+redis.call('HSET', KEYS[1], 's', 'c', 'r', ARGV[2])
+-- A record stored without a claim (store_request) gets the empty fingerprint is_duplicate uses.
+redis.call('HSETNX', KEYS[1], 'f', '')
+redis.call('HDEL', KEYS[1], 'w', 't')
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+local waiters = math.min(tonumber(rec[3] or '0'), 1000)
+if waiters > 0 then
+  local wake = {}
+  for i = 1, waiters do wake[i] = '1' end
+  redis.call('RPUSH', KEYS[2], unpack(wake))
+  redis.call('PEXPIRE', KEYS[2], ARGV[4])
+end
+return 1
