@@ -35,6 +35,21 @@ SettingsDep = Annotated[Settings, Depends(settings_dependency)]
 
 # --- http cache ---
 
+from app.services.http_cache import HttpResponseCache  # noqa: E402
+
+
+async def http_response_cache() -> HttpResponseCache:
+    """The HTTP response cache (namespace ``httpcache``) over the global client.
+
+    For handlers that change data: ``await http_cache.invalidate(str(request.url_for(...)))``
+    drops every cached variant of that URL (raises ``RedisUnavailable`` if it cannot).
+    """
+    return HttpResponseCache(get_redis())
+
+
+HttpCacheDep = Annotated[HttpResponseCache, Depends(http_response_cache)]
+__all__ += ["HttpCacheDep", "http_response_cache"]
+
 # --- idempotency ---
 
 import inspect  # noqa: E402
