@@ -132,6 +132,10 @@ IdempotencyKeyDep = Annotated[str | None, Depends(idempotency_key())]
 
 # --- rate limiting ---
 
+from app.middleware.rate_limit import rate_limit  # noqa: E402
+
+__all__ += ["rate_limit"]  # Depends(rate_limit("10/minute", key=...)), stackable
+
 # --- pubsub ---
 
 # --- streams ---

@@ -257,14 +257,18 @@ async def make_app_client() -> AsyncIterator[AppClientFactory]:
 
 
 @pytest_asyncio.fixture
-async def app_client(make_app_client: AppClientFactory, fake_redis: Any) -> Any:
-    """The demo app over ASGI, wired to ``fake_redis``."""
+async def app_client(fake_redis: Any, make_app_client: AppClientFactory) -> Any:
+    """The demo app over ASGI, wired to ``fake_redis``.
+
+    The client fixture comes first so it is torn down last: the app's shutdown
+    still has a working Redis client.
+    """
     return await make_app_client(None, fake_redis)
 
 
 @pytest_asyncio.fixture
-async def real_app_client(make_app_client: AppClientFactory, real_redis: Redis) -> Any:
-    """The demo app over ASGI, wired to ``real_redis``."""
+async def real_app_client(real_redis: Redis, make_app_client: AppClientFactory) -> Any:
+    """The demo app over ASGI, wired to ``real_redis`` (torn down after the app)."""
     return await make_app_client(None, real_redis)
 
 

@@ -1,0 +1,57 @@
+-- GCRA (generic cell rate algorithm) over N policies, all-or-nothing.
+-- KEYS[i]      theoretical arrival time (TAT) of policy i, microseconds; all KEYS share one hash tag
+-- ARGV[1]      cost: units asked for (integer >= 0)
+-- ARGV[2]      1 to charge, 0 to only look (peek)
+-- ARGV[1+2i]   policy i: emission interval in whole microseconds (window / limit, at least 1)
+-- ARGV[2+2i]   policy i: burst tolerance in microseconds (interval * burst)
+-- returns {allowed, then for each policy: fits, remaining, reset_us, retry_us}
+--   allowed    1 when every policy admits the cost (all were charged), else 0 (none was)
+--   fits       1 when this policy alone would admit the cost
+--   remaining  whole units left after this call
+--   reset_us   microseconds until one more unit is available (0 when the quota is full)
+--   retry_us   microseconds until this policy would admit the cost (0 when it fits)
+-- Clock: Redis TIME only. All arithmetic is on whole microseconds (exact in doubles).
+-- Each written key expires when its TAT is reached, i.e. when the quota is full again.
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
+local cost = tonumber(ARGV[1])
+local charge = ARGV[2] == '1'
+local n = #KEYS
+
+local tats, news, allowed = {}, {}, 1
+for i = 1, n do
+  local interval = tonumber(ARGV[2 * i + 1])
+  local tolerance = tonumber(ARGV[2 * i + 2])
+  local tat = tonumber(redis.call('GET', KEYS[i]) or now)
+  if tat < now then tat = now end
+  tats[i] = tat
+  news[i] = tat + cost * interval
+  if news[i] - now > tolerance then allowed = 0 end
+end
+
+local out = {allowed}
+for i = 1, n do
+  local interval = tonumber(ARGV[2 * i + 1])
+  local tolerance = tonumber(ARGV[2 * i + 2])
+  local fits, retry = 1, 0
+  if news[i] - now > tolerance then
+    fits = 0
+    retry = news[i] - tolerance - now
+  end
+  local stand = tats[i]
+  if allowed == 1 and charge and cost > 0 then
+    stand = news[i]
+    redis.call('SET', KEYS[i], string.format('%d', stand),
+      'PX', string.format('%d', math.ceil((stand - now) / 1000)))
+  end
+  local free = tolerance - (stand - now)
+  local remaining = math.floor(free / interval)
+  if remaining < 0 then remaining = 0 end
+  local reset = 0
+  if stand > now then reset = (remaining + 1) * interval - free end
+  out[#out + 1] = fits
+  out[#out + 1] = remaining
+  out[#out + 1] = reset
+  out[#out + 1] = retry
+end
+return out

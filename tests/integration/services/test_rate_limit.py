@@ -1,0 +1,272 @@
+"""Rate limiting on a real redis-server: concurrency, clocks, TTLs, scripts, round trips."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any, get_args
+
+import pytest
+import pytest_asyncio
+from redis.asyncio import Redis
+
+from app.core.errors import RedisUnavailable
+from app.core.redis import scan_keys
+from app.services.rate_limit import ALGORITHMS, Algorithm, ConcurrencyLimiter, RateLimiter
+from app.testing.plugin import RedisServerInfo
+from app.testing.servers import RedisServer
+
+ALL: tuple[Algorithm, ...] = get_args(Algorithm)
+ROOT = Path(__file__).resolve().parents[3]
+SCRIPT_COMMANDS = {
+    "time", "get", "set", "pttl", "incrby", "pexpire", "hmget", "hset",
+    "zremrangebyscore", "zcard", "zrange", "zadd", "zrem",
+}  # fmt: skip
+
+
+class CountingRedis(Redis):
+    """A real client that records every command it sends (one entry per round trip)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.commands: list[str] = []
+
+    async def execute_command(self, *args: Any, **options: Any) -> Any:
+        name = args[0]
+        self.commands.append((name.decode() if isinstance(name, bytes) else str(name)).upper())
+        return await super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
+
+
+@pytest_asyncio.fixture(params=[False, True], ids=["bytes", "text"])
+async def client(
+    request: pytest.FixtureRequest, real_redis: Redis, redis_server: RedisServerInfo
+) -> AsyncIterator[CountingRedis]:
+    """A counting client to the session's real server (flushed by ``real_redis``)."""
+    counting = CountingRedis.from_url(redis_server.url, decode_responses=request.param)
+    assert isinstance(counting, CountingRedis)
+    try:
+        yield counting
+    finally:
+        await counting.aclose()
+
+
+@pytest.fixture
+def private_server() -> Any:
+    server = RedisServer().start()
+    try:
+        yield server
+    finally:
+        server.cleanup()
+
+
+async def test_a_thousand_concurrent_checks_from_two_processes_admit_exactly_the_limit(
+    real_redis: Redis, redis_server: RedisServerInfo
+) -> None:
+    """2 processes x 500 concurrent checks per algorithm, limit 100 per hour: 100 admitted."""
+    procs = [
+        await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "tests.integration.services._rate_limit_worker",
+            redis_server.url,
+            "500",
+            "100",
+            cwd=ROOT,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        for _ in range(2)
+    ]
+    outputs = await asyncio.wait_for(asyncio.gather(*(p.communicate() for p in procs)), 60)
+    counts = []
+    for proc, (out, err) in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0, err.decode()
+        counts.append(json.loads(out))
+    totals = {name: sum(c[name] for c in counts) for name in (*ALL, "concurrency")}
+    assert totals == dict.fromkeys((*ALL, "concurrency"), 100)
+    assert all(sum(c.values()) > 0 for c in counts), counts  # both processes competed
+    for name in ALL:
+        limiter = RateLimiter(real_redis, max_requests=100, window_seconds=3600, algorithm=name)
+        assert (await limiter.peek("contended")).results[0].remaining == 0
+
+
+async def test_design_contract_three_per_second_then_allowed_after_the_window(
+    client: CountingRedis,
+) -> None:
+    """Three allowed, the fourth refused, allowed again after the window (all algorithms at
+    once). The sliding counter approximates: it may take up to two windows, and says so."""
+    limiters = [RateLimiter(client, max_requests=3, window_seconds=1, algorithm=a) for a in ALL]
+
+    async def run(limiter: RateLimiter) -> list[bool]:
+        first = [await limiter.is_allowed("user-1") for _ in range(4)]
+        wait = (await limiter.peek("user-1")).retry_after
+        if limiter.algorithm == "sliding_counter":
+            assert 0 < wait <= 2.0
+            await asyncio.sleep(wait + 0.02)
+            return [*first, await limiter.is_allowed("user-1")]
+        assert 0 < wait <= 1.0
+        await asyncio.sleep(1.02)
+        return [*first, *[await limiter.is_allowed("user-1") for _ in range(4)]]
+
+    outcomes = dict(zip(ALL, await asyncio.gather(*(run(lim) for lim in limiters)), strict=True))
+    refused_then_back = [True, True, True, False, True, True, True, False]
+    assert outcomes == {
+        "gcra": refused_then_back,
+        "sliding_counter": [True, True, True, False, True],
+        "sliding_log": refused_then_back,
+        "fixed_window": refused_then_back,
+    }
+
+
+@pytest.mark.parametrize("algorithm", ALL)
+async def test_a_refusal_by_the_per_second_policy_leaves_the_daily_count_unchanged(
+    client: CountingRedis, algorithm: Algorithm
+) -> None:
+    limiter = RateLimiter(client, policies="second=2/second;day=1000/day", algorithm=algorithm)
+    assert (await limiter.hit("u")).allowed and (await limiter.hit("u")).allowed
+    day_key = limiter.keys_for("u")[1]
+    stored = await client.dump(day_key)
+    for _ in range(5):
+        refused = await limiter.hit("u")
+        assert not refused.allowed
+        assert [r.name for r in refused.violated] == ["second"]
+        assert refused.results[1].remaining == 998
+    assert await client.dump(day_key) == stored
+    assert (await limiter.peek("u")).results[1].remaining == 998
+
+
+async def test_every_key_the_limiters_write_has_a_ttl(client: CountingRedis) -> None:
+    policies = "s=2/second;m=5/minute;d=10/day"
+    for algorithm in ALL:
+        limiter = RateLimiter(client, policies=policies, algorithm=algorithm)
+        for who in ("alice", "bob", "ip:10.0.0.1"):
+            for _ in range(4):
+                await limiter.hit(who)
+            await limiter.peek(who)
+    slots = ConcurrencyLimiter(client, 2, lease_seconds=5)
+    await slots.acquire("alice")
+    released = await slots.acquire("bob")
+    await slots.release(released)
+    keys = [key async for key in scan_keys(client, "app:ratelimit:*")]
+    # 3 policies x 3 identifiers per algorithm, plus alice's lease set (bob's emptied set
+    # was removed by Redis itself)
+    assert len(keys) == len(ALL) * 3 * 3 + 1
+    for key in keys:
+        assert await client.pttl(key) > 0, key
+    assert [key async for key in scan_keys(client, "*")] != []  # SCAN saw the keyspace
+
+
+@pytest.mark.parametrize("algorithm", ALL)
+async def test_a_check_after_script_flush_still_works(
+    client: CountingRedis, algorithm: Algorithm
+) -> None:
+    limiter = RateLimiter(client, policies="a=2/minute;b=5/hour", algorithm=algorithm)
+    assert (await limiter.hit("u")).allowed
+    await client.script_flush()
+    client.commands.clear()
+    decision = await limiter.hit("u")
+    assert decision.allowed and not decision.degraded
+    assert [r.remaining for r in decision.results] == [0, 3]
+    assert client.commands == ["EVALSHA", "EVAL"]  # NOSCRIPT, then the source (cached again)
+    client.commands.clear()
+    assert not await limiter.is_allowed("u")
+    assert client.commands == ["EVALSHA"]
+
+
+async def test_concurrency_after_script_flush_still_works(client: CountingRedis) -> None:
+    slots = ConcurrencyLimiter(client, 1)
+    await client.script_flush()
+    decision = await slots.acquire("u")
+    assert decision.allowed and not decision.degraded
+    await client.script_flush()
+    assert await slots.release(decision)
+
+
+@pytest.mark.parametrize("algorithm", ALL)
+async def test_one_round_trip_per_check_for_any_number_of_policies(
+    client: CountingRedis, algorithm: Algorithm
+) -> None:
+    """Counted twice: commands the client sent, and the server's own command statistics."""
+    for spec in ("1/second", "a=1/second;b=5/day", "a=1/s;b=2/m;c=3/h;d=4/d;e=5/week"):
+        limiter = RateLimiter(client, policies=spec, algorithm=algorithm)
+        await limiter.hit("warm-up")  # loads the script once per server
+        before = await client.info("commandstats")
+        client.commands.clear()
+        for _ in range(5):
+            await limiter.hit("u")
+        await limiter.is_allowed("u")
+        await limiter.peek("u")
+        assert client.commands == ["EVALSHA"] * 7
+        after = await client.info("commandstats")
+        delta = {
+            name.removeprefix("cmdstat_"): stats["calls"] - before.get(name, {"calls": 0})["calls"]
+            for name, stats in after.items()
+        }
+        issued = {name: n for name, n in delta.items() if n and name not in SCRIPT_COMMANDS}
+        assert issued == {"evalsha": 7, "info": 1}, issued  # the first INFO counted itself
+
+
+async def test_sub_second_windows_use_the_server_clock(client: CountingRedis) -> None:
+    for algorithm in ALL:
+        limiter = RateLimiter(client, policies="4/200ms", algorithm=algorithm)
+        assert [await limiter.is_allowed(algorithm) for _ in range(5)][-1] is False
+        wait = (await limiter.peek(algorithm)).retry_after
+        assert 0 < wait <= 0.4, algorithm
+        await asyncio.sleep(wait + 0.01)
+        assert await limiter.is_allowed(algorithm), algorithm
+
+
+async def test_gcra_spaces_units_evenly_after_a_burst(client: CountingRedis) -> None:
+    limiter = RateLimiter(client, max_requests=5, window_seconds=0.5)  # one unit per 100 ms
+    assert all([await limiter.is_allowed("u") for _ in range(5)])
+    refused = await limiter.hit("u")
+    assert not refused.allowed and 0.05 < refused.retry_after <= 0.1
+    await asyncio.sleep(refused.retry_after + 0.005)
+    assert await limiter.is_allowed("u")
+    assert not await limiter.is_allowed("u")  # only one unit came back
+
+
+async def test_a_dead_workers_concurrency_leases_expire(client: CountingRedis) -> None:
+    slots = ConcurrencyLimiter(client, 2, lease_seconds=0.2)
+    assert (await slots.acquire("u")).allowed and (await slots.acquire("u")).allowed
+    assert not (await slots.acquire("u")).allowed  # nobody releases: the worker "died"
+    await asyncio.sleep(0.25)
+    assert (await slots.acquire("u")).allowed
+
+
+async def test_redis_down_fails_open_or_closed_and_recovers_after_a_restart(
+    private_server: RedisServer, settings_override: Any
+) -> None:
+    settings_override(breaker_reset_timeout=0.1, breaker_failure_threshold=1)
+    redis = Redis.from_url(private_server.url, socket_timeout=0.5, socket_connect_timeout=0.5)
+    try:
+        open_limiter = RateLimiter(redis, max_requests=1, window_seconds=60)
+        closed_limiter = RateLimiter(
+            redis, max_requests=1, window_seconds=60, failure_mode="closed"
+        )
+        assert await open_limiter.is_allowed("u")
+        assert not await open_limiter.is_allowed("u")
+
+        private_server.kill()
+        degraded = await open_limiter.hit("u")
+        assert degraded.allowed and degraded.degraded
+        with pytest.raises(RedisUnavailable):
+            await closed_limiter.hit("u")
+
+        private_server.restart()  # all data and cached scripts are gone
+        async with asyncio.timeout(10):
+            while True:
+                await asyncio.sleep(0.15)  # let the breaker go half-open
+                try:
+                    decision = await closed_limiter.hit("v")
+                    break
+                except RedisUnavailable:
+                    continue  # the first call after a restart may meet a dead connection
+        assert decision.allowed and not decision.degraded
+        assert await redis.script_exists(ALGORITHMS["gcra"].script.sha) == [True]
+        assert await open_limiter.is_allowed("u")  # the old count died with the server
+    finally:
+        await redis.aclose()
