@@ -22,6 +22,10 @@ run: $(STAMP)
 	$(BIN)/uvicorn app.main:app --host $(HOST) --port $(PORT) --loop uvloop --http httptools
 
 ## test: unit tests (fakeredis) and integration tests (real redis-server) with coverage
+# PYTHONNODEBUGRANGES: CPython 3.11's traceback carets call ast.parse; when a finalizer's
+# warning is formatted while pytest rewrites a module, that re-entrant parse raises
+# "SystemError: AST constructor recursion depth mismatch" (fixed in 3.11.8+/3.12).
+test: export PYTHONNODEBUGRANGES = 1
 test: $(STAMP)
 	$(BIN)/coverage erase
 	$(BIN)/coverage run -m pytest $(PYTEST_ARGS)

@@ -138,6 +138,31 @@ __all__ += ["rate_limit"]  # Depends(rate_limit("10/minute", key=...)), stackabl
 
 # --- pubsub ---
 
+from starlette.requests import HTTPConnection  # noqa: E402
+
+from app.services.pubsub import Broadcaster  # noqa: E402
+
+__all__ += ["BroadcasterDep", "broadcaster_dependency"]
+
+
+async def broadcaster_dependency(connection: HTTPConnection) -> Broadcaster:
+    """The app's ``Broadcaster`` (``app.state.broadcaster``), for HTTP and WebSocket routes.
+
+    The demo's lifespan (``app.api.routes.pubsub.lifespan``) starts it and drains it on
+    shutdown. Without that lifespan, one is built over the global client on first use and
+    started lazily (its connection then lives until the process ends).
+    """
+    state = connection.app.state
+    broadcaster: Broadcaster | None = getattr(state, "broadcaster", None)
+    if broadcaster is None:
+        broadcaster = state.broadcaster = Broadcaster(get_redis())
+        await broadcaster.start()
+    return broadcaster
+
+
+BroadcasterDep = Annotated[Broadcaster, Depends(broadcaster_dependency)]
+"""The process's one ``Broadcaster``: ``async with broadcaster.subscribe("room") as sub``."""
+
 # --- streams ---
 
 # --- sessions ---
