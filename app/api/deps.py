@@ -165,6 +165,38 @@ BroadcasterDep = Annotated[Broadcaster, Depends(broadcaster_dependency)]
 
 # --- streams ---
 
+import weakref  # noqa: E402
+from collections.abc import Awaitable as _Awaitable  # noqa: E402
+from collections.abc import Callable as _Callable  # noqa: E402
+
+from app.services.streams import StreamProducer  # noqa: E402
+
+__all__ += ["stream_producer"]
+
+
+def stream_producer(
+    stream: str, *, maxlen: int | None = None, approximate: bool = True
+) -> _Callable[[], _Awaitable[StreamProducer]]:
+    """A dependency giving a ``StreamProducer`` for *stream* over the global client.
+
+    ``EventsProducer = Annotated[StreamProducer, Depends(stream_producer("events",
+    maxlen=10_000))]``. One producer per client is built on first use and reused (no
+    per-request allocation). Redis down: ``add`` raises ``RedisUnavailable`` (503).
+    """
+    producers: weakref.WeakKeyDictionary[AnyRedis, StreamProducer] = weakref.WeakKeyDictionary()
+
+    async def dependency() -> StreamProducer:
+        redis = get_redis()
+        producer = producers.get(redis)
+        if producer is None:
+            producer = producers[redis] = StreamProducer(
+                redis, stream, maxlen=maxlen, approximate=approximate
+            )
+        return producer
+
+    return dependency
+
+
 # --- sessions ---
 
 from app.middleware.sessions import Session, load_session  # noqa: E402

@@ -1,0 +1,31 @@
+-- KEYS[1] stream key
+-- ARGV[1] group, ARGV[2] minimum idle time in ms, ARGV[3] consumer never to remove (the caller)
+-- Deletes the group's consumers that have no pending entries and have been idle at least
+-- ARGV[2] ms. Atomic: a consumer that has just been handed entries is never deleted, so
+-- XGROUP DELCONSUMER cannot drop entries from the PEL.
+-- returns the names of the consumers deleted
+local stream, group, min_idle, keep = KEYS[1], ARGV[1], tonumber(ARGV[2]), ARGV[3]
+if redis.call('EXISTS', stream) == 0 then
+  return {}
+end
+local removed = {}
+local consumers = redis.call('XINFO', 'CONSUMERS', stream, group)
+for i = 1, #consumers do
+  local info = consumers[i]
+  local name, pending, idle
+  for j = 1, #info, 2 do
+    local k = info[j]
+    if k == 'name' then
+      name = info[j + 1]
+    elseif k == 'pending' then
+      pending = tonumber(info[j + 1])
+    elseif k == 'idle' then
+      idle = tonumber(info[j + 1])
+    end
+  end
+  if name and name ~= keep and pending == 0 and idle and idle >= min_idle then
+    redis.call('XGROUP', 'DELCONSUMER', stream, group, name)
+    removed[#removed + 1] = name
+  end
+end
+return removed
