@@ -68,6 +68,13 @@ class Settings(BaseSettings):
     idempotency_failure_mode: FailureMode = "closed"
     sessions_failure_mode: FailureMode = "closed"
 
+    # Demo service
+    streams_demo_worker: Literal["lazy", "eager", "off"] = Field(
+        default="lazy",
+        description="The demo's in-app stream consumer: lazy (first /streams request), "
+        "eager (with the app) or off (run python -m app.worker instead).",
+    )
+
     # Secrets and codec
     secret_key: SecretStr | None = Field(
         default=None,

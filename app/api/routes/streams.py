@@ -3,7 +3,7 @@
 ``POST /streams/events`` appends events to the ``events`` stream. The demo consumer
 (group ``demo``) runs inside the app, started by the first request to a ``/streams`` route,
 so other routes and tests never pay for it; ``python -m app.worker`` runs the same consumer
-in its own process (set ``STREAMS_DEMO_WORKER=0`` to leave consuming to such workers, or
+in its own process (set ``STREAMS_DEMO_WORKER=off`` to leave consuming to such workers, or
 ``eager`` to start it with the app). ``GET /streams/stats`` shows ``stats()``;
 ``GET /streams/dead-letters`` lists entries that failed ``max_deliveries`` times.
 
@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
@@ -25,6 +24,7 @@ from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from pydantic import BaseModel, Field
 
 from app.api.deps import stream_producer
+from app.core.config import get_settings
 from app.core.redis import AnyRedis, Lifespan, get_redis
 from app.services.streams import StreamConsumer, StreamMessage, StreamProducer
 
@@ -42,9 +42,6 @@ log = logging.getLogger("app.streams.demo")
 
 DEMO_STREAM = "events"
 DEMO_GROUP = "demo"
-WORKER_ENV = "STREAMS_DEMO_WORKER"
-"""``lazy`` (default): the in-app consumer starts on the first /streams request;
-``eager``: with the app; ``0``/``off``: never (run ``python -m app.worker`` instead)."""
 
 router = APIRouter(prefix="/streams", tags=["streams"])
 
@@ -72,10 +69,8 @@ def demo_consumer(
 
 
 def _worker_mode() -> Literal["lazy", "eager", "off"]:
-    value = os.environ.get(WORKER_ENV, "lazy").strip().lower()
-    if value in ("0", "off", "false", "no"):
-        return "off"
-    return "eager" if value in ("eager", "1", "true", "yes") else "lazy"
+    """``STREAMS_DEMO_WORKER``: ``lazy`` (default), ``eager`` or ``off``."""
+    return get_settings().streams_demo_worker
 
 
 class _DemoWorker:

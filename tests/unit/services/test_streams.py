@@ -583,9 +583,9 @@ async def test_the_demo_consumer_starts_only_when_streams_routes_are_used(
 
 
 async def test_the_demo_consumer_can_be_left_to_separate_workers(
-    fake_redis: Any, make_app_client: Any, monkeypatch: pytest.MonkeyPatch
+    fake_redis: Any, make_app_client: Any, settings_override: Callable[..., None]
 ) -> None:
-    monkeypatch.setenv("STREAMS_DEMO_WORKER", "0")
+    settings_override(streams_demo_worker="off")
     client = await make_app_client(None, fake_redis)
     assert (await client.post("/streams/events", json={"payload": {"n": 1}})).status_code == 201
     await asyncio.sleep(0.05)
