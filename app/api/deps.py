@@ -33,6 +33,24 @@ SettingsDep = Annotated[Settings, Depends(settings_dependency)]
 
 # --- cache ---
 
+from app.services.cache import CacheService, get_cache  # noqa: E402
+
+__all__ += ["CacheDep", "cache_dependency"]
+
+
+async def cache_dependency() -> CacheService:
+    """The default ``CacheService`` (namespace ``cache``) of the global client.
+
+    The one registered with ``set_default_cache`` (the demo's lifespan registers one
+    with a local tier), else a plain one built on first use. Redis down: its reads
+    miss and ``get_or_set`` runs the factory (fail-open, ``cache_failure_mode``).
+    """
+    return get_cache()
+
+
+CacheDep = Annotated[CacheService, Depends(cache_dependency)]
+"""``cache: CacheDep`` in a route: ``await cache.get_or_set(key, load, ttl=60)``."""
+
 # --- http cache ---
 
 from app.services.http_cache import HttpResponseCache  # noqa: E402

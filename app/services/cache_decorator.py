@@ -1,0 +1,577 @@
+"""``@cached``: cache an async function's results in a ``CacheService``.
+
+::
+
+    @cached(ttl=60, tags=["users", "user:{user_id}"])
+    async def load_user(user_id: int) -> User: ...
+
+    await load_user(1)                 # computed, then served from Redis (a User again)
+    await load_user.invalidate(1)      # drops exactly that entry
+    await load_user.refresh(1)         # recompute and store, skipping the read
+    await load_user.bypass(1)          # call the function, no cache at all
+
+* **Signature kept**: ``CachedFunction[P, R]`` is generic in the function's
+  ``ParamSpec`` and return type, so type checkers see the same parameters,
+  and ``inspect.signature`` / FastAPI see the original function.
+* **Stable keys across processes**: ``<module>.<qualname>:<sha256 of the
+  arguments as canonical JSON>`` (never ``hash()``, never ``repr()``).
+  Arguments are bound to the signature first, so ``f(1)``, ``f(x=1)`` and a
+  defaulted call share a key. Arguments are keyed by their JSON value (a
+  tuple, a list and a set of the same items are one key; a model by its
+  fields). An argument without a canonical JSON form (an arbitrary object, a
+  dict with non-str keys) raises ``TypeError`` naming it: pass ``key=`` or
+  exclude it.
+* **Skipped arguments**: ``self``/``cls``, anything annotated as a Starlette
+  ``Request``/``WebSocket``/``Response``/``BackgroundTasks``, FastAPI
+  dependencies (``Depends(...)`` defaults or ``Annotated[..., Depends()]``)
+  and the names in ``exclude``.
+* **Typed results**: hits are decoded to the return annotation (pydantic
+  models come back as models, ``list[Item]`` as a list of ``Item``).
+* ``key=`` may be a template (``"user:{user_id}"``, fields escaped, so the
+  entry is shared with ``cache.get("user:1")``) or a callable with the
+  function's parameters; ``tags=`` templates or a callable likewise.
+
+Everything else (TTLs, stale-while-revalidate, early refresh, stampede
+control, fail-open when Redis is down) is ``CacheService.get_or_set``.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import inspect
+import string
+import typing
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from datetime import timedelta
+from decimal import Decimal
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Concatenate,
+    Final,
+    Generic,
+    ParamSpec,
+    TypeVar,
+    cast,
+    overload,
+)
+
+import orjson
+from fastapi import params as fastapi_params
+from pydantic import BaseModel
+from redis.exceptions import RedisError
+from starlette.background import BackgroundTasks
+from starlette.requests import HTTPConnection
+from starlette.responses import Response
+
+from app.core.errors import CodecError, RedisUnavailable
+from app.core.keys import digest, escape
+from app.core.redis import get_redis
+
+if TYPE_CHECKING:
+    from app.services.cache import TTL, CachePolicy, CacheService
+
+__all__ = ["BoundCachedFunction", "CachedFunction", "cached"]
+
+P = ParamSpec("P")
+P2 = ParamSpec("P2")
+R = TypeVar("R")
+S = TypeVar("S")
+
+_EMPTY: Final = inspect.Parameter.empty
+_SKIPPED_TYPES: Final = (HTTPConnection, Response, BackgroundTasks)
+_SIMPLE_KINDS: Final = (
+    inspect.Parameter.POSITIONAL_ONLY,
+    inspect.Parameter.POSITIONAL_OR_KEYWORD,
+)
+
+
+def _key_default(obj: Any) -> Any:
+    """Canonical JSON for argument types orjson does not serialize natively."""
+    if isinstance(obj, BaseModel):
+        return obj.model_dump(mode="json")
+    if isinstance(obj, set | frozenset):
+        return [v for _, v in sorted(((_canonical(v), v) for v in obj), key=lambda p: p[0])]
+    if isinstance(obj, bytes | bytearray | memoryview):
+        return {"__bytes__": base64.b64encode(bytes(obj)).decode("ascii")}
+    if isinstance(obj, Decimal):
+        return {"__decimal__": str(obj)}
+    if isinstance(obj, timedelta):
+        return {"__timedelta__": obj.total_seconds()}
+    raise TypeError(type(obj).__name__)
+
+
+def _canonical(value: Any) -> bytes:
+    return orjson.dumps(value, default=_key_default, option=orjson.OPT_SORT_KEYS)
+
+
+class _EscapingFormatter(string.Formatter):
+    """``str.format`` whose substituted fields are escaped (a value cannot add ``:`` parts)."""
+
+    def format_field(self, value: Any, format_spec: str) -> str:
+        return escape(format(value, format_spec))
+
+
+_FORMATTER: Final = _EscapingFormatter()
+_ERRORS: Final = (RedisUnavailable, RedisError)
+_KEY_MEMO_SIZE: Final = 1024
+_module: Any = None
+
+
+def _cache_module() -> Any:
+    """``app.services.cache`` (imported on first use: it imports this module)."""
+    global _module
+    if _module is None:
+        from app.services import cache
+
+        _module = cache
+    return _module
+
+
+def _is_skipped(param: inspect.Parameter, annotation: Any) -> bool:
+    if isinstance(param.default, fastapi_params.Depends):
+        return True
+    if typing.get_origin(annotation) is typing.Annotated:
+        if any(isinstance(m, fastapi_params.Depends) for m in annotation.__metadata__):
+            return True
+        annotation = typing.get_args(annotation)[0]
+    return isinstance(annotation, type) and issubclass(annotation, _SKIPPED_TYPES)
+
+
+def _type_hints(func: Callable[..., Any]) -> dict[str, Any]:
+    """Resolved annotations; one unresolvable annotation does not hide the others."""
+    try:
+        return typing.get_type_hints(func, include_extras=True)
+    except Exception:
+        pass
+    namespace = getattr(func, "__globals__", {})
+    hints: dict[str, Any] = {}
+    for name, annotation in getattr(func, "__annotations__", {}).items():
+        if isinstance(annotation, str):
+            try:
+                annotation = eval(annotation, namespace)  # the developer's own annotation text
+            except Exception:
+                continue
+        hints[name] = annotation
+    return hints
+
+
+class _Binder:
+    """Binds call arguments to the signature quickly, the way the call itself would."""
+
+    def __init__(self, func: Callable[..., Any], exclude: Iterable[str]) -> None:
+        self.signature = inspect.signature(func)
+        hints = _type_hints(func)
+        params = list(self.signature.parameters.values())
+        excluded = set(exclude)
+        unknown = excluded - {p.name for p in params}
+        if unknown:
+            raise TypeError(f"@cached exclude names unknown parameters: {sorted(unknown)}")
+        skip: set[str] = set(excluded)
+        if params and params[0].name in ("self", "cls") and params[0].kind in _SIMPLE_KINDS:
+            skip.add(params[0].name)
+        for p in params:
+            if _is_skipped(p, hints.get(p.name, p.annotation)):
+                skip.add(p.name)
+        self.skip = frozenset(skip)
+        self.simple = all(p.kind in _SIMPLE_KINDS for p in params)
+        self.spec = [(p.name, p.default, p.name in self.skip) for p in params]
+        skipped_positions = [i for i, (_, _, skipped) in enumerate(self.spec) if skipped]
+        self.leading: int | None = (
+            len(skipped_positions)
+            if self.simple and skipped_positions == list(range(len(skipped_positions)))
+            else None
+        )  # the key is args[leading:] when only leading parameters (self) are skipped
+        self.index = {p.name: i for i, p in enumerate(params)}
+        self.positional_only = frozenset(
+            p.name for p in params if p.kind is inspect.Parameter.POSITIONAL_ONLY
+        )
+        self.return_type = hints.get("return", self.signature.return_annotation)
+        if self.return_type in (_EMPTY, Any):
+            self.return_type = None
+
+    def values(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Sequence[Any]:
+        """Values of the key arguments in signature order (defaults applied)."""
+        if not kwargs and len(args) == len(self.spec) and self.leading is not None:
+            return args[self.leading :]  # every argument given positionally: the common call
+        if not self.simple:
+            bound = self.signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            return [
+                [name, value] for name, value in bound.arguments.items() if name not in self.skip
+            ]
+        count = len(args)
+        if count > len(self.spec):
+            raise TypeError(f"takes {len(self.spec)} positional arguments but {count} were given")
+        for name in kwargs:
+            position = self.index.get(name)
+            if position is None or name in self.positional_only:
+                raise TypeError(f"got an unexpected keyword argument {name!r}")
+            if position < count:
+                raise TypeError(f"got multiple values for argument {name!r}")
+        out: list[Any] = []
+        for position, (name, default, skipped) in enumerate(self.spec):
+            if position < count:
+                value = args[position]
+            elif name in kwargs:
+                value = kwargs[name]
+            elif default is not _EMPTY:
+                value = default
+            else:
+                raise TypeError(f"missing a required argument: {name!r}")
+            if not skipped:
+                out.append(value)
+        return out
+
+    def mapping(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        """Every argument by name (for key and tag templates)."""
+        bound = self.signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        return dict(bound.arguments)
+
+
+KeyArg = str | Callable[..., str] | None
+TagsArg = Sequence[str] | Callable[..., Iterable[str]]
+
+
+class CachedFunction(Generic[P, R]):
+    """An async function whose results are cached; see the module docstring."""
+
+    __name__: str
+    __qualname__: str
+
+    def __init__(
+        self,
+        func: Callable[P, Awaitable[R]],
+        *,
+        ttl: TTL | None,
+        key: KeyArg,
+        tags: TagsArg,
+        namespace: str,
+        stale_ttl: TTL | None,
+        early_refresh: float,
+        cache: CacheService | Callable[[], CacheService] | None,
+        exclude: Iterable[str],
+        version: str | int | None,
+        lease: float | None,
+        wait_timeout: float | None,
+    ) -> None:
+        if not inspect.iscoroutinefunction(func):
+            raise TypeError(f"@cached needs an async function; {func!r} is not one")
+        functools.update_wrapper(self, func)
+        self.__globals__ = getattr(func, "__globals__", {})
+        self.__wrapped__ = func
+        self._func = func
+        self._binder = _Binder(func, exclude)
+        name = f"{func.__module__}.{func.__qualname__}"
+        self.name = name if version is None else f"{name}:v{version}"
+        self._key = key
+        self._tags = tags
+        self.namespace = namespace
+        self._cache = cache
+        self._fixed: CacheService | None = (
+            cache if isinstance(cache, _cache_module().CacheService) else None
+        )
+        self._options: dict[str, Any] = {
+            "stale_ttl": stale_ttl,
+            "early_refresh": early_refresh,
+            "lease": lease,
+            "wait_timeout": wait_timeout,
+        }
+        self._ttl = ttl
+        self.return_type = self._binder.return_type
+        self._client: Any = None
+        self._service: CacheService | None = None
+        self._policy: CachePolicy | None = None
+        self._registry = -1
+        self._keys: dict[bytes, str] = {}
+        self._rkeys: dict[bytes, str] = {}
+
+    def __repr__(self) -> str:
+        return f"<cached {self.name}>"
+
+    # -- resolution -------------------------------------------------------------
+
+    @property
+    def cache(self) -> CacheService:
+        """The ``CacheService`` this function uses right now."""
+        return self._resolve()[0]
+
+    def _resolve(self) -> tuple[CacheService, CachePolicy]:
+        configured = self._cache
+        if configured is None:
+            client = get_redis()
+            module = _module or _cache_module()
+            if client is self._client and module._registry_version == self._registry:
+                return self._service, self._policy  # type: ignore[return-value]
+            service = module.get_cache(self.namespace, redis=client)
+            self._client, self._registry = client, module._registry_version
+        elif self._fixed is not None:
+            service = self._fixed
+        else:
+            service = cast("Callable[[], CacheService]", configured)()
+        if service is not self._service or self._policy is None:
+            self._policy = service.policy(self._ttl, **self._options)
+            self._service = service
+            self._rkeys.clear()  # Redis keys depend on the service's prefix and namespace
+        return service, self._policy
+
+    # -- keys --------------------------------------------------------------------
+
+    def key(self, *args: P.args, **kwargs: P.kwargs) -> str:
+        """The cache key (before namespacing) of a call with these arguments."""
+        return self._make_key(args, kwargs)
+
+    def _make_key(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> str:
+        template = self._key
+        if template is None:
+            values = self._binder.values(args, kwargs)
+            try:
+                blob = _canonical(values)
+            except TypeError as exc:
+                raise TypeError(
+                    f"@cached {self.name}: cannot build a stable cache key from an argument of "
+                    f"type {exc}; pass key=..., exclude=[...] or make it JSON-serializable "
+                    "(pydantic models, dataclasses, str/int/float/bool/None, lists, dicts with "
+                    "str keys, sets, datetimes, UUIDs and enums are)"
+                ) from exc
+            found = self._keys.get(blob)
+            if found is None:
+                if len(self._keys) >= _KEY_MEMO_SIZE:
+                    self._keys.clear()
+                found = self._keys[blob] = f"{self.name}:{digest(blob)}"
+            return found
+        if isinstance(template, str):
+            return _FORMATTER.vformat(template, (), self._binder.mapping(args, kwargs))
+        return template(*args, **kwargs)
+
+    def _tag_list(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> list[str]:
+        tags = self._tags
+        if callable(tags):
+            return list(tags(*args, **kwargs))
+        if not tags:
+            return []
+        mapping = self._binder.mapping(args, kwargs)
+        return [t.format_map(mapping) if "{" in t else t for t in tags]
+
+    # -- calls -------------------------------------------------------------------
+
+    def _redis_key(
+        self, service: CacheService, args: tuple[Any, ...], kwargs: Mapping[str, Any]
+    ) -> str:
+        """The Redis key of a call (memoized per argument blob for auto keys)."""
+        if self._key is not None:
+            return service.redis_key(self._make_key(args, kwargs))
+        try:
+            blob = _canonical(self._binder.values(args, kwargs))
+        except TypeError:
+            return service.redis_key(self._make_key(args, kwargs))  # raises the helpful error
+        found = self._rkeys.get(blob)
+        if found is None:
+            if len(self._rkeys) >= _KEY_MEMO_SIZE:
+                self._rkeys.clear()
+            found = self._rkeys[blob] = service.redis_key(self._make_key(args, kwargs))
+        return found
+
+    async def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        service = self._service
+        if service is None or (
+            self._fixed is None
+            and (
+                self._cache is not None  # a callable: asked on every call
+                or get_redis() is not self._client
+                or _module._registry_version != self._registry
+            )
+        ):
+            service, _ = self._resolve()
+        rkey = self._redis_key(service, args, kwargs)
+        policy = cast("CachePolicy", self._policy)
+        if policy.simple and service.local is None:
+            # CacheService._get_or_set's plain-hit read, inlined (same package) so a
+            # hit costs one coroutine frame less; everything else is the service's.
+            try:
+                with service._breaker:
+                    data = await service._redis.get(rkey)
+            except _ERRORS as exc:  # fail open (or raise in closed mode), as the service does
+                return await service._single_flight(  # type: ignore[no-any-return]
+                    rkey, self._factory(args, kwargs), policy, self._tags_for(args, kwargs),
+                    self.return_type, exc,
+                )  # fmt: skip
+            else:
+                if data is not None and data[:1] != service._marker:
+                    try:
+                        value: R = service._decode(data, self.return_type)
+                    except CodecError:
+                        service._stats.decode_errors += 1
+                    else:
+                        service._stats.hits += 1
+                        return value
+                return await service._after_read(  # type: ignore[no-any-return]
+                    rkey, data, self._factory(args, kwargs), policy, self._tags_for(args, kwargs),
+                    self.return_type,
+                )  # fmt: skip
+        result: R = await service._get_or_set(
+            rkey, self._factory(args, kwargs), policy, self._tags_for(args, kwargs),
+            self.return_type,
+        )  # fmt: skip
+        return result
+
+    def _factory(
+        self, args: tuple[Any, ...], kwargs: Mapping[str, Any]
+    ) -> Callable[[], Awaitable[R]]:
+        func = self._func
+        return lambda: func(*args, **kwargs)
+
+    def _tags_for(
+        self, args: tuple[Any, ...], kwargs: Mapping[str, Any]
+    ) -> Callable[[], Iterable[str]] | tuple[()]:
+        return (lambda: self._tag_list(args, kwargs)) if self._tags else ()
+
+    async def refresh(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        """Call the function (skipping the cache read) and store its result."""
+        service, _ = self._resolve()
+        value = await self._func(*args, **kwargs)
+        await service.set(
+            self._make_key(args, kwargs),
+            value,
+            self._ttl,
+            tags=self._tag_list(args, kwargs),
+            stale_ttl=self._options["stale_ttl"],
+        )
+        return value
+
+    async def bypass(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        """Call the function without reading or writing the cache."""
+        return await self._func(*args, **kwargs)
+
+    async def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> bool:
+        """Delete the entry of a call with these arguments; True if it existed."""
+        service, _ = self._resolve()
+        return bool(await service.delete(self._make_key(args, kwargs)))
+
+    async def invalidate_all(self) -> int:
+        """Delete every entry of this function (auto keys only); returns how many."""
+        if self._key is not None:
+            raise TypeError(
+                f"@cached {self.name} uses a custom key; invalidate its entries by pattern or tag"
+            )
+        service, _ = self._resolve()
+        return await service.invalidate(service.literal(self.name) + ":*")
+
+    # -- methods -------------------------------------------------------------------
+
+    @overload
+    def __get__(self, instance: None, owner: type[Any] | None = None) -> CachedFunction[P, R]: ...
+
+    @overload
+    def __get__(
+        self: CachedFunction[Concatenate[S, P2], R], instance: S, owner: type[Any] | None = None
+    ) -> BoundCachedFunction[P2, R]: ...
+
+    def __get__(self, instance: Any, owner: type[Any] | None = None) -> Any:
+        if instance is None:
+            return self
+        return BoundCachedFunction(self, instance)
+
+
+class BoundCachedFunction(Generic[P, R]):
+    """A ``@cached`` method bound to an instance (``self`` is not part of the key)."""
+
+    __slots__ = ("__self__", "_cached")
+
+    def __init__(self, cached_function: CachedFunction[Any, R], instance: Any) -> None:
+        self._cached = cached_function
+        self.__self__ = instance
+
+    @property
+    def __wrapped__(self) -> Callable[..., Any]:
+        return self._cached._func.__get__(self.__self__)  # type: ignore[no-any-return]
+
+    async def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        return await self._cached(self.__self__, *args, **kwargs)
+
+    def key(self, *args: P.args, **kwargs: P.kwargs) -> str:
+        return self._cached.key(self.__self__, *args, **kwargs)
+
+    async def refresh(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        return await self._cached.refresh(self.__self__, *args, **kwargs)
+
+    async def bypass(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        return await self._cached.bypass(self.__self__, *args, **kwargs)
+
+    async def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> bool:
+        return await self._cached.invalidate(self.__self__, *args, **kwargs)
+
+
+@overload
+def cached(func: Callable[P, Awaitable[R]], /) -> CachedFunction[P, R]: ...
+
+
+@overload
+def cached(
+    ttl: TTL | None = None,
+    *,
+    key: KeyArg = None,
+    tags: TagsArg = (),
+    namespace: str = "cache",
+    stale_ttl: TTL | None = None,
+    early_refresh: float = 0.0,
+    cache: CacheService | Callable[[], CacheService] | None = None,
+    exclude: Iterable[str] = (),
+    version: str | int | None = None,
+    lease: float | None = None,
+    wait_timeout: float | None = None,
+) -> Callable[[Callable[P, Awaitable[R]]], CachedFunction[P, R]]: ...
+
+
+def cached(
+    ttl: Any = None,
+    *,
+    key: KeyArg = None,
+    tags: TagsArg = (),
+    namespace: str = "cache",
+    stale_ttl: TTL | None = None,
+    early_refresh: float = 0.0,
+    cache: CacheService | Callable[[], CacheService] | None = None,
+    exclude: Iterable[str] = (),
+    version: str | int | None = None,
+    lease: float | None = None,
+    wait_timeout: float | None = None,
+) -> Any:
+    """Cache an async function's results (see the module docstring).
+
+    Args:
+        ttl: fresh lifetime (``None``: the service's ``default_ttl``).
+        key: ``None`` (function name + digest of the arguments), a template
+            such as ``"user:{user_id}"`` or a callable taking the function's arguments.
+        tags: tag templates (``"user:{user_id}"``) or a callable returning tags.
+        namespace: the ``CacheService`` namespace (resolved per call through
+            ``get_cache``, so it follows ``get_redis()``).
+        stale_ttl / early_refresh / lease / wait_timeout: as in ``get_or_set``.
+        cache: a ``CacheService`` (or a callable returning one) instead of the default.
+        exclude: parameter names left out of the key.
+        version: bump to ignore every entry written by an older version.
+
+    Usable bare (``@cached``) or with arguments (``@cached(ttl=60)``).
+    """
+    if callable(ttl) and not isinstance(ttl, int | float | timedelta):
+        return cached()(ttl)
+
+    def decorate(func: Callable[P, Awaitable[R]]) -> CachedFunction[P, R]:
+        return CachedFunction(
+            func,
+            ttl=ttl,
+            key=key,
+            tags=tags,
+            namespace=namespace,
+            stale_ttl=stale_ttl,
+            early_refresh=early_refresh,
+            cache=cache,
+            exclude=exclude,
+            version=version,
+            lease=lease,
+            wait_timeout=wait_timeout,
+        )
+
+    return decorate

@@ -1,0 +1,401 @@
+"""CacheService, the local tier and @cached on a real redis-server.
+
+The behaviour tests of ``tests/unit/services/test_cache.py`` (everything taking
+``cache_client``) and the two-process local-tier tests of
+``tests/unit/services/test_cache_local.py`` (everything taking ``pair``) are
+re-run here against the real server, with decode_responses False and True.
+The tests below them need a real server: several OS processes, a killed
+subscriber connection, a server stopped mid-test, a crashed lease holder.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import logging
+import os
+import signal
+import statistics
+import sys
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+import pytest_asyncio
+from pydantic import BaseModel
+from redis.asyncio import Redis
+
+from app.core.redis import breaker_for, build_client
+from app.services.cache import MISSING, CacheService, LocalCache, cached
+from app.testing.plugin import RedisServerInfo
+from app.testing.servers import RedisServer
+from tests.unit.services import test_cache as unit_behaviour
+from tests.unit.services import test_cache_local as unit_local
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+WORKER = "tests.integration.services._cache_worker"
+
+for _module, _fixture in ((unit_behaviour, "cache_client"), (unit_local, "pair")):
+    for _name, _test in vars(_module).items():
+        if _name.startswith("test_") and _fixture in inspect.signature(_test).parameters:
+            globals()[_name] = _test  # collected here, so it runs on this module's fixtures
+
+
+@pytest_asyncio.fixture(params=["bytes", "text"])
+async def cache_client(
+    request: pytest.FixtureRequest, real_redis: Redis, redis_server: RedisServerInfo
+) -> AsyncIterator[Any]:
+    """The real server (flushed per test), with decode_responses False, then True."""
+    if request.param == "bytes":
+        yield real_redis
+        return
+    client = Redis.from_url(redis_server.url, decode_responses=True)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+@pytest_asyncio.fixture(params=["bytes", "text"])
+async def pair(
+    request: pytest.FixtureRequest, real_redis: Redis, redis_server: RedisServerInfo
+) -> AsyncIterator[tuple[CacheService, CacheService]]:
+    """Two CacheServices with local tiers over two clients of the real server."""
+    text = request.param == "text"
+    clients = [Redis.from_url(redis_server.url, decode_responses=text) for _ in range(2)]
+    services = [CacheService(c, local=LocalCache(ttl=60)) for c in clients]
+    for service in services:
+        assert await service.start()
+    try:
+        yield services[0], services[1]
+    finally:
+        for service in services:
+            await service.aclose()
+        for client in clients:
+            await client.aclose()
+
+
+async def spawn(*args: str) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        WORKER,
+        *args,
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": ROOT},
+    )
+
+
+async def read_json(proc: asyncio.subprocess.Process, timeout: float = 30) -> dict[str, Any]:
+    assert proc.stdout is not None
+    line = await asyncio.wait_for(proc.stdout.readline(), timeout)
+    if not line:
+        stderr = await proc.stderr.read() if proc.stderr is not None else b""
+        raise AssertionError(f"worker exited: {stderr.decode(errors='replace')[-2000:]}")
+    parsed: dict[str, Any] = json.loads(line)
+    return parsed
+
+
+async def eventually(check: Callable[[], Any], timeout: float = 10.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not await check():
+            await asyncio.sleep(0.01)
+
+
+# -- stampede protection across OS processes ------------------------------------------
+
+
+async def test_200_calls_over_4_processes_run_the_factory_once(
+    real_redis: Redis, redis_server: RedisServerInfo
+) -> None:
+    run_id = uuid.uuid4().hex[:8]
+    processes, calls, instances = 4, 50, 4
+    procs = [
+        await spawn("stampede", redis_server.url, str(calls), str(instances), run_id)
+        for _ in range(processes)
+    ]
+    try:
+        await eventually(lambda: _ready(real_redis, f"test:{run_id}:ready", processes), timeout=60)
+        await real_redis.config_resetstat()
+        await real_redis.rpush(f"test:{run_id}:go", *["go"] * processes)
+        reports = [await read_json(p, timeout=60) for p in procs]
+    finally:
+        for p in procs:
+            if p.returncode is None:
+                await p.wait()
+    assert int(await real_redis.get(f"test:{run_id}:factory_runs") or 0) == 1
+    results = [r for report in reports for r in report["results"]]
+    assert len(results) == processes * calls == 200
+    assert len({json.dumps(r, sort_keys=True) for r in results}) == 1
+    assert len({report["pid"] for report in reports}) == processes
+    assert sum(report["stats"]["factory_calls"] for report in reports) == 1
+    waits = sum(report["stats"]["stampede_waits"] for report in reports)
+    assert waits >= processes - 1  # the other processes waited on the lease holder
+    wakeups = sum(report["stats"]["wakeups"] for report in reports)
+    assert wakeups == waits  # every waiter was woken by the write, none by a timeout
+    assert sum(report["stats"]["wait_timeouts"] for report in reports) == 0
+
+    # Woken, not polling: each Redis-level contender (5 per process) ran the lock
+    # script about once or twice and blocked in BLPOP about once.
+    contenders = processes * (instances + 1)
+    commands = await real_redis.info("commandstats")
+    evalsha = commands.get("cmdstat_evalsha", {}).get("calls", 0)
+    blpop = commands.get("cmdstat_blpop", {}).get("calls", 0)
+    assert 0 < blpop <= 2 * contenders
+    assert evalsha <= 3 * contenders + 2
+
+
+async def _ready(client: Redis, key: str, count: int) -> bool:
+    return int(await client.get(key) or 0) >= count
+
+
+# -- the local tier across OS processes ----------------------------------------------------
+
+
+async def test_local_tiers_of_other_processes_are_invalidated_within_milliseconds(
+    real_redis: Redis, redis_server: RedisServerInfo
+) -> None:
+    writer = CacheService(real_redis)
+    await writer.set("k", "v0", ttl=60, tags=["t"])
+    reader = await spawn("reader", redis_server.url)
+    latencies: list[float] = []
+    try:
+        assert (await read_json(reader)).get("ready")
+        version = 0
+        for _ in range(3):
+            for change in ("set", "delete", "invalidate_tags", "invalidate"):
+                primed = await read_json(reader)
+                assert primed["primed"] == f"v{version}" and primed["local_hits"] > 0
+                if change == "set":
+                    await writer.set("k", f"v{version + 1}", ttl=60, tags=["t"])
+                elif change == "delete":
+                    await writer.delete("k")
+                elif change == "invalidate_tags":
+                    await writer.invalidate_tags("t")
+                else:
+                    await writer.invalidate("k*")
+                done = asyncio.get_running_loop().time()
+                evicted = await read_json(reader)
+                latencies.append(max(0.0, evicted["evicted_at"] - done))
+                assert evicted["after"] != f"v{version}"  # the old value is never served again
+                version += 1
+                if change != "set":
+                    await writer.set("k", f"v{version}", ttl=60, tags=["t"])
+        await read_json(reader)
+        await writer.set("k", "stop", ttl=60)
+        assert (await read_json(reader))["after"] == "stop"
+    finally:
+        if reader.returncode is None:
+            reader.kill()
+        await reader.wait()
+    # Robust on a loaded machine: the typical eviction takes well under 100 ms;
+    # a single slow sample (the reader not scheduled) must not fail the test,
+    # but none may look like the local TTL (60 s) did the work.
+    assert statistics.median(latencies) < 0.1, latencies
+    assert max(latencies) < 2.0, latencies
+
+
+async def test_a_reconnected_subscription_flushes_the_local_tier(
+    real_redis: Redis, redis_server: RedisServerInfo
+) -> None:
+    client = Redis.from_url(redis_server.url)
+    cache = CacheService(client, local=LocalCache(ttl=60))
+    silent = CacheService(real_redis, broadcast=False)  # its writes tell nobody: a lost message
+    try:
+        assert await cache.start()
+        await cache.set("k", "v1", ttl=60)
+        await unit_local.prime(cache, "k", "v1")
+        killed = await real_redis.client_kill_filter(_type="pubsub")
+        assert killed >= 1
+        await silent.set("k", "v2", ttl=60)
+        await eventually(lambda: _subscriptions(cache, 2))
+        assert await cache.get("k") == "v2"  # the copy cached before the drop is gone
+    finally:
+        await cache.aclose()
+        await client.aclose()
+
+
+async def _subscriptions(cache: CacheService, count: int) -> bool:
+    local = cache.stats()["local"]
+    return bool(local["subscriptions"] >= count and local["active"])
+
+
+# -- Redis down ------------------------------------------------------------------------------
+
+
+class Report(BaseModel):
+    n: int
+    source: str
+
+
+async def test_redis_stopped_mid_test(
+    settings_override: Callable[..., None], caplog: pytest.LogCaptureFixture
+) -> None:
+    settings_override(breaker_reset_timeout=0.3, redis_socket_timeout=0.5)
+    server = RedisServer().start()
+    client = build_client(url=server.url)  # exactly as the app builds its client
+    cache = CacheService(client, local=LocalCache(ttl=60))
+    origin_calls = 0
+
+    async def origin() -> Report:
+        nonlocal origin_calls
+        origin_calls += 1
+        return Report(n=origin_calls, source="origin")
+
+    @cached(ttl=60, cache=cache)
+    async def report(day: str) -> Report:
+        return await origin()
+
+    try:
+        assert await cache.start()
+        assert await cache.get_or_set("k", origin, ttl=60, type_=Report) == Report(
+            n=1, source="origin"
+        )
+        assert await report("mon") == Report(n=2, source="origin")
+        assert await report("mon") == Report(n=2, source="origin")  # cached
+        server.stop()
+        with caplog.at_level(logging.WARNING, logger="app.cache"):
+            for i in range(30):
+                value = await cache.get_or_set("fresh", origin, ttl=60, type_=Report)
+                assert value.source == "origin"
+                assert (await report(f"day-{i}")).source == "origin"
+                assert await cache.get("fresh", MISSING) is MISSING
+        assert origin_calls == 2 + 60
+        breaker = breaker_for(client)
+        assert breaker.stats()["state"] in ("open", "half_open")
+        ours = [r for r in caplog.records if r.name == "app.cache" and "failed" in r.message]
+        assert 1 <= len(ours) <= breaker.transitions + 2  # per transition, not per call
+        stats = cache.stats()
+        assert stats["fail_open"] == 60 and stats["errors"] >= 60
+
+        server.start()  # same port: the breaker's trial call finds it again
+        await eventually(lambda: cache.set("back", 1, ttl=60), timeout=15)
+        assert await cache.get("back") == 1
+        assert breaker.stats()["state"] == "closed"
+    finally:
+        await cache.aclose()
+        await client.aclose()
+        server.cleanup()
+
+
+async def test_a_crashed_lease_holder_is_taken_over_when_its_lease_ends(
+    real_redis: Redis, redis_server: RedisServerInfo
+) -> None:
+    holder = await spawn("hold", redis_server.url)
+    try:
+        assert (await read_json(holder)).get("holding")
+        cache = CacheService(real_redis)
+
+        async def own() -> str:
+            return "taken over"
+
+        waiting = asyncio.create_task(cache.get_or_set("held", own, ttl=60, wait_timeout=30))
+        await asyncio.sleep(0.3)
+        assert not waiting.done()  # the lease is kept alive while the holder runs
+        os.kill(holder.pid, signal.SIGKILL)
+        assert await asyncio.wait_for(waiting, 10) == "taken over"
+        stats = cache.stats()
+        assert stats["stampede_waits"] == 1 and stats["wait_timeouts"] == 0
+    finally:
+        if holder.returncode is None:
+            holder.kill()
+        await holder.wait()
+
+
+# -- scale ---------------------------------------------------------------------------------
+
+
+async def test_a_tag_larger_than_one_drain_is_removed_completely(real_redis: Redis) -> None:
+    cache = CacheService(real_redis)
+    items = {f"item:{i}": i for i in range(6000)}
+    for start in range(0, 6000, 1000):
+        chunk = dict(list(items.items())[start : start + 1000])
+        assert await cache.set_many(chunk, ttl=60, tags=["big"])
+    assert await cache.invalidate_tags("big") == 6000
+    assert [k async for k in real_redis.scan_iter("*")] == []
+
+
+async def test_decorator_on_real_redis(real_redis: Redis, redis_server: RedisServerInfo) -> None:
+    text = Redis.from_url(redis_server.url, decode_responses=True)
+    calls = 0
+
+    @cached(ttl=60, cache=CacheService(text), tags=["reports"])
+    async def build(day: str, *, region: str = "eu") -> Report:
+        nonlocal calls
+        calls += 1
+        return Report(n=calls, source=f"{day}/{region}")
+
+    try:
+        first = await build("mon")
+        assert await build("mon", region="eu") == first == Report(n=1, source="mon/eu")
+        assert isinstance(await build("mon"), Report)
+        assert await build.invalidate("mon")
+        assert (await build("mon")).n == 2
+        assert await build.cache.invalidate_tags("reports") == 1
+        assert (await build("mon")).n == 3
+    finally:
+        await text.aclose()
+
+
+async def test_demo_app_on_real_redis(real_app_client: Any) -> None:
+    from app.api.routes.cache import ORIGIN_CALLS
+
+    before = ORIGIN_CALLS["reports"]
+    responses = await asyncio.gather(
+        *[real_app_client.get("/cache/reports/weekly", params={"delay": 0.1}) for _ in range(20)]
+    )
+    assert {r.status_code for r in responses} == {200}
+    assert ORIGIN_CALLS["reports"] == before + 1
+    assert (await real_app_client.get("/cache/users/7")).json()["id"] == 7
+    assert (await real_app_client.put("/cache/users/7", json={"name": "x"})).json()["invalidated"]
+    stats = (await real_app_client.get("/stats")).json()
+    assert stats["local"]["active"] and stats["coalesced"] >= 19
+
+
+# -- every topology ---------------------------------------------------------------------------
+
+
+async def test_every_capability_on_each_topology(topology_redis: Any) -> None:
+    """Standalone, Cluster (16 shards over 3 primaries) and Sentinel, built as the app does."""
+    cache = CacheService(topology_redis)
+    other = CacheService(topology_redis)
+    l1 = CacheService(topology_redis, local=LocalCache(ttl=60))
+    l2 = CacheService(topology_redis, local=LocalCache(ttl=60))
+    try:
+        await cache.set("user:1", {"id": 1}, ttl=60, tags=["users"])
+        assert await cache.set_many({f"k:{i}": i for i in range(40)}, ttl=60, tags=["many"])
+        assert await cache.get("user:1") == {"id": 1}
+        assert await cache.get_many([f"k:{i}" for i in range(40)]) == {
+            f"k:{i}": i for i in range(40)
+        }
+        assert await cache.expire("user:1", 100) and (await cache.ttl("user:1") or 0) > 99
+        calls = 0
+
+        async def slow() -> str:
+            nonlocal calls
+            calls += 1
+            await asyncio.sleep(0.2)
+            return "computed"
+
+        results = await asyncio.gather(
+            *[svc.get_or_set("hot", slow, ttl=60) for svc in (cache, other) for _ in range(10)]
+        )
+        assert results == ["computed"] * 20 and calls == 1
+        assert other.stats()["wakeups"] + cache.stats()["wakeups"] == 1
+        assert await cache.invalidate_tags("many") == 40
+        assert await cache.invalidate("user:*") == 1
+        assert await l1.start() and await l2.start()
+        await l1.set("x", 1, ttl=60)
+        await unit_local.prime(l2, "x", 1)
+        await l1.set("x", 2, ttl=60)
+        await unit_local.eventually(lambda: unit_local._equals(l2, "x", 2))
+        assert await cache.clear() >= 2
+        assert await cache.get("hot", MISSING) is MISSING
+        assert cache.stats()["errors"] == other.stats()["errors"] == l2.stats()["errors"] == 0
+    finally:
+        for service in (l1, l2, cache, other):
+            await service.aclose()
