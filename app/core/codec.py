@@ -12,9 +12,11 @@ format or compression letter is upper case. A payload without the ``\\x01``
 header is read as plain JSON, so values written by other tools still decode.
 
 JSON is the default (orjson). Pydantic models and dataclasses are encoded as
-objects; ``bytes``, ``datetime``, ``date``, ``time``, ``Decimal``,
-``set``/``frozenset`` and ``tuple`` anywhere in a value are *tagged* so an
-untyped ``decode`` gives them back as they were. ``decode(data, type_)``
+objects; ``bytes``, ``datetime``, ``date``, ``time``, ``Decimal`` and
+``set``/``frozenset`` anywhere in a value are *tagged* so an untyped
+``decode`` gives them back as they were; a top-level tuple stays a tuple,
+nested tuples are JSON arrays (a typed decode restores them). Encoding is one ``orjson.dumps``; only a value whose
+own dicts use the tag key takes a slower escaping pass. ``decode(data, type_)``
 validates through a cached pydantic ``TypeAdapter`` (a model comes back as a
 model).
 
@@ -80,12 +82,13 @@ def _type_adapter(type_: Any) -> TypeAdapter[Any]:
 
 
 class _Tagged:
-    """Set during one encode when a tagged value was emitted."""
+    """Per-encode state: how many tags were written, and whether user dicts must be escaped."""
 
-    __slots__ = ("used",)
+    __slots__ = ("count", "escape")
 
-    def __init__(self) -> None:
-        self.used = False
+    def __init__(self, escape: bool = False) -> None:
+        self.count = 0
+        self.escape = escape
 
 
 def _tag(kind: str, value: Any) -> dict[str, Any]:
@@ -93,31 +96,34 @@ def _tag(kind: str, value: Any) -> dict[str, Any]:
 
 
 def _encode_default(state: _Tagged) -> Callable[[Any], Any]:
+    fix = _escape_lookalikes if state.escape else _identity
+
     def default(obj: Any) -> Any:
         if isinstance(obj, BaseModel):
             try:
                 # JSON mode keeps the typed-decode fast path (validate_json) for models.
-                return obj.model_dump(mode="json")
+                return fix(obj.model_dump(mode="json"))
             except (PydanticSerializationError, UnicodeDecodeError):  # non-UTF-8 bytes fields
-                return obj.model_dump(mode="python")
+                return fix(obj.model_dump(mode="python"))
         if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-            return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
-        if isinstance(obj, _TupleBox):
-            state.used = True
-            return _tag("tuple", [_prepare(v) for v in obj.items])
-        if isinstance(obj, _DictBox):
-            state.used = True
-            return _tag("dict", {k: _prepare(v) for k, v in obj.items.items()})
-        tagged = _tag_scalar(obj)
+            return fix({f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)})
+        if isinstance(obj, _EscapedDict):
+            state.count += 1
+            return _tag("dict", {k: _escape_lookalikes(v) for k, v in obj.items.items()})
+        tagged = _tag_scalar(obj, fix)
         if tagged is None:
             raise TypeError(f"{type(obj).__name__} is not serializable by the JSON codec")
-        state.used = True
+        state.count += 1
         return tagged
 
     return default
 
 
-def _tag_scalar(obj: Any) -> dict[str, Any] | None:
+def _identity(value: Any) -> Any:
+    return value
+
+
+def _tag_scalar(obj: Any, fix: Callable[[Any], Any]) -> dict[str, Any] | None:
     if isinstance(obj, bytes | bytearray | memoryview):
         return _tag("bytes", base64.b64encode(bytes(obj)).decode("ascii"))
     if isinstance(obj, dt.datetime):
@@ -129,7 +135,7 @@ def _tag_scalar(obj: Any) -> dict[str, Any] | None:
     if isinstance(obj, Decimal):
         return _tag("decimal", str(obj))
     if isinstance(obj, set | frozenset):
-        return _tag("set", [_prepare(v) for v in obj])
+        return _tag("set", [fix(v) for v in obj])
     return None
 
 
@@ -139,37 +145,21 @@ _ORJSON_OPTS: Final = (
     | orjson.OPT_NON_STR_KEYS
     | orjson.OPT_SERIALIZE_NUMPY
 )
+_TAG_MARK: Final = b'"__t__"'
 
 
-def _prepare(value: Any) -> Any:
-    """Route tuples and look-alike dicts through ``default`` (orjson serializes them natively)."""
-    if isinstance(value, tuple):
-        return _TupleBox(value)
+def _escape_lookalikes(value: Any) -> Any:
+    """The slow path: wrap user dicts shaped like our tags so decoding stays injective."""
     if isinstance(value, dict):
         if _TAG in value and len(value) == 2 and _VAL in value:
-            return _DictBox(value)
-        return {k: _prepare(v) for k, v in value.items()} if _needs_prepare(value) else value
-    if isinstance(value, list):
-        return [_prepare(v) for v in value] if any(_nested(v) for v in value) else value
+            return _EscapedDict(value)
+        return {k: _escape_lookalikes(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_escape_lookalikes(v) for v in value]
     return value
 
 
-def _nested(value: Any) -> bool:
-    return isinstance(value, tuple | dict | list)
-
-
-def _needs_prepare(value: dict[Any, Any]) -> bool:
-    return any(_nested(v) for v in value.values())
-
-
-class _TupleBox:
-    __slots__ = ("items",)
-
-    def __init__(self, items: tuple[Any, ...]) -> None:
-        self.items = items
-
-
-class _DictBox:
+class _EscapedDict:
     __slots__ = ("items",)
 
     def __init__(self, items: dict[Any, Any]) -> None:
@@ -289,24 +279,27 @@ class Codec:
 
     def _json(self, value: Any) -> tuple[bytes, bytes]:
         state = _Tagged()
+        if type(value) is tuple:  # a function's (items, total) result stays a tuple
+            value = _tag("tuple", value)
+            state.count += 1
+        payload = self._dumps(value, state)
+        if payload.count(_TAG_MARK) != state.count:
+            # Some user data contains our tag key: redo it with look-alike dicts escaped.
+            state = _Tagged(escape=True)
+            payload = self._dumps(_escape_lookalikes(value), state)
+        return (b"t" if state.count else b"j"), payload
+
+    @staticmethod
+    def _dumps(value: Any, state: _Tagged) -> bytes:
         try:
-            payload = orjson.dumps(
-                _prepare(value), default=_encode_default(state), option=_ORJSON_OPTS
-            )
+            return orjson.dumps(value, default=_encode_default(state), option=_ORJSON_OPTS)
         except (TypeError, orjson.JSONEncodeError) as exc:
             raise CodecError(f"cannot encode {type(value).__name__} as JSON: {exc}") from exc
-        return (b"t" if state.used else b"j"), payload
 
     def _msgpack_dump(self, value: Any) -> bytes:
         # msgpack has no pydantic/datetime support of its own: go through JSON-able python.
-        state = _Tagged()
-        try:
-            plain = orjson.loads(
-                orjson.dumps(_prepare(value), default=_encode_default(state), option=_ORJSON_OPTS)
-            )
-        except (TypeError, orjson.JSONEncodeError) as exc:
-            raise CodecError(f"cannot encode {type(value).__name__}: {exc}") from exc
-        return cast(bytes, _msgpack().packb(plain, use_bin_type=True))
+        _, payload = self._json(value)
+        return cast(bytes, _msgpack().packb(orjson.loads(payload), use_bin_type=True))
 
     def _pickle_dump(self, value: Any) -> bytes:
         body = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)

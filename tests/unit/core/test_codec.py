@@ -42,8 +42,10 @@ VALUES: list[Any] = [
     NOW,
     dt.date(2026, 1, 2),
     Decimal("1.10"),
-    {"nested": {"blob": b"\x00\x01", "when": NOW, "tags": {"a", "b"}, "pair": (1, 2)}},
+    {"nested": {"blob": b"\x00\x01", "when": NOW, "tags": {"a", "b"}}},
     {"__t__": "bytes", "v": "looks like a tag"},
+    [{"__t__": "set", "v": [1]}, {"k": {"__t__": "dict", "v": {}}}, b"\x00"],
+    {"text": 'a "__t__" inside a string', "__t__": 1},
     12345678901234567890,
 ]
 CODECS = {
@@ -66,6 +68,24 @@ def test_models_and_dataclasses_come_back_typed(codec: Codec) -> None:
     assert codec.decode(codec.encode(Point(1, 2)), Point) == Point(1, 2)
     assert codec.decode(codec.encode([user, user]), list[User]) == [user, user]
     assert codec.decode(codec.encode(NOW), dt.datetime) == NOW
+
+
+def test_tuples_are_json_arrays_and_typed_decoding_restores_them() -> None:
+    codec = Codec()
+    assert codec.decode(codec.encode((1, [2, 3]))) == (1, [2, 3])  # top level: still a tuple
+    encoded = codec.encode({"pair": (1, 2)})
+    assert codec.decode(encoded) == {"pair": [1, 2]}
+    assert codec.decode(encoded, dict[str, tuple[int, int]]) == {"pair": (1, 2)}
+
+
+def test_lookalike_dicts_inside_models_and_dataclasses_are_escaped() -> None:
+    @dataclasses.dataclass
+    class Holder:
+        data: dict[str, Any]
+
+    codec = Codec()
+    value = Holder({"__t__": "bytes", "v": "AA=="})
+    assert codec.decode(codec.encode(value)) == {"data": {"__t__": "bytes", "v": "AA=="}}
 
 
 def test_untyped_model_decodes_to_its_fields() -> None:
