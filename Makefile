@@ -57,5 +57,11 @@ bench: $(BENCH_STAMP)
 	@command -v wrk >/dev/null 2>&1 || (apt-get update -q && apt-get install -y -q wrk) || echo "wrk unavailable: the HTTP group is skipped"
 	$(BENCH_VENV)/bin/python -m bench $(BENCH_ARGS)
 
+SOAK_SECONDS ?= 60
+
+## soak: the demo under mixed load for SOAK_SECONDS, then memory, connection, TTL and log checks
+soak: $(STAMP)
+	$(BIN)/python scripts/soak.py --seconds $(SOAK_SECONDS)
+
 clean:
 	rm -rf $(VENV) $(BENCH_VENV) .pytest_cache .mypy_cache .ruff_cache .coverage .coverage.*

@@ -38,6 +38,7 @@ import dataclasses
 import datetime as dt
 import hashlib
 import hmac
+import math
 import pickle
 import zlib
 from collections.abc import Callable, Sequence
@@ -157,6 +158,20 @@ def _escape_lookalikes(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_escape_lookalikes(v) for v in value]
     return value
+
+
+def _has_non_finite(value: Any) -> bool:
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, dict):
+        return any(_has_non_finite(v) for v in value.values())
+    if isinstance(value, list | tuple | set | frozenset):
+        return any(_has_non_finite(v) for v in value)
+    if isinstance(value, BaseModel):
+        return _has_non_finite(value.model_dump())
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _has_non_finite(dataclasses.asdict(value))
+    return False
 
 
 class _EscapedDict:
@@ -287,6 +302,9 @@ class Codec:
             # Some user data contains our tag key: redo it with look-alike dicts escaped.
             state = _Tagged(escape=True)
             payload = self._dumps(_escape_lookalikes(value), state)
+        if b"null" in payload and _has_non_finite(value):
+            # orjson writes inf and nan as null: they would come back as None, silently.
+            raise CodecError("cannot encode inf or nan as JSON; store them as strings or None")
         return (b"t" if state.count else b"j"), payload
 
     @staticmethod
@@ -347,10 +365,10 @@ class Codec:
             return self._validate(payload, type_)
         if kind == b"m":
             try:
-                plain = _msgpack().unpackb(payload, raw=False)
-            except Exception as exc:
+                plain = _restore(_msgpack().unpackb(payload, raw=False))
+            except Exception as exc:  # msgpack's errors, and tags that do not parse
                 raise CodecError(f"corrupted msgpack payload: {exc}") from exc
-            return self._validate(_restore(plain), type_)
+            return self._validate(plain, type_)
         if kind == b"p":
             return self._validate(self._pickle_load(payload), type_)
         raise CodecError(f"unknown format {fmt!r} in stored payload")

@@ -54,6 +54,7 @@ from app.core.config import Settings, get_settings
 from app.core.errors import ConfigurationError, RedisUnavailable
 
 __all__ = [
+    "REFUSED_FOR_NOW",
     "AnyRedis",
     "BreakerState",
     "CircuitBreaker",
@@ -99,6 +100,12 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
 )
 """Errors that mean "Redis is not reachable right now" (the breaker counts these)."""
 _INIT_ERRORS: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, redis_exc.RedisError)
+REFUSED_FOR_NOW: tuple[type[BaseException], ...] = (
+    redis_exc.OutOfMemoryError,
+    redis_exc.ReadOnlyError,
+)
+"""The server answered but refuses writes now (maxmemory + noeviction, a read-only
+replica after a failover): callers get ``RedisUnavailable``; the breaker stays closed."""
 
 
 # -- URLs ---------------------------------------------------------------------
@@ -471,8 +478,9 @@ class CircuitBreaker:
 
     Use as ``with breaker: await client.get(...)``: entering raises
     ``RedisUnavailable`` when open; a connection error inside is recorded and
-    re-raised as ``RedisUnavailable`` (from the original); any other outcome
-    counts as a success (the server answered).
+    re-raised as ``RedisUnavailable`` (from the original); an ``OOM`` or
+    ``READONLY`` refusal is re-raised as ``RedisUnavailable`` too but counts as
+    a success (the server answered), like any other outcome.
     """
 
     def __init__(
@@ -570,6 +578,9 @@ class CircuitBreaker:
         if isinstance(exc, CONNECTION_ERRORS):
             self.record_failure(exc)
             raise RedisUnavailable(f"Redis call failed: {exc}") from exc
+        if isinstance(exc, REFUSED_FOR_NOW):
+            self.record_success()  # the server answered: no reason to stop trying
+            raise RedisUnavailable(f"Redis refused the call for now: {exc}") from exc
         if isinstance(exc, asyncio.CancelledError):
             self._trial_in_flight = False  # a cancelled trial proves nothing either way
             return

@@ -39,7 +39,7 @@ __all__ = [
 QuotaUnit = Literal["requests", "concurrent-requests"]
 """IETF ``qu`` values this toolkit emits (``requests`` is the default)."""
 
-_NAME = re.compile(r"^[A-Za-z0-9_.:+/-]{1,64}$")
+_NAME = re.compile(r"^[A-Za-z0-9_.:+-]{1,64}$")  # no "/": it separates limit and window
 _UNIT_SECONDS: dict[str, float] = {
     "ms": 0.001,
     "millisecond": 0.001,
@@ -177,7 +177,15 @@ class Policy:
     def __str__(self) -> str:
         if self.window is None:
             return f"{self.name}={self.limit} concurrent"
-        return f"{self.name}={self.limit} per {self.window:g} seconds"
+        return f"{self.name}={self.limit} per {_seconds_text(self.window)} seconds"
+
+
+def _seconds_text(window: float) -> str:
+    """The window as the parser reads it back exactly: no exponent, no lost digits."""
+    if window.is_integer():
+        return str(int(window))
+    text = repr(window)
+    return text if "e" not in text else f"{window:.20f}".rstrip("0")
 
 
 PolicyLike: TypeAlias = "str | Policy | Iterable[str | Policy]"

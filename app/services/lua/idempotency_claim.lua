@@ -9,7 +9,9 @@
 --         {1, pttl}   in flight with the same fingerprint (pttl: ms left on the lease)
 --         {2, result} completed: the stored result
 --         {3, ""}     the key is known with another fingerprint
-local rec = redis.call('HMGET', KEYS[1], 's', 'f', 'r')
+-- A re-run with the same token (the client retried after losing the reply) is the same
+-- claim: it answers {0, token} again instead of "in flight".
+local rec = redis.call('HMGET', KEYS[1], 's', 'f', 'r', 't')
 local state = rec[1]
 if not state then
   -- Wake-ups left over from an earlier claim of this key must not wake our waiters.
@@ -23,6 +25,9 @@ if rec[2] ~= ARGV[1] then
 end
 if state == 'c' then
   return {2, rec[3]}
+end
+if rec[4] == ARGV[2] then
+  return {0, ARGV[2]}
 end
 if ARGV[4] == '1' then
   redis.call('HINCRBY', KEYS[1], 'w', 1)

@@ -98,3 +98,17 @@ def test_transitions_are_logged_once_each(caplog: pytest.LogCaptureFixture) -> N
     opened = [r for r in caplog.records if "opened" in r.getMessage()]
     closed = [r for r in caplog.records if "closed" in r.getMessage()]
     assert len(opened) == 1 and len(closed) == 1
+
+
+@pytest.mark.parametrize(
+    "refusal",
+    [redis_exc.OutOfMemoryError("OOM command not allowed"), redis_exc.ReadOnlyError("READONLY")],
+)
+def test_write_refusals_become_unavailable_without_opening_the_breaker(
+    refusal: redis_exc.RedisError,
+) -> None:
+    breaker = CircuitBreaker(failure_threshold=1)
+    with pytest.raises(RedisUnavailable, match="refused the call for now") as info, breaker:
+        raise refusal
+    assert info.value.__cause__ is refusal
+    assert state(breaker) == "closed"

@@ -210,3 +210,10 @@ def test_unknown_format_is_refused() -> None:
 def test_unserializable_values_raise_codec_error() -> None:
     with pytest.raises(CodecError, match="cannot encode"):
         Codec().encode(object())
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+def test_non_finite_floats_are_refused_instead_of_becoming_none(value: float) -> None:
+    with pytest.raises(CodecError, match="inf or nan"):
+        Codec().encode({"price": [1.0, value]})
+    assert Codec().decode(Codec().encode({"price": None})) == {"price": None}

@@ -98,3 +98,9 @@ def test_names_must_be_distinct_within_one_check() -> None:
 def test_str_round_trips_through_the_parser() -> None:
     for policy in (Policy(5, 10, name="p"), Policy(4, name="c", unit="concurrent-requests")):
         assert Policy.parse(str(policy)) == policy
+
+
+@pytest.mark.parametrize("window", [34_560_000.0, 0.25, 0.0012345, 86400.0])
+def test_str_of_a_policy_parses_back_exactly(window: float) -> None:
+    policy = Policy(5, window, name="p")
+    assert Policy.parse(str(policy)) == policy
