@@ -148,6 +148,140 @@ IdempotencyKeyDep = Annotated[str | None, Depends(idempotency_key())]
 
 # --- locks ---
 
+import string as _string  # noqa: E402
+from collections.abc import AsyncIterator as _AsyncIterator  # noqa: E402
+from collections.abc import Callable as _LockNameRender  # noqa: E402
+from collections.abc import Mapping as _Mapping  # noqa: E402
+from typing import Any as _LockAny  # noqa: E402
+
+from fastapi import Request as _LockRequest  # noqa: E402
+
+from app.core.errors import ConfigurationError as _ConfigurationError  # noqa: E402
+from app.services.locks import RedisLock, Seconds, _seconds  # noqa: E402
+from app.services.semaphore import Permit, Semaphore  # noqa: E402
+
+__all__ += ["LOCK_RESPONSES", "request_lock", "request_semaphore"]
+
+LOCK_RESPONSES: dict[int | str, dict[str, _LockAny]] = {
+    409: {
+        "description": "The resource is locked by another request (problem+json; "
+        "`Retry-After` says when the current holder's lease ends)."
+    },
+    503: {"description": "Redis is unavailable (problem+json); locks never fail open."},
+}
+"""OpenAPI ``responses=`` for routes guarded by ``request_lock``/``request_semaphore``."""
+
+
+def _lock_name(template: str) -> _LockNameRender[[_Mapping[str, _LockAny]], str]:
+    """Validate a ``"jobs:{job_id}"`` template now; render it from path parameters later."""
+    fields: list[str] = []
+    try:
+        parsed = list(_string.Formatter().parse(template))
+    except ValueError as exc:
+        raise _ConfigurationError(f"lock name template {template!r}: {exc}") from exc
+    for _literal, field, spec, conversion in parsed:
+        if field is None:
+            continue
+        if not field.isidentifier() or spec or conversion:
+            raise _ConfigurationError(
+                f"lock name template {template!r}: use plain path parameter names like "
+                f"{{job_id}}, not {{{field}{'!' + conversion if conversion else ''}"
+                f"{':' + spec if spec else ''}}}"
+            )
+        fields.append(field)
+    if not template:
+        raise _ConfigurationError("a lock name template must not be empty")
+
+    def render(params: _Mapping[str, _LockAny]) -> str:
+        missing = [f for f in fields if f not in params]
+        if missing:
+            raise _ConfigurationError(
+                f"lock name template {template!r} needs path parameter(s) {missing}; "
+                f"this route has {sorted(params)}"
+            )
+        return template.format_map({f: params[f] for f in fields})
+
+    return render
+
+
+def request_lock(
+    name_template: str,
+    *,
+    timeout: Seconds = 30,
+    blocking_timeout: Seconds = 0,
+    auto_renew: bool = True,
+    fair: bool = False,
+) -> _LockAny:
+    """Hold a ``RedisLock`` for the duration of the request handler.
+
+    ``lock: Annotated[RedisLock, request_lock("jobs:{job_id}")]`` (or in
+    ``dependencies=[...]``): the lock name is the template filled from the
+    route's path parameters (escaped into the key, so any value is safe).
+    When another request (in any worker) holds it, the route answers 409
+    problem+json with ``Retry-After`` after waiting *blocking_timeout*
+    (default: not at all). The lock is released when the handler returns,
+    before the response is sent. With *auto_renew* (default) the lease is
+    renewed every ``timeout/3``; if it is lost anyway the handler is cancelled
+    and the request answers 409 ``lock-lost``. Redis down: 503.
+    """
+    render = _lock_name(name_template)
+    _seconds(timeout, "timeout")
+    _seconds(blocking_timeout, "blocking_timeout", allow_zero=True)
+
+    async def dependency(request: _LockRequest) -> _AsyncIterator[RedisLock]:
+        lock = RedisLock(
+            get_redis(),
+            render(request.path_params),
+            timeout,
+            blocking_timeout=blocking_timeout,
+            auto_renew=auto_renew,
+            fair=fair,
+        )
+        async with lock:
+            yield lock
+
+    return Depends(dependency, scope="function")
+
+
+def request_semaphore(
+    name_template: str,
+    *,
+    limit: int,
+    timeout: Seconds = 30,
+    blocking_timeout: Seconds = 0,
+    auto_renew: bool = True,
+    fair: bool = False,
+) -> _LockAny:
+    """Hold one of *limit* ``Semaphore`` permits for the duration of the request handler.
+
+    ``permit: Annotated[Permit, request_semaphore("exports", limit=2)]``: at
+    most *limit* handlers run at once across every worker; the others wait
+    *blocking_timeout* (default: not at all) and then answer 409 problem+json
+    with ``Retry-After``. Same template, renewal and failure rules as
+    ``request_lock``.
+    """
+    render = _lock_name(name_template)
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+        raise _ConfigurationError(f"limit must be an integer >= 1, got {limit!r}")
+    _seconds(timeout, "timeout")
+    _seconds(blocking_timeout, "blocking_timeout", allow_zero=True)
+
+    async def dependency(request: _LockRequest) -> _AsyncIterator[Permit]:
+        semaphore = Semaphore(
+            get_redis(),
+            render(request.path_params),
+            limit,
+            timeout,
+            blocking_timeout=blocking_timeout,
+            auto_renew=auto_renew,
+            fair=fair,
+        )
+        async with semaphore as permit:
+            yield permit
+
+    return Depends(dependency, scope="function")
+
+
 # --- rate limiting ---
 
 from app.middleware.rate_limit import rate_limit  # noqa: E402

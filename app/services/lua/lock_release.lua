@@ -1,0 +1,29 @@
+-- KEYS[1] lock key
+-- KEYS[2] wake list (one marker wakes one blocked waiter; fair waiters block on KEYS[2]:<token>)
+-- KEYS[3] FIFO wait queue (zset)
+-- KEYS[4] waiter heartbeats (zset)
+-- ARGV[1] owner token
+-- ARGV[2] wake marker TTL, milliseconds
+-- returns 1 if the lock was held with this token and is now deleted, else 0
+-- (a fair waiter with this token leaves the queue either way: release doubles as "give up")
+local released = 0
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  released = 1
+end
+local left = redis.call('ZREM', KEYS[3], ARGV[1])
+redis.call('ZREM', KEYS[4], ARGV[1])
+if released == 1 or (left == 1 and redis.call('EXISTS', KEYS[1]) == 0) then
+  redis.call('LPUSH', KEYS[2], '1')
+  redis.call('LTRIM', KEYS[2], 0, 0)
+  redis.call('PEXPIRE', KEYS[2], ARGV[2])
+  local head = redis.call('ZRANGE', KEYS[3], 0, 0)[1]
+  if head then
+    -- the queue head's own wake list: same hash tag as KEYS[2], so the same Cluster slot
+    local own = KEYS[2] .. ':' .. head
+    redis.call('LPUSH', own, '1')
+    redis.call('LTRIM', own, 0, 0)
+    redis.call('PEXPIRE', own, ARGV[2])
+  end
+end
+return released

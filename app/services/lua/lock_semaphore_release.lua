@@ -1,0 +1,33 @@
+-- KEYS[1] holders (zset: permit token -> lease deadline, ms)
+-- KEYS[2] wake list (one marker wakes one blocked waiter; fair waiters block on KEYS[2]:<token>)
+-- KEYS[3] FIFO wait queue (zset)
+-- KEYS[4] waiter heartbeats (zset)
+-- ARGV[1] permit token
+-- ARGV[2] wake marker TTL, milliseconds
+-- ARGV[3] limit
+-- returns 1 if the permit was held and its lease had not run out, else 0
+-- (a fair waiter with this token leaves the queue either way: release doubles as "give up")
+local t = redis.call('TIME')
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local released = 0
+local deadline = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if deadline then
+  redis.call('ZREM', KEYS[1], ARGV[1])
+  if tonumber(deadline) > now_ms then released = 1 end
+end
+local left = redis.call('ZREM', KEYS[3], ARGV[1])
+redis.call('ZREM', KEYS[4], ARGV[1])
+if deadline or (left == 1 and redis.call('ZCOUNT', KEYS[1], now_ms, '+inf') < tonumber(ARGV[3])) then
+  redis.call('LPUSH', KEYS[2], '1')
+  redis.call('LTRIM', KEYS[2], 0, 0)
+  redis.call('PEXPIRE', KEYS[2], ARGV[2])
+  local head = redis.call('ZRANGE', KEYS[3], 0, 0)[1]
+  if head then
+    -- the queue head's own wake list: same hash tag as KEYS[2], so the same Cluster slot
+    local own = KEYS[2] .. ':' .. head
+    redis.call('LPUSH', own, '1')
+    redis.call('LTRIM', own, 0, 0)
+    redis.call('PEXPIRE', own, ARGV[2])
+  end
+end
+return released

@@ -1,0 +1,316 @@
+"""A distributed counting semaphore: at most ``limit`` holders, each permit with its own lease.
+
+::
+
+    exports = Semaphore(redis, "exports", limit=3, timeout=30)
+
+    async with exports as permit:          # each entering task gets its own permit
+        ...                                # at most 3 run at once, across processes
+
+    permit = await exports.acquire()       # non-blocking -> Permit | None
+    if permit is not None:
+        try:
+            ...
+        finally:
+            await permit.release()
+
+Holders live in one sorted set, scored by the server time at which each
+permit's lease ends. The acquire script drops expired permits first, so a
+holder that crashed (or stalled past its lease) gives its permit back after
+its lease, without any janitor. Release, extend and the watchdog work per
+permit exactly as for ``RedisLock``: compare-and-act scripts keyed by the
+permit's own token, ``auto_renew=True`` renews every ``timeout/3`` and cancels
+the ``async with`` block with ``LockLost`` if the permit is lost, and a
+cancelled acquire leaves no permit behind. Waiters are woken by releases
+(``BLPOP`` on a wake list, in-process wake-ups, jittered polling as the
+fallback); ``fair=True`` serves fair waiters in FIFO order.
+
+``limit`` is not stored in Redis: every user of one name must pass the same
+limit (a smaller one only restricts that user). When Redis is down every
+operation raises ``RedisUnavailable``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from contextvars import ContextVar
+from types import TracebackType
+from typing import Any
+
+from app.core.errors import ConfigurationError, LockError, LockNotAcquired
+from app.core.redis import AnyRedis, breaker_for
+from app.core.scripts import Script, ScriptArg
+from app.services.locks import (
+    _WAITER_TTL_MS,
+    _WAKE_TTL_MS,
+    LostCallback,
+    Seconds,
+    _contend,
+    _guarded,
+    _Lease,
+    _ms,
+    _notify_local,
+    _seconds,
+    _space,
+    _waited,
+)
+
+__all__ = ["Permit", "Semaphore"]
+
+_ACQUIRE = Script.from_package("app.services", "lua/lock_semaphore_acquire.lua")
+_RELEASE = Script.from_package("app.services", "lua/lock_semaphore_release.lua")
+_EXTEND = Script.from_package("app.services", "lua/lock_semaphore_extend.lua")
+_COUNT = Script.from_package("app.services", "lua/lock_semaphore_count.lua")
+
+_entered: ContextVar[tuple[Permit, ...]] = ContextVar("app_semaphore_entered", default=())
+"""Permits taken by ``async with semaphore`` in the current task, innermost last."""
+
+
+class Permit(_Lease):
+    """One held permit of a ``Semaphore``: its own token, lease and watchdog.
+
+    A handle: pass it to another task if that task should release it.
+    ``async with permit:`` releases it at the end of the block (raising
+    ``LockLost`` if its lease ran out meanwhile).
+    """
+
+    _kind = "semaphore"
+
+    def __init__(self, semaphore: Semaphore, token: str, valid_until: float, holders: int) -> None:
+        super().__init__(
+            semaphore.name,
+            semaphore.timeout,
+            auto_renew=semaphore.auto_renew,
+            renew_interval=semaphore.renew_interval,
+            on_lost=semaphore.on_lost,
+        )
+        self.semaphore = semaphore
+        self.holders = holders
+        """Permits held (this one included) right after it was granted."""
+        self._hold(token, valid_until)
+
+    def __repr__(self) -> str:
+        state = "held" if self._token else "released"
+        return f"Permit({self.name!r}, {state})"
+
+    async def _remote_extend(self, token: str, ms: int, replace: bool) -> int:
+        return await self.semaphore._extend(token, ms, replace)
+
+    async def _remote_release(self, token: str) -> bool:
+        return await self.semaphore._release_token(token)
+
+    async def release(self) -> None:
+        """Give the permit back (wakes one waiter).
+
+        Raises ``LockNotOwned`` when it was already released, or when its lease
+        ran out before (another holder may have used the slot meanwhile).
+        Cancelling it does not stop the release.
+        """
+        if not await self._release_hold():
+            raise self._not_owned_on_release()
+
+    async def owned(self) -> bool:
+        """Is this permit still held (its lease not run out)? One script call."""
+        token = self._token
+        if token is None:
+            return False
+        _, left = await self.semaphore._count(token)
+        return left >= 0
+
+    async def __aenter__(self) -> Permit:
+        self._arm_body()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self._exit_body(exc_type, exc)
+
+
+class Semaphore:
+    """At most *limit* concurrent holders of *name*, across processes and machines.
+
+    Args:
+        redis: any ``redis.asyncio`` client, ``RedisCluster`` or fakeredis.
+        name: what is limited, e.g. ``"exports"`` (escaped into the key).
+        limit: how many permits exist.
+        timeout: each permit's lease in seconds (or ``timedelta``); required.
+        blocking_timeout: how long blocking acquires and ``async with`` wait
+            (default: the lease).
+        auto_renew, renew_interval, on_lost: the permit watchdog, as for
+            ``RedisLock``.
+        fair: FIFO order among ``fair=True`` waiters.
+        key_prefix: default ``settings.redis_key_prefix``.
+
+    Keys (one hash tag per name): ``<prefix>:semaphore:{name}`` (holders),
+    ``...:wake``, ``...:queue``, ``...:queue-heartbeats``; all expire.
+    """
+
+    _kind = "semaphore"
+
+    def __init__(
+        self,
+        redis: AnyRedis,
+        name: str,
+        limit: int,
+        timeout: Seconds,
+        *,
+        blocking_timeout: Seconds | None = None,
+        auto_renew: bool = False,
+        renew_interval: Seconds | None = None,
+        on_lost: LostCallback | None = None,
+        fair: bool = False,
+        key_prefix: str | None = None,
+    ) -> None:
+        if not isinstance(name, str) or not name:
+            raise ConfigurationError(f"a semaphore name must be a non-empty string, got {name!r}")
+        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+            raise ConfigurationError(f"limit must be an integer >= 1, got {limit!r}")
+        self.redis = redis
+        self.name = name
+        self.limit = limit
+        self.timeout = _seconds(timeout, "timeout (the lease)")
+        self.renew_interval = (
+            self.timeout / 3
+            if renew_interval is None
+            else _seconds(renew_interval, "renew_interval")
+        )
+        if self.renew_interval >= self.timeout:
+            raise ConfigurationError(
+                f"renew_interval ({self.renew_interval:g} s) must be shorter than the lease "
+                f"({self.timeout:g} s); the default is timeout/3"
+            )
+        self.blocking_timeout = (
+            self.timeout
+            if blocking_timeout is None
+            else _seconds(blocking_timeout, "blocking_timeout", allow_zero=True)
+        )
+        self.auto_renew = auto_renew
+        self.on_lost = on_lost
+        self.fair = fair
+        self.key = key = _space(key_prefix, "semaphore").tagged(name)
+        self._wake_key = key + ":wake"
+        queue, heartbeats = key + ":queue", key + ":queue-heartbeats"
+        self._acquire_keys = (self.key, queue, heartbeats)
+        self._acquire_args = (limit, _ms(self.timeout), "1" if fair else "0", _WAITER_TTL_MS)
+        self._release_keys = (self.key, self._wake_key, queue, heartbeats)
+        self._breaker = breaker_for(redis)
+
+    def __repr__(self) -> str:
+        return f"Semaphore({self.name!r}, limit={self.limit}, timeout={self.timeout:g})"
+
+    async def _eval(
+        self, script: Script, keys: Sequence[ScriptArg], args: Sequence[ScriptArg]
+    ) -> Any:
+        return await _guarded(
+            lambda: script(self.redis, keys, args),
+            self._breaker,
+            "semaphore",
+            self.name,
+            self.timeout,
+        )
+
+    async def _attempt(self, token: str) -> list[int]:
+        reply: list[int] = await self._eval(
+            _ACQUIRE, self._acquire_keys, (token, *self._acquire_args)
+        )
+        return reply
+
+    async def _release_token(self, token: str) -> bool:
+        released = await self._eval(_RELEASE, self._release_keys, (token, _WAKE_TTL_MS, self.limit))
+        if released:
+            _notify_local(self.redis, self._wake_key)
+        return bool(released)
+
+    async def _give_up(self, token: str) -> bool:
+        return await self._release_token(token)
+
+    async def _extend(self, token: str, ms: int, replace: bool) -> int:
+        return int(await self._eval(_EXTEND, (self.key,), (token, ms, "1" if replace else "0")))
+
+    async def _count(self, token: str = "") -> tuple[int, int]:
+        live, left = await self._eval(_COUNT, (self.key,), (token,))
+        return int(live), int(left)
+
+    def _wait_bound(self, blocking: bool, blocking_timeout: Seconds | None) -> float:
+        if not blocking:
+            if blocking_timeout is not None:
+                raise ConfigurationError("blocking_timeout needs blocking=True")
+            return 0.0
+        if blocking_timeout is None:
+            return self.blocking_timeout
+        return _seconds(blocking_timeout, "blocking_timeout", allow_zero=True)
+
+    async def acquire(
+        self, blocking: bool = False, blocking_timeout: Seconds | None = None
+    ) -> Permit | None:
+        """Take a permit: the ``Permit`` handle, or None if all are taken.
+
+        One script call drops expired permits and grants one if fewer than
+        ``limit`` are held. Non-blocking by default; ``blocking=True`` waits up
+        to *blocking_timeout* (default: the instance's), woken by releases.
+        Cancelling it is safe: a permit granted by a call that was cancelled
+        before its reply arrived is given back by a shielded clean-up. Raises
+        ``RedisUnavailable`` when Redis is down.
+        """
+        permit, _ = await self._acquire(self._wait_bound(blocking, blocking_timeout))
+        return permit
+
+    async def _acquire(self, wait: float) -> tuple[Permit | None, float]:
+        loop = asyncio.get_running_loop()
+        token, reply, sent = await _contend(self, loop.time() + wait)
+        if token is None:
+            return None, reply[1] / 1000
+        return Permit(self, token, sent + self.timeout, int(reply[1])), 0.0
+
+    async def count(self) -> int:
+        """How many permits are held right now (leases not run out). One script call."""
+        live, _ = await self._count()
+        return live
+
+    async def locked(self) -> bool:
+        """True when no permit is free right now."""
+        return await self.count() >= self.limit
+
+    async def __aenter__(self) -> Permit:
+        """Wait up to ``blocking_timeout`` for a permit; raise ``LockNotAcquired`` if none frees up.
+
+        The permit belongs to the entering task (``async with`` on one shared
+        ``Semaphore`` from many tasks gives each its own permit).
+        """
+        permit, hint = await self._acquire(self.blocking_timeout)
+        if permit is None:
+            raise LockNotAcquired(
+                f"all {self.limit} permits of semaphore {self.name!r} are taken"
+                f"{_waited(self.blocking_timeout)}. Retry after {hint:.1f} s, or raise "
+                "blocking_timeout.",
+                lock_name=self.name,
+                retry_after=max(hint, 0.001),
+            )
+        permit._arm_body()
+        _entered.set((*_entered.get(), permit))
+        return permit
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Release the entering task's permit; raise ``LockLost`` if its lease ran out."""
+        held = _entered.get()
+        for i in range(len(held) - 1, -1, -1):
+            if held[i].semaphore is self:
+                permit = held[i]
+                _entered.set(held[:i] + held[i + 1 :])
+                break
+        else:
+            raise LockError(
+                f"semaphore {self.name!r}: __aexit__ without a permit entered in this task",
+                lock_name=self.name,
+            )
+        await permit._exit_body(exc_type, exc)

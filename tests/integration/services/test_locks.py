@@ -1,0 +1,383 @@
+"""RedisLock on a real redis-server: exclusion across processes, contract, fencing,
+watchdog, cancellation, and the FastAPI dependency."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+import httpx
+import pytest
+import pytest_asyncio
+from fastapi import FastAPI
+from redis.asyncio import Redis
+
+from app.api.deps import request_lock
+from app.api.problems import install_problem_handlers
+from app.api.routes import locks as lock_routes
+from app.core.errors import LockLost, LockNotOwned
+from app.services.locks import RedisLock, fenced_write
+from app.testing.plugin import AppClientFactory, RedisServerInfo
+from tests.integration.services import _locks_worker as worker
+
+pytestmark = pytest.mark.integration
+
+
+@pytest_asyncio.fixture(params=[False, True], ids=["bytes", "decoded"])
+async def redis(
+    request: pytest.FixtureRequest, redis_server: RedisServerInfo, real_redis: Redis
+) -> AsyncIterator[Redis]:
+    """The real server through a client with decode_responses False and True."""
+    client = Redis.from_url(redis_server.url, decode_responses=request.param)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+# -- mutual exclusion across OS processes -------------------------------------------
+
+
+def _spawn(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "tests.integration.services._locks_worker", *args],
+        cwd="/work/main",
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+async def _read_line(proc: subprocess.Popen[str]) -> str:
+    assert proc.stdout is not None
+    return (await asyncio.to_thread(proc.stdout.readline)).strip()
+
+
+async def test_two_processes_of_50_tasks_increment_exactly_2000_times(
+    redis_server: RedisServerInfo, real_redis: Redis
+) -> None:
+    procs = [_spawn("increment", redis_server.url, "50", "20") for _ in range(2)]
+    try:
+        assert [await _read_line(p) for p in procs] == ["ready", "ready"]
+        await real_redis.lpush(worker.GO_KEY, "go", "go")  # both start together
+        assert [await _read_line(p) for p in procs] == ["done", "done"]
+        for p in procs:
+            assert await asyncio.to_thread(p.wait, 30) == 0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.communicate()
+    # 2 processes x 50 tasks x 20 GET/yield/SET rounds; any overlap would lose an update
+    assert int(await real_redis.get(worker.COUNTER_KEY) or 0) == 2000
+
+
+# -- the DESIGN.md contract ----------------------------------------------------------
+
+
+async def test_second_acquire_fails_at_once_and_succeeds_after_release(redis: Redis) -> None:
+    first = RedisLock(redis, "resource:1", timeout=5)
+    second = RedisLock(redis, "resource:1", timeout=5)
+    assert await first.acquire() is True
+    assert await second.acquire() is False
+    await first.release()
+    assert await second.acquire() is True
+    assert await second.owned()
+    await second.release()
+    assert not await second.locked()
+
+
+async def test_a_lock_expires_after_its_timeout(redis: Redis) -> None:
+    first = RedisLock(redis, "resource:1", timeout=0.2)
+    assert await first.acquire()
+    await asyncio.sleep(0.3)
+    assert not await first.locked()
+    assert not await first.owned()
+    assert await RedisLock(redis, "resource:1", timeout=5).acquire()
+
+
+async def test_of_five_concurrent_non_blocking_acquirers_exactly_one_wins(redis: Redis) -> None:
+    for round_ in range(5):
+        locks = [RedisLock(redis, f"resource:{round_}", timeout=5) for _ in range(5)]
+        results = await asyncio.gather(*(lock.acquire() for lock in locks))
+        assert sorted(results) == [False, False, False, False, True]
+        winner = locks[results.index(True)]
+        assert await winner.owned()
+        await winner.release()
+
+
+async def test_release_after_expiry_raises_and_spares_the_new_owner(redis: Redis) -> None:
+    old = RedisLock(redis, "resource:1", timeout=0.1)
+    await old.acquire()
+    await asyncio.sleep(0.2)
+    new = RedisLock(redis, "resource:1", timeout=5)
+    assert await new.acquire()
+    with pytest.raises(LockNotOwned):
+        await old.release()
+    assert await new.owned()
+    await new.release()
+
+
+# -- fencing ----------------------------------------------------------------------------
+
+
+async def test_fencing_tokens_strictly_increase_across_holders_and_expiry(redis: Redis) -> None:
+    fences: list[int] = []
+
+    async def take(timeout: float) -> RedisLock:
+        lock = RedisLock(redis, "resource:1", timeout=timeout, fence_ttl=60)
+        assert await lock.acquire(blocking=True, blocking_timeout=2)
+        assert lock.fence is not None
+        fences.append(lock.fence)
+        return lock
+
+    await (await take(5)).release()  # released normally
+    await take(0.1)  # this holder dies: its lease runs out
+    await take(0.1)  # taken after the expiry
+    await asyncio.sleep(0.15)
+    await redis.delete(RedisLock(redis, "resource:1", timeout=1).key + ":fence")  # counter expired
+    await (await take(5)).release()
+    assert all(a < b for a, b in itertools.pairwise(fences)), fences
+
+
+async def test_fenced_write_stops_a_holder_that_outlived_its_lease(redis: Redis) -> None:
+    slow = RedisLock(redis, "report", timeout=0.1)
+    await slow.acquire()
+    await asyncio.sleep(0.2)  # a "GC pause" past the lease
+    fast = RedisLock(redis, "report", timeout=5)
+    assert await fast.acquire()
+    assert fast.fence is not None and slow.fence is not None
+    assert await fenced_write(redis, "report:1", "from fast", fast.fence)
+    assert not await fenced_write(redis, "report:1", "from slow", slow.fence)
+    assert await redis.hget("report:1", "value") in (b"from fast", "from fast")
+    await fast.release()
+
+
+# -- watchdog ----------------------------------------------------------------------------
+
+
+async def test_watchdog_holds_the_lock_through_three_times_its_timeout(real_redis: Redis) -> None:
+    rival_wins = 0
+
+    async def rival() -> None:
+        nonlocal rival_wins
+        other = RedisLock(real_redis, "jobs:1", timeout=5)
+        while True:
+            if await other.acquire():
+                rival_wins += 1
+                await other.release()
+            await asyncio.sleep(0.02)
+
+    contender: asyncio.Task[None] | None = None
+    try:
+        async with RedisLock(real_redis, "jobs:1", timeout=1, auto_renew=True) as lock:
+            contender = asyncio.create_task(rival())
+            await asyncio.sleep(3)  # three leases long
+            assert await lock.owned()
+    finally:
+        if contender is not None:
+            contender.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await contender
+    assert rival_wins == 0
+    assert not await real_redis.exists(lock.key)
+
+
+async def test_deleting_the_key_cancels_the_body_and_raises_lock_lost(redis: Redis) -> None:
+    lost: list[LockLost] = []
+    progress: list[str] = []
+    with pytest.raises(LockLost) as caught:
+        async with RedisLock(
+            redis, "jobs:1", timeout=0.3, auto_renew=True, on_lost=lost.append
+        ) as lock:
+            progress.append("started")
+            await redis.delete(lock.key)
+            await asyncio.sleep(10)
+            progress.append("finished")
+    assert progress == ["started"]
+    assert lost == [caught.value]
+    assert isinstance(caught.value.__cause__, asyncio.CancelledError)
+
+
+async def test_a_renewal_that_finds_another_owner_does_not_touch_its_lease(redis: Redis) -> None:
+    thief = RedisLock(redis, "jobs:1", timeout=30)
+    with pytest.raises(LockLost):
+        async with RedisLock(redis, "jobs:1", timeout=0.3, auto_renew=True) as lock:
+            await redis.delete(lock.key)
+            assert await thief.acquire()
+            await asyncio.sleep(5)
+    assert await thief.owned()
+    assert await redis.pttl(thief.key) > 25_000
+    await thief.release()
+
+
+# -- waiting ----------------------------------------------------------------------------------
+
+
+async def test_a_waiter_in_another_process_is_woken_by_the_release(
+    redis: Redis, redis_server: RedisServerInfo
+) -> None:
+    holder = RedisLock(redis, "jobs:1", timeout=60)
+    await holder.acquire()
+    elsewhere = Redis.from_url(redis_server.url)  # its own pool: BLPOP on the wake list
+    try:
+        waiter = asyncio.create_task(
+            RedisLock(elsewhere, "jobs:1", timeout=5).acquire(blocking=True, blocking_timeout=5)
+        )
+        await asyncio.sleep(0.2)
+        await holder.release()
+        assert await waiter  # long before the 60 s lease would have run out
+    finally:
+        await elsewhere.aclose()
+
+
+async def test_fair_waiters_are_served_in_arrival_order(redis: Redis) -> None:
+    holder = RedisLock(redis, "jobs:1", timeout=30, fair=True)
+    await holder.acquire()
+    order: list[int] = []
+
+    async def waiter(n: int) -> None:
+        async with RedisLock(redis, "jobs:1", timeout=30, fair=True, blocking_timeout=10):
+            order.append(n)
+
+    tasks = []
+    for n in range(5):
+        tasks.append(asyncio.create_task(waiter(n)))
+        await asyncio.sleep(0.05)
+    await holder.release()
+    await asyncio.gather(*tasks)
+    assert order == [0, 1, 2, 3, 4]
+
+
+# -- cancellation ----------------------------------------------------------------------------
+
+
+class _SlowReplies:
+    """A TCP proxy that forwards commands at once but holds replies back for *delay* s."""
+
+    def __init__(self, upstream_port: int, delay: float) -> None:
+        self.upstream_port = upstream_port
+        self.delay = delay
+        self.server: asyncio.Server | None = None
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def start(self) -> _SlowReplies:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return self
+
+    async def _pipe(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay: float
+    ) -> None:
+        try:
+            with contextlib.suppress(ConnectionError, OSError):
+                while data := await reader.read(65536):
+                    if delay:
+                        await asyncio.sleep(delay)
+                    writer.write(data)
+                    await writer.drain()
+        finally:
+            writer.close()
+
+    async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        server_r, server_w = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        for coro in (self._pipe(client_r, server_w, 0), self._pipe(server_r, client_w, self.delay)):
+            task = asyncio.create_task(coro)
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    async def close(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        for task in list(self.tasks):
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.server.wait_closed()
+
+
+async def test_a_task_cancelled_after_its_set_reached_redis_leaves_no_key(
+    redis_server: RedisServerInfo, real_redis: Redis
+) -> None:
+    port = int(redis_server.url.rsplit(":", 1)[1].split("/")[0])
+    proxy = await _SlowReplies(port, delay=0.3).start()
+    slow = Redis(host="127.0.0.1", port=proxy.port, driver_info=None)
+    try:
+        lock = RedisLock(slow, "jobs:1", timeout=30)
+        task = asyncio.create_task(lock.acquire())
+        while not await real_redis.exists(lock.key):  # the SET ran on the server...
+            await asyncio.sleep(0.005)
+        task.cancel()  # ...and the reply is still on its way
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert not await real_redis.exists(lock.key)
+    finally:
+        await slow.aclose()
+        await proxy.close()
+
+
+async def test_a_task_cancelled_while_waiting_leaves_the_holder_alone(redis: Redis) -> None:
+    holder = RedisLock(redis, "jobs:1", timeout=30)
+    await holder.acquire()
+    waiter = asyncio.create_task(
+        RedisLock(redis, "jobs:1", timeout=30).acquire(blocking=True, blocking_timeout=10)
+    )
+    await asyncio.sleep(0.1)
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert await holder.owned()
+    await holder.release()
+
+
+async def test_a_cancelled_release_still_releases(redis: Redis) -> None:
+    lock = RedisLock(redis, "jobs:1", timeout=30)
+    await lock.acquire()
+    task = asyncio.create_task(lock.release())
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    for _ in range(100):
+        if not await redis.exists(lock.key):
+            break
+        await asyncio.sleep(0.01)
+    assert not await redis.exists(lock.key)
+
+
+# -- the FastAPI dependency on a real server ----------------------------------------------------
+
+
+async def test_dependency_answers_409_with_retry_after_on_real_redis(
+    make_app_client: AppClientFactory, real_redis: Redis
+) -> None:
+    app = FastAPI()
+    install_problem_handlers(app)
+    app.include_router(lock_routes.router)
+
+    @app.post("/slow/{job_id}")
+    async def slow(
+        job_id: str, lock: Annotated[RedisLock, request_lock("slow:{job_id}", timeout=0.6)]
+    ) -> dict[str, Any]:
+        await asyncio.sleep(1.5)  # longer than the lease: the watchdog keeps it
+        return {"fence": lock.fence}
+
+    client: httpx.AsyncClient = await make_app_client(app, real_redis)
+    first = asyncio.create_task(client.post("/slow/1"))
+    await asyncio.sleep(0.9)
+    busy = await client.post("/slow/1")
+    assert busy.status_code == 409
+    assert busy.headers["content-type"] == "application/problem+json"
+    assert int(busy.headers["retry-after"]) >= 1
+    done = await first
+    assert done.status_code == 200 and isinstance(done.json()["fence"], int)
+    assert not await RedisLock(real_redis, "slow:1", timeout=1).locked()
+    assert (await client.post("/jobs/5/run", params={"seconds": 0})).status_code == 200
