@@ -5,18 +5,30 @@ as ``application/problem+json`` with the error's status, ``type``, ``title``,
 ``detail``, ``instance`` and extension members, plus headers such as
 ``Retry-After``. Pure ASGI middleware, which runs outside FastAPI's exception
 handlers, sends the same body with ``send_problem``.
+
+Request validation errors keep FastAPI's 422 ``{"detail": [...]}`` body, made
+safe to serialize: FastAPI's own handler answers 500 when the rejected input is
+a body that is not UTF-8 or a string with a lone surrogate (fastapi#13111).
+
+A route that calls Redis itself (``RedisDep``) and meets an outage, a timeout,
+an out-of-memory refusal or a read-only replica gets the same 503
+``redis-unavailable`` answer the services give, not a 500 with a stack trace.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 from typing import Any
 
 import orjson
 from fastapi import FastAPI, Request
-from fastapi.responses import Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from redis import exceptions as redis_exc
 from starlette.types import Send
 
-from app.core.errors import ToolkitError
+from app.core.errors import RedisUnavailable, ToolkitError
 
 __all__ = [
     "PROBLEM_CONTENT_TYPE",
@@ -89,6 +101,62 @@ async def _handle_toolkit_error(request: Request, exc: Exception) -> Response:
     return problem_response(exc, request.url.path)
 
 
+_TRANSIENT_REDIS_ERRORS: tuple[type[Exception], ...] = (
+    redis_exc.ConnectionError,
+    redis_exc.TimeoutError,
+    redis_exc.BusyLoadingError,
+    redis_exc.OutOfMemoryError,
+    redis_exc.ReadOnlyError,
+)
+"""Raw redis-py errors that mean "Redis cannot serve this now" (answered 503)."""
+
+log = logging.getLogger("app.problems")
+
+
+async def _handle_transient_redis_error(request: Request, exc: Exception) -> Response:
+    log.warning(
+        "%s %s: Redis unavailable (%s: %s); answered 503",
+        request.method,
+        request.url.path,
+        type(exc).__name__,
+        exc,
+    )
+    error = RedisUnavailable(f"Redis call failed: {exc}")
+    error.__cause__ = exc
+    return problem_response(error, request.url.path)
+
+
+def _json_safe(value: Any) -> Any:
+    """*value* with bytes, lone surrogates, non-finite floats and objects made JSON-safe."""
+    if value is None or isinstance(value, bool | int):
+        return value
+    if isinstance(value, str):
+        return value.encode("utf-8", "replace").decode("utf-8")
+    if isinstance(value, bytes | bytearray):
+        return bytes(value).decode("utf-8", "replace")
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, dict):
+        return {str(_json_safe(k)): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return _json_safe(str(value))
+
+
+async def _handle_validation_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    return JSONResponse(status_code=422, content={"detail": _json_safe(exc.errors())})
+
+
 def install_problem_handlers(app: FastAPI) -> None:
-    """Register the problem+json handler for ``ToolkitError`` (and subclasses) on *app*."""
+    """Register the problem+json handlers on *app*.
+
+    ``ToolkitError`` (and subclasses) answer with their own status; raw redis-py
+    connection errors, timeouts, ``LOADING``, ``OOM`` and ``READONLY`` answer 503
+    ``redis-unavailable`` with ``Retry-After``; request validation errors answer
+    FastAPI's usual 422, whatever bytes the rejected input holds.
+    """
     app.add_exception_handler(ToolkitError, _handle_toolkit_error)
+    app.add_exception_handler(RequestValidationError, _handle_validation_error)
+    for error_class in _TRANSIENT_REDIS_ERRORS:
+        app.add_exception_handler(error_class, _handle_transient_redis_error)

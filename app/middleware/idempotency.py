@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from typing import Any, Final, Literal, TypeAlias
 
 import orjson
+from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -641,7 +642,7 @@ class _Guard:
         stored = StoredResponse(self._status, self._stored_headers, body)
         try:
             done = await service.complete(self._record, token, stored)
-        except ToolkitError as exc:  # Redis down, or a body the codec refuses
+        except (ToolkitError, RedisError) as exc:  # Redis down or refusing (OOM), or the codec
             log.error(
                 "the response of %s %s was sent but not recorded (%s); its key stays in flight "
                 "until the lease ends (%gs), then a retry runs the handler again",
@@ -684,7 +685,7 @@ class _Guard:
         self._mw.stats["released"] += 1
         try:
             await service.release(self._record, token)
-        except ToolkitError as exc:
+        except (ToolkitError, RedisError) as exc:
             log.error(
                 "could not release the idempotency key of %s %s (%s); a retry is refused "
                 "with 409 until the lease ends (%gs)",

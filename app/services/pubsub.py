@@ -67,6 +67,7 @@ from app.core.errors import (
 from app.core.keys import KeySpace, escape, escape_glob
 from app.core.redis import (
     CONNECTION_ERRORS,
+    REFUSED_FOR_NOW,
     AnyRedis,
     breaker_for,
     client_decodes_responses,
@@ -1029,6 +1030,9 @@ class Broadcaster:
         except RedisUnavailable:
             self._publish_errors += 1
             raise
+        except REFUSED_FOR_NOW as exc:  # refused for now: 503, like an outage
+            self._publish_errors += 1
+            raise RedisUnavailable(f"publishing to {channel!r} was refused: {exc}") from exc
         except RedisError as exc:
             self._publish_errors += 1
             raise ToolkitError(f"publishing to {channel!r} failed: {exc}") from exc

@@ -56,10 +56,11 @@ from redis.exceptions import RedisError
 
 from app.core.codec import Codec, default_codec
 from app.core.config import get_settings
-from app.core.errors import SessionConflict, SessionNotFound, ToolkitError
+from app.core.errors import RedisUnavailable, SessionConflict, SessionNotFound, ToolkitError
 from app.core.keys import KeySpace, digest
 from app.core.redis import (
     CONNECTION_ERRORS,
+    REFUSED_FOR_NOW,
     AnyRedis,
     CircuitBreaker,
     breaker_for,
@@ -173,6 +174,9 @@ class _Guard:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        if isinstance(exc, REFUSED_FOR_NOW):  # OOM under noeviction, or a read-only replica
+            self._breaker.record_success()  # the server answered
+            raise RedisUnavailable(f"Redis refused a session write for now: {exc}") from exc
         if isinstance(exc, RedisError) and not isinstance(exc, CONNECTION_ERRORS):
             self._breaker.record_success()  # the server answered
             raise ToolkitError(f"Redis refused a session command: {exc}") from exc

@@ -60,7 +60,13 @@ from app.core.codec import Codec, default_codec
 from app.core.config import get_settings
 from app.core.errors import CodecError, ConfigurationError, RedisUnavailable, StreamError
 from app.core.keys import KeySpace
-from app.core.redis import CONNECTION_ERRORS, AnyRedis, breaker_for, client_decodes_responses
+from app.core.redis import (
+    CONNECTION_ERRORS,
+    REFUSED_FOR_NOW,
+    AnyRedis,
+    breaker_for,
+    client_decodes_responses,
+)
 from app.core.scripts import Script
 
 __all__ = [
@@ -198,6 +204,8 @@ def _entries(reply: Any) -> list[tuple[Any, dict[Any, Any]]]:
 def _wrap_redis_error(exc: BaseException, action: str) -> Exception:
     if isinstance(exc, CONNECTION_ERRORS):
         return RedisUnavailable(f"could not {action}: Redis is unreachable ({exc})")
+    if isinstance(exc, REFUSED_FOR_NOW):  # refused for now: 503, like an outage
+        return RedisUnavailable(f"could not {action}: Redis refused it for now ({exc})")
     return StreamError(f"could not {action}: {exc}")
 
 

@@ -29,10 +29,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
-from fastapi import APIRouter, FastAPI, Query, Response
+from fastapi import APIRouter, FastAPI, HTTPException, Query, Response
 from pydantic import BaseModel, Field
 
 from app.api.deps import CacheDep
+from app.core.errors import ToolkitError
 from app.core.redis import Lifespan, get_redis
 from app.services.cache import MISSING, CacheService, LocalCache, cached, set_default_cache
 
@@ -105,7 +106,14 @@ async def get_item(key: str, cache: CacheDep) -> dict[str, Any]:
 
 @router.put("/cache/items/{key}", summary="Store a key with a TTL, stale TTL and tags")
 async def put_item(key: str, item: ItemIn, cache: CacheDep) -> dict[str, Any]:
-    stored = await cache.set(key, item.value, item.ttl, tags=item.tags, stale_ttl=item.stale_ttl)
+    try:
+        stored = await cache.set(
+            key, item.value, item.ttl, tags=item.tags, stale_ttl=item.stale_ttl
+        )
+    except ToolkitError:
+        raise
+    except ValueError as exc:  # e.g. a stale_ttl shorter than the ttl
+        raise HTTPException(status_code=422, detail=str(exc)) from exc
     return {"key": key, "stored": stored, "ttl": await cache.ttl(key)}
 
 

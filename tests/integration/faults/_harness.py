@@ -1,0 +1,400 @@
+"""Fault-injection harness: demo routes on a private Redis, a workload, and its verdict.
+
+A fault test builds an app from some demo capability modules (``service_app``),
+starts it with its lifespan so the global client is built from settings exactly
+as in production (``FAULT_SETTINGS``: short socket/connect timeouts, one retry,
+a fast breaker), then runs a ``Workload``: a few concurrent workers per
+``Probe`` send requests in a loop while the test breaks Redis. Every answer is
+judged by the probe: *healthy* (what a working Redis gives), *degraded* (the
+documented answer while Redis is unreachable: 503 problem+json for fail-closed
+services, the origin's answer for fail-open ones) or *bad* (anything else: a
+500, an unhandled exception, a request that did not finish within
+``REQUEST_BOUND``). A fault test passes when nothing was bad and the probes are
+healthy again afterwards without restarting the app.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, field
+from http.cookiejar import CookieJar, DefaultCookiePolicy
+from types import ModuleType
+from typing import Any, Literal
+
+import httpx
+from fastapi import FastAPI
+from redis.asyncio import Redis
+from starlette.types import ASGIApp
+
+from app.api.problems import PROBLEM_CONTENT_TYPE, install_problem_handlers
+from app.api.routes import health
+from app.core import redis as core_redis
+from app.core.config import FailureMode
+from app.core.redis import CircuitBreaker, breaker_for, redis_lifespan
+
+__all__ = [
+    "FAULT_SETTINGS",
+    "REQUEST_BOUND",
+    "LostReplyProxy",
+    "Observation",
+    "Probe",
+    "Workload",
+    "app_breaker",
+    "burst",
+    "connected_clients",
+    "is_problem",
+    "is_unavailable",
+    "new_client",
+    "service_app",
+    "wait_until",
+]
+
+FAULT_SETTINGS: dict[str, Any] = {
+    "redis_socket_timeout": 0.25,
+    "redis_connect_timeout": 0.25,
+    "redis_retry_attempts": 1,
+    "redis_retry_backoff_base": 0.01,
+    "redis_retry_backoff_cap": 0.05,
+    "redis_pool_timeout": 1.0,
+    "redis_init_timeout": 5,
+    "breaker_failure_threshold": 3,
+    "breaker_reset_timeout": 0.2,
+    "secret_key": "fault-tests-" + "k" * 40,
+}
+"""Settings of every fault test: each Redis call is bounded by 0.25 s (x2 with the retry)."""
+
+REQUEST_BOUND = 5.0
+"""No request may take longer than this (a generous bound: it proves "no hang", not speed)."""
+
+Verdict = Literal["healthy", "degraded", "bad"]
+
+
+def is_problem(response: httpx.Response, status: int) -> bool:
+    """True for an RFC 9457 answer with this status (and no stack trace: a JSON body)."""
+    if response.status_code != status:
+        return False
+    if not response.headers.get("content-type", "").startswith(PROBLEM_CONTENT_TYPE):
+        return False
+    body = response.json()
+    return isinstance(body, dict) and body.get("status") == status and "Traceback" not in str(body)
+
+
+def is_unavailable(response: httpx.Response) -> bool:
+    """The fail-closed answer: 503 problem+json with ``Retry-After``."""
+    return is_problem(response, 503) and "retry-after" in response.headers
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One service as a fault test drives it through its demo routes.
+
+    ``send`` makes one request (``state`` is per worker: cookies, counters);
+    ``healthy``/``degraded`` classify an answer; ``works`` asserts, on a fresh
+    client (and with the app at hand), that the service fully works: writes
+    persist, entries are served, subscribers receive, consumers consume.
+    """
+
+    name: str
+    modules: tuple[ModuleType, ...]
+    failure: FailureMode
+    send: Callable[[httpx.AsyncClient, dict[str, Any]], Awaitable[httpx.Response]]
+    healthy: Callable[[httpx.Response], bool]
+    degraded: Callable[[httpx.Response], bool]
+    works: Callable[[httpx.AsyncClient, FastAPI], Awaitable[None]]
+    script: str | None = None
+    """The Lua script (a file under ``app/services/lua``) that ``send`` runs once warm."""
+    settings: Mapping[str, object] = field(default_factory=dict)
+    """Settings this probe runs with (e.g. a failure mode)."""
+
+    def app(self) -> FastAPI:
+        """The app this probe drives: its demo modules only."""
+        return service_app(*self.modules)
+
+    def judge(self, response: httpx.Response) -> Verdict:
+        if self.healthy(response):
+            return "healthy"
+        if self.degraded(response):
+            return "degraded"
+        return "bad"
+
+    def __str__(self) -> str:
+        return self.name
+
+
+@dataclass(frozen=True)
+class Observation:
+    probe: str
+    phase: str  # when the request started
+    end_phase: str  # when its answer came
+    verdict: Verdict
+    status: int | None
+    elapsed: float
+    detail: str = ""
+
+
+def service_app(*modules: ModuleType) -> FastAPI:
+    """An app wired like ``create_app()`` but with only these capability modules."""
+
+    @asynccontextmanager
+    async def capabilities(app: FastAPI) -> AsyncIterator[None]:
+        async with AsyncExitStack() as stack:
+            for module in modules:
+                if module.lifespan is not None:
+                    await stack.enter_async_context(module.lifespan(app))
+            yield
+
+    app = FastAPI(lifespan=redis_lifespan(capabilities), title="fault test")
+    install_problem_handlers(app)
+    app.include_router(health.router)
+    for module in modules:
+        app.include_router(module.router)
+        module.setup(app)
+    return app
+
+
+def new_client(app: ASGIApp) -> httpx.AsyncClient:
+    """An httpx client over ASGI that keeps no cookies (probes manage their own).
+
+    Unhandled app exceptions propagate (``raise_app_exceptions``): in production
+    they would be a 500 with a stack trace, so the workload records them as bad.
+    """
+    return httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app),
+        base_url="http://testserver",
+        cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),
+    )
+
+
+async def burst(probe: Probe, client: httpx.AsyncClient, states: list[dict[str, Any]]) -> set[str]:
+    """One request per worker state, all at once; the set of their verdicts."""
+    async with asyncio.timeout(REQUEST_BOUND):
+        answers = await asyncio.gather(*(probe.send(client, state) for state in states))
+    return {probe.judge(r) for r in answers}
+
+
+def app_breaker() -> CircuitBreaker:
+    """The breaker of the app's global client."""
+    assert core_redis.redis_client is not None, "the app is not started"
+    return breaker_for(core_redis.redis_client)
+
+
+async def connected_clients(url: str) -> int:
+    """Connections the server holds, not counting the one asking."""
+    admin = Redis.from_url(url, socket_timeout=2)
+    try:
+        return len(await admin.client_list()) - 1
+    finally:
+        await admin.aclose()
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    try:
+        async with asyncio.timeout(timeout):
+            while not predicate():
+                await asyncio.sleep(0.01)
+    except TimeoutError:
+        raise AssertionError(f"not within {timeout}s: {what}") from None
+
+
+@dataclass
+class Workload:
+    """Concurrent workers per probe, sending requests in a loop until the block ends.
+
+    ``phase`` labels the requests started from now on; ``observations`` keeps every answer.
+    """
+
+    app: ASGIApp
+    probes: Sequence[Probe]
+    workers: int = 3
+    pause: float = 0.005
+    phase: str = "before"
+    observations: list[Observation] = field(default_factory=list)
+    _stop: asyncio.Event = field(default_factory=asyncio.Event)
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    _clients: list[httpx.AsyncClient] = field(default_factory=list)
+
+    async def __aenter__(self) -> Workload:
+        for probe in self.probes:
+            for _ in range(self.workers):
+                client = new_client(self.app)
+                self._clients.append(client)
+                self._tasks.append(asyncio.create_task(self._worker(probe, client)))
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._stop.set()
+        try:
+            async with asyncio.timeout(REQUEST_BOUND * 2):
+                await asyncio.gather(*self._tasks)
+        finally:
+            for task in self._tasks:
+                task.cancel()
+            for client in self._clients:
+                await client.aclose()
+
+    async def _worker(self, probe: Probe, client: httpx.AsyncClient) -> None:
+        state: dict[str, Any] = {}
+        loop = asyncio.get_running_loop()
+        while not self._stop.is_set():
+            phase, started = self.phase, loop.time()
+            status: int | None = None
+            detail = ""
+            try:
+                async with asyncio.timeout(REQUEST_BOUND):
+                    response = await probe.send(client, state)
+                status = response.status_code
+                verdict = probe.judge(response)
+                if verdict == "bad":
+                    detail = (
+                        f"{status} {response.headers.get('content-type')} {response.text[:200]}"
+                    )
+            except TimeoutError:
+                verdict, detail = "bad", f"no answer within {REQUEST_BOUND}s (hung)"
+            except Exception as exc:  # an unhandled app exception: a 500 with a stack trace
+                verdict, detail = "bad", f"unhandled {type(exc).__name__}: {exc}"
+            self.observations.append(
+                Observation(
+                    probe.name, phase, self.phase, verdict, status, loop.time() - started, detail
+                )
+            )
+            await asyncio.sleep(self.pause)
+
+    # -- reading the record ------------------------------------------------------
+
+    def answers(
+        self, *, probe: Probe | None = None, phase: str | None = None, whole: bool = False
+    ) -> list[Observation]:
+        """Answers to requests started in *phase* (``whole``: and answered in it too)."""
+        return [
+            o
+            for o in self.observations
+            if (probe is None or o.probe == probe.name)
+            and (phase is None or o.phase == phase)
+            and (not whole or o.end_phase == o.phase)
+        ]
+
+    def healthy_streak(self, probe: Probe) -> int:
+        streak = 0
+        for o in reversed(self.answers(probe=probe)):
+            if o.verdict != "healthy":
+                break
+            streak += 1
+        return streak
+
+    def all_recovered(self, streak: int) -> bool:
+        return all(self.healthy_streak(p) >= streak for p in self.probes)
+
+    async def until_recovered(self, *, streak: int = 6, timeout: float = 10.0) -> None:
+        await wait_until(
+            lambda: self.all_recovered(streak),
+            timeout,
+            f"{streak} healthy answers in a row from each of {[p.name for p in self.probes]}; "
+            f"last answers: {self.observations[-6:]}",
+        )
+
+    async def until_answers(self, n: int, *, phase: str, timeout: float = 10.0) -> None:
+        def enough() -> bool:
+            return all(len(self.answers(probe=p, phase=phase)) >= n for p in self.probes)
+
+        await wait_until(enough, timeout, f"{n} answers per probe in phase {phase!r}")
+
+    def assert_nothing_bad(self) -> None:
+        bad = [o for o in self.observations if o.verdict == "bad"]
+        assert not bad, f"{len(bad)} bad answers, e.g. {bad[:5]}"
+
+    def assert_outage_answers(self, phase: str) -> None:
+        """During *phase* (Redis unreachable) each probe gave its documented answer.
+
+        Fail-closed probes: at least one 503 problem+json, and nothing but 503 or
+        a healthy answer (a request may finish before the fault bites).
+        Fail-open probes: every answer is a success (2xx): the service kept answering.
+        """
+        for probe in self.probes:
+            seen = self.answers(probe=probe, phase=phase)
+            assert seen, f"{probe}: no answers during {phase}"
+            if probe.failure == "closed":
+                assert any(o.verdict == "degraded" for o in seen), (
+                    f"{probe}: fail-closed but never answered 503 during {phase}: {seen[:5]}"
+                )
+            else:
+                statuses = {o.status for o in seen}
+                assert all(s is not None and 200 <= s < 300 for s in statuses), (
+                    f"{probe}: fail-open but answered {statuses} during {phase}"
+                )
+
+
+class LostReplyProxy:
+    """A proxy that loses exactly one reply: the command ran on the server, its answer never came.
+
+    ``arm(marker)``: the next command whose bytes contain *marker* (say, a script's
+    SHA1) is forwarded to Redis, which runs it; its reply is then dropped and that
+    client connection closed, as when a network path or a ``CLIENT KILL`` breaks a
+    connection after the server ran the command. The client library sees a
+    connection error and retries on a new connection, so whatever it sent runs a
+    second time. ``lost`` counts the replies dropped. Runs on the test's event loop.
+    """
+
+    def __init__(self, host: str, port: int) -> None:
+        self.target = (host, port)
+        self.port = 0
+        self.lost = 0
+        self._armed: bytes | None = None
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def arm(self, marker: bytes) -> None:
+        self._armed = marker
+
+    async def start(self) -> LostReplyProxy:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.create_task(self._serve(reader, writer))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(*self.target)
+        doomed = False
+
+        async def upstream() -> None:
+            nonlocal doomed
+            while data := await reader.read(65536):
+                if self._armed is not None and self._armed in data:
+                    self._armed, doomed = None, True
+                up_writer.write(data)
+                await up_writer.drain()
+
+        async def downstream() -> None:
+            while data := await up_reader.read(65536):
+                if doomed:  # one command in flight per connection: this is its reply
+                    self.lost += 1
+                    return
+                writer.write(data)
+                await writer.drain()
+
+        pipes = [asyncio.create_task(upstream()), asyncio.create_task(downstream())]
+        try:
+            await asyncio.wait(pipes, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for pipe in pipes:
+                pipe.cancel()
+            await asyncio.gather(*pipes, return_exceptions=True)
+            for w in (writer, up_writer):
+                if w.transport is not None:
+                    w.transport.abort()

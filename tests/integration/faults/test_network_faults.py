@@ -1,0 +1,117 @@
+"""A TCP proxy between the app and Redis: latency, a stalled link, cut connections.
+
+Every Redis call is bounded by the socket timeout (0.25 s, one retry): no
+request may hang, the breaker opens while the link is bad (so fail-open paths
+answer at once) and closes once it is good again, and every service recovers.
+The outer bound each request is held to (``REQUEST_BOUND``, 5 s) is generous on
+purpose: it proves that nothing hangs, not how fast the answer is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from fastapi import FastAPI
+from starlette.types import ASGIApp
+
+from app.testing.proxy import TcpProxy
+from app.testing.servers import RedisServer
+from tests.integration.faults._harness import (
+    REQUEST_BOUND,
+    Probe,
+    Workload,
+    app_breaker,
+    burst,
+    new_client,
+    wait_until,
+)
+from tests.integration.faults._probes import PROBES, probe_ids
+from tests.integration.faults.conftest import StartApp
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+ProxyFactory = Callable[..., TcpProxy]
+
+
+async def _start_behind_proxy(
+    probe: Probe, server: RedisServer, tcp_proxy: ProxyFactory, start_app: StartApp
+) -> tuple[TcpProxy, FastAPI, ASGIApp]:
+    proxy = tcp_proxy(server.host, server.port)
+    web = probe.app()
+    return proxy, web, await start_app(web, proxy.url, **probe.settings)
+
+
+@pytest.mark.parametrize("probe", PROBES, ids=probe_ids)
+async def test_latency_below_the_timeout_is_served_and_above_it_is_bounded(
+    probe: Probe, private_server: RedisServer, tcp_proxy: ProxyFactory, start_app: StartApp
+) -> None:
+    proxy, _, app = await _start_behind_proxy(probe, private_server, tcp_proxy, start_app)
+    async with Workload(app, [probe]) as load:
+        await load.until_recovered(streak=3)
+        proxy.latency = 0.03  # 60 ms a round trip: slow, within the 250 ms socket timeout
+        load.phase = "slow"
+        await load.until_answers(4, phase="slow")
+        proxy.latency = 0.4  # every reply now arrives after the socket timeout
+        load.phase = "too slow"
+        await load.until_answers(6, phase="too slow")
+        proxy.latency = 0.0
+        load.phase = "after"
+        await load.until_recovered()
+    load.assert_nothing_bad()
+    slow = load.answers(phase="slow", whole=True)
+    assert slow and {o.verdict for o in slow} == {"healthy"}
+    load.assert_outage_answers("too slow")
+    assert app_breaker().stats()["transitions"] >= 2  # it opened, and closed again
+    # A timed-out call costs at most timeout x attempts per Redis call, far under the bound.
+    assert max(o.elapsed for o in load.answers(phase="too slow")) < REQUEST_BOUND
+
+
+@pytest.mark.parametrize("probe", PROBES, ids=probe_ids)
+async def test_stalled_link_opens_the_breaker_then_closes_it(
+    probe: Probe, private_server: RedisServer, tcp_proxy: ProxyFactory, start_app: StartApp
+) -> None:
+    proxy, web, app = await _start_behind_proxy(probe, private_server, tcp_proxy, start_app)
+    async with Workload(app, [probe]) as load:
+        await load.until_recovered(streak=3)
+        breaker = app_breaker()
+        proxy.stall()  # connections stay open, nothing flows: only timeouts notice
+        load.phase = "stalled"
+        await wait_until(lambda: breaker.state != "closed", 5, "the breaker opens")
+        rejected = breaker.stats()["rejected"]
+        await load.until_answers(8, phase="stalled")
+        # While open, requests are answered without waiting on the dead link.
+        assert breaker.stats()["rejected"] > rejected
+        proxy.resume()
+        load.phase = "after"
+        await load.until_recovered()
+        assert breaker.state == "closed"
+    load.assert_nothing_bad()
+    load.assert_outage_answers("stalled")
+    async with new_client(app) as client:
+        await probe.works(client, web)
+
+
+@pytest.mark.parametrize("probe", PROBES, ids=probe_ids)
+async def test_cut_connections_are_replaced(
+    probe: Probe, private_server: RedisServer, tcp_proxy: ProxyFactory, start_app: StartApp
+) -> None:
+    """Every pooled connection reset between bursts: the next commands reconnect and succeed.
+
+    (A cut that lands while a command is in flight can lose a reply after the
+    server ran the command; ``test_lost_replies.py`` pins down what each service
+    does then.)
+    """
+    proxy, web, app = await _start_behind_proxy(probe, private_server, tcp_proxy, start_app)
+    states: list[dict[str, Any]] = [{} for _ in range(4)]
+    async with new_client(app) as client:
+        for _ in range(5):  # warm: sessions exist, every entry is cached, the pool is full
+            await burst(probe, client, states)
+        for _ in range(3):
+            accepted = proxy.connections_accepted
+            await asyncio.to_thread(proxy.cut)
+            assert await burst(probe, client, states) == {"healthy"}
+            assert proxy.connections_accepted > accepted  # the pool reconnected
+        await probe.works(client, web)

@@ -1,0 +1,113 @@
+"""The Redis process killed and restarted on the same port under a running workload.
+
+No persistence: the restart loses every key and every cached script. Each
+service must keep giving its documented answer during the outage (503
+problem+json when fail-closed, the origin's answer when fail-open), never a 500
+or a hung request, and work fully again afterwards without an app restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from app.services.pubsub import Broadcaster, Reconnected
+from app.testing.servers import RedisServer
+from tests.integration.faults._harness import (
+    Probe,
+    Workload,
+    connected_clients,
+    is_unavailable,
+    new_client,
+    service_app,
+)
+from tests.integration.faults._probes import PROBES, PUBSUB, STREAMS, next_message, probe_ids
+from tests.integration.faults.conftest import StartApp
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+WORKERS = 3
+
+
+async def _kill_and_restart(server: RedisServer, load: Workload, *, outage: int = 6) -> None:
+    await load.until_answers(3, phase="before")
+    await asyncio.to_thread(server.kill)
+    load.phase = "down"
+    await load.until_answers(outage, phase="down")
+    await asyncio.to_thread(server.restart)  # same port; data and scripts are gone
+    load.phase = "after"
+    await load.until_recovered()
+
+
+@pytest.mark.parametrize("probe", PROBES, ids=probe_ids)
+async def test_kill_and_restart_mid_workload(
+    probe: Probe, private_server: RedisServer, start_app: StartApp
+) -> None:
+    web = probe.app()
+    app = await start_app(web, private_server.url, **probe.settings)
+    async with Workload(app, [probe], workers=WORKERS) as load:
+        await _kill_and_restart(private_server, load)
+    load.assert_nothing_bad()
+    load.assert_outage_answers("down")
+    async with new_client(app) as client:
+        await probe.works(client, web)
+    # No stuck or leaked connections: the pool holds about one per concurrent request.
+    assert await connected_clients(private_server.url) <= WORKERS + 2
+
+
+async def test_every_service_recovers_together_after_two_restarts(
+    private_server: RedisServer, start_app: StartApp
+) -> None:
+    probes = [p for p in PROBES if not p.settings]  # every service with default settings
+    modules = tuple(dict.fromkeys(m for p in probes for m in p.modules))
+    web = service_app(*modules)
+    app = await start_app(web, private_server.url)
+    async with Workload(app, probes, workers=2) as load:
+        for _ in range(2):
+            await _kill_and_restart(private_server, load, outage=3)
+            load.phase = "before"
+    load.assert_nothing_bad()
+    load.assert_outage_answers("down")
+    async with new_client(app) as client:
+        for probe in probes:
+            await probe.works(client, web)
+    assert await connected_clients(private_server.url) <= 2 * len(probes) + 4
+
+
+async def test_a_subscriber_open_across_a_restart_is_resubscribed(
+    private_server: RedisServer, start_app: StartApp
+) -> None:
+    web = PUBSUB.app()
+    app = await start_app(web, private_server.url)
+    broadcaster: Broadcaster = web.state.broadcaster
+    async with new_client(app) as client, broadcaster.subscribe("across") as subscription:
+        assert (await client.post("/publish/across", json={"n": 0})).status_code == 200
+        assert (await next_message(subscription)).data == {"n": 0}
+        await asyncio.to_thread(private_server.kill)
+        assert is_unavailable(await client.post("/publish/across", json={"n": -1}))
+        await asyncio.to_thread(private_server.restart)
+        reconnected = await asyncio.wait_for(subscription.get(10), 10)
+        assert isinstance(reconnected, Reconnected)  # the subscriber is told about the gap
+        async with asyncio.timeout(10):  # publishing works again once the breaker lets it
+            while (await client.post("/publish/across", json={"n": 1})).status_code != 200:
+                await asyncio.sleep(0.05)
+        assert (await next_message(subscription)).data == {"n": 1}
+    assert broadcaster.stats()["reconnects"] >= 1
+
+
+async def test_a_running_consumer_recreates_its_group_after_a_restart(
+    private_server: RedisServer, start_app: StartApp
+) -> None:
+    web = STREAMS.app()
+    app = await start_app(web, private_server.url)
+    async with new_client(app) as client:
+        await STREAMS.works(client, web)  # starts the in-app consumer; events are handled
+        await asyncio.to_thread(private_server.restart)  # the stream and its group are gone
+        async with asyncio.timeout(10):
+            while (await client.post("/streams/events", json={"payload": {}})).status_code != 201:
+                await asyncio.sleep(0.05)
+        await STREAMS.works(client, web)
+        stats = (await client.get("/streams/stats")).json()
+    assert stats["counters"]["group_recreated"] >= 1
+    assert stats["pending"] == 0
