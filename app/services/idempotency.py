@@ -130,8 +130,9 @@ class IdempotencyService:
         text_safe = client_decodes_responses(redis)
         self._codec = (codec or default_codec()).with_text_safe(text_safe)
         self._max_block = _MAX_BLOCK
-        pool = getattr(redis, "connection_pool", None)
-        socket_timeout = getattr(pool, "connection_kwargs", {}).get("socket_timeout")
+        # get_connection_kwargs(): a RedisCluster has no connection_pool, but the same kwargs
+        kwargs: Any = getattr(redis, "get_connection_kwargs", dict)()
+        socket_timeout = kwargs.get("socket_timeout") if isinstance(kwargs, dict) else None
         if socket_timeout:  # a BLPOP must return before the socket gives up on it
             self._max_block = min(_MAX_BLOCK, float(socket_timeout) / 2)
 

@@ -20,15 +20,16 @@ from app.middleware.http_cache import HttpCachePolicy
 from app.services.http_cache import HttpResponseCache, compute_etag
 from app.testing.plugin import RedisServerInfo
 from app.testing.servers import RedisServer
+from tests.integration.topology._support import ready
 from tests.unit.middleware.test_http_cache import age_entries, cache_layer, make_app
 
 MakeClient = Callable[..., Awaitable[httpx.AsyncClient]]
 
 
-async def test_http_caching_end_to_end(make_app_client: MakeClient, any_redis: Any) -> None:
+async def test_http_caching_end_to_end(topology_redis: Any, make_app_client: MakeClient) -> None:
     """ETag/304 (lists, *), Vary, private entries, Set-Cookie/500/no-store, HEAD, Age."""
     app = make_app()
-    client = await make_app_client(app, any_redis)
+    client = await make_app_client(app, await ready(topology_redis))
     first, second = await client.get("/items/1"), await client.get("/items/1")
     assert (first.headers["x-cache"], second.headers["x-cache"]) == ("MISS", "HIT")
     etag = first.headers["etag"]
@@ -52,7 +53,7 @@ async def test_http_caching_end_to_end(make_app_client: MakeClient, any_redis: A
     client.cookies.clear()  # /cookie set one: later requests would be private (own entries)
     head = await client.head("/items/1")
     assert (head.headers["x-cache"], head.content) == ("HIT", b"")
-    await age_entries(any_redis, 3)
+    await age_entries(topology_redis, 3)
     assert (await client.get("/items/1")).headers["age"] == "3"
     assert app.state.calls["item"] == 1
 
@@ -244,10 +245,10 @@ async def test_invalidation_reports_an_unreachable_redis(
         await redis.aclose()
 
 
-async def test_every_topology(make_app_client: MakeClient, topology_redis: Any) -> None:
+async def test_every_topology(topology_redis: Any, make_app_client: MakeClient) -> None:
     """Standalone, Cluster and Sentinel: hit, 304, Vary, private entries, invalidation, clear."""
     app = make_app()
-    client = await make_app_client(app, topology_redis)
+    client = await make_app_client(app, await ready(topology_redis))
     first, second = await client.get("/items/1"), await client.get("/items/1")
     assert (first.headers["x-cache"], second.headers["x-cache"]) == ("MISS", "HIT")
     etag = first.headers["etag"]

@@ -1,4 +1,8 @@
-"""IdempotencyMiddleware through real ASGI apps on a real Redis: every rule of issue 4."""
+"""IdempotencyMiddleware through real ASGI apps on real Redis: every rule of issue 4.
+
+The core rules (replay, 409/422, waiting, release, scoping, the demo) run on standalone,
+Cluster and Sentinel (``make_on_topology``); the rest on the standalone server.
+"""
 
 from __future__ import annotations
 
@@ -19,11 +23,12 @@ from app.api.problems import PROBLEM_TYPE_BASE, install_problem_handlers
 from app.api.routes import health
 from app.api.routes import idempotency as demo
 from app.core import redis as core_redis
-from app.core.redis import redis_lifespan
+from app.core.redis import redis_lifespan, scan_keys
 from app.middleware.idempotency import IdempotencyMiddleware
 from app.testing.plugin import RedisServerInfo
 from app.testing.servers import RedisServer
 from tests.integration.middleware._idempotency_worker import build_app
+from tests.integration.topology._support import ready
 
 Client = httpx.AsyncClient
 MakeClient = Callable[..., Awaitable[tuple[FastAPI, Client]]]
@@ -31,12 +36,11 @@ MakeClient = Callable[..., Awaitable[tuple[FastAPI, Client]]]
 KEY = {"Idempotency-Key": '"8e03978e-40d5-43e8-bc93-6894a57f9324"'}
 
 
-@pytest_asyncio.fixture
-async def make_client(real_redis: Redis) -> AsyncIterator[MakeClient]:
-    """``app, client = await make_client(**middleware_options)`` on the real server."""
+@contextlib.asynccontextmanager
+async def _factory(default: Any) -> AsyncIterator[MakeClient]:
     async with contextlib.AsyncExitStack() as stack:
 
-        async def make(redis: Any = real_redis, **options: Any) -> tuple[FastAPI, Client]:
+        async def make(redis: Any = default, **options: Any) -> tuple[FastAPI, Client]:
             core_redis.redis_client = redis
             app = build_app(**options)
             transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
@@ -44,6 +48,24 @@ async def make_client(real_redis: Redis) -> AsyncIterator[MakeClient]:
             return app, await stack.enter_async_context(client)
 
         yield make
+
+
+@pytest_asyncio.fixture
+async def make_client(real_redis: Redis) -> AsyncIterator[MakeClient]:
+    """``app, client = await make_client(**middleware_options)`` on the real server."""
+    async with _factory(real_redis) as make:
+        yield make
+
+
+@pytest_asyncio.fixture
+async def make_on_topology(topology_redis: Any) -> AsyncIterator[MakeClient]:
+    """``make_client`` on standalone, Cluster and Sentinel (the core behaviour runs on all)."""
+    async with _factory(await ready(topology_redis)) as make:
+        yield make
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def problem_type(response: httpx.Response) -> str:
@@ -56,7 +78,7 @@ def problem_type(response: httpx.Response) -> str:
 
 @pytest_asyncio.fixture
 async def demo_client(
-    make_app_client: Callable[..., Awaitable[Client]], real_redis: Redis
+    topology_redis: Any, make_app_client: Callable[..., Awaitable[Client]]
 ) -> Client:
     """The demo wired as ``create_app()`` wires it, with only this capability (and health)."""
     app = FastAPI(lifespan=redis_lifespan())
@@ -64,7 +86,7 @@ async def demo_client(
     app.include_router(health.router)
     app.include_router(demo.router)
     demo.setup(app)
-    return await make_app_client(app, real_redis)
+    return await make_app_client(app, await ready(topology_redis))
 
 
 async def test_demo_payment_runs_once_and_replays_byte_identical(demo_client: Client) -> None:
@@ -112,8 +134,8 @@ def test_create_app_installs_the_demo_middleware() -> None:
 # -- replay ----------------------------------------------------------------------------------
 
 
-async def test_replay_carries_allowlisted_headers_only(make_client: MakeClient) -> None:
-    app, client = await make_client()
+async def test_replay_carries_allowlisted_headers_only(make_on_topology: MakeClient) -> None:
+    app, client = await make_on_topology()
     first = await client.post("/items", json={"a": 1}, headers=KEY)
     replay = await client.post("/items", json={"a": 1}, headers=KEY)
     assert app.state.calls["items"] == 1
@@ -208,8 +230,8 @@ async def test_only_configured_paths_and_methods_are_guarded(
 # -- fingerprint -----------------------------------------------------------------------------
 
 
-async def test_same_key_other_body_is_422(make_client: MakeClient) -> None:
-    app, client = await make_client()
+async def test_same_key_other_body_is_422(make_on_topology: MakeClient) -> None:
+    app, client = await make_on_topology()
     await client.post("/items", json={"amount": 10}, headers=KEY)
     other = await client.post("/items", json={"amount": 11}, headers=KEY)
     assert other.status_code == 422 and problem_type(other) == "idempotency-key-reused"
@@ -255,8 +277,8 @@ async def test_callable_fingerprint_selects_fields(make_client: MakeClient) -> N
 # -- concurrency -----------------------------------------------------------------------------
 
 
-async def test_concurrent_duplicates_get_409_with_retry_after(make_client: MakeClient) -> None:
-    app, client = await make_client(conflict_retry_after=2.5)
+async def test_concurrent_duplicates_get_409_with_retry_after(make_on_topology: MakeClient) -> None:
+    app, client = await make_on_topology(conflict_retry_after=2.5)
     first = asyncio.create_task(client.post("/items?gate=1", json={"n": 1}, headers=KEY))
     await app.state.entered.wait()
     duplicates = await asyncio.gather(
@@ -272,8 +294,8 @@ async def test_concurrent_duplicates_get_409_with_retry_after(make_client: MakeC
     assert replay.content == original.content and app.state.calls["items"] == 1
 
 
-async def test_wait_mode_replays_to_concurrent_duplicates(make_client: MakeClient) -> None:
-    app, client = await make_client(on_conflict="wait", wait_timeout=20)
+async def test_wait_mode_replays_to_concurrent_duplicates(make_on_topology: MakeClient) -> None:
+    app, client = await make_on_topology(on_conflict="wait", wait_timeout=20)
     first = asyncio.create_task(client.post("/items?gate=1", json={}, headers=KEY))
     await app.state.entered.wait()
     waiting = [
@@ -313,8 +335,8 @@ async def test_heartbeat_keeps_a_slow_request_claimed(make_client: MakeClient) -
 # -- failures of the handler -----------------------------------------------------------------
 
 
-async def test_handler_exception_releases_the_key_for_a_retry(make_client: MakeClient) -> None:
-    app, client = await make_client()
+async def test_handler_exception_releases_the_key_for_a_retry(make_on_topology: MakeClient) -> None:
+    app, client = await make_on_topology()
     crashed = await client.post("/fail", json={}, headers=KEY)
     assert crashed.status_code == 500
     retry = await client.post("/fail", json={}, headers=KEY)
@@ -350,8 +372,8 @@ async def test_client_errors_are_stored(make_client: MakeClient) -> None:
 # -- scope -----------------------------------------------------------------------------------
 
 
-async def test_two_principals_with_one_key_are_independent(make_client: MakeClient) -> None:
-    app, client = await make_client()
+async def test_two_principals_with_one_key_are_independent(make_on_topology: MakeClient) -> None:
+    app, client = await make_on_topology()
     alice = {**KEY, "Authorization": "Bearer alice-token"}
     bob = {**KEY, "Authorization": "Bearer bob-token"}
     a1 = await client.post("/items", json={"who": "a"}, headers=alice)
@@ -375,11 +397,11 @@ async def test_client_address_is_not_the_principal(make_client: MakeClient) -> N
 
 
 async def test_records_are_hmac_scoped_never_raw_keys(
-    make_client: MakeClient, real_redis: Redis
+    make_on_topology: MakeClient, topology_redis: Any
 ) -> None:
-    _app, client = await make_client()
+    _app, client = await make_on_topology()
     await client.post("/items", json={}, headers=KEY)
-    keys = [k.decode() async for k in real_redis.scan_iter("*")]
+    keys = [_text(k) async for k in scan_keys(topology_redis, "*")]
     assert keys and all(k.startswith("app:idempotency.http:{") for k in keys)
     assert not any("8e03978e" in k for k in keys)
 

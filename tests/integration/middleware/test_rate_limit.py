@@ -1,4 +1,4 @@
-"""RateLimitMiddleware and the rate_limit dependency over a real redis-server."""
+"""RateLimitMiddleware and the rate_limit dependency over real Redis, on every topology."""
 
 from __future__ import annotations
 
@@ -20,22 +20,23 @@ from app.core import redis as core_redis
 from app.core.redis import scan_keys
 from app.middleware.rate_limit import RateLimitRule
 from app.services.rate_limit import Algorithm
-from app.testing.plugin import RedisServerInfo
 from app.testing.servers import RedisServer
+from tests.integration.topology._support import ON_TOPOLOGIES, ready, twin
 from tests.unit.middleware.test_rate_limit import build_app, check_ratelimit_headers, statuses
 
 ALL: tuple[Algorithm, ...] = get_args(Algorithm)
 Serve = Callable[..., Any]
 
 
-@pytest_asyncio.fixture(params=[False, True], ids=["bytes", "text"])
-async def redis(
-    request: pytest.FixtureRequest, real_redis: Redis, redis_server: RedisServerInfo
-) -> AsyncIterator[Redis]:
-    """A client to the session's real server (flushed around the test by ``real_redis``)."""
-    client = Redis.from_url(redis_server.url, decode_responses=request.param)
+@pytest_asyncio.fixture
+async def redis(topology_redis: Any, decode_responses: bool) -> AsyncIterator[Any]:
+    """Standalone, Cluster or Sentinel (see ``ON_TOPOLOGIES``), bytes or text replies."""
+    if not decode_responses:
+        yield await ready(topology_redis)
+        return
+    client = twin(topology_redis, decode_responses=True)
     try:
-        yield client
+        yield await ready(client)
     finally:
         await client.aclose()
 
@@ -51,7 +52,7 @@ async def _serve(stack: AsyncExitStack, started: dict[int, Any], app: FastAPI, *
 
 
 @pytest_asyncio.fixture
-async def serve(redis: Redis) -> AsyncIterator[Serve]:
+async def serve(redis: Any) -> AsyncIterator[Serve]:
     """``await serve(app, peer=(host, port))``: an httpx client for *app* over real Redis."""
     core_redis.redis_client = redis
     started: dict[int, Any] = {}
@@ -64,6 +65,7 @@ async def serve(redis: Redis) -> AsyncIterator[Serve]:
         yield make
 
 
+@ON_TOPOLOGIES
 async def test_every_algorithm_behind_rules_emits_draft_headers(serve: Serve) -> None:
     rules = [
         RateLimitRule(f"/items/{algorithm}", "burst=2/minute;daily=4/day", algorithm=algorithm)
@@ -83,6 +85,7 @@ async def test_every_algorithm_behind_rules_emits_draft_headers(serve: Serve) ->
         assert 1 <= int(refused.headers["retry-after"]) <= 120, algorithm
 
 
+@ON_TOPOLOGIES
 async def test_retry_after_is_rounded_up_and_waiting_it_out_works(serve: Serve) -> None:
     app = build_app(
         RateLimitRule("/items/{item_id}", "1 per 1200ms", algorithm="fixed_window"),
@@ -102,8 +105,9 @@ async def test_retry_after_is_rounded_up_and_waiting_it_out_works(serve: Serve) 
     assert (await client.get("/admin/x")).status_code == 200
 
 
+@ON_TOPOLOGIES
 async def test_a_spoofed_forwarded_for_from_an_untrusted_peer_does_not_change_identity(
-    serve: Serve, redis: Redis
+    serve: Serve, redis: Any
 ) -> None:
     app = build_app(RateLimitRule("*", "2/minute"), trusted_proxies=["10.0.0.0/8"])
     attacker = await serve(app, peer=("203.0.113.9", 1))
@@ -121,8 +125,9 @@ async def test_a_spoofed_forwarded_for_from_an_untrusted_peer_does_not_change_id
         assert await statuses(proxy, "/items/1", 3, headers=chain) == [200, 200, 429]
 
 
+@ON_TOPOLOGIES
 async def test_concurrency_rule_under_real_concurrency_admits_exactly_the_limit(
-    serve: Serve, redis: Redis
+    serve: Serve, redis: Any
 ) -> None:
     release = asyncio.Event()
     app = build_app(RateLimitRule("/slow", "slots=3 concurrent"))
@@ -145,7 +150,8 @@ async def test_concurrency_rule_under_real_concurrency_admits_exactly_the_limit(
     assert [k async for k in scan_keys(redis, "app:ratelimit:*")] == []  # every slot returned
 
 
-async def test_stacked_dependencies_on_real_redis(serve: Serve) -> None:
+@ON_TOPOLOGIES
+async def test_stacked_dependencies(serve: Serve) -> None:
     from tests.unit.middleware.test_rate_limit import dependency_app
 
     client = await serve(dependency_app(headers_middleware=True))
@@ -166,7 +172,8 @@ def demo_app() -> FastAPI:
     return app
 
 
-async def test_demo_routes_on_real_redis(serve: Serve) -> None:
+@ON_TOPOLOGIES
+async def test_demo_routes_on_every_topology(serve: Serve) -> None:
     real_app_client = await serve(demo_app())
     assert await statuses(real_app_client, "/limits/ip", 6) == [200] * 5 + [429]
     refused = await real_app_client.get("/limits/ip")

@@ -1,4 +1,4 @@
-"""SessionMiddleware on a real redis-server, through real ASGI apps (test app and demo)."""
+"""SessionMiddleware on real Redis through real ASGI apps; the core on every topology."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
+from app.core.redis import scan_keys
 from app.testing.plugin import AppClientFactory, RedisServerInfo
 from app.testing.servers import RedisServer
 from tests.unit.middleware.test_sessions import (
@@ -56,10 +57,10 @@ async def test_cookieless_and_untouched_requests_make_zero_redis_calls(
 
 
 async def test_concurrent_requests_changing_different_keys_all_persist(
-    make_app_client: AppClientFactory, real_redis: Redis
+    topology_redis: Any, make_app_client: AppClientFactory
 ) -> None:
     hooks = Hooks(barrier=asyncio.Barrier(10))
-    client = await _client(make_app_client, real_redis, hooks)
+    client = await _client(make_app_client, topology_redis, hooks)
     cookie = cookie_value(await client.post("/set", params={"key": "user", "value": "alice"}))
     responses = await asyncio.gather(
         *(client.post(f"/overlap/k{i}", headers=with_cookie(cookie)) for i in range(10))
@@ -71,9 +72,9 @@ async def test_concurrent_requests_changing_different_keys_all_persist(
 
 
 async def test_a_same_key_race_is_a_409_and_the_winner_is_kept(
-    make_app_client: AppClientFactory, real_redis: Redis
+    topology_redis: Any, make_app_client: AppClientFactory
 ) -> None:
-    client = await _client(make_app_client, real_redis)
+    client = await _client(make_app_client, topology_redis)
     cookie = cookie_value(await client.post("/set", params={"key": "n", "value": "0"}))
     responses = await asyncio.gather(
         *(client.post("/increment", headers=with_cookie(cookie)) for _ in range(2))
@@ -83,10 +84,10 @@ async def test_a_same_key_race_is_a_409_and_the_winner_is_kept(
 
 
 async def test_logout_during_a_slow_request_sticks(
-    make_app_client: AppClientFactory, real_redis: Redis
+    topology_redis: Any, make_app_client: AppClientFactory
 ) -> None:
     hooks = Hooks()
-    client = await _client(make_app_client, real_redis, hooks)
+    client = await _client(make_app_client, topology_redis, hooks)
     cookie = cookie_value(await client.post("/login", params={"user": "alice"}))
     slow = asyncio.create_task(client.post("/slow", headers=with_cookie(cookie)))
     await hooks.loaded.wait()
@@ -95,13 +96,13 @@ async def test_logout_during_a_slow_request_sticks(
     late = await slow
     assert late.status_code == 200 and set_cookies(late)["session"]["max-age"] == "0"
     assert (await client.get("/read", headers=with_cookie(cookie))).json()["new"] is True
-    assert [k async for k in real_redis.scan_iter(match="app:session:*")] == []
+    assert [k async for k in scan_keys(topology_redis, "app:session:*")] == []
 
 
 async def test_tampered_cookie_gives_a_new_session(
-    make_app_client: AppClientFactory, real_redis: Redis
+    topology_redis: Any, make_app_client: AppClientFactory
 ) -> None:
-    client = await _client(make_app_client, real_redis)
+    client = await _client(make_app_client, topology_redis)
     good = cookie_value(await client.post("/set", params={"key": "user", "value": "alice"}))
     bad = good[:-2] + ("AA" if not good.endswith("AA") else "BB")
     r = await client.post("/set", params={"key": "x", "value": "1"}, headers=with_cookie(bad))
@@ -135,9 +136,9 @@ async def test_idle_and_absolute_expiry_through_http(
 
 
 async def test_regenerate_grace_window_through_http(
-    make_app_client: AppClientFactory, real_redis: Redis
+    topology_redis: Any, make_app_client: AppClientFactory
 ) -> None:
-    client = await _client(make_app_client, real_redis, regenerate_grace=0.3)
+    client = await _client(make_app_client, topology_redis, regenerate_grace=0.3)
     old = cookie_value(await client.post("/set", params={"key": "cart", "value": "1"}))
     new = cookie_value(await client.post("/login", params={"user": "a"}, headers=with_cookie(old)))
     assert new.rpartition(".")[0] != old.rpartition(".")[0]
@@ -200,8 +201,10 @@ async def test_redis_down_is_503_for_session_routes_only_and_recovers(
         await redis.aclose()
 
 
-async def test_demo_login_profile_counter_logout(real_app_client: httpx.AsyncClient) -> None:
-    client = real_app_client
+async def test_demo_login_profile_counter_logout(
+    topology_redis: Any, make_app_client: AppClientFactory
+) -> None:
+    client: httpx.AsyncClient = await make_app_client(None, topology_redis)
     assert (await client.get("/session/profile")).status_code == 401
     assert (await client.post("/session/counter")).json() == {"counter": 1}
     anonymous = client.cookies["session"]

@@ -1,4 +1,4 @@
-"""IdempotencyService on real Redis: contract on fake and real, leases, waiters, faults."""
+"""IdempotencyService on real Redis (standalone, Cluster, Sentinel): leases, waiters, faults."""
 
 from __future__ import annotations
 
@@ -12,36 +12,38 @@ from redis.asyncio import Redis
 
 from app.core.errors import RedisUnavailable
 from app.services.idempotency import IdempotencyService
-from app.testing.plugin import RedisServerInfo
 from app.testing.servers import RedisServer
+from tests.integration.topology._support import ON_TOPOLOGIES, ready, twin
 
 
-@pytest_asyncio.fixture(params=[False, True], ids=["bytes", "decoded"])
-async def real_client(
-    request: pytest.FixtureRequest, redis_server: RedisServerInfo, real_redis: Redis
-) -> AsyncIterator[Redis]:
-    """A client to the (flushed) real server, with decode_responses False and True."""
-    client = Redis.from_url(redis_server.url, decode_responses=request.param)
+@pytest_asyncio.fixture
+async def real_client(topology_redis: Any, decode_responses: bool) -> AsyncIterator[Any]:
+    """Standalone, Cluster or Sentinel (see ``ON_TOPOLOGIES``), bytes or decoded replies."""
+    if not decode_responses:
+        yield await ready(topology_redis)
+        return
+    client = twin(topology_redis, decode_responses=True)
     try:
-        yield client
+        yield await ready(client)
     finally:
         await client.aclose()
 
 
-# -- the DESIGN.md contract, on fakeredis and on the real server ----------------------
+# -- the DESIGN.md contract, on every topology ----------------------
 
 
-async def test_contract_on_fake_and_real(any_redis: Any) -> None:
-    svc = IdempotencyService(any_redis, ttl=86400)
+async def test_contract_on_every_topology(topology_redis: Any) -> None:
+    svc = IdempotencyService(topology_redis, ttl=86400)
     assert await svc.is_duplicate("req-1") is False
     assert await svc.get_result("req-1") is None
     await svc.store_request("req-1", {"ok": 1})
     assert await svc.is_duplicate("req-1") is True
     assert await svc.get_result("req-1") == {"ok": 1}
-    assert 86_000 < await any_redis.ttl(svc.record_key("req-1")) <= 86_400
+    assert 86_000 < await topology_redis.ttl(svc.record_key("req-1")) <= 86_400
 
 
-async def test_contract_with_both_decode_modes(real_client: Redis) -> None:
+@ON_TOPOLOGIES
+async def test_contract_with_both_decode_modes(real_client: Any) -> None:
     svc = IdempotencyService(real_client, ttl=30)
     assert await svc.is_duplicate("r") is False
     await svc.store_request("r", {"bytes": b"\x00\xff", "text": "é"})
@@ -56,7 +58,8 @@ async def test_contract_with_both_decode_modes(real_client: Redis) -> None:
 # -- atomicity and ownership ------------------------------------------------------------
 
 
-async def test_exactly_one_of_100_concurrent_claims_wins(real_client: Redis) -> None:
+@ON_TOPOLOGIES
+async def test_exactly_one_of_100_concurrent_claims_wins(real_client: Any) -> None:
     svc = IdempotencyService(real_client)
     claims = await asyncio.gather(*(svc.claim("pay-1", "fp") for _ in range(100)))
     statuses = [c.status for c in claims]
@@ -64,8 +67,8 @@ async def test_exactly_one_of_100_concurrent_claims_wins(real_client: Redis) -> 
     assert statuses.count("in_flight") == 99
 
 
-async def test_crashed_owner_key_is_claimable_after_the_lease(real_redis: Redis) -> None:
-    svc = IdempotencyService(real_redis, lease=0.3)
+async def test_crashed_owner_key_is_claimable_after_the_lease(topology_redis: Any) -> None:
+    svc = IdempotencyService(topology_redis, lease=0.3)
     crashed = await svc.claim("k", "fp")  # no heartbeat: the owner "died" right here
     assert crashed.token is not None
     assert (await svc.claim("k", "fp")).status == "in_flight"
@@ -80,8 +83,8 @@ async def test_crashed_owner_key_is_claimable_after_the_lease(real_redis: Redis)
     assert await svc.get_result("k") == "fresh"
 
 
-async def test_heartbeat_keeps_a_claim_past_its_lease(real_redis: Redis) -> None:
-    svc = IdempotencyService(real_redis, lease=0.3)
+async def test_heartbeat_keeps_a_claim_past_its_lease(topology_redis: Any) -> None:
+    svc = IdempotencyService(topology_redis, lease=0.3)
     claim = await svc.claim("k")
     assert claim.token is not None
     async with svc.heartbeat("k", claim.token) as beat:
@@ -92,8 +95,8 @@ async def test_heartbeat_keeps_a_claim_past_its_lease(real_redis: Redis) -> None
     assert (await svc.claim("k")).status == "new"
 
 
-async def test_heartbeat_notices_a_lost_claim(real_redis: Redis) -> None:
-    svc = IdempotencyService(real_redis, lease=0.3)
+async def test_heartbeat_notices_a_lost_claim(topology_redis: Any) -> None:
+    svc = IdempotencyService(topology_redis, lease=0.3)
     claim = await svc.claim("k")
     assert claim.token is not None
     beat = svc.heartbeat("k", claim.token, interval=0.05).start()
@@ -106,8 +109,8 @@ async def test_heartbeat_notices_a_lost_claim(real_redis: Redis) -> None:
 # -- waiting for the first request ---------------------------------------------------------
 
 
-async def test_waiters_are_woken_by_completion_not_by_polling(real_redis: Redis) -> None:
-    svc = IdempotencyService(real_redis, lease=60)
+async def test_waiters_are_woken_by_completion_not_by_polling(topology_redis: Any) -> None:
+    svc = IdempotencyService(topology_redis, lease=60)
     svc._max_block = 30.0  # one BLPOP for the whole wait: only a wake-up ends it early
     owner = await svc.claim("k", "fp")
     waiters = [asyncio.create_task(svc.claim("k", "fp", wait=30)) for _ in range(10)]
@@ -120,8 +123,8 @@ async def test_waiters_are_woken_by_completion_not_by_polling(real_redis: Redis)
     assert {(c.status, c.result["paid"]) for c in results} == {("completed", True)}
 
 
-async def test_a_waiter_takes_over_after_a_release(real_redis: Redis) -> None:
-    svc = IdempotencyService(real_redis, lease=60)
+async def test_a_waiter_takes_over_after_a_release(topology_redis: Any) -> None:
+    svc = IdempotencyService(topology_redis, lease=60)
     svc._max_block = 30.0
     owner = await svc.claim("k", "fp")
     waiter = asyncio.create_task(svc.claim("k", "fp", wait=30))
@@ -133,15 +136,15 @@ async def test_a_waiter_takes_over_after_a_release(real_redis: Redis) -> None:
     assert claim.status == "new" and claim.token  # the waiter now owns the retry
 
 
-async def test_a_waiter_takes_over_after_the_owner_crashed(real_redis: Redis) -> None:
-    svc = IdempotencyService(real_redis, lease=0.3)
+async def test_a_waiter_takes_over_after_the_owner_crashed(topology_redis: Any) -> None:
+    svc = IdempotencyService(topology_redis, lease=0.3)
     await svc.claim("k", "fp")
     claim = await svc.claim("k", "fp", wait=5)
     assert claim.status == "new"
 
 
-async def test_wait_is_bounded_and_cancellable(real_redis: Redis) -> None:
-    svc = IdempotencyService(real_redis, lease=60)
+async def test_wait_is_bounded_and_cancellable(topology_redis: Any) -> None:
+    svc = IdempotencyService(topology_redis, lease=60)
     await svc.claim("k", "fp")
     assert (await svc.claim("k", "fp", wait=0.3)).status == "in_flight"
     task = asyncio.create_task(svc.claim("k", "fp", wait=30))
@@ -152,10 +155,21 @@ async def test_wait_is_bounded_and_cancellable(real_redis: Redis) -> None:
     assert (await svc.claim("k", "fp")).status == "in_flight"
 
 
-async def test_scripts_survive_a_script_flush(real_redis: Redis) -> None:
-    svc = IdempotencyService(real_redis)
+async def test_waiting_stays_below_the_socket_timeout(topology_redis: Any) -> None:
+    """A waiter's BLPOPs end before the client's socket timeout, on a Cluster client too."""
+    client = twin(topology_redis, socket_timeout=0.4)
+    try:
+        svc = IdempotencyService(client, lease=60)
+        await svc.claim("k", "fp")
+        assert (await svc.claim("k", "fp", wait=1.0)).status == "in_flight"
+    finally:
+        await client.aclose()
+
+
+async def test_scripts_survive_a_script_flush(topology_redis: Any) -> None:
+    svc = IdempotencyService(topology_redis)
     assert await svc.is_duplicate("a") is False
-    await real_redis.script_flush()
+    await topology_redis.script_flush()
     assert await svc.is_duplicate("a") is True
     assert await svc.is_duplicate("b") is False
 

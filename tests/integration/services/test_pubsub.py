@@ -12,9 +12,11 @@ import pytest_asyncio
 from pydantic import BaseModel
 from redis.asyncio import Redis
 
+from app.core.redis import is_cluster
 from app.services.pubsub import Broadcaster, Message, Reconnected, Subscription
 from app.testing.plugin import RedisServerInfo
 from app.testing.proxy import TcpProxy
+from tests.integration.topology._support import ON_TOPOLOGIES, ready, twin
 
 FAST = {
     "ping_interval": 0.1,
@@ -36,17 +38,63 @@ BroadcasterFactory = Callable[..., Broadcaster]
 
 
 @pytest_asyncio.fixture
-async def make(real_redis: Redis) -> AsyncIterator[BroadcasterFactory]:
+async def broadcasters() -> AsyncIterator[BroadcasterFactory]:
+    """``broadcasters(client, **options)``: fast-supervised broadcasters, closed at teardown."""
     made: list[Broadcaster] = []
 
-    def factory(client: Any = None, **options: Any) -> Broadcaster:
-        broadcaster = Broadcaster(real_redis if client is None else client, **{**FAST, **options})
+    def factory(client: Any, **options: Any) -> Broadcaster:
+        broadcaster = Broadcaster(client, **{**FAST, **options})
         made.append(broadcaster)
         return broadcaster
 
     yield factory
     for broadcaster in made:
         await broadcaster.aclose(drain_timeout=0.5)
+
+
+@pytest.fixture
+def make(real_redis: Redis, broadcasters: BroadcasterFactory) -> BroadcasterFactory:
+    """``make(client=real_redis, **options)`` (closed before ``real_redis``)."""
+
+    def factory(client: Any = None, **options: Any) -> Broadcaster:
+        return broadcasters(real_redis if client is None else client, **options)
+
+    return factory
+
+
+@pytest_asyncio.fixture
+async def client(topology_redis: Any, decode_responses: bool) -> AsyncIterator[Any]:
+    """Standalone, Cluster or Sentinel (see ``ON_TOPOLOGIES``), bytes or decoded replies."""
+    if not decode_responses:
+        yield await ready(topology_redis)
+        return
+    decoded = twin(topology_redis, decode_responses=True)
+    try:
+        yield await ready(decoded)
+    finally:
+        await decoded.aclose()
+
+
+@pytest_asyncio.fixture
+async def twins() -> AsyncIterator[Callable[..., Any]]:
+    """``twins(client, **options)``: another client on the same topology, closed at teardown."""
+    made: list[Any] = []
+
+    def build(client: Any, **options: Any) -> Any:
+        made.append(twin(client, **options))
+        return made[-1]
+
+    yield build
+    for made_client in made:
+        await made_client.aclose()
+
+
+async def primaries(client: Any) -> list[Redis]:
+    """Plain clients to every primary: the Cluster's, or the one server behind *client*."""
+    if not is_cluster(client):
+        return [client]
+    await client.initialize()
+    return [Redis(host=n.host, port=n.port) for n in client.get_primaries()]
 
 
 @pytest_asyncio.fixture
@@ -114,8 +162,11 @@ async def test_json_round_trip_and_patterns(
         assert await patterned.get(0.05) is None
 
 
-async def test_per_channel_order_over_10000_messages(make: BroadcasterFactory) -> None:
-    b = make()
+async def test_per_channel_order_over_10000_messages(
+    topology_redis: Any, broadcasters: BroadcasterFactory
+) -> None:
+    """On a Cluster "even" and "odd" are sharded channels, possibly on two shards."""
+    b = broadcasters(topology_redis)
     total = 10_000
     async with (
         b.subscribe("even", queue_size=total) as even,
@@ -163,6 +214,115 @@ async def test_1000_local_subscribers_share_one_redis_connection(
         assert sorted([(await next_message(watcher)).channel for _ in channels]) == sorted(channels)
     stats = b.stats()
     assert stats["delivered"] == 1100 and stats["subscribers"] == 0
+
+
+# -- every topology ---------------------------------------------------------------------
+
+
+@ON_TOPOLOGIES
+async def test_another_process_reaches_subscribers_with_live_and_history_channels(
+    client: Any, twins: Callable[..., Any], broadcasters: BroadcasterFactory
+) -> None:
+    """Sharded channels on a Cluster (SPUBLISH, also from the history script), plain elsewhere."""
+    history = {"log": 100}
+    b = broadcasters(client, history=lambda channel: history.get(channel, 0))
+    other = broadcasters(
+        twins(client), history=lambda channel: history.get(channel, 0)
+    )  # "a process"
+    assert b.sharded is is_cluster(client) and b.stats()["sharded"] is is_cluster(client)
+    first = await other.publish("log", "before")
+    assert first.id is not None
+    async with (
+        b.subscribe("orders:1", "news") as plain,
+        b.subscribe("orders:1", type_=Order) as typed,
+        b.subscribe("log", last_ids={"log": "0-0"}) as logged,
+    ):
+        published = await other.publish("orders:1", {"id": 1, "items": ["é"]})
+        assert published.receivers == 1  # this process's one connection (on the shard)
+        await other.publish("news", [1, None])
+        after = await other.publish("log", "after")
+        # a dict: on a Cluster the two channels may live on two shards, with no order between
+        got = {(m := await next_message(plain)).channel: m.data for _ in range(2)}
+        assert got == {"orders:1": {"id": 1, "items": ["é"]}, "news": [1, None]}
+        assert (await next_message(typed)).data == Order(id=1, items=["é"])
+        replayed, live = await next_message(logged), await next_message(logged)
+        assert [(m.data, m.id) for m in (replayed, live)] == [
+            ("before", first.id),
+            ("after", after.id),
+        ]
+        assert await plain.get(0.05) is None
+    assert b.stats()["dropped"] == 0
+
+
+@pytest.mark.parametrize("topology_redis", ["cluster"], indirect=True)
+@pytest.mark.slow
+async def test_sharded_channels_live_on_their_shard_and_any_client_of_it_publishes(
+    topology_redis: Any, broadcasters: BroadcasterFactory
+) -> None:
+    b = broadcasters(topology_redis)
+    channels = [f"room:{n}" for n in range(12)]
+    async with b.subscribe(*channels) as sub:
+        owners = {
+            channel: topology_redis.nodes_manager.get_node_from_slot(
+                topology_redis.keyslot(b.channel_name(channel))
+            )
+            for channel in channels
+        }
+        assert len({node.name for node in owners.values()}) > 1  # spread over shards
+        # one pub/sub connection per shard that owns a subscribed channel
+        assert {link["name"] for link in b.stats()["links"]} == {
+            node.name for node in owners.values()
+        }
+        for channel, node in owners.items():
+            async with Redis(host=node.host, port=node.port) as direct:
+                raw = b.channel_name(channel)
+                assert dict(await direct.pubsub_shardnumsub(raw))[raw.encode()] == 1
+                # SPUBLISH straight to the owning node, by a plain client (any language could)
+                assert await direct.spublish(raw, b.codec.encode(channel)) == 1
+        received = sorted([(await next_message(sub)).data for _ in channels])
+        assert received == sorted(channels)
+
+
+@pytest.mark.parametrize("topology_redis", ["cluster"], indirect=True)
+@pytest.mark.slow
+async def test_plain_pubsub_on_a_cluster_crosses_nodes_and_keeps_patterns(
+    topology_redis: Any, broadcasters: BroadcasterFactory
+) -> None:
+    """sharded=False: one connection to one node; PUBLISH on any node reaches it."""
+    b = broadcasters(topology_redis, sharded=False)
+    nodes = await primaries(topology_redis)
+    assert len(nodes) == 3
+    async with b.subscribe("feed") as plain, b.subscribe(patterns=["feed*"]) as patterned:
+        for n, node in enumerate(nodes):
+            async with node:
+                await node.publish(b.channel_name("feed"), b.codec.encode(n))
+        # messages from different nodes cross different cluster-bus links: no order between them
+        assert sorted([(await next_message(plain)).data for _ in nodes]) == [0, 1, 2]
+        got = [await next_message(patterned) for _ in nodes]
+        assert sorted((m.data, m.pattern) for m in got) == [(n, "feed*") for n in range(3)]
+
+
+async def test_killed_pubsub_connections_reconnect_and_resubscribe_on_every_topology(
+    topology_redis: Any, broadcasters: BroadcasterFactory
+) -> None:
+    b = broadcasters(topology_redis)
+    channels = [f"room:{n}" for n in range(6)]
+    async with b.subscribe(*channels) as sub:
+        killed = 0
+        for node in await primaries(topology_redis):
+            # ours only: sentinels hold pub/sub connections to a monitored primary too
+            rows = await node.client_list(_type="pubsub")
+            for row in rows:
+                if not row.get("name", "").startswith("sentinel-"):
+                    killed += await node.client_kill_filter(_id=row["id"])
+            if node is not topology_redis:
+                await node.aclose()
+        assert killed == len(b.stats()["links"]) >= 1
+        events = [await sub.get(5) for _ in range(killed)]  # one per link lost and re-made
+        assert all(isinstance(e, Reconnected) and e.may_have_missed for e in events), events
+        for channel in channels:
+            await b.publish(channel, channel)
+        assert sorted([(await next_message(sub)).data for _ in channels]) == sorted(channels)
 
 
 # -- supervision ----------------------------------------------------------------------

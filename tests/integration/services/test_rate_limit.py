@@ -1,4 +1,4 @@
-"""Rate limiting on a real redis-server: concurrency, clocks, TTLs, scripts, round trips."""
+"""Rate limiting on real Redis (standalone, Cluster, Sentinel): concurrency, clocks, TTLs, scripts."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from app.core.redis import scan_keys
 from app.services.rate_limit import ALGORITHMS, Algorithm, ConcurrencyLimiter, RateLimiter
 from app.testing.plugin import RedisServerInfo
 from app.testing.servers import RedisServer
+from tests.integration.topology._support import ON_TOPOLOGIES, ready, topology_url, twin
 
 ALL: tuple[Algorithm, ...] = get_args(Algorithm)
 ROOT = Path(__file__).resolve().parents[3]
@@ -53,6 +54,19 @@ async def client(
         await counting.aclose()
 
 
+@pytest_asyncio.fixture
+async def topo(topology_redis: Any, decode_responses: bool) -> AsyncIterator[Any]:
+    """Standalone, Cluster or Sentinel (see ``ON_TOPOLOGIES``), bytes or decoded replies."""
+    if not decode_responses:
+        yield await ready(topology_redis)
+        return
+    decoded = twin(topology_redis, decode_responses=True)
+    try:
+        yield await ready(decoded)
+    finally:
+        await decoded.aclose()
+
+
 @pytest.fixture
 def private_server() -> Any:
     server = RedisServer().start()
@@ -62,18 +76,31 @@ def private_server() -> Any:
         server.cleanup()
 
 
-async def test_a_thousand_concurrent_checks_from_two_processes_admit_exactly_the_limit(
-    real_redis: Redis, redis_server: RedisServerInfo
+# A RedisCluster client's per-node pool raises MaxConnectionsError past REDIS_POOL_SIZE
+# connections instead of waiting for a free one (the standalone and Sentinel pools wait), so
+# the Cluster run keeps each process's burst (requests x 5 limiters) under the pool size.
+@pytest.mark.parametrize(
+    ("topology_redis", "requests", "limit"),
+    [
+        pytest.param("standalone", 500, 100, id="standalone"),
+        pytest.param("cluster", 30, 40, id="cluster", marks=pytest.mark.slow),
+        pytest.param("sentinel", 500, 100, id="sentinel", marks=pytest.mark.slow),
+    ],
+    indirect=["topology_redis"],
+)
+async def test_concurrent_checks_from_two_processes_admit_exactly_the_limit(
+    topology_redis: Any, request: pytest.FixtureRequest, requests: int, limit: int
 ) -> None:
-    """2 processes x 500 concurrent checks per algorithm, limit 100 per hour: 100 admitted."""
+    """2 processes x *requests* concurrent checks per algorithm, *limit* per hour: exactly
+    *limit* admitted. Each worker builds its client from the topology's URL."""
     procs = [
         await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
             "tests.integration.services._rate_limit_worker",
-            redis_server.url,
-            "500",
-            "100",
+            topology_url(request),
+            str(requests),
+            str(limit),
             cwd=ROOT,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
@@ -86,19 +113,22 @@ async def test_a_thousand_concurrent_checks_from_two_processes_admit_exactly_the
         assert proc.returncode == 0, err.decode()
         counts.append(json.loads(out))
     totals = {name: sum(c[name] for c in counts) for name in (*ALL, "concurrency")}
-    assert totals == dict.fromkeys((*ALL, "concurrency"), 100)
+    assert totals == dict.fromkeys((*ALL, "concurrency"), limit)
     assert all(sum(c.values()) > 0 for c in counts), counts  # both processes competed
     for name in ALL:
-        limiter = RateLimiter(real_redis, max_requests=100, window_seconds=3600, algorithm=name)
+        limiter = RateLimiter(
+            topology_redis, max_requests=limit, window_seconds=3600, algorithm=name
+        )
         assert (await limiter.peek("contended")).results[0].remaining == 0
 
 
+@ON_TOPOLOGIES
 async def test_design_contract_three_per_second_then_allowed_after_the_window(
-    client: CountingRedis,
+    topo: Any,
 ) -> None:
     """Three allowed, the fourth refused, allowed again after the window (all algorithms at
     once). The sliding counter approximates: it may take up to two windows, and says so."""
-    limiters = [RateLimiter(client, max_requests=3, window_seconds=1, algorithm=a) for a in ALL]
+    limiters = [RateLimiter(topo, max_requests=3, window_seconds=1, algorithm=a) for a in ALL]
 
     async def run(limiter: RateLimiter) -> list[bool]:
         first = [await limiter.is_allowed("user-1") for _ in range(4)]
@@ -121,42 +151,44 @@ async def test_design_contract_three_per_second_then_allowed_after_the_window(
     }
 
 
+@ON_TOPOLOGIES
 @pytest.mark.parametrize("algorithm", ALL)
 async def test_a_refusal_by_the_per_second_policy_leaves_the_daily_count_unchanged(
-    client: CountingRedis, algorithm: Algorithm
+    topo: Any, algorithm: Algorithm
 ) -> None:
-    limiter = RateLimiter(client, policies="second=2/second;day=1000/day", algorithm=algorithm)
+    limiter = RateLimiter(topo, policies="second=2/second;day=1000/day", algorithm=algorithm)
     assert (await limiter.hit("u")).allowed and (await limiter.hit("u")).allowed
     day_key = limiter.keys_for("u")[1]
-    stored = await client.dump(day_key)
+    stored = await topo.dump(day_key)
     for _ in range(5):
         refused = await limiter.hit("u")
         assert not refused.allowed
         assert [r.name for r in refused.violated] == ["second"]
         assert refused.results[1].remaining == 998
-    assert await client.dump(day_key) == stored
+    assert await topo.dump(day_key) == stored
     assert (await limiter.peek("u")).results[1].remaining == 998
 
 
-async def test_every_key_the_limiters_write_has_a_ttl(client: CountingRedis) -> None:
+@ON_TOPOLOGIES
+async def test_every_key_the_limiters_write_has_a_ttl(topo: Any) -> None:
     policies = "s=2/second;m=5/minute;d=10/day"
     for algorithm in ALL:
-        limiter = RateLimiter(client, policies=policies, algorithm=algorithm)
+        limiter = RateLimiter(topo, policies=policies, algorithm=algorithm)
         for who in ("alice", "bob", "ip:10.0.0.1"):
             for _ in range(4):
                 await limiter.hit(who)
             await limiter.peek(who)
-    slots = ConcurrencyLimiter(client, 2, lease_seconds=5)
+    slots = ConcurrencyLimiter(topo, 2, lease_seconds=5)
     await slots.acquire("alice")
     released = await slots.acquire("bob")
     await slots.release(released)
-    keys = [key async for key in scan_keys(client, "app:ratelimit:*")]
+    keys = [key async for key in scan_keys(topo, "app:ratelimit:*")]
     # 3 policies x 3 identifiers per algorithm, plus alice's lease set (bob's emptied set
     # was removed by Redis itself)
     assert len(keys) == len(ALL) * 3 * 3 + 1
     for key in keys:
-        assert await client.pttl(key) > 0, key
-    assert [key async for key in scan_keys(client, "*")] != []  # SCAN saw the keyspace
+        assert await topo.pttl(key) > 0, key
+    assert [key async for key in scan_keys(topo, "*")] != []  # SCAN saw the keyspace
 
 
 @pytest.mark.parametrize("algorithm", ALL)
@@ -176,12 +208,13 @@ async def test_a_check_after_script_flush_still_works(
     assert client.commands == ["EVALSHA"]
 
 
-async def test_concurrency_after_script_flush_still_works(client: CountingRedis) -> None:
-    slots = ConcurrencyLimiter(client, 1)
-    await client.script_flush()
+@ON_TOPOLOGIES
+async def test_concurrency_after_script_flush_still_works(topo: Any) -> None:
+    slots = ConcurrencyLimiter(topo, 1)
+    await topo.script_flush()
     decision = await slots.acquire("u")
     assert decision.allowed and not decision.degraded
-    await client.script_flush()
+    await topo.script_flush()
     assert await slots.release(decision)
 
 
@@ -209,9 +242,10 @@ async def test_one_round_trip_per_check_for_any_number_of_policies(
         assert issued == {"evalsha": 7, "info": 1}, issued  # the first INFO counted itself
 
 
-async def test_sub_second_windows_use_the_server_clock(client: CountingRedis) -> None:
+@ON_TOPOLOGIES
+async def test_sub_second_windows_use_the_server_clock(topo: Any) -> None:
     for algorithm in ALL:
-        limiter = RateLimiter(client, policies="4/200ms", algorithm=algorithm)
+        limiter = RateLimiter(topo, policies="4/200ms", algorithm=algorithm)
         assert [await limiter.is_allowed(algorithm) for _ in range(5)][-1] is False
         wait = (await limiter.peek(algorithm)).retry_after
         assert 0 < wait <= 0.4, algorithm
@@ -219,8 +253,9 @@ async def test_sub_second_windows_use_the_server_clock(client: CountingRedis) ->
         assert await limiter.is_allowed(algorithm), algorithm
 
 
-async def test_gcra_spaces_units_evenly_after_a_burst(client: CountingRedis) -> None:
-    limiter = RateLimiter(client, max_requests=5, window_seconds=0.5)  # one unit per 100 ms
+@ON_TOPOLOGIES
+async def test_gcra_spaces_units_evenly_after_a_burst(topo: Any) -> None:
+    limiter = RateLimiter(topo, max_requests=5, window_seconds=0.5)  # one unit per 100 ms
     assert all([await limiter.is_allowed("u") for _ in range(5)])
     refused = await limiter.hit("u")
     assert not refused.allowed and 0.05 < refused.retry_after <= 0.1
@@ -229,8 +264,9 @@ async def test_gcra_spaces_units_evenly_after_a_burst(client: CountingRedis) -> 
     assert not await limiter.is_allowed("u")  # only one unit came back
 
 
-async def test_a_dead_workers_concurrency_leases_expire(client: CountingRedis) -> None:
-    slots = ConcurrencyLimiter(client, 2, lease_seconds=0.2)
+@ON_TOPOLOGIES
+async def test_a_dead_workers_concurrency_leases_expire(topo: Any) -> None:
+    slots = ConcurrencyLimiter(topo, 2, lease_seconds=0.2)
     assert (await slots.acquire("u")).allowed and (await slots.acquire("u")).allowed
     assert not (await slots.acquire("u")).allowed  # nobody releases: the worker "died"
     await asyncio.sleep(0.25)

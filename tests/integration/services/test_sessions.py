@@ -1,4 +1,4 @@
-"""SessionStore on a real redis-server: the same record contract, plus expiry and scale."""
+"""SessionStore on real Redis (standalone, Cluster, Sentinel): record contract, expiry, scale."""
 
 from __future__ import annotations
 
@@ -13,21 +13,19 @@ from redis.asyncio import Redis
 
 from app.core.errors import RedisUnavailable, SessionConflict, SessionNotFound
 from app.services.sessions import SessionStore
-from app.testing.plugin import RedisServerInfo
 from app.testing.servers import RedisServer
+from tests.integration.topology._support import ON_TOPOLOGIES, ready, twin
 
 
-@pytest_asyncio.fixture(params=[False, True], ids=["bytes", "decoded"])
-async def client(
-    request: pytest.FixtureRequest, real_redis: Redis, redis_server: RedisServerInfo
-) -> AsyncIterator[Any]:
-    """The real server, through a client with decode_responses False and True."""
-    if not request.param:
-        yield real_redis
+@pytest_asyncio.fixture
+async def client(topology_redis: Any, decode_responses: bool) -> AsyncIterator[Any]:
+    """Standalone, Cluster or Sentinel (see ``ON_TOPOLOGIES``), bytes or decoded replies."""
+    if not decode_responses:
+        yield await ready(topology_redis)
         return
-    decoded = Redis.from_url(redis_server.url, decode_responses=True)
+    decoded = twin(topology_redis, decode_responses=True)
     try:
-        yield decoded
+        yield await ready(decoded)
     finally:
         await decoded.aclose()
 
@@ -37,8 +35,8 @@ def _key(store: SessionStore, session_id: str) -> str:
     return store._record_key(family, token)
 
 
-async def test_record_crud_round_trip_on_any_backend(any_redis: Any) -> None:
-    store = SessionStore(any_redis)
+async def test_record_crud_round_trip_on_every_topology(topology_redis: Any) -> None:
+    store = SessionStore(topology_redis)
     rec = await store.create(data={"user": 1, "raw": b"\x00\xff"}, client_ip="10.0.0.1")
     assert await store.get(rec.id) == rec
     updated = await store.update(rec.id, data={"user": 1, "raw": b"\xfe"}, locked=True)
@@ -49,7 +47,8 @@ async def test_record_crud_round_trip_on_any_backend(any_redis: Any) -> None:
     assert [r async for r in store.list()] == []
 
 
-async def test_crud_binary_and_merge_rules_on_real_redis(client: Any) -> None:
+@ON_TOPOLOGIES
+async def test_crud_binary_and_merge_rules(client: Any) -> None:
     store = SessionStore(client)
     rec = await store.create(data={"user": "u", "blob": bytes(range(256))}, client_ip="::1")
     got = await store.get(rec.id)
@@ -66,6 +65,7 @@ async def test_crud_binary_and_merge_rules_on_real_redis(client: Any) -> None:
     assert await store.get(rec.id) is None
 
 
+@ON_TOPOLOGIES
 async def test_many_concurrent_writers_of_different_keys_lose_nothing(client: Any) -> None:
     store = SessionStore(client)
     rec = await store.create(data={})
@@ -77,6 +77,7 @@ async def test_many_concurrent_writers_of_different_keys_lose_nothing(client: An
     assert got.data == {f"k{i}": i for i in range(100)} and got.version == 101
 
 
+@ON_TOPOLOGIES
 async def test_concurrent_increments_of_one_key_never_lose_an_update(client: Any) -> None:
     store = SessionStore(client)
     rec = await store.create(data={"n": 0})
@@ -98,6 +99,7 @@ async def test_concurrent_increments_of_one_key_never_lose_an_update(client: Any
     assert got is not None and got.data["n"] == 30
 
 
+@ON_TOPOLOGIES
 async def test_idle_timeout_is_enforced_by_redis_and_restarted_by_activity(client: Any) -> None:
     store = SessionStore(client, idle_ttl=0.4, absolute_ttl=30)
     rec = await store.create(data={"a": 1})
@@ -111,6 +113,7 @@ async def test_idle_timeout_is_enforced_by_redis_and_restarted_by_activity(clien
     assert await store.touch(rec.id) is False
 
 
+@ON_TOPOLOGIES
 async def test_absolute_lifetime_ends_a_session_however_active(client: Any) -> None:
     store = SessionStore(client, idle_ttl=0.5, absolute_ttl=0.9)
     rec = await store.create(data={"a": 1})
@@ -129,6 +132,7 @@ async def test_absolute_lifetime_ends_a_session_however_active(client: Any) -> N
         await store.merge(rec.id, base_version=0, changes={"c": 3})
 
 
+@ON_TOPOLOGIES
 async def test_the_old_id_stops_resolving_after_the_grace_window(client: Any) -> None:
     store = SessionStore(client, regenerate_grace=0.3)
     rec = await store.create(data={"user": "alice"})
@@ -140,6 +144,7 @@ async def test_the_old_id_stops_resolving_after_the_grace_window(client: Any) ->
     assert await store.load(new_id) is not None
 
 
+@ON_TOPOLOGIES
 async def test_tombstone_and_index_expire(client: Any) -> None:
     store = SessionStore(client, tombstone_ttl=0.3, absolute_ttl=5)
     rec = await store.create(data={"user": "alice"})
@@ -154,6 +159,7 @@ async def test_tombstone_and_index_expire(client: Any) -> None:
     assert await client.exists(index) == 0  # emptied on delete
 
 
+@ON_TOPOLOGIES
 async def test_list_and_revoke_at_scale(client: Any) -> None:
     store = SessionStore(client)
     alice = [await store.create(data={"user": "alice"}) for _ in range(130)]
@@ -168,6 +174,7 @@ async def test_list_and_revoke_at_scale(client: Any) -> None:
     assert [r async for r in store.list()] == []
 
 
+@ON_TOPOLOGIES
 async def test_scripts_reload_after_the_server_forgets_them(client: Any) -> None:
     store = SessionStore(client)
     rec = await store.create(data={"a": 1})

@@ -1,4 +1,4 @@
-"""Streams on a real redis-server: volume, retries, leases, stop, housekeeping, both decodings."""
+"""Streams on real Redis (standalone, Cluster, Sentinel): volume, retries, leases, stop, housekeeping."""
 
 from __future__ import annotations
 
@@ -7,11 +7,10 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-import pytest
-from redis.asyncio import Redis
+import pytest_asyncio
 
 from app.services.streams import StreamConsumer, StreamMessage, StreamProducer, stream_keys
-from app.testing.plugin import RedisServerInfo
+from tests.integration.topology._support import ON_TOPOLOGIES, ready, twin
 
 
 def _text(value: object) -> str:
@@ -24,26 +23,27 @@ async def wait_for(predicate: Callable[[], bool], timeout: float = 20.0) -> None
             await asyncio.sleep(0.01)
 
 
-async def pending_of(redis: Redis, stream: str, group: str) -> int:
+async def pending_of(redis: Any, stream: str, group: str) -> int:
     return int((await redis.xpending(stream_keys(stream).stream, group))["pending"])
 
 
-@pytest.fixture(params=[False, True], ids=["bytes", "decoded"])
-async def client(
-    request: pytest.FixtureRequest, redis_server: RedisServerInfo, real_redis: Redis
-) -> AsyncIterator[Redis]:
-    """A real-server client with decode_responses False and True (flushed by real_redis)."""
-    c = Redis.from_url(redis_server.url, decode_responses=request.param)
+@pytest_asyncio.fixture
+async def client(topology_redis: Any, decode_responses: bool) -> AsyncIterator[Any]:
+    """Standalone, Cluster or Sentinel (see ``ON_TOPOLOGIES``), bytes or decoded replies."""
+    if not decode_responses:
+        yield await ready(topology_redis)
+        return
+    c = twin(topology_redis, decode_responses=True)
     try:
-        yield c
+        yield await ready(c)
     finally:
         await c.aclose()
 
 
 async def test_ten_thousand_entries_three_consumers_each_handled_once(
-    redis_server: RedisServerInfo, real_redis: Redis
+    topology_redis: Any,
 ) -> None:
-    producer = StreamProducer(real_redis, "load")
+    producer = StreamProducer(topology_redis, "load")
     ids: list[str] = []
     for chunk in range(10):
         ids += await producer.add_many({"n": chunk * 1000 + i} for i in range(1000))
@@ -55,7 +55,7 @@ async def test_ten_thousand_entries_three_consumers_each_handled_once(
         handled[message.id] += 1
         per_consumer[message.consumer] += 1
 
-    clients = [Redis.from_url(redis_server.url) for _ in range(3)]
+    clients = [twin(topology_redis) for _ in range(3)]  # three "processes"
     consumers = [
         StreamConsumer(c, "load", "g", f"w{i}", handler, batch_size=100, concurrency=50)
         for i, c in enumerate(clients)
@@ -74,11 +74,12 @@ async def test_ten_thousand_entries_three_consumers_each_handled_once(
     assert set(handled.values()) == {1}  # each entry processed exactly once
     assert len(per_consumer) == 3 and min(per_consumer.values()) > 0
     assert sum(c.counters.acked for c in consumers) == 10_000
-    assert await real_redis.xpending_range(stream_keys("load").stream, "g", "-", "+", 10) == []
+    assert await topology_redis.xpending_range(stream_keys("load").stream, "g", "-", "+", 10) == []
     assert (stats.length, stats.pending, stats.lag) == (10_000, 0, 0)
 
 
-async def test_an_always_failing_handler_lands_in_the_dead_letter_stream(client: Redis) -> None:
+@ON_TOPOLOGIES
+async def test_an_always_failing_handler_lands_in_the_dead_letter_stream(client: Any) -> None:
     [entry_id] = await StreamProducer(client, "jobs").add_many([{"job": "doomed"}])
     deliveries: list[int] = []
 
@@ -104,7 +105,7 @@ async def test_an_always_failing_handler_lands_in_the_dead_letter_stream(client:
 
 
 async def test_a_handler_running_three_claim_idles_is_not_processed_twice(
-    redis_server: RedisServerInfo, real_redis: Redis
+    topology_redis: Any,
 ) -> None:
     claim_idle = 0.3
     calls: Counter[str] = Counter()
@@ -113,14 +114,14 @@ async def test_a_handler_running_three_claim_idles_is_not_processed_twice(
         calls[message.id] += 1
         await asyncio.sleep(3 * claim_idle)
 
-    clients = [Redis.from_url(redis_server.url) for _ in range(2)]
+    clients = [twin(topology_redis) for _ in range(2)]
     consumers = [
         StreamConsumer(c, "jobs", "g", f"w{i}", long_job, claim_idle=claim_idle, block=0.05)
         for i, c in enumerate(clients)
     ]
     await consumers[0].ensure_group()
     tasks = [asyncio.create_task(c.run()) for c in consumers]
-    [entry_id] = await StreamProducer(real_redis, "jobs").add_many(["long"])
+    [entry_id] = await StreamProducer(topology_redis, "jobs").add_many(["long"])
     try:
         await wait_for(lambda: sum(c.counters.acked for c in consumers) == 1)
         await asyncio.sleep(2 * claim_idle)  # room for a wrongful claim to show up
@@ -132,11 +133,12 @@ async def test_a_handler_running_three_claim_idles_is_not_processed_twice(
     assert calls == {entry_id: 1}
     assert sum(c.counters.claimed for c in consumers) == 0
     assert sum(c.counters.lost_claims for c in consumers) == 0
-    assert await pending_of(real_redis, "jobs", "g") == 0
+    assert await pending_of(topology_redis, "jobs", "g") == 0
 
 
+@ON_TOPOLOGIES
 async def test_graceful_stop_acks_finished_handlers_and_leaves_the_rest_pending(
-    client: Redis,
+    client: Any,
 ) -> None:
     release = asyncio.Event()
     finished: list[str] = []
@@ -170,7 +172,8 @@ async def test_graceful_stop_acks_finished_handlers_and_leaves_the_rest_pending(
     assert await pending_of(client, "jobs", "g") == 0
 
 
-async def test_idle_entries_are_reclaimed_and_deleted_ones_skipped(client: Redis) -> None:
+@ON_TOPOLOGIES
+async def test_idle_entries_are_reclaimed_and_deleted_ones_skipped(client: Any) -> None:
     key = stream_keys("jobs").stream
     ids = await StreamProducer(client, "jobs").add_many(["a", "b", "c", "d"])
     seen: list[tuple[str, int]] = []
@@ -189,7 +192,8 @@ async def test_idle_entries_are_reclaimed_and_deleted_ones_skipped(client: Redis
     assert await pending_of(client, "jobs", "g") == 0
 
 
-async def test_own_pending_entries_are_recovered_before_new_ones(client: Redis) -> None:
+@ON_TOPOLOGIES
+async def test_own_pending_entries_are_recovered_before_new_ones(client: Any) -> None:
     key = stream_keys("jobs").stream
     producer = StreamProducer(client, "jobs")
     old = await producer.add("old")
@@ -207,7 +211,8 @@ async def test_own_pending_entries_are_recovered_before_new_ones(client: Redis) 
     assert old
 
 
-async def test_stats_trim_and_janitor(client: Redis) -> None:
+@ON_TOPOLOGIES
+async def test_stats_trim_and_janitor(client: Any) -> None:
     key = stream_keys("jobs").stream
     producer = StreamProducer(client, "jobs")
     ids = await producer.add_many(range(10))
@@ -232,8 +237,9 @@ async def _noop(message: StreamMessage[Any]) -> None:
     return None
 
 
-async def test_blocking_reads_never_hit_the_socket_timeout(redis_server: RedisServerInfo) -> None:
-    client = Redis.from_url(redis_server.url, socket_timeout=1.0)
+async def test_blocking_reads_never_hit_the_socket_timeout(topology_redis: Any) -> None:
+    """XREADGROUP BLOCK on a quiet stream, through a Cluster client too."""
+    client = twin(topology_redis, socket_timeout=1.0)
     seen: list[str] = []
 
     async def handler(message: StreamMessage[Any]) -> None:
@@ -253,11 +259,11 @@ async def test_blocking_reads_never_hit_the_socket_timeout(redis_server: RedisSe
     assert c.counters.redis_errors == 0
 
 
-async def test_demo_routes_on_real_redis(
-    real_redis: Redis, make_app_client: Callable[..., Awaitable[Any]]
+async def test_demo_routes_on_every_topology(
+    topology_redis: Any, make_app_client: Callable[..., Awaitable[Any]]
 ) -> None:
-    # real_redis first: the app (and its demo consumer) stops before the client is closed.
-    real_app_client = await make_app_client(None, real_redis)
+    # topology_redis first: the app (and its demo consumer) stops before the client is closed.
+    real_app_client = await make_app_client(None, topology_redis)
     created = await real_app_client.post("/streams/events", json={"payload": {"n": 1}})
     assert created.status_code == 201
     async with asyncio.timeout(10):
