@@ -50,6 +50,8 @@ $(BENCH_STAMP): pyproject.toml
 	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
 	$(BENCH_VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(BENCH_VENV)/bin/python -m pip install --quiet -e ".[bench]"
+	# fastapi-limiter 0.1.x (the API most deployed code uses) beside 0.2, loaded as fastapi_limiter_016
+	$(BENCH_VENV)/bin/python -m pip install --quiet --no-deps --upgrade --target bench/.vendor/fastapi_limiter_016 "fastapi-limiter==0.1.6"
 	touch $(BENCH_STAMP)
 
 ## bench: our code and the peers on one private redis-server, ratios in one run
@@ -64,4 +66,4 @@ soak: $(STAMP)
 	$(BIN)/python scripts/soak.py --seconds $(SOAK_SECONDS)
 
 clean:
-	rm -rf $(VENV) $(BENCH_VENV) .pytest_cache .mypy_cache .ruff_cache .coverage .coverage.*
+	rm -rf $(VENV) $(BENCH_VENV) bench/.vendor/fastapi_limiter_016 .pytest_cache .mypy_cache .ruff_cache .coverage .coverage.*

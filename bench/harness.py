@@ -108,15 +108,26 @@ async def _measure(op: Op, concurrency: int, seconds: float) -> float:
     return sum(counts) / (loop.time() - start)
 
 
-async def _count_commands(case: Case, proxy: TcpProxy, ops: int = 50) -> tuple[float, float]:
+async def _count_commands(
+    case: Case, proxy: TcpProxy, concurrency: int = 1, ops: int = 50
+) -> tuple[float, float]:
+    """Commands (and write bursts) per op, counted in the shape: at 50 tasks a library
+    that coalesces concurrent calls sends fewer commands than one per call."""
+    per_task = max(2, ops // concurrency) if concurrency > 1 else ops
+
+    async def worker(op: Op) -> None:
+        for _ in range(per_task):
+            await op()
+
     async with case.make(proxy.url) as op:
-        await op()  # warm up: connect, load scripts, fill caches
+        # warm up: connect, load scripts, fill caches
+        await asyncio.gather(*(op() for _ in range(concurrency)))
         proxy.commands = proxy.writes = 0
         proxy.count = True
-        for _ in range(ops):
-            await op()
+        await asyncio.gather(*(worker(op) for _ in range(concurrency)))
         proxy.count = False
-    return proxy.commands / ops, proxy.writes / ops
+    total = per_task * concurrency
+    return proxy.commands / total, proxy.writes / total
 
 
 async def run_group(
@@ -141,7 +152,8 @@ async def run_group(
             for case in active:
                 try:
                     ops[case.name] = await stack.enter_async_context(case.make(url))
-                    await ops[case.name]()
+                    # warm up in the shape: connect the whole pool, load scripts, fill caches
+                    await asyncio.gather(*(ops[case.name]() for _ in range(concurrency)))
                 except Exception as exc:  # a peer that does not install or run here
                     by_name[case.name].error = f"{type(exc).__name__}: {exc}"[:200]
             runnable = [c for c in active if c.name in ops]
@@ -168,7 +180,7 @@ async def run_group(
             for case in active:
                 if by_name[case.name].error is None:
                     try:
-                        cmds, writes = await _count_commands(case, counting_proxy)
+                        cmds, writes = await _count_commands(case, counting_proxy, concurrency)
                         by_name[case.name].commands_per_op = round(cmds / case.unit_per_op, 2)
                         by_name[case.name].writes_per_op = round(writes / case.unit_per_op, 2)
                     except Exception as exc:
