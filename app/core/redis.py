@@ -312,6 +312,39 @@ class WaitingSentinelConnectionPool(_WaitForConnection, SentinelConnectionPool):
     """``SentinelConnectionPool`` that waits for a free connection."""
 
 
+class WaitingRedisCluster(RedisCluster):
+    """``RedisCluster`` whose commands wait (bounded) for a slot instead of failing.
+
+    redis-py's cluster nodes raise ``MaxConnectionsError`` once a node has
+    ``max_connections`` connections in use. Bounding the commands in flight on
+    this client to the same number keeps every node under it, so a burst waits
+    up to ``pool_timeout`` for a slot, like the standalone pool does.
+    """
+
+    def __init__(self, *args: Any, pool_timeout: float | None = 5.0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.pool_timeout = pool_timeout
+        self._in_flight = asyncio.Semaphore(kwargs.get("max_connections", 100))
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        slots = self._in_flight
+        if slots.locked():
+            try:
+                async with asyncio.timeout(self.pool_timeout):
+                    await slots.acquire()
+            except TimeoutError as exc:
+                raise redis_exc.ConnectionError(
+                    f"no free Redis connection within {self.pool_timeout}s; "
+                    "raise REDIS_POOL_SIZE or REDIS_POOL_TIMEOUT"
+                ) from exc
+        else:
+            await slots.acquire()
+        try:
+            return await super().execute_command(*args, **kwargs)
+        finally:
+            slots.release()
+
+
 class SentinelManagedRedis(Redis):
     """A Sentinel-managed primary client that also closes its sentinel connections."""
 
@@ -375,9 +408,10 @@ def build_client(settings: Settings | None = None, *, url: str | None = None) ->
         return Redis.from_pool(pool)  # the client owns the pool: aclose() closes it
     auth: dict[str, Any] = {"username": target.username, "password": target.password}
     if target.kind == "cluster":
-        return RedisCluster(
+        return WaitingRedisCluster(
             startup_nodes=[ClusterNode(h, p) for h, p in target.nodes],
             max_connections=s.redis_pool_size,
+            pool_timeout=s.redis_pool_timeout,
             ssl=target.tls,
             **auth,
             **common,

@@ -320,6 +320,7 @@ async def topology_redis(request: pytest.FixtureRequest) -> AsyncIterator[Any]:
         sentinel: LocalSentinel = request.getfixturevalue("redis_sentinel")
         url, flush = sentinel.url, sentinel.flushall
     client = core_redis.build_client(url=url)
+    await client.ping()  # discover the topology before the test's first (concurrent) commands
     if flush is None:
         await client.flushall()
     else:

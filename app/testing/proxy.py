@@ -47,6 +47,7 @@ class TcpProxy:
         self._server: asyncio.Server | None = None
         self._flowing: asyncio.Event | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
 
     @property
     def url(self) -> str:
@@ -67,6 +68,10 @@ class TcpProxy:
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         self.connections_accepted += 1
         if self.refuse:
             writer.close()
@@ -134,6 +139,8 @@ class TcpProxy:
                     w.transport.abort()
             if self._flowing is not None:
                 self._flowing.set()
+            if self._tasks:  # let every connection handler finish before the loop stops
+                await asyncio.wait(list(self._tasks), timeout=2)
 
         if self._thread.is_alive():
             self._call(_close())

@@ -128,7 +128,7 @@ class LocalCluster:
 class LocalSentinel:
     """One primary, one replica and three sentinels watching ``mymaster``."""
 
-    def __init__(self, down_after_ms: int = 1000, failover_timeout_ms: int = 5000) -> None:
+    def __init__(self, down_after_ms: int = 1000, failover_timeout_ms: int = 2000) -> None:
         self.down_after_ms = down_after_ms
         self.failover_timeout_ms = failover_timeout_ms
         self.primary: RedisServer | None = None
@@ -141,9 +141,10 @@ class LocalSentinel:
 
     def start(self, timeout: float = 30.0) -> LocalSentinel:
         try:
-            self.primary = RedisServer().start()
+            fast_sync = ["--repl-diskless-sync-delay", "0"]  # a rejoining replica syncs at once
+            self.primary = RedisServer(extra_args=fast_sync).start()
             self.replica = RedisServer(
-                extra_args=["--replicaof", "127.0.0.1", str(self.primary.port)]
+                extra_args=[*fast_sync, "--replicaof", "127.0.0.1", str(self.primary.port)]
             ).start()
             _wait(
                 "the replica to sync",

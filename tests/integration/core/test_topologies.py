@@ -79,3 +79,20 @@ async def test_sentinel_failover_keeps_a_running_client_working(
         for server in (redis_sentinel.primary, redis_sentinel.replica):
             if server is not None and server.port == old_port:
                 await asyncio.to_thread(server.start)
+
+
+@pytest.mark.slow
+async def test_cluster_bursts_wait_for_a_connection_instead_of_failing(
+    redis_cluster: LocalCluster, settings_override: Any
+) -> None:
+    settings_override(redis_pool_size=2, redis_pool_timeout=10)
+    client: Any = build_client(url=redis_cluster.url)
+    try:
+        replies = await asyncio.gather(
+            *(client.blpop([f"{{t}}:none:{i}"], timeout=0.02) for i in range(40))
+        )
+        assert (
+            replies == [None] * 40
+        )  # 40 blocking commands through 2 slots: all waited, none failed
+    finally:
+        await client.aclose()
