@@ -7,14 +7,55 @@ client) redirects all of them.
 
 from __future__ import annotations
 
-from typing import Annotated
+import inspect
+import string
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Annotated, Any
 
-from fastapi import Depends
+from fastapi import Depends, Header, Request
+from starlette.requests import HTTPConnection
 
 from app.core.config import Settings, get_settings
+from app.core.errors import ConfigurationError
 from app.core.redis import AnyRedis, get_redis
+from app.middleware.idempotency import (
+    DEFAULT_HEADER,
+    IDEMPOTENCY_RESPONSES,
+    guard_request,
+)
+from app.middleware.rate_limit import rate_limit
+from app.middleware.sessions import Session, load_session
+from app.services.cache import CacheService, get_cache
+from app.services.http_cache import HttpResponseCache
+from app.services.locks import RedisLock, Seconds, as_seconds
+from app.services.pubsub import Broadcaster
+from app.services.semaphore import Permit, Semaphore
+from app.services.sessions import SessionStore
+from app.services.streams import StreamProducer
 
-__all__ = ["RedisDep", "SettingsDep", "redis_dependency"]
+__all__ = [
+    "IDEMPOTENCY_RESPONSES",
+    "LOCK_RESPONSES",
+    "BroadcasterDep",
+    "CacheDep",
+    "HttpCacheDep",
+    "IdempotencyKeyDep",
+    "RedisDep",
+    "SessionDep",
+    "SessionStoreDep",
+    "SettingsDep",
+    "broadcaster_dependency",
+    "cache_dependency",
+    "http_response_cache",
+    "idempotency_key",
+    "rate_limit",
+    "redis_dependency",
+    "request_lock",
+    "request_semaphore",
+    "session_store_dependency",
+    "stream_producer",
+]
 
 
 async def redis_dependency() -> AnyRedis:
@@ -29,13 +70,9 @@ async def settings_dependency() -> Settings:
 RedisDep = Annotated[AnyRedis, Depends(redis_dependency)]
 SettingsDep = Annotated[Settings, Depends(settings_dependency)]
 
-# Each capability adds its dependencies below, inside its own section.
+# Dependencies by capability.
 
 # --- cache ---
-
-from app.services.cache import CacheService, get_cache  # noqa: E402
-
-__all__ += ["CacheDep", "cache_dependency"]
 
 
 async def cache_dependency() -> CacheService:
@@ -53,8 +90,6 @@ CacheDep = Annotated[CacheService, Depends(cache_dependency)]
 
 # --- http cache ---
 
-from app.services.http_cache import HttpResponseCache  # noqa: E402
-
 
 async def http_response_cache() -> HttpResponseCache:
     """The HTTP response cache (namespace ``httpcache``) over the global client.
@@ -66,23 +101,8 @@ async def http_response_cache() -> HttpResponseCache:
 
 
 HttpCacheDep = Annotated[HttpResponseCache, Depends(http_response_cache)]
-__all__ += ["HttpCacheDep", "http_response_cache"]
 
 # --- idempotency ---
-
-import inspect  # noqa: E402
-from collections.abc import Awaitable, Callable  # noqa: E402
-from typing import Any  # noqa: E402
-
-from fastapi import Header, Request  # noqa: E402
-
-from app.middleware.idempotency import (  # noqa: E402
-    DEFAULT_HEADER,
-    IDEMPOTENCY_RESPONSES,
-    guard_request,
-)
-
-__all__ += ["IDEMPOTENCY_RESPONSES", "IdempotencyKeyDep", "idempotency_key"]
 
 
 async def _no_principal() -> None:
@@ -148,21 +168,8 @@ IdempotencyKeyDep = Annotated[str | None, Depends(idempotency_key())]
 
 # --- locks ---
 
-import string as _string  # noqa: E402
-from collections.abc import AsyncIterator as _AsyncIterator  # noqa: E402
-from collections.abc import Callable as _LockNameRender  # noqa: E402
-from collections.abc import Mapping as _Mapping  # noqa: E402
-from typing import Any as _LockAny  # noqa: E402
 
-from fastapi import Request as _LockRequest  # noqa: E402
-
-from app.core.errors import ConfigurationError as _ConfigurationError  # noqa: E402
-from app.services.locks import RedisLock, Seconds, _seconds  # noqa: E402
-from app.services.semaphore import Permit, Semaphore  # noqa: E402
-
-__all__ += ["LOCK_RESPONSES", "request_lock", "request_semaphore"]
-
-LOCK_RESPONSES: dict[int | str, dict[str, _LockAny]] = {
+LOCK_RESPONSES: dict[int | str, dict[str, Any]] = {
     409: {
         "description": "The resource is locked by another request (problem+json; "
         "`Retry-After` says when the current holder's lease ends)."
@@ -172,30 +179,30 @@ LOCK_RESPONSES: dict[int | str, dict[str, _LockAny]] = {
 """OpenAPI ``responses=`` for routes guarded by ``request_lock``/``request_semaphore``."""
 
 
-def _lock_name(template: str) -> _LockNameRender[[_Mapping[str, _LockAny]], str]:
+def _lock_name(template: str) -> Callable[[Mapping[str, Any]], str]:
     """Validate a ``"jobs:{job_id}"`` template now; render it from path parameters later."""
     fields: list[str] = []
     try:
-        parsed = list(_string.Formatter().parse(template))
+        parsed = list(string.Formatter().parse(template))
     except ValueError as exc:
-        raise _ConfigurationError(f"lock name template {template!r}: {exc}") from exc
+        raise ConfigurationError(f"lock name template {template!r}: {exc}") from exc
     for _literal, field, spec, conversion in parsed:
         if field is None:
             continue
         if not field.isidentifier() or spec or conversion:
-            raise _ConfigurationError(
+            raise ConfigurationError(
                 f"lock name template {template!r}: use plain path parameter names like "
                 f"{{job_id}}, not {{{field}{'!' + conversion if conversion else ''}"
                 f"{':' + spec if spec else ''}}}"
             )
         fields.append(field)
     if not template:
-        raise _ConfigurationError("a lock name template must not be empty")
+        raise ConfigurationError("a lock name template must not be empty")
 
-    def render(params: _Mapping[str, _LockAny]) -> str:
+    def render(params: Mapping[str, Any]) -> str:
         missing = [f for f in fields if f not in params]
         if missing:
-            raise _ConfigurationError(
+            raise ConfigurationError(
                 f"lock name template {template!r} needs path parameter(s) {missing}; "
                 f"this route has {sorted(params)}"
             )
@@ -211,7 +218,7 @@ def request_lock(
     blocking_timeout: Seconds = 0,
     auto_renew: bool = True,
     fair: bool = False,
-) -> _LockAny:
+) -> Any:
     """Hold a ``RedisLock`` for the duration of the request handler.
 
     ``lock: Annotated[RedisLock, request_lock("jobs:{job_id}")]`` (or in
@@ -225,10 +232,10 @@ def request_lock(
     and the request answers 409 ``lock-lost``. Redis down: 503.
     """
     render = _lock_name(name_template)
-    _seconds(timeout, "timeout")
-    _seconds(blocking_timeout, "blocking_timeout", allow_zero=True)
+    as_seconds(timeout, "timeout")
+    as_seconds(blocking_timeout, "blocking_timeout", allow_zero=True)
 
-    async def dependency(request: _LockRequest) -> _AsyncIterator[RedisLock]:
+    async def dependency(request: Request) -> AsyncIterator[RedisLock]:
         lock = RedisLock(
             get_redis(),
             render(request.path_params),
@@ -251,7 +258,7 @@ def request_semaphore(
     blocking_timeout: Seconds = 0,
     auto_renew: bool = True,
     fair: bool = False,
-) -> _LockAny:
+) -> Any:
     """Hold one of *limit* ``Semaphore`` permits for the duration of the request handler.
 
     ``permit: Annotated[Permit, request_semaphore("exports", limit=2)]``: at
@@ -262,11 +269,11 @@ def request_semaphore(
     """
     render = _lock_name(name_template)
     if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
-        raise _ConfigurationError(f"limit must be an integer >= 1, got {limit!r}")
-    _seconds(timeout, "timeout")
-    _seconds(blocking_timeout, "blocking_timeout", allow_zero=True)
+        raise ConfigurationError(f"limit must be an integer >= 1, got {limit!r}")
+    as_seconds(timeout, "timeout")
+    as_seconds(blocking_timeout, "blocking_timeout", allow_zero=True)
 
-    async def dependency(request: _LockRequest) -> _AsyncIterator[Permit]:
+    async def dependency(request: Request) -> AsyncIterator[Permit]:
         semaphore = Semaphore(
             get_redis(),
             render(request.path_params),
@@ -284,17 +291,8 @@ def request_semaphore(
 
 # --- rate limiting ---
 
-from app.middleware.rate_limit import rate_limit  # noqa: E402
-
-__all__ += ["rate_limit"]  # Depends(rate_limit("10/minute", key=...)), stackable
 
 # --- pubsub ---
-
-from starlette.requests import HTTPConnection  # noqa: E402
-
-from app.services.pubsub import Broadcaster  # noqa: E402
-
-__all__ += ["BroadcasterDep", "broadcaster_dependency"]
 
 
 async def broadcaster_dependency(connection: HTTPConnection) -> Broadcaster:
@@ -317,18 +315,10 @@ BroadcasterDep = Annotated[Broadcaster, Depends(broadcaster_dependency)]
 
 # --- streams ---
 
-import weakref  # noqa: E402
-from collections.abc import Awaitable as _Awaitable  # noqa: E402
-from collections.abc import Callable as _Callable  # noqa: E402
-
-from app.services.streams import StreamProducer  # noqa: E402
-
-__all__ += ["stream_producer"]
-
 
 def stream_producer(
     stream: str, *, maxlen: int | None = None, approximate: bool = True
-) -> _Callable[[], _Awaitable[StreamProducer]]:
+) -> Callable[[], Awaitable[StreamProducer]]:
     """A dependency giving a ``StreamProducer`` for *stream* over the global client.
 
     ``EventsProducer = Annotated[StreamProducer, Depends(stream_producer("events",
@@ -350,11 +340,6 @@ def stream_producer(
 
 
 # --- sessions ---
-
-from app.middleware.sessions import Session, load_session  # noqa: E402
-from app.services.sessions import SessionStore  # noqa: E402
-
-__all__ += ["SessionDep", "SessionStoreDep", "session_store_dependency"]
 
 
 async def session_store_dependency(redis: RedisDep) -> SessionStore:

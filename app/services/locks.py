@@ -119,6 +119,7 @@ __all__ = [
     "Redlock",
     "Seconds",
     "Semaphore",
+    "as_seconds",
     "fenced_write",
 ]
 
@@ -165,7 +166,7 @@ def __getattr__(name: str) -> Any:
 # -- small helpers --------------------------------------------------------------
 
 
-def _seconds(value: Seconds | None, what: str, *, allow_zero: bool = False) -> float:
+def as_seconds(value: Seconds | None, what: str, *, allow_zero: bool = False) -> float:
     """*value* as float seconds; refuses negatives, NaN and (unless allowed) zero."""
     if isinstance(value, timedelta):
         seconds = value.total_seconds()
@@ -496,12 +497,12 @@ class _Lease:
                 f"a {self._kind} name must be a non-empty string, got {name!r}"
             )
         self.name = name
-        self.timeout = _seconds(timeout, "timeout (the lease)")
+        self.timeout = as_seconds(timeout, "timeout (the lease)")
         self.auto_renew = auto_renew
         self.renew_interval = (
             self.timeout / 3
             if renew_interval is None
-            else _seconds(renew_interval, "renew_interval")
+            else as_seconds(renew_interval, "renew_interval")
         )
         if self.renew_interval >= self.timeout:
             raise ConfigurationError(
@@ -623,7 +624,7 @@ class _Lease:
                 f"{self._kind} {self.name!r} is not held by this owner; acquire it before extend()",
                 lock_name=self.name,
             )
-        seconds = _seconds(additional_time, "additional_time")
+        seconds = as_seconds(additional_time, "additional_time")
         sent = asyncio.get_running_loop().time()
         left = await self._remote_extend(token, _ms(seconds), replace)
         if left < 0:
@@ -774,11 +775,11 @@ class RedisLock(_Lease):
         self.blocking_timeout = (
             self.timeout
             if blocking_timeout is None
-            else _seconds(blocking_timeout, "blocking_timeout", allow_zero=True)
+            else as_seconds(blocking_timeout, "blocking_timeout", allow_zero=True)
         )
         self.fair = fair
         self.key = key = _space(key_prefix, "lock").tagged(name)
-        fence_ms = max(_ms(_seconds(fence_ttl, "fence_ttl")), self._lease_ms)
+        fence_ms = max(_ms(as_seconds(fence_ttl, "fence_ttl")), self._lease_ms)
         queue, heartbeats = key + ":queue", key + ":queue-heartbeats"
         self._wake_key = key + ":wake"
         self._acquire_keys = (key, key + ":fence", queue, heartbeats)
@@ -840,7 +841,7 @@ class RedisLock(_Lease):
             return 0.0
         if blocking_timeout is None:
             return self.blocking_timeout
-        return _seconds(blocking_timeout, "blocking_timeout", allow_zero=True)
+        return as_seconds(blocking_timeout, "blocking_timeout", allow_zero=True)
 
     async def acquire(
         self, blocking: bool = False, blocking_timeout: Seconds | None = None
@@ -946,7 +947,7 @@ async def fenced_write(
     means this writer's lock was lost and a newer holder already wrote: stop.
     *ttl* (seconds) sets the key's expiry on each write (None keeps it).
     """
-    ms = 0 if ttl is None else _ms(_seconds(ttl, "ttl"))
+    ms = 0 if ttl is None else _ms(as_seconds(ttl, "ttl"))
     try:
         with breaker_for(redis):
             written = await _FENCED_WRITE(redis, (key,), (int(fence), value, ms))

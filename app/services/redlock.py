@@ -56,12 +56,12 @@ from app.services.locks import (
     Seconds,
     _Lease,
     _new_token,
-    _seconds,
     _settle,
     _space,
     _take_gate,
     _text,
     _waited,
+    as_seconds,
 )
 
 __all__ = ["Redlock"]
@@ -122,14 +122,14 @@ class Redlock(_Lease):
         self.blocking_timeout = (
             self.timeout
             if blocking_timeout is None
-            else _seconds(blocking_timeout, "blocking_timeout", allow_zero=True)
+            else as_seconds(blocking_timeout, "blocking_timeout", allow_zero=True)
         )
         self.node_timeout = (
             min(0.25, max(0.05, self.timeout / 20))
             if node_timeout is None
-            else _seconds(node_timeout, "node_timeout")
+            else as_seconds(node_timeout, "node_timeout")
         )
-        self.retry_delay = _seconds(retry_delay, "retry_delay")
+        self.retry_delay = as_seconds(retry_delay, "retry_delay")
         self.key = key = _space(key_prefix, "lock").tagged(name)
         self._release_keys = (key, key + ":wake", key + ":queue", key + ":queue-heartbeats")
         self._breakers = [breaker_for(c) for c in self.clients]
@@ -204,7 +204,7 @@ class Redlock(_Lease):
             return 0.0
         if blocking_timeout is None:
             return self.blocking_timeout
-        return _seconds(blocking_timeout, "blocking_timeout", allow_zero=True)
+        return as_seconds(blocking_timeout, "blocking_timeout", allow_zero=True)
 
     async def acquire(
         self, blocking: bool = False, blocking_timeout: Seconds | None = None

@@ -51,9 +51,9 @@ from app.services.locks import (
     _Lease,
     _ms,
     _notify_local,
-    _seconds,
     _space,
     _waited,
+    as_seconds,
 )
 
 __all__ = ["Permit", "Semaphore"]
@@ -173,11 +173,11 @@ class Semaphore:
         self.redis = redis
         self.name = name
         self.limit = limit
-        self.timeout = _seconds(timeout, "timeout (the lease)")
+        self.timeout = as_seconds(timeout, "timeout (the lease)")
         self.renew_interval = (
             self.timeout / 3
             if renew_interval is None
-            else _seconds(renew_interval, "renew_interval")
+            else as_seconds(renew_interval, "renew_interval")
         )
         if self.renew_interval >= self.timeout:
             raise ConfigurationError(
@@ -187,7 +187,7 @@ class Semaphore:
         self.blocking_timeout = (
             self.timeout
             if blocking_timeout is None
-            else _seconds(blocking_timeout, "blocking_timeout", allow_zero=True)
+            else as_seconds(blocking_timeout, "blocking_timeout", allow_zero=True)
         )
         self.auto_renew = auto_renew
         self.on_lost = on_lost
@@ -243,7 +243,7 @@ class Semaphore:
             return 0.0
         if blocking_timeout is None:
             return self.blocking_timeout
-        return _seconds(blocking_timeout, "blocking_timeout", allow_zero=True)
+        return as_seconds(blocking_timeout, "blocking_timeout", allow_zero=True)
 
     async def acquire(
         self, blocking: bool = False, blocking_timeout: Seconds | None = None
