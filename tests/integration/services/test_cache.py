@@ -1,10 +1,14 @@
-"""CacheService, the local tier and @cached on a real redis-server.
+"""CacheService, the local tier and @cached on real servers: standalone, Cluster, Sentinel.
 
 The behaviour tests of ``tests/unit/services/test_cache.py`` (everything taking
 ``cache_client``) and the two-process local-tier tests of
 ``tests/unit/services/test_cache_local.py`` (everything taking ``pair``) are
-re-run here against the real server, with decode_responses False and True.
-The tests below them need a real server: several OS processes, a killed
+re-run here on every topology (``ON_TOPOLOGIES``: standalone, a 3-primary
+Cluster and Sentinel, with clients built as the app builds them; decoded
+replies on standalone and Cluster). So are the topology tests at the end: a
+stampede woken by ``BLPOP``, pattern and tag invalidation over keys on every
+primary, local tiers kept coherent over pub/sub on a Cluster. The tests in
+between need a standalone server of their own: several OS processes, a killed
 subscriber connection, a server stopped mid-test, a crashed lease holder.
 """
 
@@ -18,57 +22,86 @@ import os
 import signal
 import statistics
 import sys
+import types
 import uuid
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import pytest_asyncio
 from pydantic import BaseModel
 from redis.asyncio import Redis
 
-from app.core.redis import breaker_for, build_client
+from app.core.keys import escape_glob
+from app.core.redis import breaker_for, build_client, is_cluster, scan_keys
 from app.services.cache import MISSING, CacheService, LocalCache, cached
 from app.testing.plugin import RedisServerInfo
 from app.testing.servers import RedisServer
+from tests.integration.topology._support import ON_TOPOLOGIES, ready, twin
 from tests.unit.services import test_cache as unit_behaviour
 from tests.unit.services import test_cache_local as unit_local
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
 WORKER = "tests.integration.services._cache_worker"
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _on_topologies(test: F) -> F:
+    """A copy of a unit test, parametrized over ``ON_TOPOLOGIES`` (the original is untouched)."""
+    copy = types.FunctionType(
+        test.__code__, test.__globals__, test.__name__, test.__defaults__, test.__closure__
+    )
+    copy.__dict__.update(test.__dict__)  # its own marks (a new list is stored on the copy)
+    copy.__kwdefaults__ = test.__kwdefaults__
+    copy.__annotations__ = test.__annotations__
+    copy.__doc__ = test.__doc__
+    return ON_TOPOLOGIES(copy)  # type: ignore[no-any-return]
+
+
 for _module, _fixture in ((unit_behaviour, "cache_client"), (unit_local, "pair")):
     for _name, _test in vars(_module).items():
         if _name.startswith("test_") and _fixture in inspect.signature(_test).parameters:
-            globals()[_name] = _test  # collected here, so it runs on this module's fixtures
+            globals()[_name] = _on_topologies(_test)  # collected here, on this module's fixtures
 
 
-@pytest_asyncio.fixture(params=["bytes", "text"])
-async def cache_client(
-    request: pytest.FixtureRequest, real_redis: Redis, redis_server: RedisServerInfo
-) -> AsyncIterator[Any]:
-    """The real server (flushed per test), with decode_responses False, then True."""
-    if request.param == "bytes":
-        yield real_redis
+async def warmed(client: Any) -> Any:
+    """*client* ready, its pool holding connections like that of an app that has served a while.
+
+    A Sentinel-managed pool asks a sentinel for the primary on every new
+    connection; on a cold pool 50 concurrent first calls would spend longer
+    connecting than the unit tests' 50 ms factories take to run.
+    """
+    await ready(client)
+    if not is_cluster(client):
+        await asyncio.gather(*(client.ping() for _ in range(50)))
+    return client
+
+
+@pytest_asyncio.fixture
+async def cache_client(topology_redis: Any, decode_responses: bool) -> AsyncIterator[Any]:
+    """A client of the topology (flushed per test), as the app builds it, or its decoded twin."""
+    if not decode_responses:
+        yield await warmed(topology_redis)
         return
-    client = Redis.from_url(redis_server.url, decode_responses=True)
+    client = twin(topology_redis, decode_responses=True)
     try:
-        yield client
+        yield await warmed(client)
     finally:
         await client.aclose()
 
 
-@pytest_asyncio.fixture(params=["bytes", "text"])
+@pytest_asyncio.fixture
 async def pair(
-    request: pytest.FixtureRequest, real_redis: Redis, redis_server: RedisServerInfo
+    topology_redis: Any, decode_responses: bool
 ) -> AsyncIterator[tuple[CacheService, CacheService]]:
-    """Two CacheServices with local tiers over two clients of the real server."""
-    text = request.param == "text"
-    clients = [Redis.from_url(redis_server.url, decode_responses=text) for _ in range(2)]
+    """Two CacheServices with local tiers, each on its own client (own connections) of the
+    topology, like two worker processes."""
+    clients = [twin(topology_redis, decode_responses=decode_responses) for _ in range(2)]
     services = [CacheService(c, local=LocalCache(ttl=60)) for c in clients]
-    for service in services:
-        assert await service.start()
     try:
+        for service in services:
+            assert await service.start()
         yield services[0], services[1]
     finally:
         for service in services:
@@ -359,43 +392,118 @@ async def test_demo_app_on_real_redis(real_app_client: Any) -> None:
 # -- every topology ---------------------------------------------------------------------------
 
 
-async def test_every_capability_on_each_topology(topology_redis: Any) -> None:
-    """Standalone, Cluster (16 shards over 3 primaries) and Sentinel, built as the app does."""
-    cache = CacheService(topology_redis)
-    other = CacheService(topology_redis)
-    l1 = CacheService(topology_redis, local=LocalCache(ttl=60))
-    l2 = CacheService(topology_redis, local=LocalCache(ttl=60))
+def _primaries_holding(client: Any, rkeys: list[str]) -> set[str]:
+    """Names of the Cluster primaries that own these keys' slots."""
+    return {client.get_node_from_key(k).name for k in rkeys}
+
+
+@ON_TOPOLOGIES
+async def test_a_stampede_runs_the_factory_once_and_the_write_wakes_every_waiter(
+    topology_redis: Any, decode_responses: bool
+) -> None:
+    """80 callers on one key: 8 services (each one Redis-level contender) over two clients."""
+    second = twin(topology_redis, decode_responses=decode_responses)
+    clients = [await ready(topology_redis), await ready(second)]
+    services = [CacheService(clients[i % 2]) for i in range(8)]
+    calls = 0
+
+    async def slow() -> dict[str, int]:
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(0.3)
+        return {"computed": calls}
+
     try:
-        await cache.set("user:1", {"id": 1}, ttl=60, tags=["users"])
-        assert await cache.set_many({f"k:{i}": i for i in range(40)}, ttl=60, tags=["many"])
-        assert await cache.get("user:1") == {"id": 1}
-        assert await cache.get_many([f"k:{i}" for i in range(40)]) == {
-            f"k:{i}": i for i in range(40)
-        }
-        assert await cache.expire("user:1", 100) and (await cache.ttl("user:1") or 0) > 99
-        calls = 0
-
-        async def slow() -> str:
-            nonlocal calls
-            calls += 1
-            await asyncio.sleep(0.2)
-            return "computed"
-
         results = await asyncio.gather(
-            *[svc.get_or_set("hot", slow, ttl=60) for svc in (cache, other) for _ in range(10)]
+            *[svc.get_or_set("hot", slow, ttl=60) for svc in services for _ in range(10)]
         )
-        assert results == ["computed"] * 20 and calls == 1
-        assert other.stats()["wakeups"] + cache.stats()["wakeups"] == 1
-        assert await cache.invalidate_tags("many") == 40
-        assert await cache.invalidate("user:*") == 1
-        assert await l1.start() and await l2.start()
-        await l1.set("x", 1, ttl=60)
-        await unit_local.prime(l2, "x", 1)
-        await l1.set("x", 2, ttl=60)
-        await unit_local.eventually(lambda: unit_local._equals(l2, "x", 2))
-        assert await cache.clear() >= 2
-        assert await cache.get("hot", MISSING) is MISSING
-        assert cache.stats()["errors"] == other.stats()["errors"] == l2.stats()["errors"] == 0
+        stats = [svc.stats() for svc in services]
     finally:
-        for service in (l1, l2, cache, other):
-            await service.aclose()
+        await second.aclose()
+    assert results == [{"computed": 1}] * 80 and calls == 1
+
+    def total(name: str) -> int:
+        return sum(int(s[name]) for s in stats)
+
+    assert total("factory_calls") == 1 and total("coalesced") == 72
+    # The 7 other services waited on the lease holder's BLPOP wake list (on a Cluster: on
+    # the node of the key's slot) and were each woken by the write's push, none by a timeout.
+    assert total("stampede_waits") == 7
+    assert total("wakeups") == 7 and total("wait_timeouts") == 0 and total("errors") == 0
+
+
+@ON_TOPOLOGIES
+async def test_pattern_and_tag_invalidation_reach_keys_on_every_primary(
+    topology_redis: Any, decode_responses: bool
+) -> None:
+    client = twin(topology_redis, decode_responses=decode_responses)
+    cache = CacheService(client)  # 16 shards (hash tags) on a Cluster, 1 elsewhere
+    items = {f"item:{i}": i for i in range(200)}
+    try:
+        await ready(client)
+        assert await cache.set_many(items, ttl=60, tags=["items"])
+        await cache.set("other:1", 1, ttl=60, tags=["others"])
+        if is_cluster(client):
+            rkeys = [cache.redis_key(k) for k in items]
+            assert _primaries_holding(client, rkeys) == {n.name for n in client.get_primaries()}
+        # SCAN on every primary: item:1, item:10..19 and item:100..199
+        assert await cache.invalidate("item:1*") == 111
+        assert len(await cache.get_many(list(items))) == 89
+        assert await cache.invalidate_tags("items") == 89  # one drain script per shard
+        assert await cache.get_many(list(items)) == {}
+        assert await cache.get("other:1") == 1
+        left = [k async for k in scan_keys(client, escape_glob(cache.keys.root) + "*")]
+        entry = cache.redis_key("other:1")
+        tag_set = entry[: entry.index("}") + 1] + "|tag|others"
+        assert sorted(k.decode() if isinstance(k, bytes) else k for k in left) == sorted(
+            [entry, tag_set]
+        )
+        assert cache.stats()["errors"] == 0
+    finally:
+        await client.aclose()
+
+
+@ON_TOPOLOGIES
+async def test_local_tiers_are_invalidated_over_pubsub_for_keys_on_every_primary(
+    topology_redis: Any, decode_responses: bool
+) -> None:
+    """Two "processes" with local tiers; writes land on every primary of a Cluster.
+
+    The reader's client has run no command when its listener starts (a fresh
+    ``RedisCluster`` has no slot map yet), and its one subscriber connection
+    sits on one primary: messages published by scripts on the other primaries
+    reach it over the cluster bus.
+    """
+    writer_client = await ready(topology_redis)
+    reader_client = twin(topology_redis, decode_responses=decode_responses)
+    writer = CacheService(writer_client, local=LocalCache(ttl=60))
+    reader = CacheService(reader_client, local=LocalCache(ttl=60))
+    keys = [f"user:{i}" for i in range(24)]
+    try:
+        assert await reader.start() and await writer.start()
+        if is_cluster(writer_client):
+            rkeys = [writer.redis_key(k) for k in keys]
+            assert len(_primaries_holding(writer_client, rkeys)) == 3
+        for n, key in enumerate(keys):
+            await writer.set(key, f"v0-{n}", ttl=60, tags=["users"])
+        for n, key in enumerate(keys):
+            await unit_local.prime(reader, key, f"v0-{n}")
+        for n, key in enumerate(keys):  # a write evicts the reader's copy: it reads the new one
+            await writer.set(key, f"v1-{n}", ttl=60, tags=["users"])
+        for n, key in enumerate(keys):
+            await unit_local.eventually(lambda k=key, v=f"v1-{n}": unit_local._equals(reader, k, v))
+            await unit_local.prime(reader, key, f"v1-{n}")
+        await writer.invalidate_tags("users")
+        for key in keys:
+            await unit_local.eventually(lambda k=key: unit_local._equals(reader, k, MISSING))
+        await writer.set("user:x", "1", ttl=60)
+        await unit_local.prime(reader, "user:x", "1")
+        await writer.invalidate("user:*")
+        await unit_local.eventually(lambda: unit_local._equals(reader, "user:x", MISSING))
+        local = reader.stats()["local"]
+        assert local["subscriptions"] == 1 and local["messages"] >= len(keys) * 2 + 2
+        assert reader.stats()["errors"] == writer.stats()["errors"] == 0
+    finally:
+        await reader.aclose()
+        await writer.aclose()
+        await reader_client.aclose()

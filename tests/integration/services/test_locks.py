@@ -1,5 +1,12 @@
-"""RedisLock on a real redis-server: exclusion across processes, contract, fencing,
-watchdog, cancellation, and the FastAPI dependency."""
+"""RedisLock on real servers: exclusion across processes, contract, fencing, extend,
+watchdog, wake-ups, the fair queue, cancellation, and the FastAPI dependency.
+
+Tests taking ``redis`` run on every topology (``ON_TOPOLOGIES``: standalone, a
+3-primary Cluster and Sentinel, clients built as the app builds them; decoded
+replies on standalone and Cluster); those taking ``topology_redis`` run on the
+three topologies with the app's client. The rest need a standalone server of
+their own (several OS processes, a reply-delaying proxy, the demo app).
+"""
 
 from __future__ import annotations
 
@@ -21,23 +28,35 @@ from app.api.deps import request_lock
 from app.api.problems import install_problem_handlers
 from app.api.routes import locks as lock_routes
 from app.core.errors import LockLost, LockNotOwned
+from app.core.redis import is_cluster
 from app.services.locks import RedisLock, fenced_write
 from app.testing.plugin import AppClientFactory, RedisServerInfo
 from tests.integration.services import _locks_worker as worker
+from tests.integration.topology._support import ON_TOPOLOGIES, ready, twin
 
 pytestmark = pytest.mark.integration
 
 
-@pytest_asyncio.fixture(params=[False, True], ids=["bytes", "decoded"])
-async def redis(
-    request: pytest.FixtureRequest, redis_server: RedisServerInfo, real_redis: Redis
-) -> AsyncIterator[Redis]:
-    """The real server through a client with decode_responses False and True."""
-    client = Redis.from_url(redis_server.url, decode_responses=request.param)
+@pytest_asyncio.fixture
+async def redis(topology_redis: Any, decode_responses: bool) -> AsyncIterator[Any]:
+    """A client of the topology (flushed per test), as the app builds it, or its decoded twin."""
+    if not decode_responses:
+        yield await ready(topology_redis)
+        return
+    client = twin(topology_redis, decode_responses=True)
     try:
-        yield client
+        yield await ready(client)
     finally:
         await client.aclose()
+
+
+async def blocked_clients(client: Any, key: str) -> int:
+    """Connections blocked (``BLPOP``) on the server, or Cluster primary, that holds *key*."""
+    if is_cluster(client):
+        info = await client.info("clients", target_nodes=client.get_node_from_key(key))
+    else:
+        info = await client.info("clients")
+    return int(info["blocked_clients"])
 
 
 # -- mutual exclusion across OS processes -------------------------------------------
@@ -80,7 +99,8 @@ async def test_two_processes_of_50_tasks_increment_exactly_2000_times(
 # -- the DESIGN.md contract ----------------------------------------------------------
 
 
-async def test_second_acquire_fails_at_once_and_succeeds_after_release(redis: Redis) -> None:
+@ON_TOPOLOGIES
+async def test_second_acquire_fails_at_once_and_succeeds_after_release(redis: Any) -> None:
     first = RedisLock(redis, "resource:1", timeout=5)
     second = RedisLock(redis, "resource:1", timeout=5)
     assert await first.acquire() is True
@@ -92,7 +112,8 @@ async def test_second_acquire_fails_at_once_and_succeeds_after_release(redis: Re
     assert not await second.locked()
 
 
-async def test_a_lock_expires_after_its_timeout(redis: Redis) -> None:
+@ON_TOPOLOGIES
+async def test_a_lock_expires_after_its_timeout(redis: Any) -> None:
     first = RedisLock(redis, "resource:1", timeout=0.2)
     assert await first.acquire()
     await asyncio.sleep(0.3)
@@ -101,7 +122,8 @@ async def test_a_lock_expires_after_its_timeout(redis: Redis) -> None:
     assert await RedisLock(redis, "resource:1", timeout=5).acquire()
 
 
-async def test_of_five_concurrent_non_blocking_acquirers_exactly_one_wins(redis: Redis) -> None:
+@ON_TOPOLOGIES
+async def test_of_five_concurrent_non_blocking_acquirers_exactly_one_wins(redis: Any) -> None:
     for round_ in range(5):
         locks = [RedisLock(redis, f"resource:{round_}", timeout=5) for _ in range(5)]
         results = await asyncio.gather(*(lock.acquire() for lock in locks))
@@ -111,7 +133,8 @@ async def test_of_five_concurrent_non_blocking_acquirers_exactly_one_wins(redis:
         await winner.release()
 
 
-async def test_release_after_expiry_raises_and_spares_the_new_owner(redis: Redis) -> None:
+@ON_TOPOLOGIES
+async def test_release_after_expiry_raises_and_spares_the_new_owner(redis: Any) -> None:
     old = RedisLock(redis, "resource:1", timeout=0.1)
     await old.acquire()
     await asyncio.sleep(0.2)
@@ -126,7 +149,8 @@ async def test_release_after_expiry_raises_and_spares_the_new_owner(redis: Redis
 # -- fencing ----------------------------------------------------------------------------
 
 
-async def test_fencing_tokens_strictly_increase_across_holders_and_expiry(redis: Redis) -> None:
+@ON_TOPOLOGIES
+async def test_fencing_tokens_strictly_increase_across_holders_and_expiry(redis: Any) -> None:
     fences: list[int] = []
 
     async def take(timeout: float) -> RedisLock:
@@ -145,7 +169,8 @@ async def test_fencing_tokens_strictly_increase_across_holders_and_expiry(redis:
     assert all(a < b for a, b in itertools.pairwise(fences)), fences
 
 
-async def test_fenced_write_stops_a_holder_that_outlived_its_lease(redis: Redis) -> None:
+@ON_TOPOLOGIES
+async def test_fenced_write_stops_a_holder_that_outlived_its_lease(redis: Any) -> None:
     slow = RedisLock(redis, "report", timeout=0.1)
     await slow.acquire()
     await asyncio.sleep(0.2)  # a "GC pause" past the lease
@@ -188,7 +213,8 @@ async def test_watchdog_holds_the_lock_through_three_times_its_timeout(real_redi
     assert not await real_redis.exists(lock.key)
 
 
-async def test_deleting_the_key_cancels_the_body_and_raises_lock_lost(redis: Redis) -> None:
+@ON_TOPOLOGIES
+async def test_deleting_the_key_cancels_the_body_and_raises_lock_lost(redis: Any) -> None:
     lost: list[LockLost] = []
     progress: list[str] = []
     with pytest.raises(LockLost) as caught:
@@ -204,7 +230,8 @@ async def test_deleting_the_key_cancels_the_body_and_raises_lock_lost(redis: Red
     assert isinstance(caught.value.__cause__, asyncio.CancelledError)
 
 
-async def test_a_renewal_that_finds_another_owner_does_not_touch_its_lease(redis: Redis) -> None:
+@ON_TOPOLOGIES
+async def test_a_renewal_that_finds_another_owner_does_not_touch_its_lease(redis: Any) -> None:
     thief = RedisLock(redis, "jobs:1", timeout=30)
     with pytest.raises(LockLost):
         async with RedisLock(redis, "jobs:1", timeout=0.3, auto_renew=True) as lock:
@@ -219,8 +246,9 @@ async def test_a_renewal_that_finds_another_owner_does_not_touch_its_lease(redis
 # -- waiting ----------------------------------------------------------------------------------
 
 
+@ON_TOPOLOGIES
 async def test_a_waiter_in_another_process_is_woken_by_the_release(
-    redis: Redis, redis_server: RedisServerInfo
+    redis: Any, redis_server: RedisServerInfo
 ) -> None:
     holder = RedisLock(redis, "jobs:1", timeout=60)
     await holder.acquire()
@@ -236,7 +264,8 @@ async def test_a_waiter_in_another_process_is_woken_by_the_release(
         await elsewhere.aclose()
 
 
-async def test_fair_waiters_are_served_in_arrival_order(redis: Redis) -> None:
+@ON_TOPOLOGIES
+async def test_fair_waiters_are_served_in_arrival_order(redis: Any) -> None:
     holder = RedisLock(redis, "jobs:1", timeout=30, fair=True)
     await holder.acquire()
     order: list[int] = []
@@ -324,7 +353,8 @@ async def test_a_task_cancelled_after_its_set_reached_redis_leaves_no_key(
         await proxy.close()
 
 
-async def test_a_task_cancelled_while_waiting_leaves_the_holder_alone(redis: Redis) -> None:
+@ON_TOPOLOGIES
+async def test_a_task_cancelled_while_waiting_leaves_the_holder_alone(redis: Any) -> None:
     holder = RedisLock(redis, "jobs:1", timeout=30)
     await holder.acquire()
     waiter = asyncio.create_task(
@@ -338,7 +368,8 @@ async def test_a_task_cancelled_while_waiting_leaves_the_holder_alone(redis: Red
     await holder.release()
 
 
-async def test_a_cancelled_release_still_releases(redis: Redis) -> None:
+@ON_TOPOLOGIES
+async def test_a_cancelled_release_still_releases(redis: Any) -> None:
     lock = RedisLock(redis, "jobs:1", timeout=30)
     await lock.acquire()
     task = asyncio.create_task(lock.release())

@@ -9,7 +9,6 @@ either a value or the one documented error, and valid inputs mean what they say.
 
 from __future__ import annotations
 
-import fakeredis
 import pytest
 from fastapi import FastAPI
 from hypothesis import HealthCheck, example, given, settings
@@ -23,6 +22,7 @@ from app.middleware.idempotency import parse_idempotency_key
 from app.middleware.sessions import SessionMiddleware
 from app.services.rate_limit_policy import Policy, parse_policies
 from app.services.sessions import new_session_id
+from app.testing.slots import slot_checking_fake_redis
 from tests.unit.fuzz._asgi import running_app
 
 # -- rate strings ---------------------------------------------------------------------
@@ -158,7 +158,7 @@ cookie_text = st.text(st.characters(min_codepoint=0x20, max_codepoint=0xFF), max
 def test_any_cookie_gives_a_fresh_session_and_only_a_signed_one_its_data(
     data: st.DataObject,
 ) -> None:
-    with running_app(_session_app, lambda: fakeredis.FakeAsyncRedis()) as running:
+    with running_app(_session_app, lambda: slot_checking_fake_redis()) as running:
         login = running.request("POST", "/set")
         assert login.status_code == 200
         signed = login.cookies["session"]

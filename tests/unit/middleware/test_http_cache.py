@@ -24,6 +24,7 @@ from app.middleware.http_cache import (
     cache_response,
 )
 from app.services.http_cache import HttpCacheStats, compute_etag, parse_http_date
+from app.testing.slots import slot_checking_fake_redis
 
 MakeClient = Callable[..., Awaitable[httpx.AsyncClient]]
 
@@ -159,7 +160,7 @@ async def client_for(
 async def test_miss_then_hit_with_strong_etag_age_and_x_cache(
     make_app_client: MakeClient, decode: bool
 ) -> None:
-    redis = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer(), decode_responses=decode)
+    redis = slot_checking_fake_redis(server=fakeredis.FakeServer(), decode_responses=decode)
     client, app = await client_for(make_app_client, redis)
     first = await client.get("/items/1")
     second = await client.get("/items/1")
@@ -828,7 +829,7 @@ def test_malformed_headers_never_cause_a_5xx(
         await send({"type": "http.response.body", "body": b"body"})
 
     async def scenario() -> list[int]:
-        redis = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
+        redis = slot_checking_fake_redis(server=fakeredis.FakeServer())
         core_redis.redis_client = redis
         try:
             app = HttpCacheMiddleware(origin, secret=b"k")

@@ -34,6 +34,7 @@ from app.services.http_cache import (
     url_digest_for,
     variant_digest,
 )
+from app.testing.slots import slot_checking_fake_redis
 
 header_text = st.text(
     alphabet=st.characters(min_codepoint=0, max_codepoint=0x2FF), max_size=200
@@ -346,7 +347,7 @@ async def _store(cache: HttpResponseCache, url: str, generation: str, body: byte
 
 @pytest.mark.parametrize("decode", [False, True], ids=["bytes", "decode_responses"])
 async def test_store_then_lookup_in_one_round_trip(decode: bool) -> None:
-    client = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer(), decode_responses=decode)
+    client = slot_checking_fake_redis(server=fakeredis.FakeServer(), decode_responses=decode)
     try:
         cache = HttpResponseCache(client)
         url = url_digest_for("http://t/x")
@@ -492,8 +493,8 @@ async def test_clear_removes_this_namespace_only(fake_redis: Any) -> None:
 
 async def test_entries_written_by_either_client_kind_never_break_the_other() -> None:
     server = fakeredis.FakeServer()
-    binary = fakeredis.FakeAsyncRedis(server=server)
-    text = fakeredis.FakeAsyncRedis(server=server, decode_responses=True)
+    binary = slot_checking_fake_redis(server=server)
+    text = slot_checking_fake_redis(server=server, decode_responses=True)
     try:
         url_a, url_b = url_digest_for("http://t/a"), url_digest_for("http://t/b")
         assert (await _store(HttpResponseCache(text), url_a, "", b"from text")).stored

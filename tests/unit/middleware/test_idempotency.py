@@ -24,6 +24,7 @@ from app.middleware.idempotency import (
     default_principal,
     parse_idempotency_key,
 )
+from app.testing.slots import slot_checking_fake_redis
 
 PRINTABLE = st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7E), min_size=1)
 
@@ -184,7 +185,7 @@ def _wired_app(**options: Any) -> FastAPI:
 
 @pytest_asyncio.fixture(params=[False, True], ids=["bytes", "decoded"])
 async def fake(request: pytest.FixtureRequest) -> AsyncIterator[Any]:
-    client = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer(), decode_responses=request.param)
+    client = slot_checking_fake_redis(server=fakeredis.FakeServer(), decode_responses=request.param)
     core_redis.redis_client = client
     try:
         yield client

@@ -34,6 +34,7 @@ from app.middleware.rate_limit import (
     retry_after_seconds,
 )
 from app.services.rate_limit import Policy, RateLimitDecision, RateLimitResult
+from app.testing.slots import slot_checking_fake_redis
 
 # -- a strict RFC 9651 List parser (independent of the code under test) -------
 
@@ -209,7 +210,7 @@ def test_the_parser_itself_refuses_malformed_fields() -> None:
 
 @pytest_asyncio.fixture(params=[False, True], ids=["bytes", "text"])
 async def redis(request: pytest.FixtureRequest) -> AsyncIterator[Any]:
-    client = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer(), decode_responses=request.param)
+    client = slot_checking_fake_redis(server=fakeredis.FakeServer(), decode_responses=request.param)
     try:
         yield client
     finally:

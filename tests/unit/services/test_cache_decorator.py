@@ -25,6 +25,7 @@ from app.services.cache import (
     set_default_cache,
 )
 from app.testing.plugin import AppClientFactory
+from app.testing.slots import slot_checking_fake_redis
 
 MODULE = __name__
 CALLS: dict[str, int] = {}
@@ -240,7 +241,7 @@ async def test_the_service_follows_get_redis_and_set_default_cache(fake_redis: A
     import fakeredis
 
     await load_item(1)
-    other = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
+    other = slot_checking_fake_redis(server=fakeredis.FakeServer())
     core_redis.redis_client = other
     await load_item(1)
     assert CALLS["load_item"] == 2  # another client, another cache

@@ -15,6 +15,7 @@ from pydantic import BaseModel
 from app.core.errors import ConfigurationError, InvalidKey
 from app.core.keys import key_slot_tag
 from app.services.idempotency import IdempotencyService
+from app.testing.slots import slot_checking_fake_redis
 
 
 class Receipt(BaseModel):
@@ -25,7 +26,7 @@ class Receipt(BaseModel):
 @pytest_asyncio.fixture(params=[False, True], ids=["bytes", "decoded"])
 async def client(request: pytest.FixtureRequest) -> AsyncIterator[Any]:
     """fakeredis on a fresh server, with decode_responses False and True."""
-    redis = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer(), decode_responses=request.param)
+    redis = slot_checking_fake_redis(server=fakeredis.FakeServer(), decode_responses=request.param)
     try:
         yield redis
     finally:

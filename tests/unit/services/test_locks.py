@@ -21,12 +21,13 @@ from app.core.errors import (
     RedisUnavailable,
 )
 from app.services.locks import RedisLock, fenced_write
+from app.testing.slots import slot_checking_fake_redis
 
 
 @pytest_asyncio.fixture(params=[False, True], ids=["bytes", "decoded"])
 async def redis(request: pytest.FixtureRequest) -> AsyncIterator[Any]:
     """A fresh fake server, through a client with decode_responses False and True."""
-    client = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer(), decode_responses=request.param)
+    client = slot_checking_fake_redis(server=fakeredis.FakeServer(), decode_responses=request.param)
     try:
         yield client
     finally:
@@ -36,7 +37,7 @@ async def redis(request: pytest.FixtureRequest) -> AsyncIterator[Any]:
 def _peer(client: Any) -> Any:
     """Another client (another "process") on the same fake server."""
     kwargs = client.connection_pool.connection_kwargs
-    return fakeredis.FakeAsyncRedis(
+    return slot_checking_fake_redis(
         server=kwargs["server"], decode_responses=kwargs.get("decode_responses", False)
     )
 

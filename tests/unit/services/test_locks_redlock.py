@@ -12,12 +12,13 @@ import pytest_asyncio
 
 from app.core.errors import ConfigurationError, LockLost, LockNotOwned, RedisUnavailable
 from app.services.locks import Redlock
+from app.testing.slots import slot_checking_fake_redis
 
 
 @pytest_asyncio.fixture(params=[False, True], ids=["bytes", "decoded"])
 async def masters(request: pytest.FixtureRequest) -> AsyncIterator[list[Any]]:
     clients = [
-        fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer(), decode_responses=request.param)
+        slot_checking_fake_redis(server=fakeredis.FakeServer(), decode_responses=request.param)
         for _ in range(3)
     ]
     try:

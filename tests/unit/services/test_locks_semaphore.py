@@ -19,11 +19,12 @@ from app.core.errors import (
     RedisUnavailable,
 )
 from app.services.locks import Permit, Semaphore
+from app.testing.slots import slot_checking_fake_redis
 
 
 @pytest_asyncio.fixture(params=[False, True], ids=["bytes", "decoded"])
 async def redis(request: pytest.FixtureRequest) -> AsyncIterator[Any]:
-    client = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer(), decode_responses=request.param)
+    client = slot_checking_fake_redis(server=fakeredis.FakeServer(), decode_responses=request.param)
     try:
         yield client
     finally:

@@ -19,6 +19,7 @@ from app.api.routes.pubsub import EventStreamResponse, serve_websocket
 from app.core import redis as core_redis
 from app.core.errors import ConfigurationError, RedisUnavailable, SubscriberOverflow
 from app.services.pubsub import Broadcaster, Message, Reconnected
+from app.testing.slots import slot_checking_fake_redis
 
 FAST = {
     "ping_interval": 0.05,
@@ -45,7 +46,7 @@ async def client(
     request: pytest.FixtureRequest, fake_server: fakeredis.FakeServer
 ) -> AsyncIterator[Any]:
     """A fakeredis client with decode_responses False and True."""
-    redis = fakeredis.FakeAsyncRedis(server=fake_server, decode_responses=request.param)
+    redis = slot_checking_fake_redis(server=fake_server, decode_responses=request.param)
     yield redis
     await redis.aclose()
 
@@ -420,7 +421,7 @@ async def demo(fake_server: fakeredis.FakeServer) -> AsyncIterator[Demo]:
     """The demo app with its lifespan running, wired to a fakeredis client."""
     from app.main import create_app
 
-    redis = fakeredis.FakeAsyncRedis(server=fake_server)
+    redis = slot_checking_fake_redis(server=fake_server)
     core_redis.redis_client = redis
     app = create_app()
     async with LifespanManager(app) as manager:

@@ -15,12 +15,13 @@ import pytest_asyncio
 from app.core.errors import RedisUnavailable, SessionConflict, SessionNotFound
 from app.core.keys import KeySpace, key_slot_tag
 from app.services.sessions import SessionRecord, SessionStore, is_session_id, new_session_id
+from app.testing.slots import slot_checking_fake_redis
 
 
 @pytest_asyncio.fixture(params=[False, True], ids=["bytes", "decoded"])
 async def client(request: pytest.FixtureRequest) -> AsyncIterator[Any]:
     """fakeredis on a fresh server, with decode_responses False and True."""
-    redis = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer(), decode_responses=request.param)
+    redis = slot_checking_fake_redis(server=fakeredis.FakeServer(), decode_responses=request.param)
     try:
         yield redis
     finally:

@@ -20,6 +20,7 @@ from app.services.streams import (
     stream_keys,
     trim_stream,
 )
+from app.testing.slots import slot_checking_fake_redis
 from app.worker import load_handler, serve
 
 Seen = list[tuple[str, Any, int]]
@@ -28,7 +29,7 @@ Seen = list[tuple[str, Any, int]]
 @pytest.fixture(params=[False, True], ids=["bytes", "decoded"])
 async def redis(request: pytest.FixtureRequest) -> AsyncIterator[Any]:
     """fakeredis with decode_responses False and True (every test runs on both)."""
-    client = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer(), decode_responses=request.param)
+    client = slot_checking_fake_redis(server=fakeredis.FakeServer(), decode_responses=request.param)
     try:
         yield client
     finally:
@@ -459,7 +460,7 @@ async def test_stop_before_the_run_task_started_makes_it_return(redis: Any) -> N
 
 
 async def test_blocking_reads_stay_below_the_socket_timeout() -> None:
-    client = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer(), socket_timeout=0.5)
+    client = slot_checking_fake_redis(server=fakeredis.FakeServer(), socket_timeout=0.5)
     try:
         c = consumer(client, recorder([]), block=30)
         assert c.block == pytest.approx(0.35)
@@ -468,7 +469,7 @@ async def test_blocking_reads_stay_below_the_socket_timeout() -> None:
 
 
 def test_options_are_validated() -> None:
-    client = fakeredis.FakeAsyncRedis()
+    client = slot_checking_fake_redis()
     with pytest.raises(ConfigurationError, match="renew_interval"):
         consumer(client, recorder([]), claim_idle=1, renew_interval=1)
     with pytest.raises(ConfigurationError):
