@@ -25,6 +25,12 @@ what the local tier needs: keys, whole tags (one message for any number of
 keys) and patterns, works on every topology and on fakeredis, and costs one
 ``PUBLISH`` per write.
 
+On a Cluster the listener subscribes on one primary with classic (not
+sharded) pub/sub: Redis forwards a ``PUBLISH`` to every node over the
+cluster bus, so the namespace's one channel reaches it from the scripts of
+every shard. Sharded pub/sub would not do: ``SPUBLISH`` from a script must
+name a channel in the script's slot, and a namespace spans 16 slots.
+
 Never serving stale data after a missed message
 -----------------------------------------------
 * The tier serves nothing until the listener's subscription is confirmed.
@@ -44,11 +50,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any, Final
+
+from app.core.redis import is_cluster
 
 __all__ = ["InvalidationListener", "LocalCache", "LocalEntry", "cancel_and_wait"]
 
@@ -366,11 +375,32 @@ class InvalidationListener:
         self.local.epoch += 1
         self._active_event.clear()
 
+    async def _subscriber(self, refresh: bool) -> Any:
+        """A pub/sub object of the client; on a Cluster, bound to one primary.
+
+        redis-py's ``ClusterPubSub`` picks its node from the client's slot map,
+        which is empty until the client's first command (the subscribe then
+        fails with ``KeyError`` forever) and stale after a failover. A classic
+        ``PUBLISH`` reaches every node of a Cluster over the cluster bus, so
+        any primary serves: load the map (reload it after a failure) and take
+        a random one.
+        """
+        client = self._client
+        if not is_cluster(client):
+            return client.pubsub()
+        if refresh:
+            await client.nodes_manager.initialize()
+        else:
+            await client.initialize()
+        return client.pubsub(node=random.choice(client.get_primaries()))
+
     async def _run(self) -> None:
         delay = self._backoff[0]
+        failed = False
         while not self._closing:
-            pubsub = self._client.pubsub()
+            pubsub: Any = None
             try:
+                pubsub = await self._subscriber(refresh=failed)
                 await pubsub.subscribe(self.channel)
                 while True:
                     message = await pubsub.get_message(timeout=None)
@@ -383,6 +413,7 @@ class InvalidationListener:
                 if self._closing:
                     return  # a cancellation turned into an error by the client library
                 self.failures += 1
+                failed = True
                 if self.local.active:
                     log.warning(
                         "cache invalidation channel %r lost (%s); local tier off until "
@@ -394,8 +425,9 @@ class InvalidationListener:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self._backoff[1])
             finally:
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(pubsub.aclose())
+                if pubsub is not None:
+                    with contextlib.suppress(Exception):
+                        await asyncio.shield(pubsub.aclose())
 
     def _handle(self, message: dict[str, Any]) -> None:
         kind = message.get("type")

@@ -138,6 +138,9 @@ DEFAULT_FENCE_TTL: Final = timedelta(days=7)
 
 _WAKE_TTL_MS: Final = 2000  # how long a release's wake marker waits for a blocked waiter
 _WAITER_TTL_MS: Final = 3000  # a fair waiter that stops polling this long leaves the queue
+# A release whose reply was lost is retried by the client library; its receipt lets the
+# retry answer "released" (not a false LockLost). Far longer than socket timeout x retries.
+_RECEIPT_TTL_MS: Final = 10_000
 _MAX_STEP: Final = 1.0  # longest single wait before a waiter re-checks the lock
 _MIN_BLOCK: Final = 0.02  # shorter waits poll instead of BLPOP
 _POLL_FIRST: Final = 0.1  # wake-ups do the work; polling is the safety net
@@ -751,7 +754,8 @@ class RedisLock(_Lease):
         key_prefix: default ``settings.redis_key_prefix``.
 
     Keys (one hash tag per name): ``<prefix>:lock:{name}`` (owner token, PX
-    lease), ``...:fence``, ``...:wake``, ``...:queue``, ``...:queue-heartbeats``.
+    lease), ``...:fence``, ``...:wake``, ``...:queue``, ``...:queue-heartbeats``,
+    ``...:released`` (the last release's token, 10 s).
     """
 
     def __init__(
@@ -785,7 +789,7 @@ class RedisLock(_Lease):
         self._acquire_keys = (key, key + ":fence", queue, heartbeats)
         self._acquire_args = ("1" if fair else "0", _WAITER_TTL_MS)
         self._acquire_head = (self._lease_ms, fence_ms)
-        self._release_keys = (self.key, self._wake_key, queue, heartbeats)
+        self._release_keys = (self.key, self._wake_key, queue, heartbeats, key + ":released")
         self._breaker = breaker_for(redis)
         self._gate = asyncio.Lock()
         self._fence: int | None = None
@@ -822,7 +826,9 @@ class RedisLock(_Lease):
         return await self._remote_release(token)
 
     async def _remote_release(self, token: str) -> bool:
-        released = await self._eval(_RELEASE, self._release_keys, (token, _WAKE_TTL_MS))
+        released = await self._eval(
+            _RELEASE, self._release_keys, (token, _WAKE_TTL_MS, _RECEIPT_TTL_MS)
+        )
         if released:
             _notify_local(self.redis, self._wake_key)
         return bool(released)
@@ -882,8 +888,9 @@ class RedisLock(_Lease):
 
         Wakes one waiter (in any process). Raises ``LockNotOwned`` when it was
         not held by this object, or when its lease expired / another owner took
-        it meanwhile (the key of the new owner is left alone). Cancelling it
-        does not stop the release: it completes in the background.
+        it meanwhile (the key of the new owner is left alone). A release whose
+        reply was lost and that the client retried still counts as released.
+        Cancelling it does not stop the release: it completes in the background.
         """
         if not await self._release_hold():
             raise self._not_owned_on_release()

@@ -42,6 +42,7 @@ from app.core.errors import ConfigurationError, LockError, LockNotAcquired
 from app.core.redis import AnyRedis, breaker_for
 from app.core.scripts import Script, ScriptArg
 from app.services.locks import (
+    _RECEIPT_TTL_MS,
     _WAITER_TTL_MS,
     _WAKE_TTL_MS,
     LostCallback,
@@ -104,8 +105,9 @@ class Permit(_Lease):
         """Give the permit back (wakes one waiter).
 
         Raises ``LockNotOwned`` when it was already released, or when its lease
-        ran out before (another holder may have used the slot meanwhile).
-        Cancelling it does not stop the release.
+        ran out before (another holder may have used the slot meanwhile). A
+        release whose reply was lost and that the client retried still counts
+        as released. Cancelling it does not stop the release.
         """
         if not await self._release_hold():
             raise self._not_owned_on_release()
@@ -147,7 +149,8 @@ class Semaphore:
         key_prefix: default ``settings.redis_key_prefix``.
 
     Keys (one hash tag per name): ``<prefix>:semaphore:{name}`` (holders),
-    ``...:wake``, ``...:queue``, ``...:queue-heartbeats``; all expire.
+    ``...:wake``, ``...:queue``, ``...:queue-heartbeats``, ``...:released``
+    (tokens of permits released in the last 10 s); all expire.
     """
 
     _kind = "semaphore"
@@ -197,7 +200,7 @@ class Semaphore:
         queue, heartbeats = key + ":queue", key + ":queue-heartbeats"
         self._acquire_keys = (self.key, queue, heartbeats)
         self._acquire_args = (limit, _ms(self.timeout), "1" if fair else "0", _WAITER_TTL_MS)
-        self._release_keys = (self.key, self._wake_key, queue, heartbeats)
+        self._release_keys = (self.key, self._wake_key, queue, heartbeats, key + ":released")
         self._breaker = breaker_for(redis)
 
     def __repr__(self) -> str:
@@ -221,7 +224,9 @@ class Semaphore:
         return reply
 
     async def _release_token(self, token: str) -> bool:
-        released = await self._eval(_RELEASE, self._release_keys, (token, _WAKE_TTL_MS, self.limit))
+        released = await self._eval(
+            _RELEASE, self._release_keys, (token, _WAKE_TTL_MS, self.limit, _RECEIPT_TTL_MS)
+        )
         if released:
             _notify_local(self.redis, self._wake_key)
         return bool(released)

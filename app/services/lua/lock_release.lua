@@ -2,14 +2,22 @@
 -- KEYS[2] wake list (one marker wakes one blocked waiter; fair waiters block on KEYS[2]:<token>)
 -- KEYS[3] FIFO wait queue (zset)
 -- KEYS[4] waiter heartbeats (zset)
+-- KEYS[5] release receipt (optional): the token of the last release, kept ARGV[3] ms
 -- ARGV[1] owner token
 -- ARGV[2] wake marker TTL, milliseconds
--- returns 1 if the lock was held with this token and is now deleted, else 0
+-- ARGV[3] release receipt TTL, milliseconds (with KEYS[5])
+-- returns 1 if the lock was held with this token and is now deleted (or this token's release
+-- already ran: the client library retried the call after its reply was lost), else 0
 -- (a fair waiter with this token leaves the queue either way: release doubles as "give up")
 local released = 0
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('DEL', KEYS[1])
   released = 1
+  if KEYS[5] then
+    redis.call('SET', KEYS[5], ARGV[1], 'PX', ARGV[3])
+  end
+elseif KEYS[5] and redis.call('GET', KEYS[5]) == ARGV[1] then
+  return 1
 end
 local left = redis.call('ZREM', KEYS[3], ARGV[1])
 redis.call('ZREM', KEYS[4], ARGV[1])

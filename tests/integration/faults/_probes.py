@@ -12,7 +12,16 @@ from typing import Any
 import httpx
 from fastapi import FastAPI
 
-from app.api.routes import cache, http_cache, idempotency, pubsub, rate_limit, sessions, streams
+from app.api.routes import (
+    cache,
+    http_cache,
+    idempotency,
+    locks,
+    pubsub,
+    rate_limit,
+    sessions,
+    streams,
+)
 from app.services.pubsub import Broadcaster, Message
 from tests.integration.faults._harness import Probe, is_problem, is_unavailable
 
@@ -20,6 +29,7 @@ __all__ = [
     "CACHE",
     "HTTP_CACHE",
     "IDEMPOTENCY",
+    "LOCKS",
     "PROBES",
     "PUBSUB",
     "RATE_LIMIT",
@@ -290,6 +300,47 @@ CACHE = Probe(
 )
 
 
+# -- locks (fail-closed: locks never fail open) ----------------------------------------
+
+
+async def _run_job(client: httpx.AsyncClient, state: dict[str, Any]) -> httpx.Response:
+    # A new job per request: a healthy lock is always free, so every answer is 200 or 503.
+    return await client.post(f"/jobs/probe-{uuid.uuid4().hex}/run", params={"seconds": 0})
+
+
+def _ran_under_the_lock(response: httpx.Response) -> bool:
+    return response.status_code == 200 and isinstance(response.json().get("fence"), int)
+
+
+async def _locks_work(client: httpx.AsyncClient, app: FastAPI) -> None:
+    job = f"works-{uuid.uuid4().hex}"
+    running = asyncio.create_task(client.post(f"/jobs/{job}/run", params={"seconds": 0.3}))
+    async with asyncio.timeout(5):
+        while not (await client.get(f"/jobs/{job}/lock")).json()["locked"]:
+            await asyncio.sleep(0.01)
+    busy = await client.post(f"/jobs/{job}/run", params={"seconds": 0})
+    assert is_problem(busy, 409) and int(busy.headers["retry-after"]) >= 1, busy.text
+    first = await running
+    assert _ran_under_the_lock(first), first.text
+    assert (await client.get(f"/jobs/{job}/lock")).json()["locked"] is False  # released
+    again = await client.post(f"/jobs/{job}/run", params={"seconds": 0})
+    assert _ran_under_the_lock(again) and again.json()["fence"] > first.json()["fence"]
+    export = await client.post("/exports", params={"seconds": 0})  # the semaphore's scripts
+    assert export.status_code == 200 and export.json()["running_at_start"] == 1, export.text
+
+
+LOCKS = Probe(
+    name="locks",
+    modules=(locks,),
+    failure="closed",
+    send=_run_job,
+    healthy=_ran_under_the_lock,
+    degraded=is_unavailable,
+    works=_locks_work,
+    script="lock_acquire.lua",
+)
+
+
 PROBES = (
     SESSIONS,
     IDEMPOTENCY,
@@ -299,6 +350,7 @@ PROBES = (
     RATE_LIMIT_CLOSED,
     PUBSUB,
     STREAMS,
+    LOCKS,
 )
 
 

@@ -23,7 +23,7 @@ from app.services.pubsub import Broadcaster
 from app.services.streams import stream_keys
 from app.testing.servers import RedisServer
 from tests.integration.faults._harness import LostReplyProxy, Probe, new_client, service_app
-from tests.integration.faults._probes import PROBES, PUBSUB, RATE_LIMIT, next_message
+from tests.integration.faults._probes import LOCKS, PROBES, PUBSUB, RATE_LIMIT, next_message
 from tests.integration.faults.conftest import StartApp
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -146,3 +146,28 @@ async def test_a_lost_xadd_reply_appends_the_event_twice(
             assert await admin.xlen(key) == before + 2
     finally:
         await admin.aclose()
+
+
+@pytest.mark.parametrize(
+    ("route", "script"),
+    [("/jobs/lost-release/run", "lock_release.lua"), ("/exports", "lock_semaphore_release.lua")],
+    ids=["lock", "semaphore"],
+)
+async def test_a_lost_release_reply_still_counts_as_released(
+    route: str, script: str, lost_reply_proxy: LostReplyProxy, start_app: StartApp
+) -> None:
+    """The retried release finds its own receipt: no false ``lock-lost``, the lock is free."""
+    web = LOCKS.app()
+    app = await start_app(web, lost_reply_proxy.url)
+    async with new_client(app) as client:
+        assert (await client.post(route, params={"seconds": 0})).status_code == 200  # warm
+        lost_reply_proxy.arm(_sha(script))
+        response = await client.post(route, params={"seconds": 0})
+        assert lost_reply_proxy.lost == 1  # the release ran; its answer never arrived
+        assert response.status_code == 200, response.text
+        again = await client.post(route, params={"seconds": 0})  # nothing is left held
+        assert again.status_code == 200, again.text
+        if script == "lock_release.lua":
+            assert again.json()["fence"] == response.json()["fence"] + 1
+        else:
+            assert again.json()["running_at_start"] == 1

@@ -9,15 +9,24 @@ or a hung request, and work fully again afterwards without an app restart.
 from __future__ import annotations
 
 import asyncio
+from typing import Annotated, Any
 
 import pytest
+from fastapi import FastAPI
+from redis.asyncio import Redis
 
+from app.api.deps import request_lock
+from app.api.problems import install_problem_handlers
+from app.core.redis import redis_lifespan
+from app.services.locks import RedisLock
 from app.services.pubsub import Broadcaster, Reconnected
 from app.testing.servers import RedisServer
 from tests.integration.faults._harness import (
+    REQUEST_BOUND,
     Probe,
     Workload,
     connected_clients,
+    is_problem,
     is_unavailable,
     new_client,
     service_app,
@@ -111,3 +120,67 @@ async def test_a_running_consumer_recreates_its_group_after_a_restart(
         stats = (await client.get("/streams/stats")).json()
     assert stats["counters"]["group_recreated"] >= 1
     assert stats["pending"] == 0
+
+
+def _lock_lost(response: Any) -> bool:
+    return is_problem(response, 409) and response.json()["type"].endswith("/lock-lost")
+
+
+async def test_a_lock_held_across_a_restart_is_lost_and_its_holder_learns_it(
+    private_server: RedisServer, start_app: StartApp
+) -> None:
+    """Documented: a restart (like a failover) loses held locks; every holder is told.
+
+    ``/held/{job}?wait=true`` holds its lock (lease 10 s) until the test lets
+    it finish: the release at exit finds the key gone and the request answers
+    409 ``lock-lost``. ``/watched/{job}`` holds a 0.6 s lease the watchdog
+    renews every 0.2 s: the renewal finds the key gone (or cannot reach Redis
+    until the lease would end), cancels the handler, and the request answers
+    409 ``lock-lost`` at once. Meanwhile a second request got the first one's
+    lock: two holders overlapped, and the second's fencing token is the larger,
+    so a resource that checks fences refuses the first holder's late writes.
+    """
+    app = FastAPI(lifespan=redis_lifespan())
+    install_problem_handlers(app)
+    finish = asyncio.Event()
+    finished: list[str] = []
+
+    @app.post("/held/{job}")
+    async def held(
+        job: str, lock: Annotated[RedisLock, request_lock("held:{job}", timeout=10)], wait: bool
+    ) -> dict[str, Any]:
+        if wait:
+            await finish.wait()
+        return {"fence": lock.fence}
+
+    @app.post("/watched/{job}")
+    async def watched(
+        job: str, lock: Annotated[RedisLock, request_lock("watched:{job}", timeout=0.6)]
+    ) -> dict[str, Any]:
+        await asyncio.sleep(REQUEST_BOUND * 2)
+        finished.append(job)
+        return {"fence": lock.fence}
+
+    asgi = await start_app(app, private_server.url)
+    admin = Redis.from_url(private_server.url, socket_timeout=2)
+    keys = [RedisLock(admin, name, timeout=1).key for name in ("held:j1", "watched:j1")]
+    async with new_client(asgi) as client:
+        first = asyncio.create_task(client.post("/held/j1", params={"wait": True}))
+        renewed = asyncio.create_task(client.post("/watched/j1"))
+        async with asyncio.timeout(5):
+            while await admin.exists(*keys) < 2:
+                await asyncio.sleep(0.01)
+        first_fence = int(await admin.get(keys[0] + ":fence") or 0)
+        await admin.aclose()
+        await asyncio.to_thread(private_server.restart)  # every key is gone
+        async with asyncio.timeout(10):  # a second holder gets the lock the first still "holds"
+            while (second := await client.post("/held/j1", params={"wait": False})).is_error:
+                assert is_unavailable(second), second.text  # the breaker may need a trial first
+                await asyncio.sleep(0.05)
+        assert second.json()["fence"] > first_fence  # fences restart above every old token
+        lost_while_working = await asyncio.wait_for(renewed, REQUEST_BOUND)
+        assert _lock_lost(lost_while_working), lost_while_working.text
+        assert finished == []  # the watchdog cancelled the handler
+        finish.set()
+        lost_at_exit = await asyncio.wait_for(first, REQUEST_BOUND)
+        assert _lock_lost(lost_at_exit), lost_at_exit.text

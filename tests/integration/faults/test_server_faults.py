@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Annotated, Any
 
 import pytest
 import pytest_asyncio
@@ -12,11 +12,20 @@ from fastapi import FastAPI
 from redis.asyncio import Redis
 from redis.exceptions import OutOfMemoryError
 
+from app.api.deps import request_lock
 from app.api.problems import install_problem_handlers
 from app.core.redis import redis_lifespan
 from app.middleware.idempotency import IdempotencyMiddleware
+from app.services.locks import RedisLock
 from app.testing.servers import RedisServer
-from tests.integration.faults._harness import Probe, Workload, burst, new_client
+from tests.integration.faults._harness import (
+    REQUEST_BOUND,
+    Probe,
+    Workload,
+    burst,
+    is_unavailable,
+    new_client,
+)
 from tests.integration.faults._probes import PROBES, probe_ids
 from tests.integration.faults.conftest import StartApp
 
@@ -157,3 +166,44 @@ async def test_idempotency_out_of_memory_after_the_handler_ran(
         assert again.status_code == 200
         replay = await client.post("/work", headers={"Idempotency-Key": "k2"})
         assert replay.headers["idempotent-replayed"] == "true"
+
+
+async def test_a_lock_held_when_memory_runs_out_is_renewed_and_released(
+    private_server: RedisServer, start_app: StartApp, admin: Redis
+) -> None:
+    """OOM refuses new locks (503), never the holders: renewals and releases go through.
+
+    A held 0.6 s lease is renewed by its watchdog three times while every write
+    is refused, and its release at the end succeeds (``PEXPIRE``/``DEL`` free
+    or keep memory; Redis lets a script that already wrote finish its writes).
+    """
+    app = FastAPI(lifespan=redis_lifespan())
+    install_problem_handlers(app)
+    finish = asyncio.Event()
+
+    @app.post("/work/{job}")
+    async def work(
+        job: str, lock: Annotated[RedisLock, request_lock("work:{job}", timeout=0.6)], wait: bool
+    ) -> dict[str, Any]:
+        if wait:
+            await finish.wait()
+        return {"fence": lock.fence}
+
+    asgi = await start_app(app, private_server.url)
+    key = RedisLock(admin, "work:held", timeout=1).key
+    async with new_client(asgi) as client:
+        held = asyncio.create_task(client.post("/work/held", params={"wait": True}))
+        async with asyncio.timeout(5):
+            while not await admin.exists(key):
+                await asyncio.sleep(0.01)
+        await _fill_until_oom(admin)
+        refused = await client.post("/work/other", params={"wait": False})
+        assert is_unavailable(refused), refused.text  # a new lock needs a write: 503
+        await asyncio.sleep(0.7)  # longer than the lease: only renewals keep it
+        assert await admin.pttl(key) > 0
+        finish.set()
+        released = await asyncio.wait_for(held, REQUEST_BOUND)
+        assert released.status_code == 200, released.text  # not lock-lost: it was kept
+        assert not await admin.exists(key)
+        await admin.config_set("maxmemory", "0")
+        assert (await client.post("/work/other", params={"wait": False})).status_code == 200

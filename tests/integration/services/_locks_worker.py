@@ -6,7 +6,7 @@ Modes:
   list), then run TASKS tasks that each do ROUNDS read-modify-write increments
   of one key under one ``RedisLock`` (GET, yield to the loop, SET); print ``done``.
 * ``hold-permit URL NAME LIMIT LEASE``: take a ``Semaphore`` permit without
-  renewal, print ``held`` and sleep until killed (a crashed holder).
+  renewal (on any topology: the client is built from URL as the app builds it), print ``held`` and sleep until killed (a crashed holder).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import sys
 
 from redis.asyncio import Redis
 
+from app.core.redis import build_client
 from app.services.locks import RedisLock
 from app.services.semaphore import Semaphore
 
@@ -44,7 +45,7 @@ async def _increment(url: str, tasks: int, rounds: int) -> None:
 
 
 async def _hold_permit(url: str, name: str, limit: int, lease: float) -> None:
-    redis = Redis.from_url(url)
+    redis = build_client(url=url)  # redis://, redis+cluster:// or redis+sentinel://
     permit = await Semaphore(redis, name, limit, lease).acquire()
     print("held" if permit is not None else "refused", flush=True)
     await asyncio.sleep(3600)

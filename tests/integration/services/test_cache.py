@@ -15,6 +15,7 @@ subscriber connection, a server stopped mid-test, a crashed lease holder.
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import json
 import logging
@@ -25,7 +26,7 @@ import sys
 import types
 import uuid
 from collections.abc import AsyncIterator, Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import pytest
 import pytest_asyncio
@@ -56,7 +57,7 @@ def _on_topologies(test: F) -> F:
     copy.__kwdefaults__ = test.__kwdefaults__
     copy.__annotations__ = test.__annotations__
     copy.__doc__ = test.__doc__
-    return ON_TOPOLOGIES(copy)  # type: ignore[no-any-return]
+    return cast(F, ON_TOPOLOGIES(copy))
 
 
 for _module, _fixture in ((unit_behaviour, "cache_client"), (unit_local, "pair")):
@@ -436,7 +437,7 @@ async def test_a_stampede_runs_the_factory_once_and_the_write_wakes_every_waiter
 async def test_pattern_and_tag_invalidation_reach_keys_on_every_primary(
     topology_redis: Any, decode_responses: bool
 ) -> None:
-    client = twin(topology_redis, decode_responses=decode_responses)
+    client: Any = twin(topology_redis, decode_responses=decode_responses)
     cache = CacheService(client)  # 16 shards (hash tags) on a Cluster, 1 elsewhere
     items = {f"item:{i}": i for i in range(200)}
     try:
@@ -491,11 +492,13 @@ async def test_local_tiers_are_invalidated_over_pubsub_for_keys_on_every_primary
         for n, key in enumerate(keys):  # a write evicts the reader's copy: it reads the new one
             await writer.set(key, f"v1-{n}", ttl=60, tags=["users"])
         for n, key in enumerate(keys):
-            await unit_local.eventually(lambda k=key, v=f"v1-{n}": unit_local._equals(reader, k, v))
+            await unit_local.eventually(
+                functools.partial(unit_local._equals, reader, key, f"v1-{n}")
+            )
             await unit_local.prime(reader, key, f"v1-{n}")
         await writer.invalidate_tags("users")
         for key in keys:
-            await unit_local.eventually(lambda k=key: unit_local._equals(reader, k, MISSING))
+            await unit_local.eventually(functools.partial(unit_local._equals, reader, key, MISSING))
         await writer.set("user:x", "1", ttl=60)
         await unit_local.prime(reader, "user:x", "1")
         await writer.invalidate("user:*")

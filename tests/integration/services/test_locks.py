@@ -186,12 +186,15 @@ async def test_fenced_write_stops_a_holder_that_outlived_its_lease(redis: Any) -
 # -- watchdog ----------------------------------------------------------------------------
 
 
-async def test_watchdog_holds_the_lock_through_three_times_its_timeout(real_redis: Redis) -> None:
+async def test_watchdog_holds_the_lock_through_three_times_its_timeout(
+    topology_redis: Any,
+) -> None:
+    redis = await ready(topology_redis)
     rival_wins = 0
 
     async def rival() -> None:
         nonlocal rival_wins
-        other = RedisLock(real_redis, "jobs:1", timeout=5)
+        other = RedisLock(redis, "jobs:1", timeout=5)
         while True:
             if await other.acquire():
                 rival_wins += 1
@@ -200,9 +203,9 @@ async def test_watchdog_holds_the_lock_through_three_times_its_timeout(real_redi
 
     contender: asyncio.Task[None] | None = None
     try:
-        async with RedisLock(real_redis, "jobs:1", timeout=1, auto_renew=True) as lock:
+        async with RedisLock(redis, "jobs:1", timeout=0.5, auto_renew=True) as lock:
             contender = asyncio.create_task(rival())
-            await asyncio.sleep(3)  # three leases long
+            await asyncio.sleep(1.5)  # three leases long
             assert await lock.owned()
     finally:
         if contender is not None:
@@ -210,7 +213,7 @@ async def test_watchdog_holds_the_lock_through_three_times_its_timeout(real_redi
             with contextlib.suppress(asyncio.CancelledError):
                 await contender
     assert rival_wins == 0
-    assert not await real_redis.exists(lock.key)
+    assert not await redis.exists(lock.key)
 
 
 @ON_TOPOLOGIES
@@ -247,19 +250,26 @@ async def test_a_renewal_that_finds_another_owner_does_not_touch_its_lease(redis
 
 
 @ON_TOPOLOGIES
-async def test_a_waiter_in_another_process_is_woken_by_the_release(
-    redis: Any, redis_server: RedisServerInfo
-) -> None:
+async def test_a_waiter_in_another_process_is_woken_by_the_release(redis: Any) -> None:
     holder = RedisLock(redis, "jobs:1", timeout=60)
     await holder.acquire()
-    elsewhere = Redis.from_url(redis_server.url)  # its own pool: BLPOP on the wake list
+    wake_list = holder.key + ":wake"
+    elsewhere = twin(redis)  # its own connections, like another worker
     try:
+        blocked_before = await blocked_clients(redis, wake_list)
         waiter = asyncio.create_task(
-            RedisLock(elsewhere, "jobs:1", timeout=5).acquire(blocking=True, blocking_timeout=5)
+            RedisLock(await ready(elsewhere), "jobs:1", timeout=5).acquire(
+                blocking=True, blocking_timeout=5
+            )
         )
-        await asyncio.sleep(0.2)
+        async with asyncio.timeout(5):  # it blocks in BLPOP on the node of the lock's slot
+            while await blocked_clients(redis, wake_list) <= blocked_before:
+                await asyncio.sleep(0.005)
         await holder.release()
         assert await waiter  # long before the 60 s lease would have run out
+        # The release's wake marker was popped by that BLPOP: the waiter was woken by the
+        # release, not by polling (an unused marker would still be there for 2 s).
+        assert not await redis.exists(wake_list)
     finally:
         await elsewhere.aclose()
 
@@ -281,6 +291,43 @@ async def test_fair_waiters_are_served_in_arrival_order(redis: Any) -> None:
     await holder.release()
     await asyncio.gather(*tasks)
     assert order == [0, 1, 2, 3, 4]
+
+
+@ON_TOPOLOGIES
+async def test_a_release_pushes_to_the_fair_queue_heads_own_wake_list(redis: Any) -> None:
+    """The head's wake list is named inside the release script (``<wake key>:<token>``).
+
+    It shares the lock's hash tag, so on a Cluster the script may write it on
+    the lock's node, and the head's ``BLPOP`` (routed by the client) reads it there.
+    """
+    holder = RedisLock(redis, "jobs:1", timeout=30, fair=True)
+    assert await holder.acquire() and holder.fence is not None
+    queued = RedisLock(redis, "jobs:1", timeout=30, fair=True)
+    reply = await queued._attempt("head-token")  # one attempt: queued, first in line
+    assert (reply[0], reply[2]) == (0, 1)
+    await holder.release()
+    assert await redis.blpop([holder.key + ":wake:head-token"], timeout=1) is not None
+    assert await queued._attempt("head-token") == [1, holder.fence + 1]
+    assert await queued._give_up("head-token")  # released with the token it was taken with
+
+
+# -- extend ------------------------------------------------------------------------------------
+
+
+@ON_TOPOLOGIES
+async def test_extend_lengthens_or_replaces_only_its_own_lease(redis: Any) -> None:
+    lock = RedisLock(redis, "jobs:1", timeout=1)
+    assert await lock.acquire()
+    assert 5.5 < await lock.extend(5) <= 6
+    assert 5_500 < await redis.pttl(lock.key) <= 6_000
+    assert await lock.extend(0.2, replace=True) == 0.2
+    await asyncio.sleep(0.3)  # the replaced lease ran out
+    other = RedisLock(redis, "jobs:1", timeout=30)
+    assert await other.acquire()
+    with pytest.raises(LockNotOwned):
+        await lock.extend(5)
+    assert await redis.pttl(other.key) > 29_000  # the new owner's lease is untouched
+    await other.release()
 
 
 # -- cancellation ----------------------------------------------------------------------------

@@ -1,4 +1,9 @@
-"""Semaphore on a real redis-server: the limit under load, crashed holders, watchdog."""
+"""Semaphore on real servers: the limit under load, crashed holders, watchdog, fair queue.
+
+Every test runs on standalone, a 3-primary Cluster and Sentinel (clients built
+as the app builds them; ``redis`` tests also with decoded replies on standalone
+and Cluster, see ``ON_TOPOLOGIES``).
+"""
 
 from __future__ import annotations
 
@@ -6,34 +11,35 @@ import asyncio
 import subprocess
 import sys
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 import pytest_asyncio
-from redis.asyncio import Redis
 
 from app.core.errors import LockLost, LockNotAcquired
 from app.services.locks import Semaphore
-from app.testing.plugin import RedisServerInfo
+from tests.integration.topology._support import ON_TOPOLOGIES, ready, topology_url, twin
 
 pytestmark = pytest.mark.integration
 
 
-@pytest_asyncio.fixture(params=[False, True], ids=["bytes", "decoded"])
-async def redis(
-    request: pytest.FixtureRequest, redis_server: RedisServerInfo, real_redis: Redis
-) -> AsyncIterator[Redis]:
-    client = Redis.from_url(redis_server.url, decode_responses=request.param)
+@pytest_asyncio.fixture
+async def redis(topology_redis: Any, decode_responses: bool) -> AsyncIterator[Any]:
+    """A client of the topology (flushed per test), as the app builds it, or its decoded twin."""
+    if not decode_responses:
+        yield await ready(topology_redis)
+        return
+    client = twin(topology_redis, decode_responses=True)
     try:
-        yield client
+        yield await ready(client)
     finally:
         await client.aclose()
 
 
-async def test_never_more_than_limit_holders_among_100_concurrent_tasks(
-    redis: Redis, redis_server: RedisServerInfo
-) -> None:
+@ON_TOPOLOGIES
+async def test_never_more_than_limit_holders_among_100_concurrent_tasks(redis: Any) -> None:
     limit = 5
-    other = Redis.from_url(redis_server.url)  # a second pool, like a second worker
+    other = await ready(twin(redis))  # a second pool, like a second worker
     inside = most = 0
     server_counts: list[int] = []
 
@@ -59,15 +65,16 @@ async def test_never_more_than_limit_holders_among_100_concurrent_tasks(
 
 
 async def test_a_crashed_holders_permit_returns_after_its_lease(
-    redis: Redis, redis_server: RedisServerInfo
+    topology_redis: Any, request: pytest.FixtureRequest
 ) -> None:
+    redis = await ready(topology_redis)
     proc = subprocess.Popen(
         [
             sys.executable,
             "-m",
             "tests.integration.services._locks_worker",
             "hold-permit",
-            redis_server.url,
+            topology_url(request),  # the holder builds its client from the URL, as the app does
             "reports",
             "1",
             "0.5",
@@ -92,7 +99,8 @@ async def test_a_crashed_holders_permit_returns_after_its_lease(
         proc.communicate()
 
 
-async def test_full_semaphore_raises_lock_not_acquired(redis: Redis) -> None:
+@ON_TOPOLOGIES
+async def test_full_semaphore_raises_lock_not_acquired(redis: Any) -> None:
     sem = Semaphore(redis, "reports", 2, timeout=10, blocking_timeout=0.1)
     async with sem, sem:
         with pytest.raises(LockNotAcquired) as caught:
@@ -102,7 +110,10 @@ async def test_full_semaphore_raises_lock_not_acquired(redis: Redis) -> None:
     assert await sem.count() == 0
 
 
-async def test_watchdog_keeps_the_permit_and_cancels_the_body_when_lost(redis: Redis) -> None:
+async def test_watchdog_keeps_the_permit_and_cancels_the_body_when_lost(
+    topology_redis: Any,
+) -> None:
+    redis = await ready(topology_redis)
     sem = Semaphore(redis, "reports", 1, timeout=0.5, auto_renew=True)
     async with sem as permit:
         await asyncio.sleep(1.5)  # three leases
@@ -118,7 +129,8 @@ async def test_watchdog_keeps_the_permit_and_cancels_the_body_when_lost(redis: R
     assert progress == ["started"]
 
 
-async def test_a_task_cancelled_during_acquire_leaves_no_permit(redis: Redis) -> None:
+@ON_TOPOLOGIES
+async def test_a_task_cancelled_during_acquire_leaves_no_permit(redis: Any) -> None:
     sem = Semaphore(redis, "reports", 3, timeout=30)
     for ticks in range(0, 30, 3):
         task = asyncio.create_task(sem.acquire(blocking=True, blocking_timeout=5))
@@ -134,7 +146,8 @@ async def test_a_task_cancelled_during_acquire_leaves_no_permit(redis: Redis) ->
             await permit.release()
 
 
-async def test_fair_waiters_get_permits_in_arrival_order(redis: Redis) -> None:
+@ON_TOPOLOGIES
+async def test_fair_waiters_get_permits_in_arrival_order(redis: Any) -> None:
     sem = Semaphore(redis, "reports", 1, timeout=30, fair=True, blocking_timeout=10)
     held = await sem.acquire()
     assert held is not None
@@ -151,3 +164,17 @@ async def test_fair_waiters_get_permits_in_arrival_order(redis: Redis) -> None:
     await held.release()
     await asyncio.gather(*tasks)
     assert order == [0, 1, 2, 3]
+
+
+@ON_TOPOLOGIES
+async def test_a_release_pushes_to_the_fair_queue_heads_own_wake_list(redis: Any) -> None:
+    """As for locks: the head's wake list, named inside the release script, is in the slot."""
+    sem = Semaphore(redis, "reports", 1, timeout=30, fair=True)
+    held = await sem.acquire()
+    assert held is not None
+    reply = await sem._attempt("head-token")  # one attempt: queued, first in line
+    assert (reply[0], reply[2]) == (0, 1)
+    await held.release()
+    assert await redis.blpop([sem.key + ":wake:head-token"], timeout=1) is not None
+    assert await sem._attempt("head-token") == [1, 1]
+    assert await sem._give_up("head-token")
