@@ -113,8 +113,9 @@ async def test_concurrent_checks_from_two_processes_admit_exactly_the_limit(
         assert proc.returncode == 0, err.decode()
         counts.append(json.loads(out))
     totals = {name: sum(c[name] for c in counts) for name in (*ALL, "concurrency")}
-    assert totals == dict.fromkeys((*ALL, "concurrency"), limit)
-    assert all(sum(c.values()) > 0 for c in counts), counts  # both processes competed
+    # Exact over both processes (the workers fail closed, so nothing is admitted by a fallback).
+    # Which process wins how many is up to the OS scheduler, so that is not asserted.
+    assert totals == dict.fromkeys((*ALL, "concurrency"), limit), counts
     for name in ALL:
         limiter = RateLimiter(
             topology_redis, max_requests=limit, window_seconds=3600, algorithm=name
