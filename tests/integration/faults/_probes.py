@@ -312,6 +312,13 @@ def _ran_under_the_lock(response: httpx.Response) -> bool:
     return response.status_code == 200 and isinstance(response.json().get("fence"), int)
 
 
+def _ran_or_learned_the_lock_was_lost(response: httpx.Response) -> bool:
+    """A request whose lock a restart wiped (its lease straddled it) is told so: 409 lock-lost."""
+    if _ran_under_the_lock(response):
+        return True
+    return is_problem(response, 409) and response.json()["type"].endswith("/lock-lost")
+
+
 async def _locks_work(client: httpx.AsyncClient, app: FastAPI) -> None:
     job = f"works-{uuid.uuid4().hex}"
     running = asyncio.create_task(client.post(f"/jobs/{job}/run", params={"seconds": 0.3}))
@@ -334,7 +341,7 @@ LOCKS = Probe(
     modules=(locks,),
     failure="closed",
     send=_run_job,
-    healthy=_ran_under_the_lock,
+    healthy=_ran_or_learned_the_lock_was_lost,
     degraded=is_unavailable,
     works=_locks_work,
     script="lock_acquire.lua",

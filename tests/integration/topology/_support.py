@@ -28,7 +28,6 @@ ON_TOPOLOGIES = pytest.mark.parametrize(
         pytest.param("standalone", False, id="standalone-bytes"),
         pytest.param("standalone", True, id="standalone-decoded"),
         pytest.param("cluster", False, id="cluster-bytes", marks=pytest.mark.slow),
-        pytest.param("cluster", True, id="cluster-decoded", marks=pytest.mark.slow),
         pytest.param("sentinel", False, id="sentinel-bytes", marks=pytest.mark.slow),
     ],
     indirect=["topology_redis"],
