@@ -121,6 +121,7 @@ __all__ = [
     "Semaphore",
     "as_seconds",
     "fenced_write",
+    "wait_bound",
 ]
 
 log = logging.getLogger("app.locks")
@@ -167,6 +168,20 @@ def __getattr__(name: str) -> Any:
 
 
 # -- small helpers --------------------------------------------------------------
+
+
+def wait_bound(blocking: bool, blocking_timeout: Seconds | None, default: float) -> float:
+    """How long an ``acquire(blocking, blocking_timeout)`` may wait; *default* when unset.
+
+    Non-blocking acquires wait 0 and refuse a ``blocking_timeout`` (a likely mistake).
+    """
+    if not blocking:
+        if blocking_timeout is not None:
+            raise ConfigurationError("blocking_timeout needs blocking=True")
+        return 0.0
+    if blocking_timeout is None:
+        return default
+    return as_seconds(blocking_timeout, "blocking_timeout", allow_zero=True)
 
 
 def as_seconds(value: Seconds | None, what: str, *, allow_zero: bool = False) -> float:
@@ -840,15 +855,6 @@ class RedisLock(_Lease):
         if self._gate.locked():
             self._gate.release()
 
-    def _wait_bound(self, blocking: bool, blocking_timeout: Seconds | None) -> float:
-        if not blocking:
-            if blocking_timeout is not None:
-                raise ConfigurationError("blocking_timeout needs blocking=True")
-            return 0.0
-        if blocking_timeout is None:
-            return self.blocking_timeout
-        return as_seconds(blocking_timeout, "blocking_timeout", allow_zero=True)
-
     async def acquire(
         self, blocking: bool = False, blocking_timeout: Seconds | None = None
     ) -> bool:
@@ -863,7 +869,9 @@ class RedisLock(_Lease):
         compare-and-delete with this call's token removes the key. Raises
         ``RedisUnavailable`` when Redis is down (never returns False for that).
         """
-        taken, _ = await self._acquire(self._wait_bound(blocking, blocking_timeout))
+        taken, _ = await self._acquire(
+            wait_bound(blocking, blocking_timeout, self.blocking_timeout)
+        )
         return taken
 
     async def _acquire(self, wait: float) -> tuple[bool, float]:

@@ -62,6 +62,7 @@ from app.services.locks import (
     _text,
     _waited,
     as_seconds,
+    wait_bound,
 )
 
 __all__ = ["Redlock"]
@@ -197,15 +198,6 @@ class Redlock(_Lease):
         self.validity = validity
         return int(validity * 1000)
 
-    def _wait_bound(self, blocking: bool, blocking_timeout: Seconds | None) -> float:
-        if not blocking:
-            if blocking_timeout is not None:
-                raise ConfigurationError("blocking_timeout needs blocking=True")
-            return 0.0
-        if blocking_timeout is None:
-            return self.blocking_timeout
-        return as_seconds(blocking_timeout, "blocking_timeout", allow_zero=True)
-
     async def acquire(
         self, blocking: bool = False, blocking_timeout: Seconds | None = None
     ) -> bool:
@@ -217,7 +209,9 @@ class Redlock(_Lease):
         ``RedisUnavailable`` when fewer than a quorum of masters answer (a
         busy lock returns False). Cancelling it deletes whatever it set.
         """
-        taken, _ = await self._acquire(self._wait_bound(blocking, blocking_timeout))
+        taken, _ = await self._acquire(
+            wait_bound(blocking, blocking_timeout, self.blocking_timeout)
+        )
         return taken
 
     async def _acquire(self, wait: float) -> tuple[bool, float]:

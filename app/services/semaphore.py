@@ -55,6 +55,7 @@ from app.services.locks import (
     _space,
     _waited,
     as_seconds,
+    wait_bound,
 )
 
 __all__ = ["Permit", "Semaphore"]
@@ -241,15 +242,6 @@ class Semaphore:
         live, left = await self._eval(_COUNT, (self.key,), (token,))
         return int(live), int(left)
 
-    def _wait_bound(self, blocking: bool, blocking_timeout: Seconds | None) -> float:
-        if not blocking:
-            if blocking_timeout is not None:
-                raise ConfigurationError("blocking_timeout needs blocking=True")
-            return 0.0
-        if blocking_timeout is None:
-            return self.blocking_timeout
-        return as_seconds(blocking_timeout, "blocking_timeout", allow_zero=True)
-
     async def acquire(
         self, blocking: bool = False, blocking_timeout: Seconds | None = None
     ) -> Permit | None:
@@ -262,7 +254,9 @@ class Semaphore:
         before its reply arrived is given back by a shielded clean-up. Raises
         ``RedisUnavailable`` when Redis is down.
         """
-        permit, _ = await self._acquire(self._wait_bound(blocking, blocking_timeout))
+        permit, _ = await self._acquire(
+            wait_bound(blocking, blocking_timeout, self.blocking_timeout)
+        )
         return permit
 
     async def _acquire(self, wait: float) -> tuple[Permit | None, float]:
