@@ -1,4 +1,5 @@
 # Two commands on a fresh machine: `make run` and `make test`.
+# Every environment is installed from uv.lock (`uv sync --locked`): what CI tested is what runs.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -6,52 +7,84 @@ STAMP  := $(VENV)/.installed
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 PYTEST_ARGS ?=
+REPORTS ?= reports
 
-.PHONY: run test lint format bench soak clean
+# uv from PATH, else a pinned copy bootstrapped from the package index into .uv/
+UV_VERSION := 0.13.9
+UV ?= $(shell command -v uv 2>/dev/null)
+ifeq ($(strip $(UV)),)
+UV := .uv/bin/uv
+endif
+export UV_PYTHON_DOWNLOADS := never
 
-$(BIN)/python:
-	$(PYTHON) -m venv $(VENV)
+.PHONY: run test test-repeat test-latest lint format lock bench soak clean
 
-$(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+.uv/bin/uv:
+	$(PYTHON) -m venv .uv
+	.uv/bin/python -m pip install --quiet --disable-pip-version-check "uv==$(UV_VERSION)"
+
+$(STAMP): pyproject.toml uv.lock | $(UV)
+	UV_PROJECT_ENVIRONMENT=$(VENV) $(UV) sync --locked --extra dev --python $(PYTHON)
 	touch $(STAMP)
+
+## lock: refresh uv.lock to the newest versions pyproject.toml's ranges allow (commit the result)
+lock: | $(UV)
+	$(UV) lock --upgrade
 
 ## run: start the demo service (embedded in-process Redis when REDIS_URL is unset)
 run: $(STAMP)
 	$(BIN)/uvicorn app.main:app --host $(HOST) --port $(PORT) --loop uvloop --http httptools
 
-## test: unit tests (fakeredis) and integration tests (real redis-server) with coverage
+## test: unit tests (fakeredis) and integration tests (real redis-server) with coverage;
+## failures are listed at the end and kept in $(REPORTS)/junit.xml and $(REPORTS)/failures.txt
 # PYTHONNODEBUGRANGES: CPython 3.11's traceback carets call ast.parse; when a finalizer's
 # warning is formatted while pytest rewrites a module, that re-entrant parse raises
 # "SystemError: AST constructor recursion depth mismatch" (fixed in 3.11.8+/3.12).
 test: export PYTHONNODEBUGRANGES = 1
 test: $(STAMP)
+	@mkdir -p $(REPORTS)
 	$(BIN)/coverage erase
-	$(BIN)/coverage run -m pytest $(PYTEST_ARGS)
+	$(BIN)/coverage run -m pytest --junitxml=$(REPORTS)/junit.xml $(PYTEST_ARGS) || { \
+		status=$$?; $(BIN)/python scripts/test_failures.py $(REPORTS)/junit.xml $(REPORTS)/failures.txt; exit $$status; }
 	$(BIN)/coverage combine --quiet 2>/dev/null || true
 	$(BIN)/coverage report
 
+REPEAT ?= 5
+## test-repeat: run the suite (or PYTEST_ARGS' part of it) REPEAT times; every failure with its
+## test id and traceback goes to $(REPORTS)/repeat/failures.txt. CONTEND=1 adds a busy process.
+test-repeat: export PYTHONNODEBUGRANGES = 1
+test-repeat: $(STAMP)
+	$(BIN)/python scripts/test_repeat.py --times $(REPEAT) --reports $(REPORTS)/repeat \
+		$(if $(CONTEND),--contend) -- $(PYTEST_ARGS)
+
+## test-latest: lint and test against the newest releases pyproject.toml allows (not the lock),
+## in .venv-latest, so upstream drift shows up before it reaches main. Not part of CI.
+test-latest: | $(UV)
+	rm -rf .venv-latest
+	$(UV) venv --quiet --python $(PYTHON) .venv-latest
+	$(UV) pip install --python .venv-latest/bin/python --resolution highest -e ".[dev]"
+	touch .venv-latest/.installed
+	$(UV) pip list --python .venv-latest/bin/python --format freeze > .venv-latest/versions.txt
+	$(MAKE) lint test VENV=.venv-latest REPORTS=$(REPORTS)/latest
+
 ## lint: ruff check, ruff format --check, mypy --strict
 lint: $(STAMP)
-	$(BIN)/ruff check app tests bench
-	$(BIN)/ruff format --check app tests bench
+	$(BIN)/ruff check app tests bench scripts
+	$(BIN)/ruff format --check app tests bench scripts
 	$(BIN)/mypy
 
 format: $(STAMP)
-	$(BIN)/ruff check --fix app tests bench
-	$(BIN)/ruff format app tests bench
+	$(BIN)/ruff check --fix app tests bench scripts
+	$(BIN)/ruff format app tests bench scripts
 
 BENCH_VENV := .venv-bench
 BENCH_STAMP := $(BENCH_VENV)/.installed
 BENCH_ARGS ?=
 
-$(BENCH_STAMP): pyproject.toml
-	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
-	$(BENCH_VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(BENCH_VENV)/bin/python -m pip install --quiet -e ".[bench]"
+$(BENCH_STAMP): pyproject.toml uv.lock | $(UV)
+	UV_PROJECT_ENVIRONMENT=$(BENCH_VENV) $(UV) sync --locked --extra bench --python $(PYTHON)
 	# fastapi-limiter 0.1.x (the API most deployed code uses) beside 0.2, loaded as fastapi_limiter_016
-	$(BENCH_VENV)/bin/python -m pip install --quiet --no-deps --upgrade --target bench/.vendor/fastapi_limiter_016 "fastapi-limiter==0.1.6"
+	$(UV) pip install --quiet --python $(BENCH_VENV)/bin/python --no-deps --target bench/.vendor/fastapi_limiter_016 "fastapi-limiter==0.1.6"
 	touch $(BENCH_STAMP)
 
 ## bench: our code and the peers on one private redis-server, ratios in one run
@@ -66,4 +99,4 @@ soak: $(STAMP)
 	$(BIN)/python scripts/soak.py --seconds $(SOAK_SECONDS)
 
 clean:
-	rm -rf $(VENV) $(BENCH_VENV) bench/.vendor/fastapi_limiter_016 .pytest_cache .mypy_cache .ruff_cache .coverage .coverage.*
+	rm -rf $(VENV) $(BENCH_VENV) .venv-latest .uv bench/.vendor/fastapi_limiter_016 $(REPORTS) .pytest_cache .mypy_cache .ruff_cache .coverage .coverage.*

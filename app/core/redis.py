@@ -416,7 +416,7 @@ def build_client(settings: Settings | None = None, *, url: str | None = None) ->
             **auth,
             **common,
         )
-    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+    sentinel = Sentinel(
         list(target.nodes),
         sentinel_kwargs={
             "socket_timeout": s.redis_socket_timeout,

@@ -125,7 +125,7 @@ def _pairs(flat: Sequence[Any]) -> Iterable[tuple[Any, Any]]:
 
 
 def _time(ms: Any) -> dt.datetime:
-    return dt.datetime.fromtimestamp(int(ms) / 1000, tz=dt.timezone.utc)
+    return dt.datetime.fromtimestamp(int(ms) / 1000, tz=dt.UTC)
 
 
 class SessionRecord(BaseModel):

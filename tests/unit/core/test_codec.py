@@ -32,7 +32,7 @@ class Point:
     y: int
 
 
-NOW = dt.datetime(2026, 11, 21, 8, 0, tzinfo=dt.timezone.utc)
+NOW = dt.datetime(2026, 11, 21, 8, 0, tzinfo=dt.UTC)
 VALUES: list[Any] = [
     {"a": 1, "b": [1, 2, {"c": None}]},
     [1, "two", 3.5, True, None],

@@ -30,7 +30,7 @@ _scalars = (
     | st.floats(allow_nan=False, allow_infinity=False)  # non-finite: see the xfail below
     | st.text()
     | st.binary()
-    | st.datetimes(timezones=st.just(dt.timezone.utc))
+    | st.datetimes(timezones=st.just(dt.UTC))
     | st.dates()
     | st.decimals(allow_nan=False, allow_infinity=False, places=4)
 )

@@ -92,7 +92,7 @@ async def test_update_that_changes_nothing_keeps_version_and_modified_at(
 async def test_binary_and_typed_values_round_trip(store: SessionStore) -> None:
     data = {
         "raw": b"\x00\xff\xfe binary \x80",
-        "when": dt.datetime(2024, 5, 1, 12, 30, tzinfo=dt.timezone.utc),
+        "when": dt.datetime(2024, 5, 1, 12, 30, tzinfo=dt.UTC),
         "price": Decimal("9.99"),
         "tags": {"a", "b"},
         "pair": (1, "x"),
