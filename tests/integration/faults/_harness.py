@@ -33,6 +33,7 @@ from app.api.routes import health
 from app.core import redis as core_redis
 from app.core.config import FailureMode
 from app.core.redis import CircuitBreaker, breaker_for, redis_lifespan
+from app.testing.waiting import DEFAULT_DEADLINE, eventually
 
 __all__ = [
     "FAULT_SETTINGS",
@@ -48,7 +49,6 @@ __all__ = [
     "is_unavailable",
     "new_client",
     "service_app",
-    "wait_until",
 ]
 
 FAULT_SETTINGS: dict[str, Any] = {
@@ -189,15 +189,6 @@ async def connected_clients(url: str) -> int:
         await admin.aclose()
 
 
-async def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    try:
-        async with asyncio.timeout(timeout):
-            while not predicate():
-                await asyncio.sleep(0.01)
-    except TimeoutError:
-        raise AssertionError(f"not within {timeout}s: {what}") from None
-
-
 @dataclass
 class Workload:
     """Concurrent workers per probe, sending requests in a loop until the block ends.
@@ -286,19 +277,19 @@ class Workload:
     def all_recovered(self, streak: int) -> bool:
         return all(self.healthy_streak(p) >= streak for p in self.probes)
 
-    async def until_recovered(self, *, streak: int = 6, timeout: float = 10.0) -> None:
-        await wait_until(
+    async def until_recovered(self, *, streak: int = 6, timeout: float = DEFAULT_DEADLINE) -> None:
+        await eventually(
             lambda: self.all_recovered(streak),
-            timeout,
             f"{streak} healthy answers in a row from each of {[p.name for p in self.probes]}; "
             f"last answers: {self.observations[-6:]}",
+            timeout=timeout,
         )
 
-    async def until_answers(self, n: int, *, phase: str, timeout: float = 10.0) -> None:
+    async def until_answers(self, n: int, *, phase: str, timeout: float = DEFAULT_DEADLINE) -> None:
         def enough() -> bool:
             return all(len(self.answers(probe=p, phase=phase)) >= n for p in self.probes)
 
-        await wait_until(enough, timeout, f"{n} answers per probe in phase {phase!r}")
+        await eventually(enough, f"{n} answers per probe in phase {phase!r}", timeout=timeout)
 
     def assert_nothing_bad(self) -> None:
         bad = [o for o in self.observations if o.verdict == "bad"]

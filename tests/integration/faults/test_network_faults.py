@@ -19,6 +19,7 @@ from starlette.types import ASGIApp
 
 from app.testing.proxy import TcpProxy
 from app.testing.servers import RedisServer
+from app.testing.waiting import eventually
 from tests.integration.faults._harness import (
     REQUEST_BOUND,
     Probe,
@@ -26,7 +27,6 @@ from tests.integration.faults._harness import (
     app_breaker,
     burst,
     new_client,
-    wait_until,
 )
 from tests.integration.faults._probes import PROBES, probe_ids
 from tests.integration.faults.conftest import StartApp
@@ -79,7 +79,7 @@ async def test_stalled_link_opens_the_breaker_then_closes_it(
         breaker = app_breaker()
         proxy.stall()  # connections stay open, nothing flows: only timeouts notice
         load.phase = "stalled"
-        await wait_until(lambda: breaker.state != "closed", 5, "the breaker opens")
+        await eventually(lambda: breaker.state != "closed", "the breaker opens")
         rejected = breaker.stats()["rejected"]
         await load.until_answers(8, phase="stalled")
         # While open, requests are answered without waiting on the dead link.

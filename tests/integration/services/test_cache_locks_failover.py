@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pytest
@@ -37,6 +37,7 @@ from app.services.cache import MISSING, CacheService, LocalCache
 from app.services.locks import RedisLock
 from app.testing.servers import RedisServer
 from app.testing.topologies import SERVICE, LocalSentinel
+from app.testing.waiting import eventually
 from tests.integration.topology._support import twin
 from tests.unit.services import test_cache_local as unit_local
 
@@ -115,21 +116,6 @@ async def clients(sentinel: LocalSentinel) -> AsyncIterator[list[Any]]:
             await client.aclose()
 
 
-async def _until(what: str, check: Callable[[], Awaitable[bool]], timeout: float = 20.0) -> None:
-    """Retry *check* (errors count as "not yet") until it is true."""
-    try:
-        async with asyncio.timeout(timeout):
-            while True:
-                try:
-                    if await check():
-                        return
-                except Exception:
-                    pass
-                await asyncio.sleep(0.05)
-    except TimeoutError:
-        raise AssertionError(f"not within {timeout}s: {what}") from None
-
-
 async def test_cache_and_locks_across_a_sentinel_failover(
     sentinel: LocalSentinel, clients: list[Any]
 ) -> None:
@@ -175,7 +161,7 @@ async def test_cache_and_locks_across_a_sentinel_failover(
         async def served() -> bool:
             return bool(await writer.get("replicated", MISSING) == "v1")
 
-        await _until("the cache reaches the new primary", served)
+        await eventually(served, "the cache reaches the new primary", errors_mean_not_yet=True)
         assert await writer.get("unreplicated", MISSING) is MISSING  # lost: a miss, recomputed
         assert writer.stats()["fail_open"] >= 1
 
@@ -184,14 +170,18 @@ async def test_cache_and_locks_across_a_sentinel_failover(
             local = reader.stats()["local"]
             return bool(local["subscriptions"] >= 2 and local["active"])
 
-        await _until("the reader's invalidation channel is back", resubscribed)
+        await eventually(
+            resubscribed, "the reader's invalidation channel is back", errors_mean_not_yet=True
+        )
         await writer.set("replicated", "v2", ttl=60)
-        await unit_local.eventually(lambda: unit_local._equals(reader, "replicated", "v2"), 5)
+        await eventually(lambda: unit_local._equals(reader, "replicated", "v2"))
 
         async def kept_owned() -> bool:
             return await kept.owned()
 
-        await _until("the replicated lock is still held by its owner", kept_owned)
+        await eventually(
+            kept_owned, "the replicated lock is still held by its owner", errors_mean_not_yet=True
+        )
         await kept.release()
         second = RedisLock(other, "lost", timeout=30)
         assert await second.acquire()  # the unreplicated acquisition is gone: a second owner

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pytest
@@ -27,6 +27,7 @@ from app.services.pubsub import Broadcaster, Message, Reconnected
 from app.services.rate_limit import RateLimiter
 from app.services.sessions import SessionStore
 from app.testing.topologies import LocalCluster
+from app.testing.waiting import eventually
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -98,20 +99,6 @@ async def client(cluster: LocalCluster) -> AsyncIterator[Any]:
         await made.aclose()
 
 
-async def _until(what: str, check: Callable[[], Awaitable[bool]], timeout: float = 20.0) -> None:
-    try:
-        async with asyncio.timeout(timeout):
-            while True:
-                try:
-                    if await check():
-                        return
-                except RedisUnavailable:
-                    pass
-                await asyncio.sleep(0.05)
-    except TimeoutError:
-        raise AssertionError(f"not within {timeout}s: {what}") from None
-
-
 async def test_services_survive_the_failover_of_a_primary(
     cluster: LocalCluster, client: Any
 ) -> None:
@@ -168,7 +155,11 @@ async def test_services_survive_the_failover_of_a_primary(
                     after = [o for t, o in answered if t > killed_at]
                     return len(after) >= 3 and after[-3:] == ["alice False"] * 3
 
-                await _until("session reads and rate-limit checks succeed again", recovered)
+                await eventually(
+                    recovered,
+                    "session reads and rate-limit checks succeed again",
+                    errors_mean_not_yet=True,
+                )
             finally:
                 stop.set()
                 await worker
@@ -183,7 +174,11 @@ async def test_services_survive_the_failover_of_a_primary(
                 got.append(await sub.get(0.5))
                 return isinstance(got[-1], Message)
 
-            await _until("a message published after the failover is delivered", delivered)
+            await eventually(
+                delivered,
+                "a message published after the failover is delivered",
+                errors_mean_not_yet=True,
+            )
     finally:
         await broadcaster.aclose(drain_timeout=0.5)
     new_owner = client.get_node_from_key(store._record_key(family, "x"))

@@ -37,6 +37,7 @@ from app.services.sessions import SessionStore
 from app.services.streams import StreamProducer
 from app.testing.servers import RedisServer
 from app.testing.topologies import SERVICE, LocalSentinel
+from app.testing.waiting import eventually
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -116,21 +117,6 @@ async def client(sentinel: LocalSentinel) -> AsyncIterator[Any]:
         await made.aclose()
 
 
-async def _until(what: str, check: Callable[[], Awaitable[bool]], timeout: float = 20.0) -> None:
-    """Retry *check* (errors count as "not yet") until it is true, for at most *timeout* s."""
-    try:
-        async with asyncio.timeout(timeout):
-            while True:
-                try:
-                    if await check():
-                        return
-                except Exception:
-                    pass
-                await asyncio.sleep(0.05)
-    except TimeoutError:
-        raise AssertionError(f"not within {timeout}s: {what}") from None
-
-
 async def test_the_app_keeps_serving_through_a_failover_without_a_restart(
     sentinel: LocalSentinel, client: Any, make_app_client: MakeClient
 ) -> None:
@@ -185,7 +171,11 @@ async def test_the_app_keeps_serving_through_a_failover_without_a_restart(
                         for k in calls
                     )
 
-                await _until("every kind of request is served correctly again", recovered)
+                await eventually(
+                    recovered,
+                    "every kind of request is served correctly again",
+                    errors_mean_not_yet=True,
+                )
             finally:
                 stop.set()
                 await asyncio.gather(*workers)
@@ -199,7 +189,11 @@ async def test_the_app_keeps_serving_through_a_failover_without_a_restart(
                 got.append(await sub.get(0.5))
                 return isinstance(got[-1], Message)
 
-            await _until("a message published after the failover is delivered", delivered)
+            await eventually(
+                delivered,
+                "a message published after the failover is delivered",
+                errors_mean_not_yet=True,
+            )
     finally:
         await broadcaster.aclose(drain_timeout=0.5)
 
@@ -255,7 +249,7 @@ async def test_writes_the_replica_had_not_received_are_lost_in_a_failover(
     async def answers() -> bool:
         return bool(await idempotency.get_result("replicated") == {"ok": 1})
 
-    await _until("the client reaches the new primary", answers)
+    await eventually(answers, "the client reaches the new primary", errors_mean_not_yet=True)
     # the completed payment is unknown again: a retry of the request would charge twice
     assert await idempotency.get_result("pay-1") is None
     assert (await idempotency.claim("pay-1")).status == "new"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -11,6 +11,7 @@ import pytest_asyncio
 
 from app.services.cache import MISSING, CacheService, LocalCache
 from app.testing.slots import slot_checking_fake_redis
+from app.testing.waiting import eventually
 
 
 class Clock:
@@ -137,12 +138,6 @@ async def pair(request: pytest.FixtureRequest) -> AsyncIterator[tuple[CacheServi
             await service.aclose()
         for client in clients:
             await client.aclose()
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 2.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not await check():
-            await asyncio.sleep(0.005)
 
 
 async def prime(service: CacheService, key: str, expected: Any) -> None:

@@ -20,6 +20,7 @@ from app.core import redis as core_redis
 from app.core.errors import ConfigurationError, RedisUnavailable, SubscriberOverflow
 from app.services.pubsub import Broadcaster, Message, Reconnected
 from app.testing.slots import slot_checking_fake_redis
+from app.testing.waiting import eventually
 
 FAST = {
     "ping_interval": 0.05,
@@ -196,7 +197,7 @@ async def test_reconnected_events_survive_overflow(
             await b.publish("feed", n)
         await _outage(b, fake_server)
         await b.publish("feed", 3)
-        await _until(lambda: sub.dropped == 2)  # 0 dropped first, then 1 to make room for 3
+        await eventually(lambda: sub.dropped == 2)  # 0 dropped first, then 1 to make room for 3
         events = [await sub.get(1) for _ in range(3)]
         assert isinstance(events[0], Message) and events[0].data == 2
         assert isinstance(events[1], Reconnected)
@@ -206,20 +207,14 @@ async def test_reconnected_events_survive_overflow(
 # -- supervision ----------------------------------------------------------------
 
 
-async def _until(condition: Callable[[], bool], timeout: float = 3.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not condition():
-            await asyncio.sleep(0.01)
-
-
 async def _outage(b: Broadcaster, server: fakeredis.FakeServer, seconds: float = 0.3) -> None:
     """Take the fake server down until the link has noticed, then bring it back."""
     reconnects = b.stats()["reconnects"]
     server.connected = False
-    await _until(lambda: b.stats()["links"][0]["state"] != "connected")
+    await eventually(lambda: b.stats()["links"][0]["state"] != "connected")
     await asyncio.sleep(seconds)
     server.connected = True
-    await _until(lambda: b.stats()["reconnects"] > reconnects)
+    await eventually(lambda: b.stats()["reconnects"] > reconnects)
 
 
 async def test_outage_gives_reconnected_with_gap_then_messages_flow(
@@ -267,7 +262,7 @@ async def test_subscriber_joining_during_outage_gets_no_stale_reconnected(
     b = make()
     async with b.subscribe("a") as early:
         fake_server.connected = False
-        await _until(lambda: b.stats()["links"][0]["state"] != "connected")
+        await eventually(lambda: b.stats()["links"][0]["state"] != "connected")
         joining = asyncio.create_task(_join_and_read(b))
         await asyncio.sleep(0.1)
         fake_server.connected = True
@@ -309,7 +304,7 @@ async def test_history_reconnect_replays_what_the_gap_missed(
         await b.publish("log", 0)
         assert (await next_message(sub)).data == 0
         fake_server.connected = False
-        await _until(lambda: b.stats()["links"][0]["state"] != "connected")
+        await eventually(lambda: b.stats()["links"][0]["state"] != "connected")
         fake_server.connected = True
         # Published while b reconnects: live copies (if any) and the replay never double up.
         await publisher.publish("log", 1)
@@ -354,14 +349,14 @@ async def test_aclose_drains_queued_messages_then_ends(make: BroadcasterFactory)
         async with b.subscribe("a") as sub:
             await b.publish("a", 1)
             await b.publish("a", 2)
-            await _until(lambda: sub.pending == 2)
+            await eventually(lambda: sub.pending == 2)
             await asyncio.sleep(0.05)
             async for event in sub:
                 assert isinstance(event, Message)
                 received.append(event.data)
 
     task = asyncio.create_task(consume())
-    await _until(lambda: b.stats()["delivered"] == 2)
+    await eventually(lambda: b.stats()["delivered"] == 2)
     await b.aclose()
     await asyncio.wait_for(task, 1)
     assert received == [1, 2]
@@ -498,7 +493,7 @@ async def test_sse_streams_heartbeats_resumes_and_stops_on_disconnect(demo: Demo
     assert events[0]["id"] == first
     assert broadcaster.stats()["subscribers"] == 1
     await call.finish({"type": "http.disconnect"})
-    await _until(lambda: broadcaster.stats()["subscribers"] == 0)
+    await eventually(lambda: broadcaster.stats()["subscribers"] == 0)
 
     resumed = AsgiCall(
         demo.asgi,
@@ -531,7 +526,7 @@ async def test_websocket_streams_json_frames_and_unsubscribes_on_close(demo: Dem
     assert frame["id"]  # demo channels keep history: the stream id resumes a socket
     call.inbox.put_nowait({"type": "websocket.receive", "text": "ignored"})
     await call.finish({"type": "websocket.disconnect", "code": 1000})
-    await _until(lambda: broadcaster.stats()["subscribers"] == 0)
+    await eventually(lambda: broadcaster.stats()["subscribers"] == 0)
 
 
 async def test_publish_route_and_stats(demo: Demo) -> None:
@@ -566,13 +561,13 @@ async def test_websocket_helper_closes_a_slow_socket_with_1013(make: Broadcaster
     task = asyncio.create_task(
         serve_websocket(socket, b, "room", queue_size=2, overflow="disconnect")
     )
-    await _until(lambda: bool(sent))
+    await eventually(lambda: bool(sent))
     assert sent[0]["type"] == "websocket.accept"
     async with b.subscribe("room") as healthy:
         for n in range(10):
             await b.publish("room", n)
         assert [(await next_message(healthy)).data for _ in range(10)] == list(range(10))
-    await _until(lambda: b.stats()["overflow_disconnects"] == 1)
+    await eventually(lambda: b.stats()["overflow_disconnects"] == 1)
     gate.set()
     await asyncio.wait_for(task, 2)
     assert sent[-1]["type"] == "websocket.close" and sent[-1]["code"] == 1013
