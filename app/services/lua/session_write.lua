@@ -1,6 +1,6 @@
 -- KEYS[1] session record (hash)
 -- KEYS[2] record to write to: KEYS[1] again, or the new id's record when regenerating
--- KEYS[3] moved marker of the current id (written when regenerating)
+-- KEYS[3] moved marker of the current id (written when regenerating; read: tells "moved")
 -- KEYS[4] tombstone of the current id (read only: tells "deleted" from "expired")
 -- ARGV[1] mode: 'merge' (per-key check against the version read), 'replace' (data replaced
 --         wholesale) or 'keep' (data untouched); both checked against the whole record's version
@@ -9,9 +9,9 @@
 -- ARGV[4] subject: '' keep, 's' set to ARGV[5] ('' = no subject)
 -- ARGV[5] new subject
 -- ARGV[6] regenerating: the subject the caller indexed the new id under ('' = none)
--- ARGV[7] regenerating: moved-marker TTL, ms (0 = no grace window)
+-- ARGV[7] regenerating: moved-marker TTL, ms (0 = no marker)
 -- ARGV[8] regenerating: new unique_key
--- ARGV[9] regenerating: new token (value of the moved marker)
+-- ARGV[9] regenerating: new token (never stored under the old id)
 -- ARGV[10] '1' to return the whole record after the write
 -- ARGV[11] n = number of data keys set
 -- ARGV[12 .. 11+2n] name, encoded value pairs to set; the rest: names to delete
@@ -19,7 +19,8 @@
 --             (or when nothing changed);
 --         {0, version, name, ...} on conflict: the names another writer changed since the
 --             base version (merge), or {'*'} (replace, keep); nothing written;
---         {-1} when the record is unknown or expired, {-2} when it was deleted;
+--         {-1} when the record is unknown or expired, {-2} when it was deleted,
+--         {-5} when the id was regenerated away (a moved id writes nothing, regenerates nothing);
 --         {-3, subject} when regenerating and the new id is not indexed under the subject;
 --         {-4} when the new id is taken
 --
@@ -33,6 +34,9 @@ local meta = redis.call('HMGET', rec, 'version', 'expires_at', 'idle_ms', 'subje
 if not meta[1] then
   if redis.call('EXISTS', KEYS[4]) == 1 then
     return {-2}
+  end
+  if redis.call('EXISTS', KEYS[3]) == 1 then
+    return {-5}
   end
   return {-1}
 end
@@ -144,7 +148,7 @@ if regenerating then
   redis.call('HSET', target, 'unique_key', ARGV[8])
   local grace = tonumber(ARGV[7])
   if grace > 0 then
-    redis.call('SET', KEYS[3], ARGV[9], 'PX', grace)
+    redis.call('SET', KEYS[3], '1', 'PX', grace)
   end
 end
 redis.call('PEXPIRE', target, math.min(tonumber(meta[3]), left))

@@ -206,7 +206,7 @@ async def test_unknown_and_malformed_ids_are_not_found(store: SessionStore) -> N
             await store.update(bad, data={})
 
 
-async def test_regenerate_moves_the_record_and_the_old_id_resolves_during_grace(
+async def test_regenerate_moves_the_record_and_the_old_id_is_dead_at_once(
     store: SessionStore,
 ) -> None:
     rec = await store.create(data={"user": 1, "cart": [1]}, client_ip="10.0.0.2")
@@ -219,12 +219,40 @@ async def test_regenerate_moves_the_record_and_the_old_id_resolves_during_grace(
     assert moved.created_at == rec.created_at
     assert moved.client_ip == "10.0.0.2"
     assert moved.unique_key != rec.unique_key
-    assert await store.get(rec.id) is None  # the old record is gone...
-    resolved = await store.load(rec.id)  # ...but the old id still leads to the new one
-    assert resolved is not None and resolved.id == new_id
+    # the old id resolves to nothing (it used to lead to the new session for a grace window)
+    assert await store.get(rec.id) is None
+    assert await store.load(rec.id) is None
+    assert await store.was_regenerated(rec.id) is True
+    assert await store.was_regenerated(new_id) is False
     chained = await store.regenerate(new_id)
-    resolved = await store.load(rec.id)
-    assert resolved is not None and resolved.id == chained
+    assert await store.load(rec.id) is None and await store.load(new_id) is None
+    assert (await store.load(chained)) is not None
+
+
+async def test_a_fixated_id_reads_writes_and_regenerates_nothing_after_the_login(
+    store: SessionStore,
+) -> None:
+    planted = await store.create()  # the attacker's session id, planted in the victim's browser
+    victim = await store.merge(
+        planted.id, base_version=planted.version, changes={"user": "victim"}, regenerate=True
+    )
+    assert await store.load(planted.id) is None
+    assert await store.get(planted.id) is None
+    for write in (
+        store.merge(planted.id, base_version=0, changes={"user": "attacker"}),
+        store.merge(planted.id, base_version=victim.version, deleted=["user"]),
+        store.update(planted.id, data={"user": "attacker"}),
+        store.update(planted.id, locked=True),
+    ):
+        with pytest.raises(SessionNotFound, match="regenerated"):
+            await write
+    with pytest.raises(SessionNotFound, match="regenerated"):
+        await store.regenerate(planted.id)  # no fresh valid id through the planted one
+    record = await store.get(victim.id)
+    assert record is not None
+    assert record.data == {"user": "victim"} and record.locked is False
+    assert record.version == victim.version
+    assert await store.list_for("victim") == [record]
 
 
 async def test_without_grace_the_old_id_stops_at_once(client: Any) -> None:
@@ -232,7 +260,10 @@ async def test_without_grace_the_old_id_stops_at_once(client: Any) -> None:
     rec = await store.create(data={"a": 1})
     new_id = await store.regenerate(rec.id)
     assert await store.load(rec.id) is None
+    assert await store.was_regenerated(rec.id) is False
     assert await store.load(new_id) is not None
+    with pytest.raises(SessionNotFound):
+        await store.regenerate(rec.id)
 
 
 async def test_merge_with_regenerate_applies_changes_and_moves_in_one_step(
