@@ -22,6 +22,12 @@ both increment a counter: one succeeds, one gets the conflict, even though
 both would write the same number.) The check and the
 write are one Lua call: there is no window between them and no retry loop.
 
+**Retries are safe.** redis-py re-sends a command whose connection broke, not
+knowing whether the server ran it. Every write call carries a random nonce,
+kept on the record with the write's outcome (the last few writes), so a re-run
+of the same call answers as the first run did: a lost reply never turns a
+stored write into ``SessionConflict`` or a regeneration into ``SessionNotFound``.
+
 **No resurrection.** Every write requires the record to exist; after
 ``delete`` a short tombstone lets a late writer learn the session was deleted
 (``SessionNotFound``), rather than expired.
@@ -508,6 +514,7 @@ class SessionStore:
             new_token,
             "1" if want_record else "0",
             len(values),
+            secrets.token_urlsafe(12),  # the nonce a retried call recognises itself by
         ]
         for name, value in self._encode_items(values):
             args += (name, value)
@@ -699,7 +706,7 @@ class SessionStore:
             kind = name[:2]
             if kind == "d:":
                 data[name[2:]] = decode(value)
-            elif kind != "m:":
+            elif kind != "m:" and kind != "w:":  # per-key versions, write nonces
                 meta[name] = value.decode() if isinstance(value, bytes) else value
         get = meta.get
         return SessionRecord.model_construct(
