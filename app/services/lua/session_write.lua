@@ -11,7 +11,7 @@
 -- ARGV[6] regenerating: the subject the caller indexed the new id under ('' = none)
 -- ARGV[7] regenerating: moved-marker TTL, ms (0 = no marker)
 -- ARGV[8] regenerating: new unique_key
--- ARGV[9] regenerating: new token (never stored under the old id)
+-- ARGV[9] regenerating: new token (unused here: KEYS[2] is its record)
 -- ARGV[10] '1' to return the whole record after the write
 -- ARGV[11] n = number of data keys set
 -- ARGV[12] write nonce: random per write call, the same when the client retries the call
