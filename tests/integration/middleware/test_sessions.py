@@ -154,6 +154,27 @@ async def test_the_pre_login_cookie_stops_at_once_through_http(
     }
 
 
+async def test_a_request_in_flight_across_a_login_keeps_the_new_cookie(
+    topology_redis: Any, make_app_client: AppClientFactory
+) -> None:
+    hooks = Hooks()
+    client = await _client(make_app_client, topology_redis, hooks)
+    old = cookie_value(await client.post("/set", params={"key": "theme", "value": "dark"}))
+    slow = asyncio.create_task(client.post("/slow", headers=with_cookie(old)))
+    await hooks.loaded.wait()  # it read the session under the old id
+    login = await client.post("/login", params={"user": "alice"}, headers=with_cookie(old))
+    new = cookie_value(login)
+    hooks.release.set()
+    late = await slow
+    assert late.status_code == 200
+    assert "set-cookie" not in late.headers  # the browser's new cookie is not cleared
+    # its write through the old id was dropped: nothing reaches the new session through it
+    assert (await client.get("/read", headers=with_cookie(new))).json()["data"] == {
+        "theme": "dark",
+        "user": "alice",
+    }
+
+
 async def test_session_fixation_the_planted_cookie_gets_nothing_after_the_login(
     topology_redis: Any, make_app_client: AppClientFactory
 ) -> None:
