@@ -592,7 +592,9 @@ def cached(
             ``get_cache``, so it follows ``get_redis()``).
         stale_ttl / early_refresh / lease / wait_timeout: as in ``get_or_set``.
         cache: a ``CacheService`` (or a callable returning one) instead of the default.
-        exclude: parameter names left out of the key.
+        exclude: parameter names left out of the key. ``Depends``/``Security``
+            parameters are keyed by their value unless named here (or ``key=``
+            is given); an unkeyable one raises ``ConfigurationError``.
         version: bump to ignore every entry written by an older version.
 
     Usable bare (``@cached``) or with arguments (``@cached(ttl=60)``).
