@@ -32,7 +32,8 @@ never adopted), and the stale cookie is cleared.
 saved (call it after a login); the old id reads and writes nothing from then
 on (a fixated cookie is worthless), and a request that raced the login with
 the old cookie within ``regenerate_grace`` seconds gets an empty session but
-leaves the browser's cookie alone (it is not cleared as a forged one). ``session.clear()`` / ``session.invalidate()`` delete the
+leaves the browser's cookie alone (it is not cleared as a forged one).
+``session.clear()`` / ``session.invalidate()`` delete the
 session (logout); keys set after ``clear()`` start a new session with a new id.
 """
 
