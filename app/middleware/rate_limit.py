@@ -9,8 +9,8 @@ method and path template match, before routing::
             RateLimitRule("/healthz", None),                       # exempt
             RateLimitRule("/login", "5/minute", methods=["POST"]),
             RateLimitRule("/items/{item_id}", "burst=10/second;daily=1000/day"),
-            RateLimitRule("/reports/*", "2 concurrent", key=APIKey()),
-            RateLimitRule("*", plan_resolver, key=first_of(APIKey(), ClientIP())),
+            RateLimitRule("/reports/*", "2 concurrent", key=APIKey(validator=check_key)),
+            RateLimitRule("*", plan_resolver, key=first_of(APIKey(validator=check_key), ClientIP())),
         ],
         trusted_proxies=["10.0.0.0/8"],
     )
@@ -27,9 +27,13 @@ runs after routing and scopes to the template FastAPI resolved.
 
 Identity (``key=``): ``ClientIP`` (peer address; ``X-Forwarded-For`` is read
 right to left and only trusted proxies are skipped, so a spoofed header from
-an untrusted peer changes nothing), ``APIKey`` (hashed, never stored raw),
-``Principal`` (any callable returning a user id) and ``first_of(...)``. A
-key that finds nothing falls back to the client IP.
+an untrusted peer changes nothing), ``APIKey(validator=...)`` (only a key the
+validator accepts identifies the caller; hashed, never stored raw),
+``Principal`` (any callable returning a user id an authentication layer
+established) and ``first_of(...)``. A key that finds nothing (no key, or a
+key the validator refused) falls back to the client IP. Never key a limit by a
+value the client picks freely and nobody checked: each random value would
+start a fresh quota, so ``APIKey`` has no unvalidated form.
 
 Headers (draft-ietf-httpapi-ratelimit-headers): every response of a checked
 request carries ``RateLimit-Policy: "burst";q=10;w=1, ...`` and
@@ -68,7 +72,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.problems import send_problem
 from app.core.config import FailureMode
-from app.core.errors import RateLimitExceeded, RedisUnavailable
+from app.core.errors import ConfigurationError, RateLimitExceeded, RedisUnavailable
 from app.core.keys import digest
 from app.core.redis import AnyRedis, get_redis
 from app.services.rate_limit import (
@@ -85,6 +89,7 @@ __all__ = [
     "APIKey",
     "ClientIP",
     "KeyFunc",
+    "KeyValidator",
     "LimiterCache",
     "PolicyResolver",
     "Principal",
@@ -202,17 +207,57 @@ class ClientIP:
         return None if address is None else "ip:" + address
 
 
+KeyValidator: TypeAlias = Callable[[str], Any]
+"""``(api_key) -> bool | principal`` (sync or async): does this key belong to a caller?"""
+
+
 class APIKey:
-    """The API key header as ``"key:<sha256 prefix>"`` (the raw key never reaches Redis)."""
+    """The caller named by a *validated* API key header (the raw key never reaches Redis).
 
-    __slots__ = ("_header",)
+    Args:
+        validator: ``(key) -> result`` (sync or async), called with the header's
+            value on every checked request. ``True`` -> the identity is
+            ``"key:<sha256 prefix of the key>"``; a principal (a user or account
+            id, anything else truthy) -> ``"user:<principal>"``, so every key of
+            one account shares its quota, as with ``Principal``; ``False`` /
+            ``None`` -> no identity here (``first_of`` tries the next key
+            function, the limit falls back to the client IP). Make it cheap
+            (an in-process cache in front of your key store): it runs before
+            the request is counted. Its exceptions propagate.
+        header: the header carrying the key (default ``X-API-Key``).
 
-    def __init__(self, header: str = "x-api-key") -> None:
+    Required: an API-key identity that nobody checked lets a client send a
+    fresh random key with every request and get a fresh quota each time, so
+    ``APIKey()`` without a validator raises ``ConfigurationError``. When an
+    authentication layer in front already rejects bad keys, key the limit by
+    what it established (``Principal(...)``) instead.
+    """
+
+    __slots__ = ("_header", "_validator")
+
+    def __init__(self, header: str = "x-api-key", *, validator: KeyValidator | None = None) -> None:
+        if validator is None or not callable(validator):
+            raise ConfigurationError(
+                "APIKey() needs validator=...: an unvalidated API key lets every random "
+                "X-API-Key value start a fresh quota. Pass a function (sync or async) that "
+                "returns True, or the caller's principal, for a valid key and False otherwise, "
+                "or key the limit by Principal(...) set by your authentication"
+            )
         self._header = header
+        self._validator = validator
 
-    def __call__(self, conn: HTTPConnection) -> str | None:
+    async def __call__(self, conn: HTTPConnection) -> str | None:
         value = conn.headers.get(self._header)
-        return "key:" + digest(value) if value else None
+        if not value:
+            return None
+        verdict = self._validator(value)
+        if inspect.isawaitable(verdict):
+            verdict = await verdict
+        if verdict is True:
+            return "key:" + digest(value)
+        if verdict is None or verdict is False or verdict == "":
+            return None
+        return f"user:{verdict}"
 
 
 class Principal:
@@ -724,7 +769,7 @@ def rate_limit(
     ``Depends(rate_limit(...))`` for limits on different identities.
 
     *key* identifies the caller: a key function (``ClientIP(...)``,
-    ``APIKey()``, ``Principal(...)``, ``first_of(...)``) or a FastAPI
+    ``APIKey(validator=...)``, ``Principal(...)``, ``first_of(...)``) or a FastAPI
     dependency wrapped in ``Depends(...)`` returning a user id (keyed as
     ``user:<id>``); default (or when it finds nothing) the client IP, as
     configured on the outermost rate-limit middleware. *scope* names the

@@ -29,9 +29,11 @@ a fresh empty session (a new id once something is stored; a client-chosen id is
 never adopted), and the stale cookie is cleared.
 
 ``session.regenerate()`` moves the session to a new id when the response is
-saved (call it after a login); the old id keeps resolving to the new session
-for ``regenerate_grace`` seconds, for requests already in flight, and is never
-handed the new cookie. ``session.clear()`` / ``session.invalidate()`` delete the
+saved (call it after a login); the old id reads and writes nothing from then
+on (a fixated cookie is worthless), and a request that raced the login with
+the old cookie within ``regenerate_grace`` seconds gets an empty session but
+leaves the browser's cookie alone (it is not cleared as a forged one).
+``session.clear()`` / ``session.invalidate()`` delete the
 session (logout); keys set after ``clear()`` start a new session with a new id.
 """
 
@@ -228,8 +230,7 @@ class Session(MutableMapping[str, Any]):
     def regenerate(self) -> None:
         """Move the session to a new id when the response is saved (after a login).
 
-        The old id resolves to the new session for the store's
-        ``regenerate_grace`` seconds, then stops working.
+        The old id stops working at once for reads and writes (fixation defence).
         """
         self._ready()
         self._regenerate = True
@@ -322,8 +323,10 @@ class Session(MutableMapping[str, Any]):
             elif self._record is None:
                 if self._changed:
                     cookies.append(await self._create())
-                elif self._cookie_seen:
-                    cookies.append(mw._expired_cookie())  # tampered, expired or unknown
+                elif self._cookie_seen and not (
+                    self._cookie_id and await mw.store().was_regenerated(self._cookie_id)
+                ):  # tampered, expired or unknown; a just-regenerated id raced a login: keep it
+                    cookies.append(mw._expired_cookie())
             else:
                 cookies += await self._save(self._record)
         except RedisUnavailable as exc:
@@ -362,6 +365,8 @@ class Session(MutableMapping[str, Any]):
             except SessionNotFound as exc:
                 log.info("session changes dropped: %s", exc)
                 self._record = None
+                if await self._mw.store().was_regenerated(record.id):
+                    return []  # a login moved it meanwhile: the browser holds the new cookie
                 return [self._mw._expired_cookie()]
             if result.id != current:
                 return [self._mw._cookie(result.id)]

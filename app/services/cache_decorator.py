@@ -22,9 +22,17 @@
   dict with non-str keys) raises ``TypeError`` naming it: pass ``key=`` or
   exclude it.
 * **Skipped arguments**: ``self``/``cls``, anything annotated as a Starlette
-  ``Request``/``WebSocket``/``Response``/``BackgroundTasks``, FastAPI
-  dependencies (``Depends(...)`` defaults or ``Annotated[..., Depends()]``)
-  and the names in ``exclude``.
+  ``Request``/``WebSocket``/``Response``/``BackgroundTasks`` and the names in
+  ``exclude``. Nothing else is left out silently.
+* **Dependencies are part of the key**: a parameter filled by FastAPI's
+  ``Depends``/``Security`` (a default or ``Annotated[..., Depends()]``) is
+  keyed by its value like any argument, so a route whose result depends on
+  ``user = Depends(current_user)`` caches one entry per user, never one for
+  everyone. A dependency whose result does not change the answer (a database
+  session, a client) must be named in ``exclude=[...]`` (or the decoration
+  gives ``key=``); left in the key, a value without a canonical JSON form
+  raises ``ConfigurationError`` naming the parameter on the first call,
+  before the function runs.
 * **Typed results**: hits are decoded to the return annotation (pydantic
   models come back as models, ``list[Item]`` as a list of ``Item``).
 * ``key=`` may be a template (``"user:{user_id}"``, fields escaped, so the
@@ -65,7 +73,7 @@ from starlette.background import BackgroundTasks
 from starlette.requests import HTTPConnection
 from starlette.responses import Response
 
-from app.core.errors import CodecError, RedisUnavailable
+from app.core.errors import CodecError, ConfigurationError, RedisUnavailable
 from app.core.keys import digest, escape
 from app.core.redis import get_redis
 
@@ -129,12 +137,18 @@ def _cache_module() -> Any:
     return _module
 
 
-def _is_skipped(param: inspect.Parameter, annotation: Any) -> bool:
-    if isinstance(param.default, fastapi_params.Depends):
+def _is_dependency(param: inspect.Parameter, annotation: Any) -> bool:
+    """True for a parameter FastAPI fills through ``Depends``/``Security`` (default or Annotated)."""
+    if isinstance(param.default, fastapi_params.Depends):  # Security subclasses Depends
         return True
+    return typing.get_origin(annotation) is typing.Annotated and any(
+        isinstance(m, fastapi_params.Depends) for m in annotation.__metadata__
+    )
+
+
+def _is_skipped(annotation: Any) -> bool:
+    """True for framework objects (request, response, background tasks): never keyed."""
     if typing.get_origin(annotation) is typing.Annotated:
-        if any(isinstance(m, fastapi_params.Depends) for m in annotation.__metadata__):
-            return True
         annotation = typing.get_args(annotation)[0]
     return isinstance(annotation, type) and issubclass(annotation, _SKIPPED_TYPES)
 
@@ -171,10 +185,15 @@ class _Binder:
         skip: set[str] = set(excluded)
         if params and params[0].name in ("self", "cls") and params[0].kind in _SIMPLE_KINDS:
             skip.add(params[0].name)
+        dependencies: set[str] = set()
         for p in params:
-            if _is_skipped(p, hints.get(p.name, p.annotation)):
+            annotation = hints.get(p.name, p.annotation)
+            if _is_skipped(annotation):
                 skip.add(p.name)
+            elif _is_dependency(p, annotation) and p.name not in excluded:
+                dependencies.add(p.name)
         self.skip = frozenset(skip)
+        self.dependencies = frozenset(dependencies)  # keyed by value, named in key errors
         self.simple = all(p.kind in _SIMPLE_KINDS for p in params)
         self.spec = [(p.name, p.default, p.name in self.skip) for p in params]
         skipped_positions = [i for i, (_, _, skipped) in enumerate(self.spec) if skipped]
@@ -330,6 +349,7 @@ class CachedFunction(Generic[P, R]):
             try:
                 blob = _canonical(values)
             except TypeError as exc:
+                self._refuse_dependency(args, kwargs)
                 raise TypeError(
                     f"@cached {self.name}: cannot build a stable cache key from an argument of "
                     f"type {exc}; pass key=..., exclude=[...] or make it JSON-serializable "
@@ -345,6 +365,28 @@ class CachedFunction(Generic[P, R]):
         if isinstance(template, str):
             return _FORMATTER.vformat(template, (), self._binder.mapping(args, kwargs))
         return template(*args, **kwargs)
+
+    def _refuse_dependency(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
+        """Raise ``ConfigurationError`` naming the dependency whose value cannot be keyed, if any.
+
+        Dropping it from the key silently would share one caller's result with
+        every caller, so the decoration has to say so (``exclude=``) or key it.
+        """
+        if not self._binder.dependencies:
+            return
+        mapping = self._binder.mapping(args, kwargs)
+        for name in sorted(self._binder.dependencies):
+            value = mapping.get(name)
+            try:
+                _canonical(value)
+            except TypeError:
+                raise ConfigurationError(
+                    f"@cached {self.name}: the dependency parameter {name!r} (a "
+                    f"{type(value).__name__}) cannot be part of the cache key; add "
+                    f"exclude=[{name!r}] if the result is the same for every value of it, "
+                    "pass key=..., or make the dependency return a JSON-serializable value "
+                    "(for example the user id)"
+                ) from None
 
     def _tag_list(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> list[str]:
         tags = self._tags
@@ -550,7 +592,9 @@ def cached(
             ``get_cache``, so it follows ``get_redis()``).
         stale_ttl / early_refresh / lease / wait_timeout: as in ``get_or_set``.
         cache: a ``CacheService`` (or a callable returning one) instead of the default.
-        exclude: parameter names left out of the key.
+        exclude: parameter names left out of the key. ``Depends``/``Security``
+            parameters are keyed by their value unless named here (or ``key=``
+            is given); an unkeyable one raises ``ConfigurationError``.
         version: bump to ignore every entry written by an older version.
 
     Usable bare (``@cached``) or with arguments (``@cached(ttl=60)``).

@@ -22,6 +22,12 @@ both increment a counter: one succeeds, one gets the conflict, even though
 both would write the same number.) The check and the
 write are one Lua call: there is no window between them and no retry loop.
 
+**Retries are safe.** redis-py re-sends a command whose connection broke, not
+knowing whether the server ran it. Every write call carries a random nonce,
+kept on the record with the write's outcome (the last few writes), so a re-run
+of the same call answers as the first run did: a lost reply never turns a
+stored write into ``SessionConflict`` or a regeneration into ``SessionNotFound``.
+
 **No resurrection.** Every write requires the record to exist; after
 ``delete`` a short tombstone lets a late writer learn the session was deleted
 (``SessionNotFound``), rather than expired.
@@ -30,6 +36,16 @@ write are one Lua call: there is no window between them and no retry loop.
 record's TTL is ``min(idle_ttl, expires_at - now)`` computed in Lua from the
 server's ``TIME``, so a session dies after ``idle_ttl`` without activity and at
 ``absolute_ttl`` after creation whatever happens.
+
+**Regeneration ends the old id at once.** ``regenerate`` (after a login) moves
+the record to a new id in one script; from that moment the old id reads
+nothing (``get``/``load`` return None), writes nothing and cannot be
+regenerated again (``SessionNotFound``), so an id planted by an attacker before
+the victim logged in (session fixation) is worthless afterwards. No data ever
+points from the old id to the new one. For ``regenerate_grace`` seconds the old
+id is only remembered as *moved* (``was_regenerated``), so a request that raced
+the login (sent with the old cookie before the browser saw the new one) can be
+told apart from a forged cookie and need not clear the browser's new cookie.
 
 **Revocation.** When the data key ``subject_key`` (default ``"user"``) is set, the
 session is indexed in a per-subject set (TTL: the absolute lifetime, refreshed
@@ -93,7 +109,6 @@ _DELETE = Script.from_package("app.services", "lua/session_delete.lua")
 _TOUCH = Script.from_package("app.services", "lua/session_touch.lua")
 
 _ID = re.compile(r"^([A-Za-z0-9_-]{8})\.([A-Za-z0-9_-]{22})$")
-_MAX_HOPS = 3  # regenerated-away ids followed by load() (a chain of quick regenerations)
 _BATCH = 100  # HGETALLs per pipeline
 _PARALLEL = 16  # concurrent deletes in delete_all_for (leaves the pool to the requests)
 _INDEX_MARGIN_MS = 60_000
@@ -195,8 +210,9 @@ class SessionStore:
         codec: encodes each data value (default: the shared JSON codec).
         subject_key: the data key naming the session's owner, indexed for
             ``delete_all_for``; ``None`` disables the index.
-        regenerate_grace: seconds an id replaced by ``regenerate`` still resolves
-            (through ``load``) to the new one, for requests already in flight.
+        regenerate_grace: seconds an id replaced by ``regenerate`` is remembered as
+            moved (``was_regenerated``; writes through it say so). It never
+            resolves to the new session: 0 forgets it at once.
         tombstone_ttl: seconds a deleted id is remembered as deleted.
 
     Every method is one Redis round trip unless its docstring says otherwise,
@@ -321,8 +337,8 @@ class SessionStore:
     async def get(self, session_id: str) -> SessionRecord | None:
         """The record of *session_id*, or None when unknown, expired or deleted.
 
-        A pure read: it neither extends the idle timeout nor follows an id that
-        ``regenerate`` replaced (``load`` does both). Undecodable data raises
+        A pure read: it does not extend the idle timeout (``load`` does). An id
+        that ``regenerate`` replaced reads None. Undecodable data raises
         ``CodecError``.
         """
         parts = self._parts(session_id)
@@ -335,32 +351,35 @@ class SessionStore:
         return self._parse(session_id, fields.items())
 
     async def load(self, session_id: str, *, touch: bool = True) -> SessionRecord | None:
-        """Read a session as a request does: refresh its idle timeout, follow regeneration.
+        """Read a session as a request does, restarting its idle timeout.
 
         With *touch* the TTL restarts at ``min(idle_ttl, time to expires_at)``
-        in the same script that reads. An id replaced by ``regenerate`` less than
-        ``regenerate_grace`` ago resolves to the new session (the returned
-        record's ``id`` is the new one; one more round trip per hop). Returns None
-        when the id is unknown, expired or deleted.
+        in the same script that reads. Returns None when the id is unknown,
+        expired, deleted or was replaced by ``regenerate`` (whenever that was:
+        the old id of a regenerated session never reads the new one's data).
         """
         parts = self._parts(session_id)
         if parts is None:
             return None
-        family, token = parts
-        flag = "1" if touch else "0"
-        for _ in range(_MAX_HOPS + 1):
-            keys = [self._record_key(family, token), self._moved_key(family, token)]
-            with self._guard:
-                reply = await _LOAD(self.redis, keys=keys, args=[flag])
-            kind = int(reply[0])
-            if kind == 1:
-                return self._parse(f"{family}.{token}", _pairs(reply[1]))
-            if kind == 0:
-                return None
-            token = _text(reply[1])
-            if not is_session_id(f"{family}.{token}"):
-                return None
+        keys = [self._record_key(*parts), self._moved_key(*parts)]
+        with self._guard:
+            reply = await _LOAD(self.redis, keys=keys, args=["1" if touch else "0"])
+        if int(reply[0]) == 1:
+            return self._parse(session_id, _pairs(reply[1]))
         return None
+
+    async def was_regenerated(self, session_id: str) -> bool:
+        """True when *session_id* was replaced by ``regenerate`` less than ``regenerate_grace`` ago.
+
+        Only a fact about the old id (it gives no access to the new session):
+        the session middleware uses it to leave the browser's cookie alone for
+        a request that raced a login, instead of clearing it as a forged one.
+        """
+        parts = self._parts(session_id)
+        if parts is None:
+            return False
+        with self._guard:
+            return bool(await self.redis.exists(self._moved_key(*parts)))
 
     async def touch(self, session_id: str) -> bool:
         """Restart the idle timeout (never past the absolute deadline); False if gone."""
@@ -424,8 +443,8 @@ class SessionStore:
         other. ``base_version=0`` skips the check (last writer wins per key).
 
         With *regenerate* the session moves to a new id (same family, new
-        ``unique_key``) in the same script, and the old id resolves to the new
-        one for ``regenerate_grace`` seconds; *subject* is the session's current
+        ``unique_key``) in the same script, and the old id stops working for
+        reads and writes at once; *subject* is the session's current
         subject if the caller knows it (saves a round trip when indexed).
         Raises ``SessionNotFound`` when the session is unknown, expired or
         deleted: a write never resurrects it.
@@ -448,9 +467,9 @@ class SessionStore:
         """Move the session to a new id (fixation defence after a login); return it.
 
         Atomic: data, version and TTL move with the record; ``unique_key``
-        changes. The old id resolves to the new one through ``load`` for
-        ``regenerate_grace`` seconds, then stops working. Raises
-        ``SessionNotFound`` when the session is gone.
+        changes. The old id is dead from that moment: it reads None, writes
+        nothing, and ``regenerate`` through it raises ``SessionNotFound`` (as
+        for a session that is gone), so a fixated id never yields a valid one.
         """
         result = await self.merge(session_id, base_version=0, regenerate=True)
         return result.id
@@ -495,6 +514,7 @@ class SessionStore:
             new_token,
             "1" if want_record else "0",
             len(values),
+            secrets.token_urlsafe(12),  # the nonce a retried call recognises itself by
         ]
         for name, value in self._encode_items(values):
             args += (name, value)
@@ -543,6 +563,10 @@ class SessionStore:
             )
         if code == -2:
             raise SessionNotFound(f"session {family}.{token[:4]}... was deleted")
+        if code == -5:
+            raise SessionNotFound(
+                f"session {family}.{token[:4]}... was regenerated: the old id no longer works"
+            )
         if code in (-3, -4):
             raise SessionConflict(
                 "the session's subject kept changing while it was regenerated; retry the request"
@@ -682,7 +706,7 @@ class SessionStore:
             kind = name[:2]
             if kind == "d:":
                 data[name[2:]] = decode(value)
-            elif kind != "m:":
+            elif kind != "m:" and kind != "w:":  # per-key versions, write nonces
                 meta[name] = value.decode() if isinstance(value, bytes) else value
         get = meta.get
         return SessionRecord.model_construct(

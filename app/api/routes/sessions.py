@@ -46,7 +46,7 @@ class Profile(BaseModel):
     "/login", summary="Log in: store the user and issue a new session id", responses=_PROBLEMS
 )
 async def login(body: LoginIn, session: SessionDep) -> dict[str, str]:
-    """Sets ``user`` and regenerates the id; the old id works for a short grace window only."""
+    """Sets ``user`` and regenerates the id; the old id stops working at once (fixation)."""
     session["user"] = body.user
     session["login_count"] = int(session.get("login_count", 0)) + 1
     session.regenerate()

@@ -1,6 +1,6 @@
 -- KEYS[1] session record (hash)
 -- KEYS[2] tombstone of the id
--- KEYS[3] moved marker of the id (removed, so a regenerated-away id stops resolving)
+-- KEYS[3] moved marker of the id (removed: a deleted id is no longer reported as regenerated)
 -- ARGV[1] tombstone TTL, ms
 -- ARGV[2] expected subject: '' deletes whatever the subject, else only a record with this subject
 -- returns {1, subject} when deleted, {0} when there was no record,

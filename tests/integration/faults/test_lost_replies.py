@@ -28,15 +28,6 @@ from tests.integration.faults.conftest import StartApp
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-KNOWN_BUGS = {
-    "sessions": (
-        "bug: session_write.lua re-run by the client's retry finds its own change "
-        "(m:<key> > base version) and answers SessionConflict: the request gets 409 "
-        "although its write was stored"
-    ),
-}
-
-
 AT_LEAST_ONCE = {"rate_limit", "pubsub"}  # a lost reply repeats the effect: tested below
 
 
@@ -44,9 +35,7 @@ def _cases() -> Iterator[Any]:
     for probe in PROBES:
         if probe.script is None or probe.name in AT_LEAST_ONCE:
             continue
-        bug = KNOWN_BUGS.get(probe.name)
-        marks = [pytest.mark.xfail(strict=True, reason=bug)] if bug else []
-        yield pytest.param(probe, id=probe.name, marks=marks)
+        yield pytest.param(probe, id=probe.name)
 
 
 def _sha(script: str) -> bytes:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import secrets
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack
 from typing import Any, get_args
@@ -18,7 +19,7 @@ from app.api.problems import install_problem_handlers
 from app.api.routes import rate_limit as demo
 from app.core import redis as core_redis
 from app.core.redis import scan_keys
-from app.middleware.rate_limit import RateLimitRule
+from app.middleware.rate_limit import APIKey, ClientIP, RateLimitRule, first_of
 from app.services.rate_limit import Algorithm
 from app.testing.servers import RedisServer
 from tests.integration.topology._support import ON_TOPOLOGIES, ready, twin
@@ -207,3 +208,23 @@ async def test_a_dead_redis_fails_open_or_closed(settings_override: Any, mode: s
     finally:
         await client.aclose()
         server.cleanup()
+
+
+@ON_TOPOLOGIES
+async def test_random_api_keys_never_buy_fresh_quotas(serve: Serve) -> None:
+    """Issue 16, attack 8: ``first_of(APIKey(), ClientIP())`` gave every random key a quota."""
+    valid = {"live-key"}
+
+    async def validator(key: str) -> bool:
+        return key in valid
+
+    rule = RateLimitRule("*", "3/minute", key=first_of(APIKey(validator=validator), ClientIP()))
+    client = await serve(build_app(rule))
+    answers = [
+        (await client.get("/items/1", headers={"X-API-Key": secrets.token_urlsafe(12)}))
+        for _ in range(10)
+    ]
+    assert [r.status_code for r in answers] == [200] * 3 + [429] * 7
+    assert answers[-1].headers["content-type"] == "application/problem+json"
+    live = [await client.get("/items/1", headers={"X-API-Key": "live-key"}) for _ in range(4)]
+    assert [r.status_code for r in live] == [200, 200, 200, 429]  # its own quota

@@ -135,19 +135,80 @@ async def test_idle_and_absolute_expiry_through_http(
     assert (await capped.get("/read", headers=with_cookie(cookie))).json()["new"] is True
 
 
-async def test_regenerate_grace_window_through_http(
+async def test_the_pre_login_cookie_stops_at_once_through_http(
     topology_redis: Any, make_app_client: AppClientFactory
 ) -> None:
     client = await _client(make_app_client, topology_redis, regenerate_grace=0.3)
     old = cookie_value(await client.post("/set", params={"key": "cart", "value": "1"}))
     new = cookie_value(await client.post("/login", params={"user": "a"}, headers=with_cookie(old)))
     assert new.rpartition(".")[0] != old.rpartition(".")[0]
-    assert (await client.get("/read", headers=with_cookie(old))).json()["data"]["user"] == "a"
+    raced = await client.get("/read", headers=with_cookie(old))
+    assert raced.json()["new"] is True and "set-cookie" not in raced.headers  # within the grace
     await asyncio.sleep(0.45)
-    assert (await client.get("/read", headers=with_cookie(old))).json()["new"] is True
+    late = await client.get("/read", headers=with_cookie(old))
+    assert late.json()["new"] is True
+    assert set_cookies(late)["session"]["max-age"] == "0"  # forgotten: cleared as unknown
     assert (await client.get("/read", headers=with_cookie(new))).json()["data"] == {
         "cart": "1",
         "user": "a",
+    }
+
+
+async def test_a_request_in_flight_across_a_login_keeps_the_new_cookie(
+    topology_redis: Any, make_app_client: AppClientFactory
+) -> None:
+    hooks = Hooks()
+    client = await _client(make_app_client, topology_redis, hooks)
+    old = cookie_value(await client.post("/set", params={"key": "theme", "value": "dark"}))
+    slow = asyncio.create_task(client.post("/slow", headers=with_cookie(old)))
+    await hooks.loaded.wait()  # it read the session under the old id
+    login = await client.post("/login", params={"user": "alice"}, headers=with_cookie(old))
+    new = cookie_value(login)
+    hooks.release.set()
+    late = await slow
+    assert late.status_code == 200
+    assert "set-cookie" not in late.headers  # the browser's new cookie is not cleared
+    # its write through the old id was dropped: nothing reaches the new session through it
+    assert (await client.get("/read", headers=with_cookie(new))).json()["data"] == {
+        "theme": "dark",
+        "user": "alice",
+    }
+
+
+async def test_session_fixation_the_planted_cookie_gets_nothing_after_the_login(
+    topology_redis: Any, make_app_client: AppClientFactory
+) -> None:
+    client = await _client(make_app_client, topology_redis)
+    # the attacker makes a session and plants its cookie in the victim's browser
+    planted = cookie_value(await client.post("/set", params={"key": "theme", "value": "dark"}))
+    login = await client.post("/login", params={"user": "victim"}, headers=with_cookie(planted))
+    assert login.status_code == 200
+    victim = cookie_value(login)
+    await client.post("/set", params={"key": "card", "value": "4111"}, headers=with_cookie(victim))
+
+    # the attacker's cookie reads nothing of the victim's session...
+    read = await client.get("/read", headers=with_cookie(planted))
+    assert read.json() == {"data": {}, "new": True, "id": None}
+    assert "victim" not in read.text and "4111" not in read.text
+    # ...writes nothing into it (a write starts a separate, new session)...
+    write = await client.post(
+        "/set", params={"key": "user", "value": "attacker"}, headers=with_cookie(planted)
+    )
+    assert write.status_code == 200
+    assert cookie_value(write) not in (planted, victim)
+    for path in ("/logout", "/delete?key=card", "/login?user=attacker"):
+        assert (await client.post(path, headers=with_cookie(planted))).status_code == 200
+    assert (await client.get("/read", headers=with_cookie(victim))).json()["data"] == {
+        "theme": "dark",
+        "user": "victim",
+        "card": "4111",
+    }
+    # ...and logging in through it hands out a fresh, empty session, never the victim's
+    again = await client.post("/login", params={"user": "mallory"}, headers=with_cookie(planted))
+    stolen = cookie_value(again)
+    assert stolen != victim
+    assert (await client.get("/read", headers=with_cookie(stolen))).json()["data"] == {
+        "user": "mallory"
     }
 
 

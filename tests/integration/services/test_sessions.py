@@ -133,15 +133,39 @@ async def test_absolute_lifetime_ends_a_session_however_active(client: Any) -> N
 
 
 @ON_TOPOLOGIES
-async def test_the_old_id_stops_resolving_after_the_grace_window(client: Any) -> None:
+async def test_the_old_id_never_resolves_and_is_forgotten_after_the_grace_window(
+    client: Any,
+) -> None:
     store = SessionStore(client, regenerate_grace=0.3)
     rec = await store.create(data={"user": "alice"})
     new_id = await store.regenerate(rec.id)
-    resolved = await store.load(rec.id)
-    assert resolved is not None and resolved.id == new_id
+    assert await store.load(rec.id) is None  # at once: no grace for new arrivals
+    assert await store.was_regenerated(rec.id) is True
     await asyncio.sleep(0.45)
     assert await store.load(rec.id) is None
+    assert await store.was_regenerated(rec.id) is False
     assert await store.load(new_id) is not None
+
+
+@ON_TOPOLOGIES
+async def test_a_fixated_id_is_worthless_after_the_victim_logs_in(client: Any) -> None:
+    store = SessionStore(client)
+    planted = await store.create(data={"theme": "dark"})  # the attacker's own session
+    logged_in = await store.merge(
+        planted.id, base_version=planted.version, changes={"user": "victim"}, regenerate=True
+    )
+    assert await store.load(planted.id) is None
+    assert await store.get(planted.id) is None
+    with pytest.raises(SessionNotFound):
+        await store.merge(planted.id, base_version=0, changes={"user": "attacker"})
+    with pytest.raises(SessionNotFound):
+        await store.update(planted.id, data={})
+    with pytest.raises(SessionNotFound):
+        await store.regenerate(planted.id)
+    record = await store.load(logged_in.id)
+    assert record is not None
+    assert record.data == {"theme": "dark", "user": "victim"}
+    assert record.version == logged_in.version
 
 
 @ON_TOPOLOGIES

@@ -11,14 +11,15 @@ every topology (what the app uses) and decoded on standalone and Cluster
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import pytest
-from redis.asyncio import Redis, RedisCluster
+from redis.asyncio import Redis
 from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.connection import ConnectionPool
 
-from app.core.redis import AnyRedis, SentinelManagedRedis, is_cluster
+from app.core.redis import AnyRedis, SentinelManagedRedis, WaitingRedisCluster, is_cluster
 
 __all__ = ["ON_TOPOLOGIES", "ready", "topology_url", "twin"]
 
@@ -28,6 +29,7 @@ ON_TOPOLOGIES = pytest.mark.parametrize(
         pytest.param("standalone", False, id="standalone-bytes"),
         pytest.param("standalone", True, id="standalone-decoded"),
         pytest.param("cluster", False, id="cluster-bytes", marks=pytest.mark.slow),
+        pytest.param("cluster", True, id="cluster-decoded", marks=pytest.mark.slow),
         pytest.param("sentinel", False, id="sentinel-bytes", marks=pytest.mark.slow),
     ],
     indirect=["topology_redis"],
@@ -63,12 +65,14 @@ def twin(client: Any, *, decode_responses: bool = False, **options: Any) -> AnyR
 
     *options* are connection options (``socket_timeout=0.5``). The twin has its
     own connections; close it with ``aclose()`` (that leaves *client* and its
-    sentinels alone).
+    sentinels alone). It is built like *client* (which ``build_client`` made):
+    same pool size, pool wait, timeouts and retries, so a Cluster twin is a
+    ``WaitingRedisCluster`` that waits for a connection under bursts instead of
+    failing with redis-py's own pool errors (``MaxConnectionsError``).
     """
     options["decode_responses"] = decode_responses
     if is_cluster(client):
-        nodes = [ClusterNode(n.host, n.port) for n in client.nodes_manager.startup_nodes.values()]
-        return RedisCluster(startup_nodes=nodes, **options)
+        return _cluster_twin(client, options)
     if isinstance(client, SentinelManagedRedis):
         assert client.sentinel_manager is not None
         service = client.connection_pool.service_name  # type: ignore[attr-defined]
@@ -77,3 +81,24 @@ def twin(client: Any, *, decode_responses: bool = False, **options: Any) -> AnyR
     pool = client.connection_pool
     kwargs = {**pool.connection_kwargs, **options}
     return Redis.from_pool(ConnectionPool(connection_class=pool.connection_class, **kwargs))
+
+
+_CLUSTER_OPTIONS = (
+    "max_connections",
+    "socket_timeout",
+    "socket_connect_timeout",
+    "health_check_interval",
+    "username",
+    "password",
+)
+
+
+def _cluster_twin(client: Any, options: dict[str, Any]) -> AnyRedis:
+    """A ``WaitingRedisCluster`` with *client*'s settings, overridden by *options*."""
+    nodes = [ClusterNode(n.host, n.port) for n in client.nodes_manager.startup_nodes.values()]
+    made = client.nodes_manager.connection_kwargs
+    settings: dict[str, Any] = {name: made[name] for name in _CLUSTER_OPTIONS if name in made}
+    settings["retry"] = copy.deepcopy(client.retry)
+    settings["pool_timeout"] = getattr(client, "pool_timeout", 5.0)
+    settings.update(options)
+    return WaitingRedisCluster(startup_nodes=nodes, **settings)

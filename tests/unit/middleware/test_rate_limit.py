@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import re
+import secrets
 from collections.abc import AsyncIterator, Callable, MutableMapping
 from contextlib import AsyncExitStack
 from typing import Any
@@ -21,6 +22,7 @@ from starlette.requests import HTTPConnection
 from app.api.deps import rate_limit
 from app.api.problems import install_problem_handlers
 from app.core import redis as core_redis
+from app.core.errors import ConfigurationError
 from app.core.keys import digest
 from app.middleware.rate_limit import (
     APIKey,
@@ -558,13 +560,23 @@ async def test_a_spoofed_forwarded_for_from_an_untrusted_peer_changes_nothing(
     assert await statuses(proxy, "/items/1", 3, headers=other) == [200, 200, 429]
 
 
+KNOWN_KEYS = {"secret-1", "secret-2", "k1", "k2"}
+
+
+def known_key(key: str) -> bool:
+    """The application's key check (a set here; a cached key-store lookup in real life)."""
+    return key in KNOWN_KEYS
+
+
 async def test_api_keys_principals_and_fallback_to_the_client_ip(serve: Serve, redis: Any) -> None:
     def user(conn: HTTPConnection) -> str | None:
         return conn.headers.get("x-user")
 
     app = build_app(
-        RateLimitRule("/items/{item_id}", "1/minute", key=APIKey()),
-        RateLimitRule("/admin/*", "1/minute", key=first_of(Principal(user), APIKey())),
+        RateLimitRule("/items/{item_id}", "1/minute", key=APIKey(validator=known_key)),
+        RateLimitRule(
+            "/admin/*", "1/minute", key=first_of(Principal(user), APIKey(validator=known_key))
+        ),
     )
     client = await serve(app)
     assert await statuses(client, "/items/1", 2, headers={"x-api-key": "secret-1"}) == [200, 429]
@@ -694,7 +706,7 @@ def dependency_app(*, headers_middleware: bool) -> FastAPI:
     async def plan(conn: HTTPConnection, identity: str) -> str | None:
         return None if conn.headers.get("x-plan") == "unlimited" else "plan=1/minute"
 
-    @app.get("/plan", dependencies=[Depends(rate_limit(plan, key=APIKey()))])
+    @app.get("/plan", dependencies=[Depends(rate_limit(plan, key=APIKey(validator=known_key)))])
     async def by_plan() -> None:
         return None
 
@@ -810,3 +822,47 @@ async def test_a_silent_middleware_leaves_dependency_headers_to_the_response(
     client = await serve(app)
     response = await client.get("/decision")
     assert set(check_ratelimit_headers(response)[0]) == {"d", "e"}  # the middleware's "m" is silent
+
+
+# -- unvalidated identities (issue 16, attack 8) --------------------------------
+
+
+def test_an_api_key_identity_without_a_validator_is_refused_at_construction() -> None:
+    with pytest.raises(ConfigurationError, match="validator"):
+        APIKey()
+    with pytest.raises(ConfigurationError, match="validator"):
+        APIKey("x-token", validator=None)
+
+
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["sync", "async"])
+async def test_random_api_keys_do_not_buy_fresh_quotas(serve: Serve, asynchronous: bool) -> None:
+    async def known_async(key: str) -> bool:
+        await asyncio.sleep(0)
+        return key in KNOWN_KEYS
+
+    validator = known_async if asynchronous else known_key
+    key = first_of(APIKey(validator=validator), ClientIP())
+    client = await serve(build_app(RateLimitRule("*", "3/minute", key=key)))
+    attacker = [
+        (await client.get("/items/1", headers={"x-api-key": secrets.token_hex(8)})).status_code
+        for _ in range(10)
+    ]
+    assert attacker == [200] * 3 + [429] * 7  # every refused key falls back to one address
+    # a valid key is its own identity, untouched by the attacker's spending
+    assert await statuses(client, "/items/1", 4, headers={"x-api-key": "secret-1"}) == [
+        *[200] * 3,
+        429,
+    ]
+
+
+async def test_a_validator_returning_a_principal_keys_every_key_of_the_account_together(
+    serve: Serve, redis: Any
+) -> None:
+    accounts = {"ak-1": "acme", "ak-2": "acme", "ak-3": "initech"}
+    key = APIKey(validator=accounts.get)
+    client = await serve(build_app(RateLimitRule("*", "2/minute", key=key)))
+    assert await statuses(client, "/items/1", 1, headers={"x-api-key": "ak-1"}) == [200]
+    assert await statuses(client, "/items/1", 2, headers={"x-api-key": "ak-2"}) == [200, 429]
+    assert await statuses(client, "/items/1", 1, headers={"x-api-key": "ak-3"}) == [200]
+    keys = [k.decode() if isinstance(k, bytes) else k async for k in redis.scan_iter("*")]
+    assert any("acme" in k for k in keys) and not any("ak-" in k for k in keys)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any
 
 import pytest
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Request, Security
 from pydantic import BaseModel
 
 from app.core import redis as core_redis
@@ -296,7 +296,7 @@ async def current_user() -> str:
     return "alice"
 
 
-async def test_fastapi_endpoints_skip_request_and_dependencies(
+async def test_fastapi_endpoints_skip_request_and_key_dependencies(
     make_app_client: AppClientFactory, fake_redis: Any
 ) -> None:
     app = FastAPI()
@@ -326,4 +326,80 @@ async def test_fastapi_endpoints_skip_request_and_dependencies(
     assert (await client.get("/items/1", params={"q": "y"})).json()["name"] == "alice:y:/items/1"
     assert (await client.get("/legacy/3")).json() == (await client.get("/legacy/3")).json()
     assert CALLS["legacy"] == 1
-    assert read_item.key(1, None, "bob", None) == read_item.key(1, None, "alice", None)  # type: ignore[arg-type]
+    # a dependency's value is part of the key (it used to be left out: one user's result for all)
+    assert read_item.key(1, None, "bob", None) != read_item.key(1, None, "alice", None)  # type: ignore[arg-type]
+
+
+async def header_user(request: Request) -> str:
+    return request.headers.get("x-user", "anonymous")
+
+
+class Connection:
+    """A per-request resource with no canonical JSON form (a database session, say)."""
+
+
+async def open_connection() -> Connection:
+    return Connection()
+
+
+async def test_dependencies_are_keyed_per_value_unless_excluded(
+    make_app_client: AppClientFactory, fake_redis: Any
+) -> None:
+
+    app = FastAPI()
+
+    @app.get("/orders")
+    @cached(ttl=60)
+    async def orders(user: str = Depends(header_user)) -> dict[str, Any]:
+        return {"owner": user, "n": bump(f"orders:{user}")}
+
+    @app.get("/secure")
+    @cached(ttl=60)
+    async def secure(user: Annotated[str, Security(header_user)]) -> dict[str, Any]:
+        return {"owner": user}
+
+    @app.get("/shared")
+    @cached(ttl=60, exclude=["user"])
+    async def shared(user: str = Depends(header_user)) -> dict[str, Any]:
+        return {"first": user}
+
+    client = await make_app_client(app, fake_redis)
+    for _ in range(2):
+        assert (await client.get("/orders", headers={"x-user": "alice"})).json()["owner"] == "alice"
+        assert (await client.get("/orders", headers={"x-user": "bob"})).json()["owner"] == "bob"
+        assert (await client.get("/secure", headers={"x-user": "bob"})).json() == {"owner": "bob"}
+        assert (await client.get("/secure", headers={"x-user": "eve"})).json() == {"owner": "eve"}
+    assert CALLS["orders:alice"] == CALLS["orders:bob"] == 1  # one entry per user, both hit
+    assert (await client.get("/shared", headers={"x-user": "alice"})).json() == {"first": "alice"}
+    assert (await client.get("/shared", headers={"x-user": "bob"})).json() == {"first": "alice"}
+
+
+async def test_an_unkeyable_dependency_fails_loudly_before_the_function_runs(
+    fake_redis: Any,
+) -> None:
+    from app.core.errors import ConfigurationError
+
+    core_redis.redis_client = fake_redis
+
+    @cached(ttl=60)
+    async def report(day: int, db: Annotated[Connection, Depends(open_connection)]) -> int:
+        return bump("report")
+
+    with pytest.raises(ConfigurationError, match=r"'db'.*exclude=\['db'\]"):
+        await report(1, Connection())
+    with pytest.raises(ConfigurationError, match="'db'"):
+        report.key(1, Connection())
+    assert "report" not in CALLS  # refused before the function ran, nothing cached
+
+    @cached(ttl=60, exclude=["db"])
+    async def report_shared(day: int, db: Annotated[Connection, Depends(open_connection)]) -> int:
+        return bump("report_shared")
+
+    assert await report_shared(1, Connection()) == await report_shared(1, Connection()) == 1
+    assert report_shared.key(1, Connection()) == report_shared.key(1, Connection())
+
+    @cached(ttl=60, key="report:{day}")
+    async def report_keyed(day: int, db: Connection = Depends(open_connection)) -> int:
+        return bump("report_keyed")
+
+    assert await report_keyed(2, Connection()) == await report_keyed(2, Connection()) == 1

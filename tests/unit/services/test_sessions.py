@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from decimal import Decimal
 from typing import Any
 
@@ -15,7 +15,7 @@ import pytest_asyncio
 from app.core.errors import RedisUnavailable, SessionConflict, SessionNotFound
 from app.core.keys import KeySpace, key_slot_tag
 from app.services.sessions import SessionRecord, SessionStore, is_session_id, new_session_id
-from app.testing.slots import slot_checking_fake_redis
+from app.testing.slots import SlotCheckingRedis, slot_checking_fake_redis
 
 
 @pytest_asyncio.fixture(params=[False, True], ids=["bytes", "decoded"])
@@ -206,7 +206,7 @@ async def test_unknown_and_malformed_ids_are_not_found(store: SessionStore) -> N
             await store.update(bad, data={})
 
 
-async def test_regenerate_moves_the_record_and_the_old_id_resolves_during_grace(
+async def test_regenerate_moves_the_record_and_the_old_id_is_dead_at_once(
     store: SessionStore,
 ) -> None:
     rec = await store.create(data={"user": 1, "cart": [1]}, client_ip="10.0.0.2")
@@ -219,12 +219,40 @@ async def test_regenerate_moves_the_record_and_the_old_id_resolves_during_grace(
     assert moved.created_at == rec.created_at
     assert moved.client_ip == "10.0.0.2"
     assert moved.unique_key != rec.unique_key
-    assert await store.get(rec.id) is None  # the old record is gone...
-    resolved = await store.load(rec.id)  # ...but the old id still leads to the new one
-    assert resolved is not None and resolved.id == new_id
+    # the old id resolves to nothing (it used to lead to the new session for a grace window)
+    assert await store.get(rec.id) is None
+    assert await store.load(rec.id) is None
+    assert await store.was_regenerated(rec.id) is True
+    assert await store.was_regenerated(new_id) is False
     chained = await store.regenerate(new_id)
-    resolved = await store.load(rec.id)
-    assert resolved is not None and resolved.id == chained
+    assert await store.load(rec.id) is None and await store.load(new_id) is None
+    assert (await store.load(chained)) is not None
+
+
+async def test_a_fixated_id_reads_writes_and_regenerates_nothing_after_the_login(
+    store: SessionStore,
+) -> None:
+    planted = await store.create()  # the attacker's session id, planted in the victim's browser
+    victim = await store.merge(
+        planted.id, base_version=planted.version, changes={"user": "victim"}, regenerate=True
+    )
+    assert await store.load(planted.id) is None
+    assert await store.get(planted.id) is None
+    for write in (
+        store.merge(planted.id, base_version=0, changes={"user": "attacker"}),
+        store.merge(planted.id, base_version=victim.version, deleted=["user"]),
+        store.update(planted.id, data={"user": "attacker"}),
+        store.update(planted.id, locked=True),
+    ):
+        with pytest.raises(SessionNotFound, match="regenerated"):
+            await write
+    with pytest.raises(SessionNotFound, match="regenerated"):
+        await store.regenerate(planted.id)  # no fresh valid id through the planted one
+    record = await store.get(victim.id)
+    assert record is not None
+    assert record.data == {"user": "victim"} and record.locked is False
+    assert record.version == victim.version
+    assert await store.list_for("victim") == [record]
 
 
 async def test_without_grace_the_old_id_stops_at_once(client: Any) -> None:
@@ -232,7 +260,10 @@ async def test_without_grace_the_old_id_stops_at_once(client: Any) -> None:
     rec = await store.create(data={"a": 1})
     new_id = await store.regenerate(rec.id)
     assert await store.load(rec.id) is None
+    assert await store.was_regenerated(rec.id) is False
     assert await store.load(new_id) is not None
+    with pytest.raises(SessionNotFound):
+        await store.regenerate(rec.id)
 
 
 async def test_merge_with_regenerate_applies_changes_and_moves_in_one_step(
@@ -360,3 +391,104 @@ def test_fast_key_builders_match_the_key_space(store: SessionStore) -> None:
     assert store._record_key(family, token) == KeySpace("app", "session").tagged(family, token)
     assert store._moved_key(family, token) == KeySpace("app", "session.moved").tagged(family, token)
     assert store._gone_key(family, token) == KeySpace("app", "session.gone").tagged(family, token)
+
+
+class LostReplyRedis(SlotCheckingRedis):
+    """fakeredis whose next script call runs twice: the first reply is lost, the retry answers.
+
+    That is what redis-py's automatic retry does when a connection breaks after the
+    server ran a command. *between* runs another client's command in the gap.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.armed = False
+        self.between: Callable[[], Awaitable[Any]] | None = None
+        self.ran_twice = 0
+
+    async def execute_command(self, *args: Any, **options: Any) -> Any:
+        name = args[0].decode() if isinstance(args[0], bytes) else str(args[0])
+        if not self.armed or name.upper() not in ("EVALSHA", "EVAL"):
+            return await super().execute_command(*args, **options)
+        await super().execute_command(*args, **options)  # ran; its reply never arrives
+        self.armed = False  # (after a NOSCRIPT the script is loaded and sent again: still armed)
+        if self.between is not None:
+            await self.between()
+        self.ran_twice += 1
+        return await super().execute_command(*args, **options)  # the retry
+
+
+@pytest_asyncio.fixture(params=[False, True], ids=["bytes", "decoded"])
+async def lossy(request: pytest.FixtureRequest) -> AsyncIterator[LostReplyRedis]:
+    redis = LostReplyRedis(server=fakeredis.FakeServer(), decode_responses=request.param)
+    try:
+        yield redis
+    finally:
+        await redis.aclose()
+
+
+async def test_a_retried_merge_recognises_its_own_write(lossy: LostReplyRedis) -> None:
+    store = SessionStore(lossy)
+    rec = await store.create(data={"n": 0})
+    lossy.armed = True
+    result = await store.merge(rec.id, base_version=rec.version, changes={"n": 1})
+    assert lossy.ran_twice == 1
+    assert result.version == rec.version + 1  # the first run's answer, not a conflict
+    stored = await store.get(rec.id)
+    assert stored is not None and stored.data == {"n": 1} and stored.version == result.version
+    # a different call with the same stale base version is still a conflict
+    with pytest.raises(SessionConflict, match="n"):
+        await store.merge(rec.id, base_version=rec.version, changes={"n": 5})
+
+
+async def test_a_retried_write_survives_another_writer_in_the_gap(lossy: LostReplyRedis) -> None:
+    store = SessionStore(lossy)
+    rec = await store.create(data={"a": 0, "b": 0})
+    lossy.between = lambda: store.merge(rec.id, base_version=rec.version, changes={"b": 1})
+    lossy.armed = True
+    mine = await store.merge(rec.id, base_version=rec.version, changes={"a": 1})
+    assert mine.version == rec.version + 1
+    stored = await store.get(rec.id)
+    assert stored is not None
+    assert stored.data == {"a": 1, "b": 1} and stored.version == rec.version + 2
+
+
+async def test_a_retried_update_returns_the_record(lossy: LostReplyRedis) -> None:
+    store = SessionStore(lossy)
+    rec = await store.create(data={"a": 1})
+    lossy.armed = True
+    updated = await store.update(rec.id, data={"a": 2}, expected_version=rec.version)
+    assert lossy.ran_twice == 1
+    assert updated.data == {"a": 2} and updated.version == rec.version + 1
+    assert "w_ring" not in updated.model_dump_json()  # bookkeeping never reaches callers
+
+
+async def test_a_retried_regeneration_answers_the_new_id(lossy: LostReplyRedis) -> None:
+    store = SessionStore(lossy)
+    rec = await store.create(data={"theme": "dark"})
+    lossy.armed = True
+    new_id = await store.regenerate(rec.id)
+    assert lossy.ran_twice == 1
+    moved = await store.load(new_id)
+    assert moved is not None and moved.data == {"theme": "dark"}
+    assert await store.load(rec.id) is None
+    with pytest.raises(SessionNotFound, match="regenerated"):
+        await store.regenerate(rec.id)  # a new call through the old id is still refused
+
+    owned = await store.create(data={"user": "alice"})
+    lossy.armed = True
+    login = await store.merge(
+        owned.id, base_version=owned.version, changes={"n": 1}, regenerate=True, subject="alice"
+    )
+    assert lossy.ran_twice == 2
+    assert [r.id for r in await store.list_for("alice")] == [login.id]  # old id left the index
+
+
+async def test_the_write_nonces_kept_on_a_record_are_bounded(client: Any) -> None:
+    store = SessionStore(client)
+    rec = await store.create(data={})
+    for i in range(20):
+        await store.merge(rec.id, base_version=0, changes={"n": i})
+    fields = await client.hkeys(store._record_key(*rec.id.split(".")))
+    names = [f.decode() if isinstance(f, bytes) else f for f in fields]
+    assert len([n for n in names if n.startswith("w:")]) == 4
