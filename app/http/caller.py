@@ -14,7 +14,11 @@ never their own header guess. The answer, in this order:
    route dependency is seen by what runs after it (the ``idempotency_key()``
    dependency, ``@cached``).
 2. **session**: the id of the request's loaded server-side session
-   (``scope["session"].id``, see ``app.middleware.sessions``).
+   (``scope["session"].id``, see ``app.middleware.sessions``), or, before
+   the session layer has run (the layers outside it), the value of the
+   session cookie (``SESSION_COOKIE_NAME``, with or without its ``__Host-``
+   prefix): signed and unguessable, and unlike the whole ``Cookie`` header it
+   stays the same when another cookie changes.
 3. **credentials**: a keyed digest (HMAC) of every credential header the
    request carries (``CALLER_CREDENTIAL_HEADERS``: ``Authorization``,
    ``Proxy-Authorization``, ``Cookie``, ``X-API-Key``). Two requests with
@@ -44,7 +48,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Final, Literal
 
-from starlette.requests import HTTPConnection
+from starlette.requests import HTTPConnection, cookie_parser
 from starlette.types import Scope
 
 from app.core.config import Settings, get_settings
@@ -131,7 +135,7 @@ class CallerResolver:
     for apps that need another configuration for one layer.
     """
 
-    __slots__ = ("_client_ip", "_headers", "keys")
+    __slots__ = ("_client_ip", "_cookies", "_headers", "keys")
 
     def __init__(
         self,
@@ -144,12 +148,14 @@ class CallerResolver:
             "x-api-key",
         ),
         trusted_proxies: Sequence[str] = (),
+        session_cookie: str | None = "session",
     ) -> None:
         if not keys or not all(keys):
             raise ValueError("CallerResolver needs at least one non-empty key")
         self.keys = tuple(keys)
         self._headers = frozenset(h.strip().lower().encode("latin-1") for h in credential_headers)
         self._client_ip = ClientIP(trusted_proxies)
+        self._cookies = (f"__Host-{session_cookie}", session_cookie) if session_cookie else ()
 
     @classmethod
     def from_settings(cls, settings: Settings) -> CallerResolver:
@@ -158,6 +164,7 @@ class CallerResolver:
             keys=settings.signing_keys(),
             credential_headers=settings.caller_credential_headers,
             trusted_proxies=settings.trusted_proxies,
+            session_cookie=settings.session_cookie_name or "session",
         )
 
     def credentials(self, scope: Scope) -> list[tuple[bytes, bytes]]:
@@ -170,9 +177,27 @@ class CallerResolver:
         found.sort()
         return found
 
+    def session_cookie(self, scope: Scope) -> bytes | None:
+        """The session cookie's value (``__Host-`` name first), or None."""
+        if not self._cookies:
+            return None
+        found: dict[str, str] = {}
+        for name, value in scope.get("headers", ()):
+            if name.lower() == b"cookie":
+                for key, item in cookie_parser(value.decode("latin-1")).items():
+                    found.setdefault(key, item)
+        for name in self._cookies:
+            if found.get(name):
+                return found[name].encode("latin-1")
+        return None
+
     def address(self, scope: Scope) -> str | None:
         """The client address through the trusted proxies, or None without a peer."""
         return self._client_ip.address(scope)
+
+    def for_principal(self, principal: str | int | bytes, scope: Scope) -> Caller:
+        """A principal caller for an explicit *principal* (a layer's own principal hook)."""
+        return Caller("principal", self.address(scope), _material(principal), self.keys)
 
     def resolve(self, scope: Scope) -> Caller:
         """The caller of *scope*, computed now (no scope cache; see ``resolve_caller``)."""
@@ -183,6 +208,9 @@ class CallerResolver:
         session_id = getattr(scope.get("session"), "id", None)
         if isinstance(session_id, str) and session_id:
             return Caller("session", address, session_id.encode(), self.keys)
+        cookie = self.session_cookie(scope)
+        if cookie:
+            return Caller("session", address, b"cookie\x00" + cookie, self.keys)
         credentials = self.credentials(scope)
         if credentials:
             material = _length_prefixed(*(part for pair in credentials for part in pair))

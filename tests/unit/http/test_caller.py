@@ -51,8 +51,18 @@ def test_session_wins_over_credentials() -> None:
 
 
 def test_a_session_not_loaded_does_not_identify() -> None:
-    scope = scope_with({"Cookie": "session=abc"}, session=_LoadedSession(None))
+    scope = scope_with({"Cookie": "theme=dark"}, session=_LoadedSession(None))
     assert resolve_caller(scope).kind == "credentials"
+
+
+def test_the_session_cookie_identifies_before_the_session_layer_runs() -> None:
+    first = resolve_caller(scope_with({"Cookie": "theme=dark; session=signed-1"}))
+    other_cookies = resolve_caller(scope_with({"Cookie": "session=signed-1; lang=fr"}))
+    host_prefixed = resolve_caller(scope_with({"Cookie": "__Host-session=signed-1"}))
+    bob = resolve_caller(scope_with({"Cookie": "session=signed-2"}))
+    assert first.kind == "session" and first.digest() == other_cookies.digest()
+    assert host_prefixed.digest() == first.digest()
+    assert bob.digest() != first.digest()
 
 
 @pytest.mark.parametrize("header", ["Authorization", "Proxy-Authorization", "Cookie", "X-API-Key"])
