@@ -24,6 +24,7 @@ from app.services.http_cache import (
     format_http_date,
     if_none_match_matches,
     normalize_host,
+    normalize_path,
     normalize_query,
     parse_cache_control,
     parse_entity_tag,
@@ -248,6 +249,32 @@ def test_url_digests_normalise_host_port_and_query_but_not_path() -> None:
     assert normalize_host("https", "A.b:443") == "a.b"
     with pytest.raises(ValueError, match="absolute"):
         url_digest_for("/items/1")
+
+
+@pytest.mark.parametrize(
+    ("raw", "kept", "dots_removed"),
+    [
+        (b"/items/1", b"/items/1", b"/items/1"),
+        (b"/%7Euser/%41%62", b"/~user/Ab", b"/~user/Ab"),
+        (b"/a%2fb", b"/a%2Fb", b"/a%2Fb"),
+        (b"/items/./1", None, b"/items/1"),
+        (b"/x/../items/1", None, b"/items/1"),
+        (b"/x/%2E%2E/items/1", None, b"/items/1"),
+        (b"/../../items/1", None, b"/items/1"),
+        (b"/items/1/..", None, b"/items/"),
+        (b"/%", b"/%", b"/%"),
+        (b"/%zz", b"/%zz", b"/%zz"),
+    ],
+)
+def test_path_normalisation(raw: bytes, kept: bytes | None, dots_removed: bytes) -> None:
+    assert normalize_path(raw) == kept
+    assert normalize_path(raw, remove_dots=True) == dots_removed
+
+
+def test_every_spelling_of_a_url_has_one_digest() -> None:
+    base = url_digest_for("http://example.com/items/a~1")
+    assert base == url_digest_for("http://example.com/items/%61%7E1")
+    assert base == url_digest_for("http://example.com/x/../items/./a~1")
 
 
 def test_variant_and_caller_digests_are_injective_over_their_parts() -> None:
