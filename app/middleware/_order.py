@@ -57,7 +57,11 @@ def enter_layer(scope: Scope, name: str) -> None:
 async def pass_lifespan(
     app: ASGIApp, name: str, scope: Scope, receive: Receive, send: Send
 ) -> None:
-    """Forward a lifespan scope after checking the order; a wrong order fails the startup."""
+    """Forward a lifespan scope after checking the order; a wrong order fails the startup.
+
+    The failure is reported as ``lifespan.startup.failed`` (uvicorn then exits)
+    and the ``ConfigurationError`` is raised as well.
+    """
     try:
         enter_layer(scope, name)
     except ConfigurationError as exc:
@@ -65,7 +69,7 @@ async def pass_lifespan(
         message = await receive()
         if message["type"] == "lifespan.startup":
             await send({"type": "lifespan.startup.failed", "message": str(exc)})
-        return
+        raise  # servers that ignore startup.failed (or test harnesses) still stop here
     await app(scope, receive, send)
 
 
