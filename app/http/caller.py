@@ -18,7 +18,10 @@ never their own header guess. The answer, in this order:
    the session layer has run (the layers outside it), the value of the
    session cookie (``SESSION_COOKIE_NAME``, with or without its ``__Host-``
    prefix): signed and unguessable, and unlike the whole ``Cookie`` header it
-   stays the same when another cookie changes.
+   stays the same when another cookie changes. The request's other
+   credential headers (``Authorization``, ``X-API-Key``...) are part of it:
+   a session cookie planted in a victim's browser does not make the victim
+   the same caller as the attacker who planted it.
 3. **credentials**: a keyed digest (HMAC) of every credential header the
    request carries (``CALLER_CREDENTIAL_HEADERS``: ``Authorization``,
    ``Proxy-Authorization``, ``Cookie``, ``X-API-Key``). Two requests with
@@ -205,17 +208,30 @@ class CallerResolver:
         principal = scope.get(PRINCIPAL_KEY)
         if principal is not None and principal != "":
             return Caller("principal", address, _material(principal), self.keys)
+        credentials = self.credentials(scope)
         session_id = getattr(scope.get("session"), "id", None)
         if isinstance(session_id, str) and session_id:
-            return Caller("session", address, session_id.encode(), self.keys)
+            material = b"id\x00" + session_id.encode()
+            return Caller("session", address, _with_others(material, credentials), self.keys)
         cookie = self.session_cookie(scope)
         if cookie:
-            return Caller("session", address, b"cookie\x00" + cookie, self.keys)
-        credentials = self.credentials(scope)
+            material = b"cookie\x00" + cookie
+            return Caller("session", address, _with_others(material, credentials), self.keys)
         if credentials:
             material = _length_prefixed(*(part for pair in credentials for part in pair))
             return Caller("credentials", address, material, self.keys)
         return Caller("anonymous", address, (address or "").encode(), self.keys)
+
+
+def _with_others(material: bytes, credentials: list[tuple[bytes, bytes]]) -> bytes:
+    """A session's material plus the non-cookie credentials of the request.
+
+    A planted session cookie (fixation, cookie tossing) must not make a victim
+    with another ``Authorization`` or ``X-API-Key`` the same caller as the
+    attacker who planted it; other cookies are left out, so they may change.
+    """
+    others = [part for name, value in credentials if name != b"cookie" for part in (name, value)]
+    return _length_prefixed(material, *others)
 
 
 def _material(principal: object) -> bytes:

@@ -84,7 +84,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app.core.config import get_settings
 from app.core.errors import ToolkitError
 from app.core.redis import get_redis
-from app.http.caller import caller_resolver, resolve_caller
+from app.http.caller import PRINCIPAL_KEY, caller_resolver, resolve_caller
 from app.middleware._order import enter_layer, pass_lifespan, session_replaced
 from app.services.http_cache import (
     DEFAULT_MAX_BODY_SIZE,
@@ -363,10 +363,10 @@ class HttpCacheMiddleware:
         if path is None:  # dot segments: see the module docstring
             return None
         callers: tuple[str, ...] = ()
-        identity = resolve_caller(scope)
-        if credentials or identity.kind == "principal":
+        if credentials or scope.get(PRINCIPAL_KEY) is not None:  # anonymous: a shared entry
             if self.policy.credentials == "bypass":
                 return None
+            identity = resolve_caller(scope)
             if identity.identified:
                 callers = identity.scopes()
             else:  # a credential header the caller settings do not list

@@ -21,10 +21,13 @@ import pytest_asyncio
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from redis.asyncio import Redis
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.api.problems import install_problem_handlers
 from app.core.errors import ConfigurationError
 from app.core.redis import redis_lifespan
+from app.http.caller import set_principal
 from app.middleware.http_cache import HttpCacheMiddleware, HttpCachePolicy
 from app.middleware.idempotency import IdempotencyMiddleware
 from app.middleware.rate_limit import RateLimitMiddleware, RateLimitRule
@@ -57,7 +60,24 @@ async def _who(request: Request) -> str:
     return "anonymous"
 
 
-def build_app(layers: tuple[str, ...] = SAFE_ORDER) -> FastAPI:
+TOKENS = {"token-1": "alice", "token-2-refreshed": "alice", "token-3": "bob"}
+
+
+class BearerAuth:
+    """The app's own authentication, outermost: declares the principal of a valid token."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            token = Headers(scope=scope).get("authorization", "").removeprefix("Bearer ")
+            if token in TOKENS:
+                set_principal(scope, TOKENS[token])
+        await self.app(scope, receive, send)
+
+
+def build_app(layers: tuple[str, ...] = SAFE_ORDER, *, auth: bool = False) -> FastAPI:
     """The attacked service: orders (idempotent), account and form pages (cached), sessions."""
     app = FastAPI(lifespan=redis_lifespan())
     install_problem_handlers(app)
@@ -139,6 +159,8 @@ def build_app(layers: tuple[str, ...] = SAFE_ORDER) -> FastAPI:
         "sessions": {"secret_key": SECRET},
     }
     install_toolkit(app, **{name: options[name] for name in layers})
+    if auth:
+        app.add_middleware(BearerAuth)
     return app
 
 
@@ -167,8 +189,8 @@ async def service(
 ) -> AsyncIterator[Callable[..., Awaitable[Service]]]:
     made: list[Service] = []
 
-    async def make(layers: tuple[str, ...] = SAFE_ORDER) -> Service:
-        app = build_app(layers)
+    async def make(layers: tuple[str, ...] = SAFE_ORDER, *, auth: bool = False) -> Service:
+        app = build_app(layers, auth=auth)
         first = await make_app_client(app, real_redis)
         svc = Service(app, first, [])
         made.append(svc)
@@ -243,6 +265,41 @@ async def test_a_key_claimed_in_advance_gives_the_attacker_nothing(
         "/orders", json={"amount": 1}, headers=idem(**{"X-API-Key": "mallory"})
     )
     assert again.headers["idempotent-replayed"] == "true" and "alice" not in again.text
+
+
+async def test_a_token_refresh_keeps_the_scope_and_another_principal_gets_nothing(
+    service: Callable[..., Awaitable[Service]],
+) -> None:
+    svc = await service(auth=True)
+    body = {"amount": 5}
+    first = await svc.first.post("/orders", json=body, headers=idem(Authorization="Bearer token-1"))
+    assert first.status_code == 201
+    refreshed = await svc.first.post(
+        "/orders", json=body, headers=idem(Authorization="Bearer token-2-refreshed")
+    )
+    assert refreshed.headers["idempotent-replayed"] == "true"
+    assert refreshed.content == first.content and svc.state.calls["orders"] == 1
+    bob = await svc.client().post(
+        "/orders", json=body, headers=idem(Authorization="Bearer token-3")
+    )
+    assert bob.status_code == 201 and "idempotent-replayed" not in bob.headers
+    assert svc.state.calls["orders"] == 2
+
+
+async def test_a_planted_session_cookie_does_not_share_the_victims_records(
+    service: Callable[..., Awaitable[Service]],
+) -> None:
+    svc = await service()
+    attacker = svc.client()
+    await session_cookie(attacker, "mallory")
+    planted = attacker.cookies["session"]
+    victim = svc.client()
+    victim.cookies.set("session", planted)  # cookie tossing from a sibling subdomain
+    body = {"amount": 700}
+    paid = await victim.post("/orders", json=body, headers=idem(**{"X-API-Key": "alice"}))
+    assert paid.status_code == 201 and paid.json()["owner"] == "alice"
+    stolen = await attacker.post("/orders", json=body, headers=idem(**{"X-API-Key": "mallory"}))
+    assert "idempotent-replayed" not in stolen.headers and "alice" not in stolen.text
 
 
 # -- attack 3: the HTTP cache shares responses authenticated by X-API-Key --------------------

@@ -149,3 +149,13 @@ def test_resolver_refuses_empty_keys() -> None:
 def test_caller_repr_shows_no_material() -> None:
     caller = resolve_caller(scope_with({"Authorization": "Bearer top-secret"}))
     assert isinstance(caller, Caller) and "top-secret" not in repr(caller)
+
+
+def test_a_planted_session_cookie_does_not_merge_two_authorized_callers() -> None:
+    attacker = resolve_caller(scope_with({"Cookie": "session=planted", "Authorization": "A"}))
+    victim = resolve_caller(scope_with({"Cookie": "session=planted", "Authorization": "V"}))
+    assert attacker.kind == victim.kind == "session"
+    assert attacker.digest() != victim.digest()
+    loaded_a = resolve_caller(scope_with({"X-API-Key": "a"}, session=_LoadedSession("sid")))
+    loaded_v = resolve_caller(scope_with({"X-API-Key": "v"}, session=_LoadedSession("sid")))
+    assert loaded_a.digest() != loaded_v.digest()
