@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from starlette.types import Message, Receive, Scope, Send
 
+from app.api.deps import SessionDep
 from app.core import redis as core_redis
 from app.middleware.http_cache import (
     HttpCacheMiddleware,
@@ -24,6 +25,7 @@ from app.middleware.http_cache import (
     HttpCacheRoute,
     cache_response,
 )
+from app.middleware.sessions import SessionMiddleware
 from app.services.http_cache import HttpCacheStats, compute_etag, parse_http_date
 from app.testing.slots import slot_checking_fake_redis
 
@@ -1004,3 +1006,37 @@ async def test_demo_routes(app_client: httpx.AsyncClient) -> None:
     assert "x-cache" not in (await app_client.get("/http-cache/stats")).headers
     assert stats["middleware"]["hits"] >= 1 and stats["middleware"]["not_modified"] == 1
     assert stats["route"]["hits"] >= 1
+
+
+async def test_a_per_route_cache_inside_the_session_layer_never_stores_a_session_response(
+    make_app_client: MakeClient, fake_redis: Any
+) -> None:
+    calls: Counter[str] = Counter()
+    router = APIRouter(route_class=HttpCacheRoute)
+
+    @router.get("/form")
+    @cache_response(ttl=30)
+    async def form(session: SessionDep) -> dict[str, str]:
+        calls["form"] += 1
+        session.setdefault("csrf", f"csrf-{calls['form']}")
+        return {"csrf": session["csrf"]}
+
+    @router.get("/static")
+    @cache_response(ttl=30)
+    async def static() -> dict[str, str]:
+        calls["static"] += 1
+        return {"static": "yes"}
+
+    app = FastAPI()
+    app.include_router(router)
+    app.add_middleware(SessionMiddleware, secret_key="r" * 40)
+    victim = await make_app_client(app, fake_redis)
+    token = (await victim.get("/form")).json()["csrf"]
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as attacker:
+        stolen = await attacker.get("/form")
+        assert stolen.json()["csrf"] != token and stolen.headers["x-cache"] == "MISS"
+        assert (await attacker.get("/static")).headers["x-cache"] == "MISS"
+        # a response that did not use the session is stored (per caller: it has a cookie)
+        assert (await attacker.get("/static")).headers["x-cache"] == "HIT"
+        assert calls["static"] == 1
