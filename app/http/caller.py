@@ -45,6 +45,7 @@ No raw credential, session id or principal ever reaches a Redis key name.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 from collections.abc import Sequence
@@ -94,7 +95,8 @@ class Caller:
     """The caller of one request (see the module docstring for the order).
 
     ``kind`` says which rule identified it; ``address`` is the client address
-    through the trusted proxies (always filled when the server gave a peer).
+    through the trusted proxies for an anonymous caller (None for the others,
+    and when the server gave no peer).
     The identifying material itself stays private: use ``digest()`` /
     ``scopes()``, which are keyed, fixed-length and safe in key names.
     """
@@ -110,7 +112,7 @@ class Caller:
         return self.kind != "anonymous"
 
     def _digest(self, key: bytes) -> str:
-        mac = hmac.new(key, _CONTEXT, hashlib.sha256)
+        mac = _keyed(key)
         mac.update(_length_prefixed(_TAGS[self.kind], self._material))
         return _TAGS[self.kind].decode() + ":" + mac.hexdigest()[:32]
 
@@ -129,6 +131,16 @@ class Caller:
     def fallback_scopes(self) -> tuple[str, ...]:
         """``scopes()`` without the current one (empty when no fallback key is set)."""
         return self.scopes()[1:]
+
+
+@functools.lru_cache(maxsize=16)
+def _keyed_base(key: bytes) -> hmac.HMAC:
+    return hmac.new(key, _CONTEXT, hashlib.sha256)
+
+
+def _keyed(key: bytes) -> hmac.HMAC:
+    """A fresh HMAC under *key*, context already absorbed (the key schedule is reused)."""
+    return _keyed_base(key).copy()
 
 
 class CallerResolver:
@@ -200,11 +212,11 @@ class CallerResolver:
 
     def for_principal(self, principal: str | int | bytes, scope: Scope) -> Caller:
         """A principal caller for an explicit *principal* (a layer's own principal hook)."""
-        return Caller("principal", self.address(scope), _material(principal), self.keys)
+        return Caller("principal", None, _material(principal), self.keys)
 
     def resolve(self, scope: Scope) -> Caller:
         """The caller of *scope*, computed now (no scope cache; see ``resolve_caller``)."""
-        address = self.address(scope)
+        address = None
         principal = scope.get(PRINCIPAL_KEY)
         if principal is not None and principal != "":
             return Caller("principal", address, _material(principal), self.keys)
@@ -220,6 +232,7 @@ class CallerResolver:
         if credentials:
             material = _length_prefixed(*(part for pair in credentials for part in pair))
             return Caller("credentials", address, material, self.keys)
+        address = self.address(scope)
         return Caller("anonymous", address, (address or "").encode(), self.keys)
 
 
