@@ -76,7 +76,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal, TypeVar
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import quote, urljoin, urlsplit
 
 from fastapi.routing import APIRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -958,7 +958,9 @@ def _target(scope: Scope, host: bytes | None = None) -> tuple[str, str, bytes, b
         host_text = f"{server[0]}:{server[1]}" if server else ""
     else:
         host_text = host.decode("latin-1")
-    path = scope.get("raw_path") or scope["path"].encode("utf-8")
+    # Without raw_path, the decoded path is re-escaped so a literal "%" stays a "%25"
+    # (normalize_path would otherwise read it as an escape).
+    path = scope.get("raw_path") or quote(scope["path"], safe="/!$&'()*+,;=:@~").encode("ascii")
     return scope.get("scheme", "http"), host_text, path, scope.get("query_string", b"")
 
 
