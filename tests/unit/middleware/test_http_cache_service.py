@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 from typing import Any
-from urllib.parse import quote_plus
+from urllib.parse import quote_plus, unquote_to_bytes
 
 import fakeredis
 import pytest
@@ -535,3 +535,34 @@ async def test_entries_written_by_either_client_kind_never_break_the_other() -> 
     finally:
         await binary.aclose()
         await text.aclose()
+
+
+_PATH_BYTES = st.lists(
+    st.sampled_from(
+        [
+            b"/",
+            b"a",
+            b"~",
+            b"%",
+            b"%41",
+            b"%7e",
+            b"%2F",
+            b"%2f",
+            b"%25",
+            b"%zz",
+            b".",
+            b"%2E",
+            b"\xc3\xa9",
+        ]
+    ),
+    max_size=12,
+).map(b"".join)
+
+
+@given(_PATH_BYTES, _PATH_BYTES)
+def test_one_normalised_path_means_one_path_for_the_app(a: bytes, b: bytes) -> None:
+    na, nb = normalize_path(b"/" + a), normalize_path(b"/" + b)
+    if na is not None:
+        assert normalize_path(na) == na  # stable
+    if na is not None and na == nb:  # one cache key: the app (which decodes) sees one path
+        assert unquote_to_bytes(b"/" + a) == unquote_to_bytes(b"/" + b)
