@@ -7,6 +7,8 @@ never their own header guess. The answer, in this order:
 1. **principal**: the authenticated principal, when the app provides one.
    The hook: an authentication middleware or dependency calls
    ``set_principal(request, user_id)`` (or sets ``scope["app.principal"]``).
+   Starlette's ``AuthenticationMiddleware`` works too: an authenticated
+   ``scope["user"]`` whose ``identity`` is implemented is the principal.
    A token refresh that keeps the principal keeps the caller, so an
    idempotency retry made with the new token finds the first response.
    Middleware only see a principal set *outside* them (an auth middleware
@@ -218,6 +220,8 @@ class CallerResolver:
         """The caller of *scope*, computed now (no scope cache; see ``resolve_caller``)."""
         address = None
         principal = scope.get(PRINCIPAL_KEY)
+        if principal is None or principal == "":
+            principal = _starlette_identity(scope.get("user"))
         if principal is not None and principal != "":
             return Caller("principal", address, _material(principal), self.keys)
         credentials = self.credentials(scope)
@@ -234,6 +238,17 @@ class CallerResolver:
             return Caller("credentials", address, material, self.keys)
         address = self.address(scope)
         return Caller("anonymous", address, (address or "").encode(), self.keys)
+
+
+def _starlette_identity(user: object) -> str | None:
+    """``scope["user"].identity`` of an authenticated Starlette user, else None."""
+    if user is None or getattr(user, "is_authenticated", False) is not True:
+        return None
+    try:
+        identity = user.identity  # type: ignore[attr-defined]
+    except (AttributeError, NotImplementedError):
+        return None  # display_name is not unique: never a principal
+    return str(identity) if identity not in (None, "") else None
 
 
 def _with_others(material: bytes, credentials: list[tuple[bytes, bytes]]) -> bytes:

@@ -159,3 +159,36 @@ def test_a_planted_session_cookie_does_not_merge_two_authorized_callers() -> Non
     loaded_a = resolve_caller(scope_with({"X-API-Key": "a"}, session=_LoadedSession("sid")))
     loaded_v = resolve_caller(scope_with({"X-API-Key": "v"}, session=_LoadedSession("sid")))
     assert loaded_a.digest() != loaded_v.digest()
+
+
+def test_a_starlette_authenticated_user_with_an_identity_is_the_principal() -> None:
+    from starlette.authentication import BaseUser, SimpleUser
+
+    class Account(BaseUser):
+        def __init__(self, account_id: str) -> None:
+            self.account_id = account_id
+
+        @property
+        def is_authenticated(self) -> bool:
+            return True
+
+        @property
+        def identity(self) -> str:
+            return self.account_id
+
+    alice = resolve_caller(scope_with({"Authorization": "t1"}, user=Account("a-1")))
+    refreshed = resolve_caller(scope_with({"Authorization": "t2"}, user=Account("a-1")))
+    assert alice.kind == "principal" and alice.digest() == refreshed.digest()
+    assert resolve_caller(scope_with(user=SimpleUser("ann"))).kind == "principal"
+
+    class Named(BaseUser):  # no identity (display names are not unique): not a principal
+        @property
+        def is_authenticated(self) -> bool:
+            return True
+
+        @property
+        def display_name(self) -> str:
+            return "ann"
+
+    named = resolve_caller(scope_with({"Authorization": "t1"}, user=Named()))
+    assert named.kind == "credentials"
