@@ -408,7 +408,9 @@ class IdempotencyMiddleware:
         )
 
     def scope_key(self, principal: str | bytes | None, method: str, route: str, key: str) -> str:
-        """The record name: HMAC of principal, method, route and key (hex, 128 bits)."""
+        """The record name under the current key: HMAC of the caller scope (a
+        ``Caller.digest()``), method, route and key (hex, 128 bits).
+        ``record_names`` gives it under every key."""
         message = _length_prefixed(
             _encode(principal), _encode(method), _encode(route), _encode(key)
         )
