@@ -33,8 +33,9 @@ never their own header guess. The answer, in this order:
    layer may use (idempotency's ``IDEMPOTENCY_ANONYMOUS=address``) or refuse.
 
 The answer is computed once per request and kept in the ASGI scope
-(``scope["app.caller"]``); ``set_principal`` and a session load replace it,
-so a later asker sees the stronger identity. Settings are read once per
+(``scope["app.caller"]``), so every layer of one request gets the same
+answer; only ``set_principal`` replaces it (a later asker then sees the
+principal). Settings are read once per
 settings object (``get_settings()``), so tests that re-read settings see
 their changes.
 
@@ -289,8 +290,8 @@ def _scope_of(conn: HTTPConnection | Scope) -> Scope:
 def resolve_caller(conn: HTTPConnection | Scope) -> Caller:
     """The caller of a request (or ASGI scope), resolved once and kept in the scope.
 
-    Cheap after the first call. ``set_principal`` and a session load replace
-    the kept answer, so callers asked later see the stronger identity.
+    Cheap after the first call. Only ``set_principal`` replaces the kept
+    answer (callers asked later then see the principal).
     """
     scope = _scope_of(conn)
     found = scope.get(CALLER_KEY)
