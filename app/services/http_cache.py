@@ -378,7 +378,8 @@ def normalize_path(raw: bytes, *, remove_dots: bool = False) -> bytes | None:
     """A raw path normalised per RFC 3986 §6.2.2: one spelling per resource. Never raises.
 
     Escapes of unreserved characters are decoded (``%7Euser`` -> ``~user``,
-    ``%41`` -> ``A``), other escapes upper-cased (``%2f`` -> ``%2F``). Dot
+    ``%41`` -> ``A``), other escapes upper-cased (``%2f`` -> ``%2F``), and a
+    ``%`` that starts no escape is spelled ``%25`` (as the app reads it). Dot
     segments (``.``, ``..``, also when escaped) are removed per §5.2.4 when
     *remove_dots*; otherwise a path that has any gives ``None``.
     """
@@ -394,7 +395,10 @@ def normalize_path(raw: bytes, *, remove_dots: bool = False) -> bytes | None:
                 out += b"%" + raw[i + 1 : i + 3].upper()
             i += 3
             continue
-        out.append(b)
+        if b == 0x25:  # a "%" that starts no escape means itself: spelled as one
+            out += b"%25"
+        else:
+            out.append(b)
         i += 1
     segments = bytes(out).split(b"/")
     if not any(seg in (b".", b"..") for seg in segments):
