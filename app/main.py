@@ -27,6 +27,7 @@ from app.api.routes import (
     streams,
 )
 from app.core.redis import redis_lifespan
+from app.middleware.stack import install_toolkit
 
 __all__ = ["CAPABILITIES", "app", "create_app"]
 
@@ -52,7 +53,12 @@ async def _capabilities_lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 def create_app(**fastapi_kwargs: Any) -> FastAPI:
-    """Build the demo app: Redis lifespan, problem+json errors, every capability's routes."""
+    """Build the demo app: Redis lifespan, problem+json errors, every capability's routes.
+
+    Each capability's ``setup`` adds its middleware; ``install_toolkit`` then
+    puts them in the one safe order (rate limiting, idempotency, HTTP cache,
+    sessions, outermost first), whatever order the modules were set up in.
+    """
     fastapi_kwargs.setdefault("title", "FastAPI Redis toolkit demo")
     app = FastAPI(lifespan=redis_lifespan(_capabilities_lifespan), **fastapi_kwargs)
     install_problem_handlers(app)
@@ -60,6 +66,7 @@ def create_app(**fastapi_kwargs: Any) -> FastAPI:
     for module in CAPABILITIES:
         app.include_router(module.router)
         module.setup(app)
+    install_toolkit(app)
     return app
 
 

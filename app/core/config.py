@@ -120,6 +120,36 @@ class Settings(BaseSettings):
             k.get_secret_value().encode() for k in self.secret_key_fallbacks
         ]
 
+    # -- Who is calling (app/http/caller.py) and the middleware that keep data per caller --
+    caller_credential_headers: list[str] = Field(
+        default_factory=lambda: ["authorization", "proxy-authorization", "cookie", "x-api-key"],
+        description="Request headers that carry a credential: a request with any of them is "
+        "an identified caller (a keyed digest of their values) and gets private HTTP-cache "
+        "entries and its own idempotency scope.",
+    )
+    trusted_proxies: list[str] = Field(
+        default_factory=list,
+        description="CIDRs of your reverse proxies: X-Forwarded-For is read right to left "
+        "through them to find an anonymous caller's address (none: the TCP peer).",
+    )
+    idempotency_anonymous: Literal["address", "refuse"] = Field(
+        default="address",
+        description="Idempotency-Key requests with no identifiable caller (no principal, "
+        "session or credential header): 'address' scopes them by client address (through "
+        "trusted_proxies), 'refuse' answers 400 problem+json.",
+    )
+    idempotency_transient_statuses: list[int] = Field(
+        default_factory=lambda: [408, 409, 425, 429, 503],
+        description="Response statuses that release an Idempotency-Key instead of being "
+        "stored: the retry runs the handler again once the condition has cleared.",
+    )
+    session_cookie_name: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+        description="Session cookie name without prefix (unset: 'session'). Sent as "
+        "'__Host-<name>' when APP_ENV is not development/test.",
+    )
+
 
 @lru_cache(maxsize=1)
 def _process_secret() -> SecretStr:

@@ -20,7 +20,9 @@ so the original stays in ``__cause__``::
     │   ├── IdempotencyKeyMissing     required Idempotency-Key header absent (400)
     │   ├── IdempotencyKeyInvalid     malformed Idempotency-Key (400)
     │   ├── IdempotencyConflict       the first request is still in flight (409)
-    │   └── IdempotencyMismatch       key reused with another request payload (422)
+    │   ├── IdempotencyMismatch       key reused with another request payload (422)
+    │   ├── IdempotencyCallerUnknown  no identifiable caller to scope the key to (400)
+    │   └── IdempotencyResponseNotKept  the first response was too large to keep (410)
     ├── SessionError
     │   ├── SessionNotFound           unknown or expired session id
     │   └── SessionConflict           a concurrent change could not be merged
@@ -42,11 +44,13 @@ from typing import Any, ClassVar
 __all__ = [
     "CodecError",
     "ConfigurationError",
+    "IdempotencyCallerUnknown",
     "IdempotencyConflict",
     "IdempotencyError",
     "IdempotencyKeyInvalid",
     "IdempotencyKeyMissing",
     "IdempotencyMismatch",
+    "IdempotencyResponseNotKept",
     "InvalidKey",
     "LockError",
     "LockLost",
@@ -252,6 +256,32 @@ class IdempotencyMismatch(IdempotencyError):
     status_code = 422
     problem_type = "idempotency-key-reused"
     title = "Idempotency-Key reused with a different request"
+
+
+class IdempotencyCallerUnknown(IdempotencyError):
+    """Nothing identifies the caller, and anonymous Idempotency-Keys are refused (400)."""
+
+    problem_type = "idempotency-caller-unknown"
+    title = "Idempotency-Key needs an identified caller"
+
+
+class IdempotencyResponseNotKept(IdempotencyError):
+    """The request already ran, but its response was over the storage cap (410).
+
+    ``original_status`` is the status the first response had; the request is
+    not run again.
+    """
+
+    status_code = 410
+    problem_type = "idempotency-response-not-kept"
+    title = "The response to this Idempotency-Key was not kept"
+
+    def __init__(self, message: str, *, original_status: int) -> None:
+        super().__init__(message)
+        self.original_status = original_status
+
+    def extensions(self) -> dict[str, Any]:
+        return {"original-status": self.original_status}
 
 
 class SessionError(ToolkitError):

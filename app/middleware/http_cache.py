@@ -10,12 +10,24 @@ Two ways to use it, one engine:
 
 What it does with a GET or HEAD request:
 
-* **Key**: the method-normalised URL (scheme, host, raw path, query sorted by
-  name; HEAD reads and fills the GET entry) plus the value of every request
-  header named in the stored response's ``Vary``. A request with
-  ``Authorization`` or ``Cookie`` (``policy.private_headers``) gets its own
-  entry, keyed by an HMAC of those headers, and the response is marked
-  ``private`` (``policy.credentials="bypass"`` skips the cache for them instead).
+* **Key**: the method-normalised URL (scheme, host, normalised path, query
+  sorted by name; HEAD reads and fills the GET entry) plus the value of every
+  request header named in the stored response's ``Vary``. The path is
+  normalised per RFC 3986 §6.2.2 (unreserved characters percent-decoded,
+  escapes upper-cased, dot segments removed), so an invalidation reaches
+  every spelling; a request whose path has dot segments is never served
+  from or stored in the cache (the app may route it elsewhere, and storing
+  its answer under the normalised URL would let it poison that URL).
+* **Callers**: a request carrying any credential header (``Authorization``,
+  ``Proxy-Authorization``, ``Cookie``, ``X-API-Key``: ``CALLER_CREDENTIAL_HEADERS``
+  or ``policy.private_headers``), or whose principal an outer auth layer set,
+  gets its own entry, keyed by the caller identity (``app.http.caller``),
+  and the response is marked ``private`` unless the origin itself said
+  ``public`` or ``s-maxage`` (``policy.credentials="bypass"`` skips the cache
+  for them instead). The cache never adds ``public``: a generated
+  ``Cache-Control`` is ``max-age=...`` (shared entries) or ``private, ...``.
+  During a secret rotation a miss is looked up again under the caller's
+  fallback-key digests, so entries stored before it are still served.
 * **Hit** (one Redis round trip): the stored status, allow-listed headers and
   body, with ``Age`` and ``X-Cache: HIT``; ``If-None-Match`` (lists, ``W/``
   weak comparison, ``*``) or else ``If-Modified-Since`` answers ``304`` with
@@ -31,7 +43,8 @@ What it does with a GET or HEAD request:
   sent (or a 304 if the request's validators match it). Anything else passes
   through as it streams: the start message is held only while the body still
   fits the cap, so a large or slow body is delayed by at most the cap's worth.
-* **Never stored**: responses with ``Set-Cookie``, ``no-store`` or ``no-cache``
+* **Never stored**: responses with ``Set-Cookie`` (per client, RFC 9111 §7.3), a
+  response the session layer replaced (409, 503), ``no-store`` or ``no-cache``
   (request ``no-store`` too), ``private`` on a shared entry, ``Vary: *``, a
   status outside ``policy.cacheable_statuses`` (200, 203, 204 by default), bodies over
   the cap, ``text/event-stream``; ``Range`` requests bypass the cache.
@@ -63,7 +76,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal, TypeVar
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import quote, urljoin, urlsplit
 
 from fastapi.routing import APIRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -71,6 +84,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app.core.config import get_settings
 from app.core.errors import ToolkitError
 from app.core.redis import get_redis
+from app.http.caller import PRINCIPAL_KEY, caller_resolver, resolve_caller
+from app.middleware._order import enter_layer, pass_lifespan, session_replaced
 from app.services.http_cache import (
     DEFAULT_MAX_BODY_SIZE,
     CacheControl,
@@ -84,6 +99,7 @@ from app.services.http_cache import (
     format_http_date,
     if_none_match_matches,
     normalize_host,
+    normalize_path,
     parse_cache_control,
     parse_http_date,
     parse_vary,
@@ -175,7 +191,8 @@ class HttpCachePolicy:
         stored_headers: response header names kept in the entry.
         vary: request headers to vary on even when the origin's ``Vary`` omits them
             (added to the response's ``Vary``).
-        private_headers: request headers that identify a caller.
+        private_headers: request headers that carry a credential (default: the
+            settings' ``CALLER_CREDENTIAL_HEADERS``).
         credentials: ``"private"`` (an entry per caller, marked private) or
             ``"bypass"`` (such requests skip the cache).
         request_no_cache: ``"revalidate"`` (a client's ``no-cache`` recomputes
@@ -199,7 +216,7 @@ class HttpCachePolicy:
     max_body_size: int = DEFAULT_MAX_BODY_SIZE
     stored_headers: frozenset[str] = DEFAULT_STORED_HEADERS
     vary: tuple[str, ...] = ()
-    private_headers: tuple[str, ...] = ("authorization", "cookie")
+    private_headers: tuple[str, ...] | None = None
     credentials: Literal["private", "bypass"] = "private"
     request_no_cache: Literal["revalidate", "ignore"] = "revalidate"
     last_modified: bool = True
@@ -223,7 +240,9 @@ class _Request:
     headers: list[tuple[bytes, bytes]]
     head: bool
     url: str
+    scope: Scope
     caller: str
+    fallback_callers: tuple[str, ...]
     cache_control: CacheControl
     pragma_no_cache: bool
     if_none_match: str | None
@@ -267,9 +286,9 @@ class HttpCacheMiddleware:
         timeout: seconds a Redis call may take before the request goes on
             without the cache (None: the client's socket timeout bounds it;
             a tighter budget such as 0.25 costs a timer per call).
-        secret: HMAC key for the per-caller digest (default: the first of
-            ``Settings.signing_keys()``; set ``SECRET_KEY`` so every worker
-            shares private entries).
+        secret: an extra HMAC key over the caller digests (default none: the
+            caller digests are keyed with ``Settings.signing_keys()``; set
+            ``SECRET_KEY`` so every worker shares private entries).
     """
 
     def __init__(
@@ -291,9 +310,15 @@ class HttpCacheMiddleware:
         self.namespace = namespace
         self.stats = stats if stats is not None else HttpCacheStats()
         self.timeout = timeout
-        self._secret = secret or get_settings().signing_keys()[0]
+        self._secret = secret
         p = self.policy
-        self._private = frozenset(h.lower().encode("latin-1") for h in p.private_headers)
+        private_headers = (
+            get_settings().caller_credential_headers
+            if p.private_headers is None
+            else p.private_headers
+        )
+        self._private = frozenset(h.lower().encode("latin-1") for h in private_headers)
+        self._route_level = False  # set by HttpCacheRoute: inside the session layer
         self._stored = (
             frozenset(h.lower().encode("latin-1") for h in p.stored_headers) - _NEVER_STORED
         )
@@ -333,17 +358,32 @@ class HttpCacheMiddleware:
                 pragma_no_cache = pragma_no_cache or b"no-cache" in value.lower()
             elif name in self._private:
                 credentials.append((name, value))
-        caller = ""
-        if credentials:
+        scheme, host_text, raw_path, query = _target(scope, host)
+        path = normalize_path(raw_path)
+        if path is None:  # dot segments: see the module docstring
+            return None
+        callers: tuple[str, ...] = ()
+        if credentials or scope.get(PRINCIPAL_KEY) is not None:  # anonymous: a shared entry
             if self.policy.credentials == "bypass":
                 return None
-            credentials.sort()
-            caller = credential_digest(self._secret, credentials)
+            identity = resolve_caller(scope)
+            if identity.identified:
+                callers = identity.scopes()
+            else:  # a credential header the caller settings do not list
+                credentials.sort()
+                keys = caller_resolver().keys
+                callers = tuple(credential_digest(k, credentials) for k in keys)
+            if self._secret is not None:
+                callers = tuple(
+                    credential_digest(self._secret, [(b"caller", c.encode())]) for c in callers
+                )
         return _Request(
             headers=headers,
             head=scope["method"] == "HEAD",
-            url=url_digest(*_target(scope, host)),
-            caller=caller,
+            url=url_digest(scheme, host_text, path, query),
+            scope=scope,
+            caller=callers[0] if callers else "",
+            fallback_callers=callers[1:],
             cache_control=parse_cache_control(
                 cache_control.decode("latin-1") if cache_control else None
             ),
@@ -354,14 +394,30 @@ class HttpCacheMiddleware:
             ),
         )
 
-    def _variant(self, req: _Request, spec: str) -> str:
+    def _variant(self, req: _Request, spec: str, caller: str | None = None) -> str:
+        caller = req.caller if caller is None else caller
         if not spec:
-            return variant_digest("", req.caller, ())
+            return variant_digest("", caller, ())
         values = []
         for name in spec.split(","):
             wanted = name.encode("latin-1")
             values.append(b", ".join(v.strip() for n, v in req.headers if n.lower() == wanted))
-        return variant_digest(spec, req.caller, values)
+        return variant_digest(spec, caller, values)
+
+    async def _lookup_fallbacks(
+        self, cache: HttpResponseCache, req: _Request, found: Lookup, lease_ms: int
+    ) -> Lookup:
+        """A miss for a caller during a key rotation: its entry under a fallback digest."""
+        for caller in req.fallback_callers:
+            alt = await cache.lookup(
+                req.url,
+                lambda spec, caller=caller: self._variant(req, spec, caller),  # type: ignore[misc]
+                found.spec,
+                lease_ms=lease_ms,
+            )
+            if alt is not None and alt.entry is not None:
+                return alt
+        return found
 
     def _hint(self, url: str) -> str:
         return self._hints.get(url, self._last_spec)
@@ -389,6 +445,11 @@ class HttpCacheMiddleware:
     # -- ASGI ---------------------------------------------------------------
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan" and not self._route_level:
+            await pass_lifespan(self.app, "http_cache", scope, receive, send)
+            return
+        if scope["type"] == "http" and not self._route_level:
+            enter_layer(scope, "http_cache")
         if scope["type"] != "http" or _SCOPE_MARK in scope or not self._applies(scope["path"]):
             await self.app(scope, receive, send)
             return
@@ -411,16 +472,17 @@ class HttpCacheMiddleware:
             "no-cache" in cc or req.pragma_no_cache or cc.seconds("max-age") == 0
         )
         cache = self._cache_for(get_redis())
+        lease_ms = 0 if revalidate else self._lease_ms
         found = await cache.lookup(
-            req.url,
-            lambda spec: self._variant(req, spec),
-            self._hint(req.url),
-            lease_ms=0 if revalidate else self._lease_ms,
+            req.url, lambda spec: self._variant(req, spec), self._hint(req.url), lease_ms=lease_ms
         )
         fallback: tuple[StoredResponse, int] | None = None
         if found is not None:
             self._remember(req.url, found.spec)
-            entry = found.entry
+            served = found
+            if found.entry is None and req.fallback_callers and not revalidate:
+                served = await self._lookup_fallbacks(cache, req, found, lease_ms)
+            entry = served.entry
             if entry is not None and not revalidate:
                 age_ms = max(0, found.now_ms - entry.stored_at_ms)
                 client_max_age = cc.seconds("max-age")
@@ -437,8 +499,8 @@ class HttpCacheMiddleware:
                     return
                 elif age_ms <= entry.fresh_ms + entry.swr_ms:
                     self.stats.stale += 1
-                    if found.leased:
-                        self._spawn_refresh(scope, req, cache, found)
+                    if served.leased:
+                        self._spawn_refresh(scope, req, cache, served)
                     await self._send_entry(send, req, entry, age_ms, STALE)
                     return
                 elif age_ms <= entry.fresh_ms + entry.sie_ms:
@@ -481,7 +543,8 @@ class HttpCacheMiddleware:
     async def _invalidate_targets(
         self, scope: Scope, headers: Sequence[tuple[bytes, bytes]]
     ) -> None:
-        scheme, host, path, query = _target(scope)
+        scheme, host, raw_path, query = _target(scope)
+        path = normalize_path(raw_path, remove_dots=True) or raw_path
         digests = {url_digest(scheme, host, path, query)}
         base = f"{scheme}://{host}{path.decode('latin-1')}"
         for name, value in headers:
@@ -490,9 +553,8 @@ class HttpCacheMiddleware:
                 if parts.scheme == scheme and normalize_host(
                     scheme, parts.netloc
                 ) == normalize_host(scheme, host):
-                    digests.add(
-                        url_digest(scheme, host, (parts.path or "/").encode(), parts.query.encode())
-                    )
+                    target = normalize_path((parts.path or "/").encode(), remove_dots=True)
+                    digests.add(url_digest(scheme, host, target or b"/", parts.query.encode()))
         cache = self._cache_for(get_redis())
         for digest in digests:
             try:
@@ -541,7 +603,11 @@ class HttpCacheMiddleware:
     ) -> _Plan | None:
         """How to store a response with this start message, or None when it must not be."""
         policy = self.policy
-        if status not in policy.cacheable_statuses:
+        if status not in policy.cacheable_statuses or session_replaced(req.scope):
+            return None
+        if self._route_level and getattr(req.scope.get("session"), "accessed", False):
+            # Inside the session layer its Set-Cookie comes later: a response that used
+            # the session is per client and never stored.
             return None
         cc_values: list[str] = []
         vary_values: list[str] = list(policy.vary)
@@ -608,7 +674,14 @@ class HttpCacheMiddleware:
                 sie = policy.stale_if_error if sie_value is None else float(sie_value)
             if cc_values:
                 joined = ", ".join(cc_values)
-                header = cache_control_for_private(joined) if private else joined
+                # The origin's own public / s-maxage is its decision to share; anything
+                # else sent to a caller with credentials is made private.
+                shared_by_origin = "public" in cc or "s-maxage" in cc
+                header = (
+                    cache_control_for_private(joined)
+                    if private and not shared_by_origin
+                    else joined
+                )
             else:  # Expires alone says how fresh; a caller's entry still says private
                 header = "private" if private else None
         fresh_ms, swr_ms, sie_ms = (_seconds_ms(v, cap) for v in (fresh, swr, sie))
@@ -631,7 +704,8 @@ class HttpCacheMiddleware:
     def _generated_cache_control(self, private: bool) -> str:
         p = self.policy
         max_age = p.ttl if p.max_age is None else p.max_age
-        parts = ["private" if private else "public", f"max-age={math.floor(max_age)}"]
+        # Never "public": a cache only obeys it (RFC 9111 §3.5), it does not invent it.
+        parts = [*(["private"] if private else []), f"max-age={math.floor(max_age)}"]
         if p.s_maxage is not None and not private:
             parts.append(f"s-maxage={math.floor(p.s_maxage)}")
         if p.stale_while_revalidate:
@@ -884,7 +958,9 @@ def _target(scope: Scope, host: bytes | None = None) -> tuple[str, str, bytes, b
         host_text = f"{server[0]}:{server[1]}" if server else ""
     else:
         host_text = host.decode("latin-1")
-    path = scope.get("raw_path") or scope["path"].encode("utf-8")
+    # Without raw_path, the decoded path is re-escaped so a literal "%" stays a "%25"
+    # (normalize_path would otherwise read it as an escape).
+    path = scope.get("raw_path") or quote(scope["path"], safe="/!$&'()*+,;=:@~").encode("ascii")
     return scope.get("scheme", "http"), host_text, path, scope.get("query_string", b"")
 
 
@@ -964,6 +1040,7 @@ class HttpCacheRoute(APIRoute):
                 stats=config.stats,
                 timeout=config.timeout,
             )
+            self.http_cache._route_level = True
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self.http_cache is None:

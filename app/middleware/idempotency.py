@@ -9,17 +9,28 @@ guarded request:
    Stripe-style bare token, 1-255 printable ASCII characters; else 400.
 2. The request body is read (it is needed for the fingerprint before the
    handler runs) and handed to the app again through a wrapped ``receive``.
-3. One Lua call claims the record ``HMAC(secret, principal, method, route,
-   key)``. The principal comes from a callable (default: a hash of the
-   ``Authorization`` header; never the client IP), so two clients that pick
-   the same key never see each other's responses.
+3. One Lua call claims the record ``HMAC(secret, caller, method, route,
+   key)``. The caller is ``app.http.caller.resolve_caller``: the principal an
+   auth layer declared (``set_principal``, or this middleware's ``principal=``
+   callable), else the loaded session, else a keyed digest of the credential
+   headers (``Authorization``, ``Proxy-Authorization``, ``Cookie``,
+   ``X-API-Key``), so two clients that pick the same key never see each
+   other's responses, nor learn (422) that the other used it. A request with
+   none of these is anonymous: ``IDEMPOTENCY_ANONYMOUS=address`` (default)
+   scopes it by client address through the trusted proxies, ``refuse``
+   answers 400. During a secret rotation the caller's record under each
+   fallback key is looked up first, so a retry still finds its response.
 4. New: the handler runs while a heartbeat renews the short in-flight lease.
    The response is passed through as it is sent and teed into a buffer; the
-   status, an allowlist of headers and the body (up to a cap) are stored
-   before the last chunk goes out. A response over the cap is still sent
-   (marked ``Idempotency-Stored: false`` when its ``Content-Length`` says so
-   up front). A handler exception or a 5xx releases the key so a retry runs
-   again (``store_server_errors=True`` stores 5xx, as Stripe does).
+   status, an allowlist of headers (``Retry-After`` included) and the body
+   (up to a cap) are stored before the last chunk goes out. A response over
+   the cap is still sent (marked ``Idempotency-Stored: false`` when its
+   ``Content-Length`` says so up front); its retry is answered 410
+   problem+json stating the original status, never an empty success. A
+   handler exception, a 5xx, a transient status (408, 409, 425, 429, 503:
+   ``IDEMPOTENCY_TRANSIENT_STATUSES``) or a response the session layer
+   replaced releases the key so a retry runs again once the condition has
+   cleared (``store_server_errors=True`` stores the other 5xx, as Stripe does).
    Completed: the stored response is replayed byte for byte with
    ``Idempotent-Replayed: true``. Same key, other method/path/query/body: 422.
    Still in flight: 409 with ``Retry-After`` (or, with ``on_conflict="wait"``,
@@ -53,15 +64,19 @@ from app.api.problems import PROBLEM_CONTENT_TYPE, send_problem
 from app.core.config import FailureMode, Settings, get_settings
 from app.core.errors import (
     ConfigurationError,
+    IdempotencyCallerUnknown,
     IdempotencyConflict,
     IdempotencyKeyInvalid,
     IdempotencyKeyMissing,
     IdempotencyMismatch,
+    IdempotencyResponseNotKept,
     PayloadTooLarge,
     RedisUnavailable,
     ToolkitError,
 )
 from app.core.redis import AnyRedis, get_redis
+from app.http.caller import Caller, caller_resolver, resolve_caller
+from app.middleware._order import enter_layer, pass_lifespan, session_replaced
 from app.services.idempotency import Heartbeat, IdempotencyService
 
 __all__ = [
@@ -83,7 +98,7 @@ log = logging.getLogger("app.idempotency")
 SCOPE_KEY: Final = "app.idempotency"
 """Where the middleware puts its per-request guard in the ASGI scope."""
 DEFAULT_HEADER: Final = "Idempotency-Key"
-DEFAULT_STORED_HEADERS: Final = ("content-type", "location", "etag", "link")
+DEFAULT_STORED_HEADERS: Final = ("content-type", "location", "etag", "link", "retry-after")
 REPLAYED_HEADER: Final = (b"idempotent-replayed", b"true")
 NOT_STORED_HEADER: Final = (b"idempotency-stored", b"false")
 
@@ -91,7 +106,7 @@ BodyFingerprint: TypeAlias = "Literal['raw', 'json'] | Callable[[bytes], bytes |
 """``"raw"``: the body bytes; ``"json"``: canonical JSON (sorted keys, compact; a body
 that is not JSON counts raw); a callable: its digest of the body (e.g. selected fields)."""
 PrincipalFunc: TypeAlias = "Callable[[Scope], str | bytes | None]"
-"""Who is calling, from the ASGI scope; None or "" means anonymous."""
+"""The authenticated principal from the ASGI scope; None or "" defers to ``resolve_caller``."""
 
 _MAX_KEY_LENGTH: Final = 255
 
@@ -161,9 +176,11 @@ def _parse_sf_string(text: bytes) -> str:
 
 
 def default_principal(scope: Scope) -> str:
-    """``auth:<sha256 of the Authorization header>``, or ``""`` (anonymous) without one.
+    """``auth:<sha256 of the Authorization header>``, or ``""`` without one.
 
-    Never the client address: clients behind one NAT would share keys.
+    The scope of earlier releases, kept for apps that pass it as ``principal=``;
+    the default is now ``app.http.caller.resolve_caller``, which also tells
+    cookie, ``X-API-Key`` and session callers apart.
     """
     for name, value in scope["headers"]:
         if name == b"authorization":
@@ -196,7 +213,9 @@ class _Abort(Exception):
         self.replay = replay
 
     async def respond(self, send: Send, scope: Scope) -> None:
-        if self.replay is not None:
+        if self.replay is not None and self.replay.body is None:
+            await _send_not_kept(send, self.replay, scope)
+        elif self.replay is not None:
             await _send_replay(send, self.replay)
         else:
             assert self.error is not None
@@ -208,10 +227,33 @@ async def _send_replay(send: Send, stored: StoredResponse) -> None:
     headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in stored.headers]
     headers.append((b"content-length", str(len(body)).encode()))
     headers.append(REPLAYED_HEADER)
-    if stored.body is None:
-        headers.append(NOT_STORED_HEADER)
     await send({"type": "http.response.start", "status": stored.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+_NOT_KEPT_PASSED: Final = frozenset({"location", "content-location", "link", "retry-after"})
+
+
+async def _send_not_kept(send: Send, stored: StoredResponse, scope: Scope) -> None:
+    """The retry of a request whose response was over the cap: 410, never an empty success."""
+    error = IdempotencyResponseNotKept(
+        f"this request was already processed (status {stored.status}), but its response body "
+        "was over the storage cap and was not kept; the request was not run again. Read the "
+        "result from the resource it created (see Location), or send a new Idempotency-Key "
+        "to run a new request",
+        original_status=stored.status,
+    )
+    extra = [
+        (k.encode("latin-1"), v.encode("latin-1"))
+        for k, v in stored.headers
+        if k in _NOT_KEPT_PASSED
+    ]
+    await send_problem(
+        send,
+        error,
+        instance=scope.get("path"),
+        extra_headers=[*extra, REPLAYED_HEADER, NOT_STORED_HEADER],
+    )
 
 
 class IdempotencyMiddleware:
@@ -230,7 +272,12 @@ class IdempotencyMiddleware:
             a crashed worker's key is claimable again after it.
         fingerprint: how the body enters the request fingerprint (``"raw"``,
             ``"json"`` or a callable); method, path and query always do.
-        principal: who is calling (callable on the scope; default ``default_principal``).
+        principal: the authenticated principal (callable on the scope); when it answers
+            None or "", and by default, the caller is ``app.http.caller.resolve_caller``.
+        anonymous: requests with no identifiable caller: ``"address"`` (scope by client
+            address) or ``"refuse"`` (400); default ``IDEMPOTENCY_ANONYMOUS``.
+        transient_statuses: statuses that release the key instead of being stored
+            (default ``IDEMPOTENCY_TRANSIENT_STATUSES``: 408, 409, 425, 429, 503).
         on_conflict: ``"reject"`` (409 + ``Retry-After``) or ``"wait"`` (wait up to
             ``wait_timeout`` seconds for the first request, then replay it or 409).
         conflict_retry_after: the ``Retry-After`` seconds of a 409.
@@ -240,7 +287,8 @@ class IdempotencyMiddleware:
         store_server_errors: store and replay 5xx responses instead of releasing the key.
         failure_mode: ``"closed"`` (503 when Redis is down) or ``"open"`` (run the
             handler unprotected); default ``IDEMPOTENCY_FAILURE_MODE``.
-        secret: HMAC key for scopes; default the settings' current signing key.
+        secret: HMAC key for scopes; default the settings' signing keys (the current
+            one stores, the fallbacks are looked up during a rotation).
         namespace: key space of the records (``<prefix>:<namespace>:{scope}``).
     """
 
@@ -255,7 +303,9 @@ class IdempotencyMiddleware:
         ttl: float = 86400,
         lease: float = 30.0,
         fingerprint: BodyFingerprint = "raw",
-        principal: PrincipalFunc = default_principal,
+        principal: PrincipalFunc | None = None,
+        anonymous: Literal["address", "refuse"] | None = None,
+        transient_statuses: Iterable[int] | None = None,
         on_conflict: Literal["reject", "wait"] = "reject",
         wait_timeout: float = 10.0,
         conflict_retry_after: float = 1.0,
@@ -283,6 +333,8 @@ class IdempotencyMiddleware:
             raise ConfigurationError("wait_timeout and conflict_retry_after must be >= 0")
         if not ttl > 0 or not lease > 0:
             raise ConfigurationError("ttl and lease must be positive seconds")
+        if anonymous not in (None, "address", "refuse"):
+            raise ConfigurationError(f"anonymous must be 'address' or 'refuse', got {anonymous!r}")
         self.app = app
         self.methods = frozenset(m.upper() for m in methods)
         self.paths = None if paths is None else tuple(p.rstrip("/") or "/" for p in paths)
@@ -300,6 +352,10 @@ class IdempotencyMiddleware:
         self.max_request_body = max_request_body
         self.store_server_errors = store_server_errors
         self.failure_mode = failure_mode
+        self.anonymous = anonymous
+        self.transient_statuses = (
+            None if transient_statuses is None else frozenset(transient_statuses)
+        )
         self.secret = secret
         self.namespace = namespace
         self.stats: collections.Counter[str] = collections.Counter()
@@ -307,6 +363,9 @@ class IdempotencyMiddleware:
         not_stored, unprotected (read them for metrics)."""
         self._settings: Settings | None = None
         self._secret: bytes = b""
+        self._secrets: list[bytes] = []
+        self._anonymous: Literal["address", "refuse"] = "address"
+        self._transient: frozenset[int] = frozenset()
         self._failure: FailureMode = "closed"
         self._client: AnyRedis | None = None
         self._service: IdempotencyService | None = None
@@ -317,8 +376,15 @@ class IdempotencyMiddleware:
         settings = get_settings()
         if settings is not self._settings:
             self._settings = settings
-            self._secret = self.secret or settings.signing_keys()[0]
+            self._secrets = [self.secret] if self.secret else settings.signing_keys()
+            self._secret = self._secrets[0]
             self._failure = self.failure_mode or settings.idempotency_failure_mode
+            self._anonymous = self.anonymous or settings.idempotency_anonymous
+            self._transient = (
+                frozenset(settings.idempotency_transient_statuses)
+                if self.transient_statuses is None
+                else self.transient_statuses
+            )
             self._client = self._service = None
         return settings
 
@@ -342,11 +408,24 @@ class IdempotencyMiddleware:
         )
 
     def scope_key(self, principal: str | bytes | None, method: str, route: str, key: str) -> str:
-        """The record name: HMAC of principal, method, route and key (hex, 128 bits)."""
+        """The record name under the current key: HMAC of the caller scope (a
+        ``Caller.digest()``), method, route and key (hex, 128 bits).
+        ``record_names`` gives it under every key."""
         message = _length_prefixed(
             _encode(principal), _encode(method), _encode(route), _encode(key)
         )
         return hmac.new(self._secret, message, hashlib.sha256).hexdigest()[:32]
+
+    def record_names(self, caller: Caller, method: str, route: str, key: str) -> list[str]:
+        """The record of this request under the current key, then under each fallback key."""
+        return [
+            hmac.new(
+                secret,
+                _length_prefixed(_encode(scope), _encode(method), _encode(route), _encode(key)),
+                hashlib.sha256,
+            ).hexdigest()[:32]
+            for secret, scope in zip(self._secrets, caller.scopes(), strict=False)
+        ]
 
     def request_fingerprint(self, method: str, path: str, query: bytes, body: bytes) -> str:
         """Digest of method, path, query string and body (as ``fingerprint`` says)."""
@@ -369,8 +448,12 @@ class IdempotencyMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
-            await self.app(scope, receive, send)
+            if scope["type"] == "lifespan":
+                await pass_lifespan(self.app, "idempotency", scope, receive, send)
+            else:
+                await self.app(scope, receive, send)
             return
+        enter_layer(scope, "idempotency")
         self._refresh()
         guard = _Guard(self, scope, send)
         scope[SCOPE_KEY] = guard
@@ -400,7 +483,9 @@ class IdempotencyMiddleware:
         if body is None:
             return None
         guard.auto = True
-        await guard.begin(key, body, scope["path"], self.principal(scope))
+        await guard.begin(
+            key, body, scope["path"], self.principal(scope) if self.principal else None
+        )
         return _replaying(body, receive)
 
 
@@ -506,19 +591,39 @@ class _Guard:
         except IdempotencyKeyInvalid as exc:
             raise _Abort(exc) from None
 
+    def caller(self, principal: str | bytes | None) -> Caller:
+        """Who is calling: the explicit *principal*, else ``resolve_caller``; ``_Abort`` (400)
+        for an anonymous caller when anonymous keys are refused."""
+        if principal is not None and principal not in ("", b""):
+            return caller_resolver().for_principal(principal, self.scope)
+        caller = resolve_caller(self.scope)
+        if not caller.identified and self._mw._anonymous == "refuse":
+            raise _Abort(
+                IdempotencyCallerUnknown(
+                    "this request carries an Idempotency-Key but nothing identifies its "
+                    "caller (no credentials, session or authenticated user), and keys of "
+                    "anonymous callers are refused here; authenticate, then retry"
+                )
+            )
+        return caller
+
     async def begin(self, key: str, body: bytes, route: str, principal: str | bytes | None) -> None:
         """Claim the request; returns when the handler may run, else raises ``_Abort``."""
         mw, scope = self._mw, self.scope
         self.key = key
         method: str = scope["method"]
+        records = mw.record_names(self.caller(principal), method, route, key)
         service = mw._service_for(get_redis())
-        record = mw.scope_key(principal, method, route, key)
         fingerprint = mw.request_fingerprint(
             method, scope["path"], scope.get("query_string", b""), body
         )
         try:
             claim = await service.claim(
-                record, fingerprint, wait=mw.wait_timeout, result_type=StoredResponse
+                records[0],
+                fingerprint,
+                wait=mw.wait_timeout,
+                result_type=StoredResponse,
+                fallbacks=records[1:],
             )
         except RedisUnavailable as exc:
             if mw._failure == "open":
@@ -533,8 +638,8 @@ class _Guard:
             raise _Abort(exc) from None
         if claim.status == "new":
             assert claim.token is not None
-            self._service, self._record, self._token = service, record, claim.token
-            self._heartbeat = service.heartbeat(record, claim.token).start()
+            self._service, self._record, self._token = service, claim.key, claim.token
+            self._heartbeat = service.heartbeat(claim.key, claim.token).start()
             mw.stats["executed"] += 1
             return
         if claim.status == "completed":
@@ -569,11 +674,11 @@ class _Guard:
             return None
         body = await request.body()
         route = getattr(self.scope.get("route"), "path", None) or self.scope["path"]
-        if principal is None:
+        if principal is None and self._mw.principal is not None:
             principal = self._mw.principal(self.scope)
-        await self.begin(
-            key, body, route, principal if isinstance(principal, bytes) else str(principal)
-        )
+        if principal is not None and not isinstance(principal, bytes):
+            principal = str(principal)
+        await self.begin(key, body, route, principal)
         return key
 
     # -- the response tee ---------------------------------------------------------
@@ -607,8 +712,9 @@ class _Guard:
         mw = self._mw
         self._status = status = int(message["status"])
         headers = message.get("headers", ())
-        if status >= 500 and not mw.store_server_errors:
-            self._release = True
+        transient = status in mw._transient or session_replaced(self.scope)
+        if transient or (status >= 500 and not mw.store_server_errors):
+            self._release = True  # the retry must run again once the condition has cleared
             return message
         stored: list[tuple[str, str]] = []
         length = None

@@ -28,6 +28,17 @@ not written back: the changes are dropped and the cookie is cleared.
 a fresh empty session (a new id once something is stored; a client-chosen id is
 never adopted), and the stale cookie is cleared.
 
+**Cookie.** ``SESSION_COOKIE_NAME`` (default ``session``), sent as
+``__Host-session`` when ``APP_ENV`` is not development/test: the ``__Host-``
+prefix makes browsers refuse it unless it is ``Secure``, ``Path=/`` and has
+no ``Domain``, so a sibling subdomain cannot plant one (cookie tossing).
+
+**Stacking.** This layer belongs inside idempotency and HTTP caching
+(``app.middleware.stack.install_toolkit``): they must see its ``Set-Cookie``
+and its 409/503 answers. When it replaces a response it marks the scope
+(``app.sessions.replaced``), so they release the key and never store it; it
+refuses to run (startup failure) when it finds itself outside them.
+
 ``session.regenerate()`` moves the session to a new id when the response is
 saved (call it after a login); the old id reads and writes nothing from then
 on (a fixated cookie is worthless), and a request that raced the login with
@@ -56,6 +67,7 @@ from app.api.problems import send_problem
 from app.core.config import FailureMode, get_settings
 from app.core.errors import ConfigurationError, RedisUnavailable, SessionNotFound, ToolkitError
 from app.core.redis import AnyRedis, get_redis
+from app.middleware._order import REPLACED_KEY, enter_layer, pass_lifespan
 from app.services.sessions import (
     DEFAULT_ABSOLUTE_TTL,
     DEFAULT_IDLE_TTL,
@@ -409,10 +421,14 @@ class SessionMiddleware:
         app: the ASGI app.
         secret_key: HMAC key, or keys (sign with the first, verify with all, for
             rotation); default: ``settings.signing_keys()``.
-        cookie_name: cookie name; with ``host_prefix`` it is sent as ``__Host-<name>``.
+        cookie_name: cookie name (default ``SESSION_COOKIE_NAME`` or ``session``); with
+            ``host_prefix`` it is sent as ``__Host-<name>``.
         https_only: the ``Secure`` flag; default: on unless ``APP_ENV=development``.
         same_site: ``lax`` (default), ``strict`` or ``none``.
         path, domain: cookie scope. ``host_prefix`` requires Secure, ``path="/"``, no domain.
+        host_prefix: send the cookie as ``__Host-<name>``; default: on when ``APP_ENV`` is
+            not development/test (production-strict) and the cookie allows it (Secure,
+            ``path="/"``, no domain; otherwise a warning says why it is off).
         persistent: send ``Max-Age`` (the absolute lifetime); False makes a
             browser-session cookie.
         idle_ttl, absolute_ttl, regenerate_grace, namespace, subject_key: passed
@@ -429,12 +445,12 @@ class SessionMiddleware:
         app: ASGIApp,
         secret_key: str | bytes | Sequence[str | bytes] | None = None,
         *,
-        cookie_name: str = "session",
+        cookie_name: str | None = None,
         https_only: bool | None = None,
         same_site: Literal["lax", "strict", "none"] = "lax",
         path: str = "/",
         domain: str | None = None,
-        host_prefix: bool = False,
+        host_prefix: bool | None = None,
         persistent: bool = True,
         idle_ttl: float = DEFAULT_IDLE_TTL,
         absolute_ttl: float = DEFAULT_ABSOLUTE_TTL,
@@ -454,12 +470,24 @@ class SessionMiddleware:
             raise ConfigurationError(f"same_site must be lax, strict or none, got {same_site!r}")
         if same_site == "none" and not secure:
             raise ConfigurationError("SameSite=None cookies must be Secure: set https_only=True")
+        name = cookie_name or settings.session_cookie_name or "session"
+        if name.startswith("__Host-"):
+            name, host_prefix = name.removeprefix("__Host-"), True
+        if host_prefix is None:
+            strict = settings.app_env not in ("development", "test")
+            host_prefix = strict and secure and path == "/" and domain is None
+            if strict and not host_prefix:
+                log.warning(
+                    "session cookie %r is sent without the __Host- prefix because it is not "
+                    "Secure with Path=/ and no Domain; a sibling subdomain can plant one",
+                    name,
+                )
         if host_prefix and (not secure or path != "/" or domain is not None):
             raise ConfigurationError(
                 "a __Host- cookie must be Secure with Path=/ and no Domain: "
                 "set https_only=True, path='/' and domain=None"
             )
-        self.cookie_name = f"__Host-{cookie_name}" if host_prefix else cookie_name
+        self.cookie_name = f"__Host-{name}" if host_prefix else name
         self.failure_mode: FailureMode = failure_mode or settings.sessions_failure_mode
         self.autoload = autoload
         store_ttl = store.absolute_ms / 1000 if store is not None else absolute_ttl
@@ -526,8 +554,12 @@ class SessionMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
-            await self.app(scope, receive, send)
+            if scope["type"] == "lifespan":
+                await pass_lifespan(self.app, "sessions", scope, receive, send)
+            else:
+                await self.app(scope, receive, send)
             return
+        enter_layer(scope, "sessions")
         session = Session(self, scope)
         scope["session"] = session
         instance = scope.get("path")
@@ -535,6 +567,7 @@ class SessionMiddleware:
             try:
                 await session.load()
             except RedisUnavailable as exc:
+                scope[REPLACED_KEY] = True
                 await send_problem(send, exc, instance)
                 return
         started = False
@@ -549,6 +582,7 @@ class SessionMiddleware:
                 except ToolkitError as exc:
                     # The response must not claim a success the session cannot back.
                     replaced = True
+                    scope[REPLACED_KEY] = True  # outer layers: release, never store
                     await send_problem(send, exc, instance, [(b"vary", b"Cookie")])
                     return
                 if session.accessed:
@@ -566,6 +600,7 @@ class SessionMiddleware:
         except RedisUnavailable as exc:
             if started or exc is not session._failure:
                 raise
+            scope[REPLACED_KEY] = True
             await send_problem(send, exc, instance, [(b"vary", b"Cookie")])
             return
         if session._late:

@@ -34,6 +34,7 @@ import contextlib
 import datetime as dt
 import logging
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Final, Literal
@@ -64,6 +65,7 @@ _STATUS: Final[dict[int, ClaimStatus]] = {
 }
 _MAX_BLOCK: Final = 1.0  # longest single BLPOP while waiting; the loop re-checks the lease
 _NOTIFY_TTL_MS: Final = 60_000
+_ABSENT: Final = 4  # the claim script's answer for a fallback record that does not exist
 _UNCLAIMED: Final = ""
 
 
@@ -72,6 +74,10 @@ def _ms(value: float | dt.timedelta, name: str) -> int:
     if not seconds > 0:
         raise ConfigurationError(f"{name} must be a positive number of seconds, got {value!r}")
     return max(1, round(seconds * 1000))
+
+
+def _look(name: str, key: str) -> bytes:
+    return b"0" if name == key else b"1"
 
 
 def _text(value: bytes | str) -> str:
@@ -208,6 +214,7 @@ class IdempotencyService:
         *,
         wait: float = 0.0,
         result_type: Any = None,
+        fallbacks: Sequence[str] = (),
     ) -> Claim:
         """Claim *key* for a request whose payload hashes to *fingerprint*.
 
@@ -215,6 +222,12 @@ class IdempotencyService:
         under a fresh owner token for ``lease`` seconds (``"new"``); otherwise
         the answer is ``"mismatch"`` (another fingerprint), ``"completed"``
         (with the stored result, decoded as *result_type*) or ``"in_flight"``.
+
+        *fallbacks* are older names of the same record (the caller's scope
+        under fallback keys during a secret rotation): each is looked at first,
+        without creating it (one round trip each), and the first that exists
+        answers instead of *key*; ``Claim.key`` names the record that answered,
+        the one to ``complete`` or ``release``. Without fallbacks: one round trip.
 
         With ``wait > 0`` an in-flight answer parks the caller (``BLPOP`` on the
         key's notify list, one pooled connection held) until the owner
@@ -227,28 +240,32 @@ class IdempotencyService:
         Raises ``RedisUnavailable`` when Redis is down.
         """
         register = b"1" if wait > 0 else b"0"
-        record, notify = self.record_key(key), self._notify_key(key)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
+        names = [*(name for name in fallbacks if name != key), key]
         while True:
             token = secrets.token_hex(16)
-            with breaker_for(self.redis):
-                code, payload = await _CLAIM(
-                    self.redis,
-                    keys=(record, notify),
-                    args=(fingerprint, token, self._lease_ms, register),
-                )
+            for name in names:
+                record, notify = self.record_key(name), self._notify_key(name)
+                with breaker_for(self.redis):
+                    code, payload = await _CLAIM(
+                        self.redis,
+                        keys=(record, notify),
+                        args=(fingerprint, token, self._lease_ms, register, _look(name, key)),
+                    )
+                if int(code) != _ABSENT:
+                    break
             status = _STATUS[int(code)]
             if status == "new":
-                return Claim("new", key, token=token)
+                return Claim("new", name, token=token)
             if status == "completed":
-                return Claim("completed", key, result=self._codec.decode(payload, result_type))
+                return Claim("completed", name, result=self._codec.decode(payload, result_type))
             if status == "mismatch":
-                return Claim("mismatch", key)
+                return Claim("mismatch", name)
             lease_left = max(int(payload), 0) / 1000
             remaining = deadline - loop.time()
             if remaining <= 0:
-                return Claim("in_flight", key, lease_remaining=lease_left)
+                return Claim("in_flight", name, lease_remaining=lease_left)
             block = min(remaining, self._max_block, max(lease_left, 0.01))
             with breaker_for(self.redis):
                 await self.redis.blpop([notify], timeout=block)

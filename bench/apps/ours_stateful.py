@@ -2,7 +2,7 @@
 
 ``SessionMiddleware`` (lazy: a route that does not load the session makes no
 Redis call) and ``IdempotencyMiddleware`` (guarding ``/idem`` only) wrap the
-whole app, as a user installs them; ``/bare`` shows what they cost a route
+whole app, as a user installs them (``install_toolkit``); ``/bare`` shows what they cost a route
 that uses neither.
 """
 
@@ -15,14 +15,14 @@ from fastapi import FastAPI, Request
 from app.api.deps import SessionDep
 from app.api.problems import install_problem_handlers
 from app.core.redis import redis_lifespan
-from app.middleware.idempotency import IdempotencyMiddleware
-from app.middleware.sessions import SessionMiddleware, load_session
+from app.middleware.sessions import load_session
+from app.middleware.stack import install_toolkit
 from bench.common import SMALL
 
 app = FastAPI(lifespan=redis_lifespan())
 install_problem_handlers(app)
-app.add_middleware(IdempotencyMiddleware, paths=["/idem"])
-app.add_middleware(SessionMiddleware)
+# The one safe order (sessions inside idempotency); a wrong one now fails at startup.
+install_toolkit(app, idempotency={"paths": ["/idem"]}, sessions=True)
 
 
 @app.get("/bare")

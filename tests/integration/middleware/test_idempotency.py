@@ -45,6 +45,13 @@ async def _factory(default: Any) -> AsyncIterator[MakeClient]:
             app = build_app(**options)
             transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
             client = httpx.AsyncClient(transport=transport, base_url="http://testserver")
+
+            async def forget_cookies(response: httpx.Response) -> None:
+                # The test app sets a cookie (to show it is never replayed); a cookie is a
+                # credential, so keeping it would make each retry another caller.
+                client.cookies.clear()
+
+            client.event_hooks["response"] = [forget_cookies]
             return app, await stack.enter_async_context(client)
 
         yield make
@@ -387,13 +394,25 @@ async def test_two_principals_with_one_key_are_independent(make_on_topology: Mak
     assert app.state.calls["items"] == 3
 
 
-async def test_client_address_is_not_the_principal(make_client: MakeClient) -> None:
+async def test_anonymous_callers_are_scoped_by_address(make_client: MakeClient) -> None:
+    # Was: anonymous callers from any address shared one scope (issue 16, attack 2).
     app, client = await make_client()
     await client.post("/items", json={}, headers=KEY)
     other_transport = httpx.ASGITransport(app=app, client=("10.9.9.9", 5555))
     async with httpx.AsyncClient(transport=other_transport, base_url="http://testserver") as c2:
-        replay = await c2.post("/items", json={}, headers=KEY)
-    assert replay.headers["idempotent-replayed"] == "true"  # same (anonymous) principal
+        other = await c2.post("/items", json={}, headers=KEY)
+        assert "idempotent-replayed" not in other.headers and other.json()["run"] == 2
+        c2.cookies.clear()  # the app set one: a cookie is a credential (another caller)
+        again = await c2.post("/items", json={}, headers=KEY)
+    assert again.headers["idempotent-replayed"] == "true" and app.state.calls["items"] == 2
+
+
+async def test_anonymous_keys_can_be_refused(make_client: MakeClient) -> None:
+    app, client = await make_client(anonymous="refuse")
+    refused = await client.post("/items", json={}, headers=KEY)
+    assert refused.status_code == 400 and problem_type(refused) == "idempotency-caller-unknown"
+    accepted = await client.post("/items", json={}, headers={**KEY, "X-API-Key": "k1"})
+    assert accepted.status_code == 201 and app.state.calls["items"] == 1
 
 
 async def test_records_are_hmac_scoped_never_raw_keys(
@@ -469,7 +488,9 @@ async def test_response_over_the_cap_is_sent_and_marked_not_stored(
     assert first.status_code == 201 and len(first.content) == 1000
     assert first.headers["idempotency-stored"] == "false"
     replay = await client.post("/big?n=1000", headers=KEY)
-    assert replay.status_code == 201 and replay.content == b""
+    # Never an empty success: a problem that states the original status (issue 16, attack 7).
+    assert replay.status_code == 410 and problem_type(replay) == "idempotency-response-not-kept"
+    assert replay.json()["original-status"] == 201
     assert replay.headers["idempotency-stored"] == "false"
     assert replay.headers["idempotent-replayed"] == "true"
     assert replay.headers["location"] == "/big/1"
@@ -487,7 +508,8 @@ async def test_stream_outgrowing_the_cap_is_not_stored(make_client: MakeClient) 
     first = await client.post("/stream?n=5", headers=KEY)
     assert len(first.content) > 10
     replay = await client.post("/stream?n=5", headers=KEY)
-    assert replay.content == b"" and replay.headers["idempotency-stored"] == "false"
+    assert replay.status_code == 410 and replay.json()["original-status"] == first.status_code
+    assert replay.headers["idempotency-stored"] == "false"
     assert app.state.calls["stream"] == 1
 
 

@@ -6,6 +6,7 @@ import asyncio
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
+from urllib.parse import unquote
 
 import fakeredis
 import httpx
@@ -16,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from starlette.types import Message, Receive, Scope, Send
 
+from app.api.deps import SessionDep
 from app.core import redis as core_redis
 from app.middleware.http_cache import (
     HttpCacheMiddleware,
@@ -23,6 +25,7 @@ from app.middleware.http_cache import (
     HttpCacheRoute,
     cache_response,
 )
+from app.middleware.sessions import SessionMiddleware
 from app.services.http_cache import HttpCacheStats, compute_etag, parse_http_date
 from app.testing.slots import slot_checking_fake_redis
 
@@ -173,7 +176,7 @@ async def test_miss_then_hit_with_strong_etag_age_and_x_cache(
     assert etag == second.headers["etag"] == compute_etag(first.content, b"application/json")
     assert etag.startswith('"') and etag.endswith('"')
     assert second.headers["age"] == "0" and "age" not in first.headers
-    assert second.headers["cache-control"] == first.headers["cache-control"] == "public, max-age=60"
+    assert second.headers["cache-control"] == first.headers["cache-control"] == "max-age=60"
     assert second.headers["content-type"] == "application/json"
     assert second.headers["content-length"] == str(len(second.content))
     assert second.headers["last-modified"] == first.headers["last-modified"]
@@ -197,7 +200,7 @@ async def test_if_none_match_answers_304_with_validators(
     assert response.status_code == 304
     assert response.content == b""
     assert response.headers["etag"] == etag
-    assert response.headers["cache-control"] == "public, max-age=60"
+    assert response.headers["cache-control"] == "max-age=60"
     assert response.headers["vary"] == "Accept-Language"
     assert response.headers["age"] == "0"
     assert response.headers["x-cache"] == "HIT"
@@ -306,7 +309,8 @@ async def test_no_cross_caller_leak_with_credentials(
         expected = headers.get(credential, "anonymous")
         assert response.json() == {"user": expected}
         private = bool(headers)
-        assert response.headers["cache-control"].startswith("private" if private else "public")
+        cache_control = response.headers["cache-control"]
+        assert cache_control.startswith("private") if private else "public" not in cache_control
         bodies.append((expected, response.headers["x-cache"]))
     assert [x for _, x in bodies] == ["MISS", "MISS", "HIT", "HIT", "MISS", "HIT", "HIT"]
     assert app.state.calls["me"] == 3
@@ -314,6 +318,81 @@ async def test_no_cross_caller_leak_with_credentials(
     alice_tag = (await client.get("/me", headers=a)).headers["etag"]
     bob = await client.get("/me", headers={**b, "if-none-match": alice_tag})
     assert bob.status_code == 200 and bob.json() == {"user": "bob-token"}
+
+
+async def test_x_api_key_callers_get_private_entries_and_never_public(
+    make_app_client: MakeClient, fake_redis: Any
+) -> None:
+    client, app = await client_for(make_app_client, fake_redis)
+    alice = [await client.get("/cc", headers={"x-api-key": "alice"}) for _ in range(2)]
+    assert [r.headers["x-cache"] for r in alice] == ["MISS", "HIT"]
+    assert alice[0].headers["cache-control"] == "private, max-age=60"
+    bob = await client.get("/cc", headers={"x-api-key": "bob"})
+    keyless = await client.get("/cc")
+    assert bob.headers["x-cache"] == keyless.headers["x-cache"] == "MISS"
+    assert keyless.headers["cache-control"] == "max-age=60"
+    assert app.state.calls["cc"] == 3
+
+
+async def test_spellings_of_a_path_share_one_entry_and_one_invalidation(
+    make_app_client: MakeClient, fake_redis: Any
+) -> None:
+    client, app = await client_for(make_app_client, fake_redis)
+    first = await client.get("/items/1")
+    assert first.headers["x-cache"] == "MISS"
+    assert (await client.get("/%69tems/1")).headers["x-cache"] == "HIT"
+    # httpx removes dot segments itself, so this one is sent raw: it may route elsewhere,
+    # so it is never served from nor stored under the normalised URL
+    _, headers = await raw_request(app, "GET", b"/items/./1")
+    assert headers[b"x-cache"] == b"MISS" and app.state.calls["item"] == 1
+    await raw_request(app, "PUT", b"/x/../items/1")  # 404 from the app: nothing stored
+    assert (await client.get("/items/1")).headers["x-cache"] == "HIT"
+    assert (await client.put("/items/%31")).status_code == 200
+    after = await client.get("/items/1")
+    assert after.headers["x-cache"] == "MISS" and after.json()["version"] == 1
+
+
+async def raw_request(app: Any, method: str, raw_path: bytes) -> tuple[int, dict[bytes, bytes]]:
+    """One request with *raw_path* exactly as given (httpx would normalise it)."""
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": unquote(raw_path.decode("latin-1")),
+        "raw_path": raw_path,
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"host", b"testserver")],
+        "client": ("127.0.0.1", 1),
+        "server": ("testserver", 80),
+    }
+    await app(scope, receive, send)
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    return start["status"], dict(start["headers"])
+
+
+async def test_a_miss_after_a_key_rotation_finds_the_entry_under_the_old_key(
+    make_app_client: MakeClient, fake_redis: Any, settings_override: Callable[..., None]
+) -> None:
+    old, new = "o" * 40, "n" * 40
+    settings_override(secret_key=old)
+    client, app = await client_for(make_app_client, fake_redis)
+    assert (await client.get("/me", headers={"x-api-key": "alice"})).headers["x-cache"] == "MISS"
+    settings_override(secret_key=new, secret_key_fallbacks=f'["{old}"]')
+    rotated = await client.get("/me", headers={"x-api-key": "alice"})
+    assert rotated.headers["x-cache"] == "HIT" and app.state.calls["me"] == 1
+    bob = await client.get("/me", headers={"x-api-key": "bob"})
+    assert bob.headers["x-cache"] == "MISS"
 
 
 async def test_credentials_bypass_mode_never_caches_them(
@@ -340,14 +419,20 @@ async def test_origin_private_response_is_kept_per_caller_only(
     assert alice[1].headers["cache-control"] == "private, max-age=30"
 
 
-async def test_public_and_s_maxage_of_the_origin_become_private_for_a_caller(
+async def test_public_and_s_maxage_of_the_origin_are_its_own_choice_entry_stays_per_caller(
     make_app_client: MakeClient, fake_redis: Any
 ) -> None:
+    # Was: rewritten to "private, max-age=5". RFC 9111 §3.5 lets the origin share a
+    # credentialed response with public / s-maxage; the cache only never invents them.
     client, _ = await client_for(make_app_client, fake_redis)
-    response = await client.get(
-        "/cc?cc=public,%20max-age=5,%20s-maxage=50", headers={"cookie": "s=1"}
-    )
-    assert response.headers["cache-control"] == "private, max-age=5"
+    url = "/cc?cc=public,%20max-age=5,%20s-maxage=50"
+    response = await client.get(url, headers={"cookie": "s=1"})
+    assert response.headers["cache-control"] == "public, max-age=5, s-maxage=50"
+    assert (await client.get(url, headers={"cookie": "s=1"})).headers["x-cache"] == "HIT"
+    assert (await client.get(url, headers={"cookie": "s=2"})).headers["x-cache"] == "MISS"
+    # a private cc for a caller is still made private
+    private = await client.get("/cc?cc=max-age=5", headers={"cookie": "s=1"})
+    assert private.headers["cache-control"] == "private, max-age=5"
 
 
 # -- what is never stored -----------------------------------------------------
@@ -502,9 +587,7 @@ async def test_generated_cache_control_and_age(
     policy = HttpCachePolicy(ttl=60, max_age=10, s_maxage=120, stale_if_error=300)
     client, _ = await client_for(make_app_client, fake_redis, policy)
     first = await client.get("/items/1")
-    assert first.headers["cache-control"] == (
-        "public, max-age=10, s-maxage=120, stale-if-error=300"
-    )
+    assert first.headers["cache-control"] == ("max-age=10, s-maxage=120, stale-if-error=300")
     await age_entries(fake_redis, 42.7)
     aged = await client.get("/items/1")
     assert (aged.headers["x-cache"], aged.headers["age"]) == ("HIT", "42")
@@ -881,7 +964,7 @@ async def test_per_route_decorator_caches_only_marked_routes(
     client = await make_app_client(app, fake_redis)
     first, second = await client.get("/api/cached/1"), await client.get("/api/cached/1")
     assert (first.headers["x-cache"], second.headers["x-cache"]) == ("MISS", "HIT")
-    assert second.headers["cache-control"] == "public, max-age=30"
+    assert second.headers["cache-control"] == "max-age=30"
     head = await client.head("/api/cached/1")
     assert (head.status_code, head.content, head.headers["x-cache"]) == (200, b"", "HIT")
     assert (await client.get("/api/cached/2")).headers["x-cache"] == "MISS"
@@ -902,7 +985,7 @@ async def test_demo_routes(app_client: httpx.AsyncClient) -> None:
     second = await app_client.get("/http-cache/items/5")
     assert (first.headers["x-cache"], second.headers["x-cache"]) == ("MISS", "HIT")
     assert first.headers["x-origin-calls"] == "1" and "x-origin-calls" not in second.headers
-    assert second.headers["cache-control"] == "public, max-age=0"
+    assert second.headers["cache-control"] == "max-age=0"
     not_modified = await app_client.get(
         "/http-cache/items/5", headers={"if-none-match": first.headers["etag"]}
     )
@@ -923,3 +1006,37 @@ async def test_demo_routes(app_client: httpx.AsyncClient) -> None:
     assert "x-cache" not in (await app_client.get("/http-cache/stats")).headers
     assert stats["middleware"]["hits"] >= 1 and stats["middleware"]["not_modified"] == 1
     assert stats["route"]["hits"] >= 1
+
+
+async def test_a_per_route_cache_inside_the_session_layer_never_stores_a_session_response(
+    make_app_client: MakeClient, fake_redis: Any
+) -> None:
+    calls: Counter[str] = Counter()
+    router = APIRouter(route_class=HttpCacheRoute)
+
+    @router.get("/form")
+    @cache_response(ttl=30)
+    async def form(session: SessionDep) -> dict[str, str]:
+        calls["form"] += 1
+        session.setdefault("csrf", f"csrf-{calls['form']}")
+        return {"csrf": session["csrf"]}
+
+    @router.get("/static")
+    @cache_response(ttl=30)
+    async def static() -> dict[str, str]:
+        calls["static"] += 1
+        return {"static": "yes"}
+
+    app = FastAPI()
+    app.include_router(router)
+    app.add_middleware(SessionMiddleware, secret_key="r" * 40)
+    victim = await make_app_client(app, fake_redis)
+    token = (await victim.get("/form")).json()["csrf"]
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as attacker:
+        stolen = await attacker.get("/form")
+        assert stolen.json()["csrf"] != token and stolen.headers["x-cache"] == "MISS"
+        assert (await attacker.get("/static")).headers["x-cache"] == "MISS"
+        # a response that did not use the session is stored (per caller: it has a cookie)
+        assert (await attacker.get("/static")).headers["x-cache"] == "HIT"
+        assert calls["static"] == 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 from typing import Any
-from urllib.parse import quote_plus
+from urllib.parse import quote_plus, unquote_to_bytes
 
 import fakeredis
 import pytest
@@ -24,6 +24,7 @@ from app.services.http_cache import (
     format_http_date,
     if_none_match_matches,
     normalize_host,
+    normalize_path,
     normalize_query,
     parse_cache_control,
     parse_entity_tag,
@@ -248,6 +249,33 @@ def test_url_digests_normalise_host_port_and_query_but_not_path() -> None:
     assert normalize_host("https", "A.b:443") == "a.b"
     with pytest.raises(ValueError, match="absolute"):
         url_digest_for("/items/1")
+
+
+@pytest.mark.parametrize(
+    ("raw", "kept", "dots_removed"),
+    [
+        (b"/items/1", b"/items/1", b"/items/1"),
+        (b"/%7Euser/%41%62", b"/~user/Ab", b"/~user/Ab"),
+        (b"/a%2fb", b"/a%2Fb", b"/a%2Fb"),
+        (b"/items/./1", None, b"/items/1"),
+        (b"/x/../items/1", None, b"/items/1"),
+        (b"/x/%2E%2E/items/1", None, b"/items/1"),
+        (b"/../../items/1", None, b"/items/1"),
+        (b"/items/1/..", None, b"/items/"),
+        (b"/%", b"/%25", b"/%25"),
+        (b"/%zz", b"/%25zz", b"/%25zz"),
+        (b"/%%41a", b"/%25Aa", b"/%25Aa"),
+    ],
+)
+def test_path_normalisation(raw: bytes, kept: bytes | None, dots_removed: bytes) -> None:
+    assert normalize_path(raw) == kept
+    assert normalize_path(raw, remove_dots=True) == dots_removed
+
+
+def test_every_spelling_of_a_url_has_one_digest() -> None:
+    base = url_digest_for("http://example.com/items/a~1")
+    assert base == url_digest_for("http://example.com/items/%61%7E1")
+    assert base == url_digest_for("http://example.com/x/../items/./a~1")
 
 
 def test_variant_and_caller_digests_are_injective_over_their_parts() -> None:
@@ -508,3 +536,35 @@ async def test_entries_written_by_either_client_kind_never_break_the_other() -> 
     finally:
         await binary.aclose()
         await text.aclose()
+
+
+_PATH_BYTES = st.lists(
+    st.sampled_from(
+        [
+            b"/",
+            b"a",
+            b"~",
+            b"%",
+            b"%41",
+            b"%7e",
+            b"%2F",
+            b"%2f",
+            b"%25",
+            b"%zz",
+            b".",
+            b"%2E",
+            b"\xc3\xa9",
+        ]
+    ),
+    max_size=12,
+).map(b"".join)
+
+
+@settings(max_examples=1000)
+@given(_PATH_BYTES, _PATH_BYTES)
+def test_one_normalised_path_means_one_path_for_the_app(a: bytes, b: bytes) -> None:
+    na, nb = normalize_path(b"/" + a), normalize_path(b"/" + b)
+    if na is not None:
+        assert normalize_path(na) == na  # stable
+    if na is not None and na == nb:  # one cache key: the app (which decodes) sees one path
+        assert unquote_to_bytes(b"/" + a) == unquote_to_bytes(b"/" + b)

@@ -19,6 +19,7 @@ from app.api.deps import IdempotencyKeyDep, idempotency_key
 from app.api.problems import install_problem_handlers
 from app.core import redis as core_redis
 from app.core.errors import ConfigurationError, IdempotencyKeyInvalid
+from app.http.caller import resolve_caller
 from app.middleware.idempotency import (
     IdempotencyMiddleware,
     default_principal,
@@ -122,6 +123,20 @@ def test_secret_defaults_to_the_current_signing_key(settings_override: Any) -> N
     assert a.scope_key(None, "POST", "/p", "k") == b.scope_key(None, "POST", "/p", "k")
 
 
+def test_record_names_are_the_scope_key_under_every_signing_key(settings_override: Any) -> None:
+    settings_override(secret_key="n" * 40, secret_key_fallbacks='["' + "o" * 40 + '"]')
+    mw = IdempotencyMiddleware(_app())
+    mw._refresh()
+    caller = resolve_caller({"type": "http", "headers": [(b"x-api-key", b"k")], "client": None})
+    names = mw.record_names(caller, "POST", "/p", "key-1")
+    assert len(names) == 2 and names[0] == mw.scope_key(caller.digest(), "POST", "/p", "key-1")
+    settings_override(secret_key="o" * 40, secret_key_fallbacks=None)
+    before = IdempotencyMiddleware(_app())
+    before._refresh()
+    old = resolve_caller({"type": "http", "headers": [(b"x-api-key", b"k")], "client": None})
+    assert before.record_names(old, "POST", "/p", "key-1") == [names[1]]
+
+
 def test_fingerprint_modes() -> None:
     raw = IdempotencyMiddleware(_app())
     as_json = IdempotencyMiddleware(_app(), fingerprint="json")
@@ -153,6 +168,7 @@ def test_fingerprint_modes() -> None:
         {"wait_timeout": -1},
         {"ttl": 0},
         {"lease": 0},
+        {"anonymous": "share"},
     ],
 )
 def test_bad_options_are_refused(kwargs: dict[str, Any]) -> None:

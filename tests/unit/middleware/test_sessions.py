@@ -252,6 +252,33 @@ async def test_secure_outside_development_and_the_host_prefix(
         SessionMiddleware(build_app(), secret_key=SECRET, same_site="none", https_only=False)
 
 
+def test_host_prefix_is_the_default_when_production_strict(
+    settings_override: Callable[..., None],
+) -> None:
+    settings_override(app_env="production", redis_url="redis://127.0.0.1:1/0", secret_key="p" * 40)
+    assert SessionMiddleware(build_app(), secret_key=SECRET).cookie_name == "__Host-session"
+    settings_override(session_cookie_name="sid")
+    assert SessionMiddleware(build_app(), secret_key=SECRET).cookie_name == "__Host-sid"
+    # a cookie that cannot carry the prefix keeps its name (and a warning says why)
+    scoped = SessionMiddleware(build_app(), secret_key=SECRET, domain="a.example")
+    assert scoped.cookie_name == "sid"
+    assert SessionMiddleware(build_app(), secret_key=SECRET, host_prefix=False).cookie_name == "sid"
+
+
+@pytest.mark.parametrize("env", ["development", "test"])
+def test_no_host_prefix_by_default_in_development_and_test(
+    settings_override: Callable[..., None], env: str
+) -> None:
+    settings_override(app_env=env)
+    assert SessionMiddleware(build_app(), secret_key=SECRET).cookie_name == "session"
+    if env == "test":  # Secure by default outside development: a __Host- name is accepted
+        explicit = SessionMiddleware(build_app(), secret_key=SECRET, cookie_name="__Host-s")
+        assert explicit.cookie_name == "__Host-s"
+    else:  # a __Host- name is never sent without Secure
+        with pytest.raises(ConfigurationError, match="__Host-"):
+            SessionMiddleware(build_app(), secret_key=SECRET, cookie_name="__Host-s")
+
+
 @pytest.mark.parametrize(
     "tamper",
     [

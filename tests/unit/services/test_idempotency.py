@@ -182,3 +182,26 @@ async def test_heartbeat_interval_must_be_positive(svc: IdempotencyService) -> N
         svc.heartbeat("k", "t", interval=-1)
     assert svc.heartbeat("k", "t").interval == pytest.approx(5 / 3)
     assert svc.ttl == 60 and svc.lease == 5
+
+
+# -- rotation: records under fallback names ---------------------------------------------------
+
+
+async def test_claim_finds_a_record_under_a_fallback_name(svc: IdempotencyService) -> None:
+    old = await svc.claim("old-name", "fp")
+    assert old.status == "new" and old.token is not None
+    in_flight = await svc.claim("new-name", "fp", fallbacks=["old-name"])
+    assert in_flight.status == "in_flight" and in_flight.key == "old-name"
+    assert await svc.complete("old-name", old.token, {"paid": 1})
+    replay = await svc.claim("new-name", "fp", fallbacks=["old-name"])
+    assert replay.status == "completed" and replay.result == {"paid": 1}
+    assert replay.key == "old-name"
+    other = await svc.claim("new-name", "other-fp", fallbacks=["old-name"])
+    assert other.status == "mismatch"
+
+
+async def test_absent_fallbacks_are_never_created(svc: IdempotencyService) -> None:
+    claim = await svc.claim("new-name", "fp", fallbacks=["gone-1", "gone-2"])
+    assert claim.status == "new" and claim.key == "new-name"
+    assert await svc.redis.exists(svc.record_key("gone-1")) == 0
+    assert await svc.redis.exists(svc.record_key("gone-2")) == 0
