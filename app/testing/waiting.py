@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 import inspect
 from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
 
-__all__ = ["DEFAULT_DEADLINE", "eventually"]
+__all__ = ["DEFAULT_DEADLINE", "eventually", "pop_signal"]
 
 #: Seconds a condition may take on a loaded machine before the test fails. Deadlines
 #: bound a hang; they are never a speed assertion, so they are deliberately long.
@@ -51,3 +52,28 @@ async def eventually(
     except TimeoutError:
         detail = f" (last error: {last_error!r})" if last_error is not None else ""
         raise AssertionError(f"not within {timeout:g} s: {what}{detail}") from None
+
+
+class _ListPopper(Protocol):
+    """What :func:`pop_signal` needs of a client: ``BLPOP`` (redis.asyncio, any decoding)."""
+
+    def blpop(self, keys: Any, timeout: Any = ...) -> Awaitable[Any]: ...
+
+
+async def pop_signal(
+    client: _ListPopper, key: str, what: str = "", *, timeout: float = DEFAULT_DEADLINE
+) -> Any:
+    """Wait for an item pushed on list *key* (a start signal between processes) and return it.
+
+    One long ``BLPOP`` would outlive the client's socket timeout (redis-py 8 reads
+    for at most 5 s by default) and fail with ``TimeoutError`` whenever the other
+    side is slow to start, so this pops in one-second slices until *timeout*.
+    Raises ``AssertionError`` naming *what* (or the key) when nothing came.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while (left := deadline - loop.time()) > 0:
+        item = await client.blpop([key], timeout=max(0.01, min(1.0, left)))
+        if item is not None:
+            return item
+    raise AssertionError(f"not within {timeout:g} s: {what or f'an item on {key!r}'}")

@@ -33,6 +33,7 @@ from app.api.routes import health
 from app.core import redis as core_redis
 from app.core.config import FailureMode
 from app.core.redis import CircuitBreaker, breaker_for, redis_lifespan
+from app.middleware.stack import install_toolkit
 from app.testing.waiting import DEFAULT_DEADLINE, eventually
 
 __all__ = [
@@ -151,6 +152,7 @@ def service_app(*modules: ModuleType) -> FastAPI:
     for module in modules:
         app.include_router(module.router)
         module.setup(app)
+    install_toolkit(app)  # as create_app() does: the toolkit's middleware in the safe order
     return app
 
 

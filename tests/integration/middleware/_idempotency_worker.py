@@ -33,6 +33,7 @@ from app.api.problems import install_problem_handlers
 from app.api.routes import idempotency as demo
 from app.core.redis import get_redis, redis_lifespan
 from app.middleware.idempotency import IdempotencyMiddleware
+from app.testing.waiting import pop_signal
 
 GUARDED = ("/items", "/fail", "/status", "/big", "/stream", "/echo", "/hang")
 READY_LIST = "idem-test:ready"
@@ -172,7 +173,7 @@ async def _burst(n: int, key: str, on_conflict: Literal["reject", "wait"]) -> No
         transport = httpx.ASGITransport(app=manager.app)
         async with httpx.AsyncClient(transport=transport, base_url="http://w", timeout=60) as c:
             await control.rpush(READY_LIST, os.getpid())
-            await control.blpop([GO_LIST], timeout=30)
+            await pop_signal(control, GO_LIST, "the go signal", timeout=60)
             body = {"amount": 500, "currency": "EUR", "processing_seconds": 0.3}
             answers = await asyncio.gather(
                 *(

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -22,6 +23,8 @@ from app.testing.plugin import RedisServerInfo
 from app.testing.servers import RedisServer
 from tests.integration.topology._support import ready
 from tests.unit.middleware.test_http_cache import age_entries, cache_layer, make_app
+
+ROOT = Path(__file__).resolve().parents[3]  # the checkout under test
 
 MakeClient = Callable[..., Awaitable[httpx.AsyncClient]]
 
@@ -145,7 +148,7 @@ def _worker(url: str, seed: str) -> list[str]:
     env = {**os.environ, "PYTHONHASHSEED": seed, "SECRET_KEY": "k" * 40}
     out = subprocess.run(
         [sys.executable, "-c", _WORKER, url],
-        cwd="/work/main",
+        cwd=ROOT,
         env=env,
         capture_output=True,
         text=True,

@@ -19,6 +19,7 @@ from redis.asyncio import Redis
 from app.api.routes.idempotency import _keys as demo_keys
 from app.core import redis as core_redis
 from app.testing.plugin import RedisServerInfo
+from app.testing.waiting import pop_signal
 from tests.integration.middleware._idempotency_worker import (
     GO_LIST,
     HANG_RUNS,
@@ -57,7 +58,7 @@ async def test_100_concurrent_requests_from_2_processes_run_once(
     workers = [_spawn(redis_server.url, "burst", "50", "pay-once", on_conflict) for _ in range(2)]
     try:
         for _ in workers:  # both are up, with their apps started, before anyone fires
-            assert await real_redis.blpop([READY_LIST], timeout=60) is not None
+            await pop_signal(real_redis, READY_LIST, "both workers started", timeout=60)
         await real_redis.rpush(GO_LIST, "go", "go")
         outputs = [await asyncio.to_thread(w.communicate, timeout=90) for w in workers]
     finally:

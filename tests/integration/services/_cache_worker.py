@@ -28,6 +28,7 @@ from redis.asyncio import Redis
 
 from app.core import redis as core_redis
 from app.services.cache import MISSING, CacheService, LocalCache, cached
+from app.testing.waiting import pop_signal
 
 
 def emit(**fields: Any) -> None:
@@ -49,7 +50,7 @@ async def stampede(url: str, calls: int, instances: int, run_id: str) -> None:
         return await origin()
 
     await client.incr(f"test:{run_id}:ready")
-    await client.blpop([f"test:{run_id}:go"], timeout=60)
+    await pop_signal(client, f"test:{run_id}:go", "the go signal", timeout=60)
     tasks = []
     for i in range(calls):
         if i % (instances + 1) == instances:

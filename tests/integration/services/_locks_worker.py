@@ -19,6 +19,7 @@ from redis.asyncio import Redis
 from app.core.redis import build_client
 from app.services.locks import RedisLock
 from app.services.semaphore import Semaphore
+from app.testing.waiting import pop_signal
 
 COUNTER_KEY = "locks-test:counter"
 GO_KEY = "locks-test:go"
@@ -29,7 +30,7 @@ async def _increment(url: str, tasks: int, rounds: int) -> None:
     redis = Redis.from_url(url, decode_responses=False, max_connections=200)
     try:
         print("ready", flush=True)
-        await redis.blpop([GO_KEY], timeout=30)
+        await pop_signal(redis, GO_KEY, "the go signal", timeout=60)
 
         async def worker() -> None:
             for _ in range(rounds):

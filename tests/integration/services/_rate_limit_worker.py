@@ -22,6 +22,7 @@ from app.services.rate_limit import (
     RateLimitDecision,
     RateLimiter,
 )
+from app.testing.waiting import pop_signal
 
 ARRIVALS = "test:rate-limit:arrivals"
 START = "test:rate-limit:start"
@@ -33,8 +34,7 @@ async def _start_together(client: AnyRedis) -> None:
     if await client.incr(ARRIVALS) == WORKERS:
         await client.rpush(START, *["go"] * WORKERS)
     await client.expire(ARRIVALS, 60)
-    if not await client.blpop([START], timeout=30):
-        raise TimeoutError("the other worker never arrived")
+    await pop_signal(client, START, "the other worker", timeout=60)
 
 
 async def main(url: str, requests: int, limit: int) -> dict[str, int]:

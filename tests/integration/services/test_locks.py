@@ -16,6 +16,7 @@ import itertools
 import subprocess
 import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Annotated, Any
 
 import httpx
@@ -33,6 +34,8 @@ from app.services.locks import RedisLock, fenced_write
 from app.testing.plugin import AppClientFactory, RedisServerInfo
 from tests.integration.services import _locks_worker as worker
 from tests.integration.topology._support import ON_TOPOLOGIES, ready, twin
+
+ROOT = Path(__file__).resolve().parents[3]  # the checkout under test
 
 pytestmark = pytest.mark.integration
 
@@ -65,7 +68,7 @@ async def blocked_clients(client: Any, key: str) -> int:
 def _spawn(*args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "tests.integration.services._locks_worker", *args],
-        cwd="/work/main",
+        cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -11,6 +11,7 @@ import asyncio
 import subprocess
 import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,6 +20,8 @@ import pytest_asyncio
 from app.core.errors import LockLost, LockNotAcquired
 from app.services.locks import Semaphore
 from tests.integration.topology._support import ON_TOPOLOGIES, ready, topology_url, twin
+
+ROOT = Path(__file__).resolve().parents[3]  # the checkout under test
 
 pytestmark = pytest.mark.integration
 
@@ -79,7 +82,7 @@ async def test_a_crashed_holders_permit_returns_after_its_lease(
             "1",
             "0.5",
         ],
-        cwd="/work/main",
+        cwd=ROOT,
         stdout=subprocess.PIPE,
         text=True,
     )
