@@ -55,6 +55,7 @@ from app.services.locks import (
     _space,
     _waited,
     as_seconds,
+    lease_drift,
     wait_bound,
 )
 
@@ -86,6 +87,7 @@ class Permit(_Lease):
             auto_renew=semaphore.auto_renew,
             renew_interval=semaphore.renew_interval,
             on_lost=semaphore.on_lost,
+            drift=semaphore.drift,
         )
         self.semaphore = semaphore
         self.holders = holders
@@ -144,8 +146,10 @@ class Semaphore:
         timeout: each permit's lease in seconds (or ``timedelta``); required.
         blocking_timeout: how long blocking acquires and ``async with`` wait
             (default: the lease).
-        auto_renew, renew_interval, on_lost: the permit watchdog, as for
-            ``RedisLock``.
+        auto_renew, renew_interval, on_lost, drift: the permit watchdog and the
+            local lease deadline it enforces, as for ``RedisLock`` (a permit
+            whose renewal is not confirmed by ``permit.deadline`` cancels its
+            ``async with`` block with ``LockLost``).
         fair: FIFO order among ``fair=True`` waiters.
         key_prefix: default ``settings.redis_key_prefix``.
 
@@ -169,6 +173,7 @@ class Semaphore:
         on_lost: LostCallback | None = None,
         fair: bool = False,
         key_prefix: str | None = None,
+        drift: Seconds | None = None,
     ) -> None:
         if not isinstance(name, str) or not name:
             raise ConfigurationError(f"a semaphore name must be a non-empty string, got {name!r}")
@@ -188,6 +193,9 @@ class Semaphore:
                 f"renew_interval ({self.renew_interval:g} s) must be shorter than the lease "
                 f"({self.timeout:g} s); the default is timeout/3"
             )
+        self.drift = lease_drift(
+            self.timeout, drift, renew_interval=self.renew_interval if auto_renew else None
+        )
         self.blocking_timeout = (
             self.timeout
             if blocking_timeout is None
