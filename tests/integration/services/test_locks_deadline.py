@@ -23,15 +23,20 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Annotated, Any, Protocol
 
+import httpx
 import pytest
 import pytest_asyncio
+from fastapi import FastAPI
 from redis.asyncio import Redis
 
+from app.api.deps import request_lock
+from app.api.problems import install_problem_handlers
 from app.core.errors import LockLost
 from app.core.redis import build_client
 from app.services.locks import RedisLock, Redlock, Semaphore
+from app.testing.plugin import AppClientFactory
 from app.testing.proxy import TcpProxy
 from app.testing.servers import RedisServer, redis_server_binary
 
@@ -213,3 +218,44 @@ class _Links:
     def stall(self) -> None:
         for proxy in self.proxies:
             proxy.stall()
+
+
+async def test_a_stalled_link_cancels_a_locked_request_before_a_rival_takes_the_lock(
+    stalling_client: tuple[TcpProxy, Any], real_redis: Redis, make_app_client: AppClientFactory
+) -> None:
+    proxy, slow = stalling_client
+    seen = _Holder(entered=asyncio.Event())
+    app = FastAPI()
+    install_problem_handlers(app)
+
+    @app.post("/work/{job}")
+    async def work(
+        job: str,
+        lock: Annotated[RedisLock, request_lock("work:{job}", timeout=LEASE, drift=DRIFT)],
+    ) -> dict[str, Any]:
+        seen.entered.set()
+        try:
+            await asyncio.Event().wait()  # the handler's work: runs until cancelled
+        finally:
+            seen.stopped = asyncio.get_running_loop().time()
+        return {"fence": lock.fence}
+
+    client: httpx.AsyncClient = await make_app_client(app, slow)
+    request = asyncio.create_task(client.post("/work/1"))
+    async with asyncio.timeout(BOUND):
+        await seen.entered.wait()
+    proxy.stall()
+    rival = RedisLock(real_redis, "work:1", timeout=30)
+    rival_from = await _owned_from(rival.acquire)
+    async with asyncio.timeout(BOUND):
+        response = await request
+    answered = asyncio.get_running_loop().time()
+
+    assert seen.stopped is not None and seen.stopped <= answered
+    assert answered - rival_from <= DRIFT, f"two owners for {answered - rival_from:.3f} s"
+    assert response.status_code == 409
+    assert response.headers["content-type"] == "application/problem+json"
+    assert response.json()["type"].endswith("/lock-lost")
+    proxy.resume()
+    assert await rival.owned()
+    await rival.release()
