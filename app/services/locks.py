@@ -14,8 +14,8 @@ build on the same machinery and are importable from here too::
 
     async with RedisLock(redis, "jobs:42", timeout=10, auto_renew=True):
         ...   # waits up to blocking_timeout (default: the lease), else LockNotAcquired;
-              # renewed every timeout/3; if the lock is lost the block is cancelled
-              # and LockLost raised
+              # renewed every timeout/3; if the lock is lost, or no renewal is
+              # confirmed by lock.deadline, the block is cancelled and LockLost raised
 
 What makes it correct by construction:
 
@@ -34,6 +34,13 @@ What makes it correct by construction:
   largest it has seen. The counter expires after ``fence_ttl`` idle time; it
   then restarts from the server clock in microseconds, which is above every
   token issued before unless the server clock went backwards.
+* **A deadline kept locally.** With ``auto_renew`` the lease is tracked on the
+  event loop's clock from when the acquire/renewal was *sent*; ``deadline`` is
+  that time + the lease - ``drift``. A loop timer (not the renewal call, which a
+  stalled link may hold for socket_timeout x retries) ends the hold there unless
+  a renewal was confirmed first: the block is cancelled and ``LockLost`` raised
+  ``drift`` before another owner can acquire. Each renewal is bounded by the
+  time left.
 * **Cancellation safety.** A cancelled ``acquire`` runs a shielded
   compare-and-delete with its token, so a ``SET`` that reached the server
   before the cancellation leaves no key; a cancelled ``release`` still
