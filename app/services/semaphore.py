@@ -20,8 +20,10 @@ holder that crashed (or stalled past its lease) gives its permit back after
 its lease, without any janitor. Release, extend and the watchdog work per
 permit exactly as for ``RedisLock``: compare-and-act scripts keyed by the
 permit's own token, ``auto_renew=True`` renews every ``timeout/3`` and cancels
-the ``async with`` block with ``LockLost`` if the permit is lost, and a
-cancelled acquire leaves no permit behind. Waiters are woken by releases
+the ``async with`` block with ``LockLost`` if the permit is lost or no renewal
+is confirmed by ``permit.deadline`` (the lease counted from when its last
+acquire/renewal was sent, minus ``drift``), and a cancelled acquire leaves no
+permit behind. Waiters are woken by releases
 (``BLPOP`` on a wake list, in-process wake-ups, jittered polling as the
 fallback); ``fair=True`` serves fair waiters in FIFO order.
 
