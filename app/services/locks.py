@@ -788,6 +788,19 @@ class _Lease:
         )
 
     def _arm_body(self) -> None:
+        """Make the current task the guarded block (``__aenter__``).
+
+        Raises ``LockLost`` instead, without entering, when the watchdog's
+        deadline already passed: the acquire was confirmed too late to be of use.
+        """
+        token = self._token
+        late = asyncio.get_running_loop().time() >= self._valid_until - self.drift
+        if token is not None and self._deadline_timer is not None and late:
+            self._deadline_passed(token)  # the timer would fire only at the block's first await
+        if token is not None and self._lost is not None:
+            lost = self._lost
+            self._release_in_background()
+            raise lost
         task = asyncio.current_task()
         self._body = task
         self._body_token = self._token

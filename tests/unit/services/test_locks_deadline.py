@@ -31,7 +31,7 @@ class _Link(SlotCheckingRedis):
     """fakeredis behind a link: ``stall()`` holds every command until ``resume()``.
 
     Like a half-dead TCP link: nothing fails, nothing answers. ``latency`` delays
-    each command (seconds).
+    each command on its way to the server, ``reply_latency`` its reply (seconds).
     """
 
     def __init__(self, **kwargs: Any) -> None:
@@ -39,6 +39,7 @@ class _Link(SlotCheckingRedis):
         self.flowing = asyncio.Event()
         self.flowing.set()
         self.latency = 0.0
+        self.reply_latency = 0.0
 
     def stall(self) -> None:
         self.flowing.clear()
@@ -50,7 +51,10 @@ class _Link(SlotCheckingRedis):
         if self.latency:
             await asyncio.sleep(self.latency)  # the link's latency, not synchronisation
         await self.flowing.wait()
-        return await super().execute_command(*args, **options)
+        reply = await super().execute_command(*args, **options)
+        if self.reply_latency:
+            await asyncio.sleep(self.reply_latency)  # the reply's way back
+        return reply
 
 
 @pytest_asyncio.fixture
@@ -171,6 +175,21 @@ class _Both:
     def stall(self) -> None:
         for link in self.links:
             link.stall()
+
+
+async def test_an_acquire_confirmed_after_its_deadline_does_not_enter_the_block(
+    link: _Link, peer: Any
+) -> None:
+    link.reply_latency = 0.5  # the lease is 0.6 s, the deadline 0.4 s after the acquire was sent
+    lost: list[LockLost] = []
+    lock = RedisLock(link, "jobs:1", timeout=0.6, auto_renew=True, drift=0.2, on_lost=lost.append)
+    entered = False
+    with pytest.raises(LockLost) as caught:
+        async with lock:
+            entered = True
+    assert not entered
+    assert lost == [caught.value]
+    assert lock.deadline is None and not lock._gate.locked()  # free for the next owner
 
 
 # -- a slow but confirmed renewal keeps the hold --------------------------------------------
