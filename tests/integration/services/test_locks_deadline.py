@@ -128,6 +128,23 @@ async def _overlap_after_stall(
     return seen, seen.lost_at - rival_from
 
 
+async def _evalsha_calls(client: Redis) -> int:
+    stats = await client.info("commandstats")
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+async def _deliver_the_stalled_calls(proxy: TcpProxy, direct: Redis) -> None:
+    """Resume the link and wait until the holder's late renewal and release ran in Redis.
+
+    Both are scripts (``EVALSHA``); nobody else runs one meanwhile (the rival holds).
+    """
+    before = await _evalsha_calls(direct)
+    proxy.resume()
+    async with asyncio.timeout(BOUND):
+        while await _evalsha_calls(direct) < before + 2:
+            await asyncio.sleep(0.01)  # poll pacing; the deadline above bounds the wait
+
+
 async def test_a_stalled_link_stops_the_lock_holder_before_a_rival_takes_the_lock(
     stalling_client: tuple[TcpProxy, Any], real_redis: Redis
 ) -> None:
@@ -142,8 +159,10 @@ async def test_a_stalled_link_stops_the_lock_holder_before_a_rival_takes_the_loc
     assert seen.stopped <= seen.lost_at
     assert isinstance(seen.error, LockLost) and seen.error.lock_name == "jobs:stalled"
     assert "no renewal was confirmed" in str(seen.error)
-    proxy.resume()  # the stalled renewal and the holder's release now reach Redis: harmless
+    # the holder's renewal and release reach Redis late: compare-and-act leaves the rival alone
+    await _deliver_the_stalled_calls(proxy, real_redis)
     assert await rival.owned()
+    assert await real_redis.pttl(rival.key) > 25_000
     await rival.release()
 
 
@@ -165,7 +184,7 @@ async def test_a_stalled_link_stops_the_permit_holder_before_a_rival_takes_the_s
 
     assert overlap <= DRIFT, f"two holders of a 1-permit semaphore for {overlap:.3f} s"
     assert isinstance(seen.error, LockLost) and "no renewal was confirmed" in str(seen.error)
-    proxy.resume()
+    await _deliver_the_stalled_calls(proxy, real_redis)
     assert await rival.count() == 1 and await permits[0].owned()
     await permits[0].release()
 
@@ -256,6 +275,7 @@ async def test_a_stalled_link_cancels_a_locked_request_before_a_rival_takes_the_
     assert response.status_code == 409
     assert response.headers["content-type"] == "application/problem+json"
     assert response.json()["type"].endswith("/lock-lost")
-    proxy.resume()
+    await _deliver_the_stalled_calls(proxy, real_redis)
     assert await rival.owned()
+    assert await real_redis.pttl(rival.key) > 25_000
     await rival.release()
