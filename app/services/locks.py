@@ -779,6 +779,28 @@ class _Lease:
         finally:
             self._after_release()
 
+    async def _release_lost_hold(self) -> None:
+        """End a hold known to be lost, waiting for it no later than the deadline.
+
+        The compare-and-delete is awaited only until ``deadline`` (a loss that
+        the deadline itself declared does not wait); past that it finishes in the
+        background, so a slow or stalled link cannot hold up ``LockLost``.
+        """
+        token = self._token
+        if token is None:
+            return
+        self._token = None
+        self._stop_watchdog()
+        try:
+            task = asyncio.ensure_future(self._remote_release(token))
+            _background.add(task)
+            task.add_done_callback(_report_background)
+            left = self._valid_until - self.drift - asyncio.get_running_loop().time()
+            if left > 0:
+                await asyncio.wait({task}, timeout=left)
+        finally:
+            self._after_release()
+
     def _not_owned_on_release(self) -> LockNotOwned:
         return LockNotOwned(
             f"{self._kind} {self.name!r} expired or was taken by another owner before release() "
@@ -837,9 +859,7 @@ class _Lease:
                 if self._lost is None:
                     released = await self._release_hold()
                 else:
-                    # Already lost: the user hears it now, not after a release that a
-                    # slow or stalled link would hold up.
-                    self._release_in_background()
+                    await self._release_lost_hold()
                     released = False
             else:
                 released = True  # released by hand inside the block

@@ -7,15 +7,18 @@ block runs. A rival connected directly polls for the lock and takes it as soon
 as the holder's lease ends in Redis. Every time is read from the event loop's
 monotonic clock, in one process, so the two owners' intervals can be compared.
 
-Overlap of two owners = the moment the holder's block stopped (it was
-cancelled and the holder saw ``LockLost``) minus the moment the rival's winning
-attempt was *sent* (the earliest it can own the lock: a conservative bound).
-By design the holder stops ``drift`` *before* its lease can end in Redis, so
-the overlap is normally negative; the assertion allows up to ``+drift``, which
-leaves twice the drift margin (0.2 s) for the event loop to run a timer late
-on a loaded machine. Before the deadline was enforced locally, the holder ran
-until its renewal call gave up: seconds (socket timeout x attempts) of two
-owners.
+Overlap of two owners = the moment the holder's guarded block stopped running
+(it was cancelled) minus the moment the rival's winning attempt was *sent* (the
+earliest it can own the lock: a conservative bound). By design the holder stops
+``drift`` *before* its lease can end in Redis, so the overlap is normally
+negative; the assertion allows up to ``+drift``, which leaves twice the drift
+margin (0.2 s) for the event loop to run a timer late on a loaded machine.
+
+The holder's code sees ``LockLost`` as soon as the block has unwound (the exit
+does not wait for a release past the deadline), so the same bound holds for it.
+
+Before the deadline was enforced locally, the holder ran until its renewal call
+gave up: seconds (socket timeout x attempts) of two owners.
 """
 
 from __future__ import annotations
@@ -125,7 +128,8 @@ async def _overlap_after_stall(
     async with asyncio.timeout(BOUND):
         await holder
     assert seen.stopped is not None and seen.lost_at is not None, "the holder was never stopped"
-    return seen, seen.lost_at - rival_from
+    assert seen.lost_at - rival_from <= DRIFT, f"LockLost {seen.lost_at - rival_from:.3f} s late"
+    return seen, seen.stopped - rival_from
 
 
 async def _evalsha_calls(client: Redis) -> int:
@@ -212,7 +216,14 @@ async def test_a_stalled_quorum_stops_the_redlock_holder_before_a_rival_takes_th
     direct = [Redis.from_url(s.url, socket_timeout=SOCKET_TIMEOUT) for s in three_servers]
     try:
         # a master's reply may take as long as a socket timeout (longer than the lease)
-        lock = Redlock(slow, "billing", timeout=LEASE, auto_renew=True, node_timeout=SOCKET_TIMEOUT)
+        lock = Redlock(
+            slow,
+            "billing",
+            timeout=LEASE,
+            auto_renew=True,
+            node_timeout=SOCKET_TIMEOUT,
+            drift_factor=DRIFT / LEASE,  # drift = DRIFT + 2 ms
+        )
         rival = Redlock(direct, "billing", timeout=30, node_timeout=0.5)
 
         seen, overlap = await _overlap_after_stall(_Links(proxies), lock, rival.acquire)
