@@ -28,7 +28,7 @@ from app.middleware.rate_limit import rate_limit
 from app.middleware.sessions import Session, load_session
 from app.services.cache import CacheService, get_cache
 from app.services.http_cache import HttpResponseCache
-from app.services.locks import RedisLock, Seconds, as_seconds
+from app.services.locks import RedisLock, Seconds, as_seconds, lease_drift
 from app.services.pubsub import Broadcaster
 from app.services.semaphore import Permit, Semaphore
 from app.services.sessions import SessionStore
@@ -218,6 +218,7 @@ def request_lock(
     blocking_timeout: Seconds = 0,
     auto_renew: bool = True,
     fair: bool = False,
+    drift: Seconds | None = None,
 ) -> Any:
     """Hold a ``RedisLock`` for the duration of the request handler.
 
@@ -228,12 +229,16 @@ def request_lock(
     problem+json with ``Retry-After`` after waiting *blocking_timeout*
     (default: not at all). The lock is released when the handler returns,
     before the response is sent. With *auto_renew* (default) the lease is
-    renewed every ``timeout/3``; if it is lost anyway the handler is cancelled
-    and the request answers 409 ``lock-lost``. Redis down: 503.
+    renewed every ``timeout/3``; if it is lost anyway, or no renewal is
+    confirmed before the lease ends (minus the *drift* margin, as for
+    ``RedisLock``), the handler is cancelled at once and the request answers
+    409 ``lock-lost``. A sync (``def``) handler runs in a thread, which cannot
+    be cancelled: use an ``async def`` handler. Redis down: 503.
     """
     render = _lock_name(name_template)
-    as_seconds(timeout, "timeout")
+    lease = as_seconds(timeout, "timeout")
     as_seconds(blocking_timeout, "blocking_timeout", allow_zero=True)
+    lease_drift(lease, drift, renew_interval=lease / 3 if auto_renew else None)
 
     async def dependency(request: Request) -> AsyncIterator[RedisLock]:
         lock = RedisLock(
@@ -243,6 +248,7 @@ def request_lock(
             blocking_timeout=blocking_timeout,
             auto_renew=auto_renew,
             fair=fair,
+            drift=drift,
         )
         async with lock:
             yield lock
@@ -258,6 +264,7 @@ def request_semaphore(
     blocking_timeout: Seconds = 0,
     auto_renew: bool = True,
     fair: bool = False,
+    drift: Seconds | None = None,
 ) -> Any:
     """Hold one of *limit* ``Semaphore`` permits for the duration of the request handler.
 
@@ -270,8 +277,9 @@ def request_semaphore(
     render = _lock_name(name_template)
     if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
         raise ConfigurationError(f"limit must be an integer >= 1, got {limit!r}")
-    as_seconds(timeout, "timeout")
+    lease = as_seconds(timeout, "timeout")
     as_seconds(blocking_timeout, "blocking_timeout", allow_zero=True)
+    lease_drift(lease, drift, renew_interval=lease / 3 if auto_renew else None)
 
     async def dependency(request: Request) -> AsyncIterator[Permit]:
         semaphore = Semaphore(
@@ -282,6 +290,7 @@ def request_semaphore(
             blocking_timeout=blocking_timeout,
             auto_renew=auto_renew,
             fair=fair,
+            drift=drift,
         )
         async with semaphore as permit:
             yield permit

@@ -14,8 +14,8 @@ build on the same machinery and are importable from here too::
 
     async with RedisLock(redis, "jobs:42", timeout=10, auto_renew=True):
         ...   # waits up to blocking_timeout (default: the lease), else LockNotAcquired;
-              # renewed every timeout/3; if the lock is lost the block is cancelled
-              # and LockLost raised
+              # renewed every timeout/3; if the lock is lost, or no renewal is
+              # confirmed by lock.deadline, the block is cancelled and LockLost raised
 
 What makes it correct by construction:
 
@@ -34,6 +34,13 @@ What makes it correct by construction:
   largest it has seen. The counter expires after ``fence_ttl`` idle time; it
   then restarts from the server clock in microseconds, which is above every
   token issued before unless the server clock went backwards.
+* **A deadline kept locally.** With ``auto_renew`` the lease is tracked on the
+  event loop's clock from when the acquire/renewal was *sent*; ``deadline`` is
+  that time + the lease - ``drift``. A loop timer (not the renewal call, which a
+  stalled link may hold for socket_timeout x retries) ends the hold there unless
+  a renewal was confirmed first: the block is cancelled and ``LockLost`` raised
+  ``drift`` before another owner can acquire. Each renewal is bounded by the
+  time left.
 * **Cancellation safety.** A cancelled ``acquire`` runs a shielded
   compare-and-delete with its token, so a ``SET`` that reached the server
   before the cancellation leaves no key; a cancelled ``release`` still
@@ -121,6 +128,7 @@ __all__ = [
     "Semaphore",
     "as_seconds",
     "fenced_write",
+    "lease_drift",
     "wait_bound",
 ]
 
@@ -195,6 +203,32 @@ def as_seconds(value: Seconds | None, what: str, *, allow_zero: bool = False) ->
     if math.isnan(seconds) or seconds < 0 or (seconds == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
         raise ConfigurationError(f"{what} must be {bound} seconds, got {value!r}")
+    return seconds
+
+
+def lease_drift(
+    lease: float, drift: Seconds | None, *, renew_interval: float | None = None
+) -> float:
+    """The drift margin of a *lease* (seconds): *drift*, or by default 1 % of it plus 2 ms.
+
+    A holder treats its lease as ended this long before it can end in Redis,
+    which covers the server's clock running faster than this process's and the
+    time this process needs to notice. Refuses a margin as long as the lease,
+    and, given the *renew_interval* of a watchdog, one that leaves no time for
+    a renewal to be confirmed.
+    """
+    seconds = lease * 0.01 + 0.002 if drift is None else as_seconds(drift, "drift", allow_zero=True)
+    if seconds >= lease:
+        raise ConfigurationError(
+            f"drift ({seconds:g} s) must be shorter than the lease ({lease:g} s); "
+            "the default is 1 % of the lease plus 2 ms"
+        )
+    if renew_interval is not None and renew_interval + seconds >= lease:
+        raise ConfigurationError(
+            f"renew_interval ({renew_interval:g} s) plus the drift margin ({seconds:g} s) "
+            f"must be shorter than the lease ({lease:g} s), or no renewal could be "
+            "confirmed in time"
+        )
     return seconds
 
 
@@ -509,6 +543,7 @@ class _Lease:
         auto_renew: bool,
         renew_interval: Seconds | None,
         on_lost: LostCallback | None,
+        drift: Seconds | None = None,
     ) -> None:
         if not isinstance(name, str) or not name:
             raise ConfigurationError(
@@ -527,11 +562,18 @@ class _Lease:
                 f"renew_interval ({self.renew_interval:g} s) must be shorter than the lease "
                 f"({self.timeout:g} s); the default is timeout/3"
             )
+        self.drift = lease_drift(
+            self.timeout, drift, renew_interval=self.renew_interval if auto_renew else None
+        )
+        """The drift margin: a held lease counts as ended this long before it can end in Redis."""
         self.on_lost = on_lost
         self._lease_ms = _ms(self.timeout)
         self._token: str | None = None
-        self._valid_until = 0.0  # loop time by which the lease surely ends
+        # Loop time at which the lease may end in Redis at the earliest: when the
+        # acquire/extend that set it was sent, plus its length.
+        self._valid_until = 0.0
         self._watchdog: asyncio.Task[None] | None = None
+        self._deadline_timer: asyncio.TimerHandle | None = None
         self._lost: LockLost | None = None
         self._body: asyncio.Task[Any] | None = None
         self._body_token: str | None = None
@@ -559,8 +601,19 @@ class _Lease:
         """The error the watchdog recorded if the current (or last) hold was lost."""
         return self._lost
 
-    def _drift(self) -> float:
-        return self.timeout * 0.01 + 0.002
+    @property
+    def deadline(self) -> float | None:
+        """Loop time (``loop.time()``) at which this holder stops counting on the lease.
+
+        The lease's end as this process can know it without asking Redis: the
+        time the acquire (or last confirmed renewal/extend) was *sent* plus its
+        length, minus the drift margin. None when not held. With
+        ``auto_renew=True`` the block is cancelled at this time unless a renewal
+        was confirmed before it.
+        """
+        if self._token is None:
+            return None
+        return self._valid_until - self.drift
 
     def _hold(self, token: str, valid_until: float) -> None:
         self._token = token
@@ -570,11 +623,39 @@ class _Lease:
             self._watchdog = asyncio.get_running_loop().create_task(
                 self._watch(token), name=f"{self._kind}-watchdog:{self.name}"
             )
+            self._arm_deadline(token)
+
+    def _arm_deadline(self, token: str) -> None:
+        """(Re)start the timer that ends the hold at ``deadline`` (auto-renew only)."""
+        if self._deadline_timer is not None:
+            self._deadline_timer.cancel()
+        self._deadline_timer = asyncio.get_running_loop().call_at(
+            self._valid_until - self.drift, self._deadline_passed, token
+        )
+
+    def _deadline_passed(self, token: str) -> None:
+        # A loop timer, not the watchdog task: the watchdog may be stuck in a renewal
+        # call that only a socket timeout (times the client's retries) would end.
+        self._deadline_timer = None
+        if self._token != token or self._lost is not None:
+            return
+        self._declare_lost(
+            f"no renewal was confirmed before its lease ended ({self.timeout:g} s lease, "
+            f"counted from when the last acquire/renewal was sent, minus a {self.drift:g} s "
+            "drift margin): Redis is slow or unreachable",
+            None,
+        )
+        watchdog = self._watchdog
+        if watchdog is not None and not watchdog.done():
+            watchdog.cancel()
 
     def _stop_watchdog(self) -> None:
         task, self._watchdog = self._watchdog, None
         if task is not None and task is not asyncio.current_task():
             task.cancel()
+        timer, self._deadline_timer = self._deadline_timer, None
+        if timer is not None:
+            timer.cancel()
 
     async def _watch(self, token: str) -> None:
         loop = asyncio.get_running_loop()
@@ -582,29 +663,40 @@ class _Lease:
         next_at = loop.time() + self.renew_interval
         while True:
             await asyncio.sleep(max(0.0, next_at - loop.time()))
-            if self._token != token:
+            if self._token != token or self._lost is not None:
                 return
+            deadline = self._valid_until - self.drift
             sent = loop.time()
             try:
-                left = await self._remote_extend(token, self._lease_ms, True)
+                # Bounded by the lease: a renewal answered later is of no use.
+                async with asyncio.timeout_at(deadline):
+                    left = await self._remote_extend(token, self._lease_ms, True)
             except Exception as exc:
-                if self._token != token:
+                if self._token != token or self._lost is not None:
                     return
-                if loop.time() + retry >= self._valid_until - self._drift():
-                    self._declare_lost(f"the renewal failed until the lease ran out ({exc})", exc)
+                if loop.time() + retry >= deadline:
+                    reason = (
+                        "no renewal was confirmed before its lease ended"
+                        if isinstance(exc, TimeoutError)
+                        else f"the renewal failed until the lease ran out ({exc})"
+                    )
+                    self._declare_lost(reason, exc)
                     return
                 log.warning("%s %r: renewal failed, retrying: %s", self._kind, self.name, exc)
                 next_at = loop.time() + retry
                 continue
-            if self._token != token:
+            if self._token != token or self._lost is not None:
                 return
             if left < 0:
                 self._declare_lost("its key expired or another owner took it", None)
                 return
             self._valid_until = sent + left / 1000
+            self._arm_deadline(token)
             next_at = sent + self.renew_interval
 
     def _declare_lost(self, reason: str, cause: BaseException | None) -> None:
+        if self._lost is not None:
+            return  # the deadline timer and the watchdog may both find it
         body = self._body
         cancel = body is not None and not self._exiting and not body.done()
         err = LockLost(
@@ -651,8 +743,10 @@ class _Lease:
                 f"extend(); acquire it again (and consider auto_renew=True)",
                 lock_name=self.name,
             )
-        if self._token == token:
+        if self._token == token and self._lost is None:
             self._valid_until = sent + left / 1000
+            if self._deadline_timer is not None:
+                self._arm_deadline(token)
         return left / 1000
 
     async def _release_hold(self) -> bool:
@@ -673,6 +767,40 @@ class _Lease:
         finally:
             self._after_release()
 
+    def _release_in_background(self) -> None:
+        """End a hold known to be lost: compare-and-delete without waiting for it."""
+        token = self._token
+        if token is None:
+            return
+        self._token = None
+        self._stop_watchdog()
+        try:
+            _in_background(self._remote_release(token))
+        finally:
+            self._after_release()
+
+    async def _release_lost_hold(self) -> None:
+        """End a hold known to be lost, waiting for it no later than the deadline.
+
+        The compare-and-delete is awaited only until ``deadline`` (a loss that
+        the deadline itself declared does not wait); past that it finishes in the
+        background, so a slow or stalled link cannot hold up ``LockLost``.
+        """
+        token = self._token
+        if token is None:
+            return
+        self._token = None
+        self._stop_watchdog()
+        try:
+            task = asyncio.ensure_future(self._remote_release(token))
+            _background.add(task)
+            task.add_done_callback(_report_background)
+            left = self._valid_until - self.drift - asyncio.get_running_loop().time()
+            if left > 0:
+                await asyncio.wait({task}, timeout=left)
+        finally:
+            self._after_release()
+
     def _not_owned_on_release(self) -> LockNotOwned:
         return LockNotOwned(
             f"{self._kind} {self.name!r} expired or was taken by another owner before release() "
@@ -682,6 +810,19 @@ class _Lease:
         )
 
     def _arm_body(self) -> None:
+        """Make the current task the guarded block (``__aenter__``).
+
+        Raises ``LockLost`` instead, without entering, when the watchdog's
+        deadline already passed: the acquire was confirmed too late to be of use.
+        """
+        token = self._token
+        late = asyncio.get_running_loop().time() >= self._valid_until - self.drift
+        if token is not None and self._deadline_timer is not None and late:
+            self._deadline_passed(token)  # the timer would fire only at the block's first await
+        if token is not None and self._lost is not None:
+            lost = self._lost
+            self._release_in_background()
+            raise lost
         task = asyncio.current_task()
         self._body = task
         self._body_token = self._token
@@ -715,7 +856,11 @@ class _Lease:
         self._exiting = True
         try:
             if self._token is not None and self._token == body_token:
-                released = await self._release_hold()
+                if self._lost is None:
+                    released = await self._release_hold()
+                else:
+                    await self._release_lost_hold()
+                    released = False
             else:
                 released = True  # released by hand inside the block
         except (LockError, RedisUnavailable) as err:
@@ -759,14 +904,21 @@ class RedisLock(_Lease):
         blocking_timeout: how long blocking acquires (and ``async with``) wait;
             default: the lease.
         auto_renew: run a watchdog while held that renews the lease every
-            ``renew_interval`` (default ``timeout/3``). If a renewal finds the
-            lock gone, or Redis stays unreachable until the lease would end,
-            the ``async with`` block is cancelled and ``LockLost`` raised.
+            ``renew_interval`` (default ``timeout/3``). The lease is tracked
+            locally from when each acquire/renewal was *sent*: if no renewal is
+            confirmed by ``deadline`` (that time plus the lease, minus
+            ``drift``), or a renewal finds the lock gone, the ``async with``
+            block is cancelled at once and ``LockLost`` raised, however long the
+            pending network call would still take. Each renewal is bounded by
+            the time left.
         on_lost: called with the ``LockLost`` error when the watchdog loses the
             lock (a plain function or a coroutine function).
         fair: FIFO order among ``fair=True`` waiters (others may still barge in).
         fence_ttl: how long an idle lock's fencing counter is kept.
         key_prefix: default ``settings.redis_key_prefix``.
+        drift: the drift margin (seconds or ``timedelta``): the holder gives the
+            lease up this long before it can end in Redis. Default: 1 % of the
+            lease plus 2 ms.
 
     Keys (one hash tag per name): ``<prefix>:lock:{name}`` (owner token, PX
     lease), ``...:fence``, ``...:wake``, ``...:queue``, ``...:queue-heartbeats``,
@@ -786,9 +938,15 @@ class RedisLock(_Lease):
         fair: bool = False,
         fence_ttl: Seconds = DEFAULT_FENCE_TTL,
         key_prefix: str | None = None,
+        drift: Seconds | None = None,
     ) -> None:
         super().__init__(
-            name, timeout, auto_renew=auto_renew, renew_interval=renew_interval, on_lost=on_lost
+            name,
+            timeout,
+            auto_renew=auto_renew,
+            renew_interval=renew_interval,
+            on_lost=on_lost,
+            drift=drift,
         )
         self.redis = redis
         self.blocking_timeout = (

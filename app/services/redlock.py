@@ -84,8 +84,11 @@ class Redlock(_Lease):
         blocking_timeout: how long blocking acquires and ``async with`` wait
             (default: the lease).
         auto_renew, renew_interval, on_lost: the watchdog, as for ``RedisLock``
-            (a renewal must reach a majority).
-        drift_factor: clock-drift allowance as a fraction of the lease.
+            (a renewal must reach a majority). The block is cancelled with
+            ``LockLost`` when the validity time runs out (``deadline``) without
+            a renewal confirmed by a majority, whatever the masters are doing.
+        drift_factor: clock-drift allowance as a fraction of the lease; the
+            drift margin (``drift``) is ``timeout * drift_factor + 2 ms``.
         node_timeout: bound on each master's reply (default: 1/20 of the
             lease, between 50 and 250 ms).
         retry_delay: upper bound of the random pause between attempts.
@@ -110,14 +113,20 @@ class Redlock(_Lease):
         retry_delay: Seconds = 0.2,
         key_prefix: str | None = None,
     ) -> None:
+        if not 0 <= drift_factor < 0.5:
+            raise ConfigurationError(f"drift_factor must be in [0, 0.5), got {drift_factor!r}")
+        lease = as_seconds(timeout, "timeout (the lease)")
         super().__init__(
-            name, timeout, auto_renew=auto_renew, renew_interval=renew_interval, on_lost=on_lost
+            name,
+            timeout,
+            auto_renew=auto_renew,
+            renew_interval=renew_interval,
+            on_lost=on_lost,
+            drift=lease * drift_factor + 0.002,
         )
         self.clients = list(clients)
         if not self.clients:
             raise ConfigurationError("Redlock needs at least one client (3 or 5 masters)")
-        if not 0 <= drift_factor < 0.5:
-            raise ConfigurationError(f"drift_factor must be in [0, 0.5), got {drift_factor!r}")
         self.quorum = len(self.clients) // 2 + 1
         self.drift_factor = drift_factor
         self.blocking_timeout = (
@@ -141,9 +150,6 @@ class Redlock(_Lease):
     def __repr__(self) -> str:
         state = "held" if self._token else "free"
         return f"Redlock({self.name!r}, nodes={len(self.clients)}, quorum={self.quorum}, {state})"
-
-    def _drift(self) -> float:
-        return self.timeout * self.drift_factor + 0.002
 
     async def _on_all(self, call: Callable[[Any], Awaitable[Any]]) -> list[_Outcome]:
         """*call* on every master at once, each bounded by ``node_timeout``."""
@@ -191,12 +197,13 @@ class Redlock(_Lease):
             if len(answered) < self.quorum:
                 raise self._unreachable(outcomes, "extension")
             return -1
-        # the lease a quorum agrees on, minus what this round trip and clock drift may eat
-        validity = extended[self.quorum - 1] / 1000 - (loop.time() - start) - self._drift()
+        agreed = extended[self.quorum - 1]  # the lease a quorum holds, from when it was sent
+        # what is left of it once this round trip and clock drift are taken off
+        validity = agreed / 1000 - (loop.time() - start) - self.drift
         if validity <= 0:
             return -1
         self.validity = validity
-        return int(validity * 1000)
+        return agreed
 
     async def acquire(
         self, blocking: bool = False, blocking_timeout: Seconds | None = None
@@ -249,10 +256,11 @@ class Redlock(_Lease):
             raise
         elapsed = loop.time() - start
         granted = sum(o is True for o in outcomes)
-        validity = self.timeout - elapsed - self._drift()
+        validity = self.timeout - elapsed - self.drift
         if granted >= self.quorum and validity > 0:
             self.validity = validity
-            self._hold(token, start + self.timeout - self._drift())
+            # deadline = start + timeout - drift = now + validity
+            self._hold(token, start + self.timeout)
             return token
         await _settle(self._release_all(token))  # undo a minority (or a late majority)
         answered = sum(not isinstance(o, BaseException) for o in outcomes)

@@ -20,8 +20,10 @@ holder that crashed (or stalled past its lease) gives its permit back after
 its lease, without any janitor. Release, extend and the watchdog work per
 permit exactly as for ``RedisLock``: compare-and-act scripts keyed by the
 permit's own token, ``auto_renew=True`` renews every ``timeout/3`` and cancels
-the ``async with`` block with ``LockLost`` if the permit is lost, and a
-cancelled acquire leaves no permit behind. Waiters are woken by releases
+the ``async with`` block with ``LockLost`` if the permit is lost or no renewal
+is confirmed by ``permit.deadline`` (the lease counted from when its last
+acquire/renewal was sent, minus ``drift``), and a cancelled acquire leaves no
+permit behind. Waiters are woken by releases
 (``BLPOP`` on a wake list, in-process wake-ups, jittered polling as the
 fallback); ``fair=True`` serves fair waiters in FIFO order.
 
@@ -55,6 +57,7 @@ from app.services.locks import (
     _space,
     _waited,
     as_seconds,
+    lease_drift,
     wait_bound,
 )
 
@@ -86,6 +89,7 @@ class Permit(_Lease):
             auto_renew=semaphore.auto_renew,
             renew_interval=semaphore.renew_interval,
             on_lost=semaphore.on_lost,
+            drift=semaphore.drift,
         )
         self.semaphore = semaphore
         self.holders = holders
@@ -144,8 +148,10 @@ class Semaphore:
         timeout: each permit's lease in seconds (or ``timedelta``); required.
         blocking_timeout: how long blocking acquires and ``async with`` wait
             (default: the lease).
-        auto_renew, renew_interval, on_lost: the permit watchdog, as for
-            ``RedisLock``.
+        auto_renew, renew_interval, on_lost, drift: the permit watchdog and the
+            local lease deadline it enforces, as for ``RedisLock`` (a permit
+            whose renewal is not confirmed by ``permit.deadline`` cancels its
+            ``async with`` block with ``LockLost``).
         fair: FIFO order among ``fair=True`` waiters.
         key_prefix: default ``settings.redis_key_prefix``.
 
@@ -169,6 +175,7 @@ class Semaphore:
         on_lost: LostCallback | None = None,
         fair: bool = False,
         key_prefix: str | None = None,
+        drift: Seconds | None = None,
     ) -> None:
         if not isinstance(name, str) or not name:
             raise ConfigurationError(f"a semaphore name must be a non-empty string, got {name!r}")
@@ -188,6 +195,9 @@ class Semaphore:
                 f"renew_interval ({self.renew_interval:g} s) must be shorter than the lease "
                 f"({self.timeout:g} s); the default is timeout/3"
             )
+        self.drift = lease_drift(
+            self.timeout, drift, renew_interval=self.renew_interval if auto_renew else None
+        )
         self.blocking_timeout = (
             self.timeout
             if blocking_timeout is None
