@@ -50,7 +50,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.problems import PROBLEM_CONTENT_TYPE, send_problem
-from app.core.config import FailureMode, Settings, get_settings
+from app.core.config import FailureMode, Settings, check_secret_keys, get_settings
 from app.core.errors import (
     ConfigurationError,
     IdempotencyConflict,
@@ -283,6 +283,7 @@ class IdempotencyMiddleware:
             raise ConfigurationError("wait_timeout and conflict_retry_after must be >= 0")
         if not ttl > 0 or not lease > 0:
             raise ConfigurationError("ttl and lease must be positive seconds")
+        check_secret_keys(secret, source="IdempotencyMiddleware(secret=...)")
         self.app = app
         self.methods = frozenset(m.upper() for m in methods)
         self.paths = None if paths is None else tuple(p.rstrip("/") or "/" for p in paths)
