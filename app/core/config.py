@@ -140,6 +140,13 @@ class Settings(BaseSettings):
     idempotency_failure_mode: FailureMode = "closed"
     sessions_failure_mode: FailureMode = "closed"
 
+    # Health
+    health_details: bool = Field(
+        default=False,
+        description="/healthz also shows version, role, breaker state and the masked URL "
+        "(internal host and port): enable only where the route is not public.",
+    )
+
     # Demo service
     streams_demo_worker: Literal["lazy", "eager", "off"] = Field(
         default="lazy",
