@@ -148,6 +148,11 @@ class Settings(BaseSettings):
     )
 
     # Demo service
+    demo_destructive_routes: bool = Field(
+        default=False,
+        description="Serve the demo's destructive routes (DELETE /cache, POST /cache/invalidate, "
+        "POST /publish/{channel}) outside APP_ENV=development; elsewhere they answer 403.",
+    )
     streams_demo_worker: Literal["lazy", "eager", "off"] = Field(
         default="lazy",
         description="The demo's in-app stream consumer: lazy (first /streams request), "
@@ -176,6 +181,11 @@ class Settings(BaseSettings):
     def production_strict(self) -> bool:
         """True unless ``APP_ENV`` is ``development`` or ``test`` (staging is strict too)."""
         return self.app_env not in LENIENT_ENVS
+
+    @property
+    def destructive_demo_routes_enabled(self) -> bool:
+        """True with ``APP_ENV=development`` or ``DEMO_DESTRUCTIVE_ROUTES=true``."""
+        return self.app_env == "development" or self.demo_destructive_routes
 
     @model_validator(mode="after")
     def _refuse_unsafe_production(self) -> Settings:

@@ -11,6 +11,7 @@ so the original stays in ``__cause__``::
     │   ├── PayloadTooLarge           over a size cap (e.g. decompression bomb)
     │   └── SignatureError            a signed payload was tampered with or the key is wrong
     ├── InvalidKey                    a key part is empty or not allowed
+    │   └── PatternTooComplex         a glob pattern has more wildcards than the cap
     ├── LockError
     │   ├── LockNotAcquired           could not get the lock within the wait bound
     │   ├── LockNotOwned              release/extend of a lock that is no longer ours
@@ -25,6 +26,7 @@ so the original stays in ``__cause__``::
     │   ├── SessionNotFound           unknown or expired session id
     │   └── SessionConflict           a concurrent change could not be merged
     ├── StreamError                   consumer-group / stream misuse
+    ├── RouteDisabled                 a route this deployment switched off (403)
     └── SubscriberOverflow            a pub/sub subscriber fell behind and was disconnected
 
 Each class carries an HTTP ``status_code``, a stable ``problem_type`` slug and a
@@ -52,9 +54,11 @@ __all__ = [
     "LockLost",
     "LockNotAcquired",
     "LockNotOwned",
+    "PatternTooComplex",
     "PayloadTooLarge",
     "RateLimitExceeded",
     "RedisUnavailable",
+    "RouteDisabled",
     "SessionConflict",
     "SessionError",
     "SessionNotFound",
@@ -155,6 +159,17 @@ class InvalidKey(ToolkitError, ValueError):
     status_code = 400
     problem_type = "invalid-key"
     title = "Invalid key"
+
+
+class PatternTooComplex(InvalidKey):
+    """A glob pattern has more wildcards than the toolkit matches (bounded matching cost)."""
+
+    problem_type = "pattern-too-complex"
+    title = "Pattern has too many wildcards"
+
+    def __init__(self, message: str, *, limit: int) -> None:
+        super().__init__(message)
+        self.limit = limit
 
 
 class LockError(ToolkitError):
@@ -283,6 +298,14 @@ class StreamError(ToolkitError):
 
     problem_type = "stream-error"
     title = "Stream error"
+
+
+class RouteDisabled(ToolkitError):
+    """The route exists but this deployment has switched it off (e.g. a destructive demo route)."""
+
+    status_code = 403
+    problem_type = "route-disabled"
+    title = "Route disabled"
 
 
 class SubscriberOverflow(ToolkitError):
