@@ -50,7 +50,7 @@ import orjson
 from pydantic import BaseModel, TypeAdapter, ValidationError
 from pydantic_core import PydanticSerializationError
 
-from app.core.errors import CodecError, PayloadTooLarge, SignatureError
+from app.core.errors import CodecError, EncodeError, PayloadTooLarge, SignatureError
 
 __all__ = ["Codec", "JsonCodec", "Serializer", "default_codec"]
 
@@ -263,7 +263,12 @@ class Codec:
     # -- encode --------------------------------------------------------------
 
     def encode(self, value: Any) -> bytes:
-        """Encode *value* into an envelope. Raises ``CodecError`` for unsupported types."""
+        """Encode *value* into an envelope.
+
+        Raises ``EncodeError`` (a ``CodecError``) for values JSON cannot hold
+        (unsupported types, inf or nan, integers past 64 bits, lone surrogates)
+        and ``PayloadTooLarge`` past ``max_payload_bytes``.
+        """
         if isinstance(value, bytes | bytearray | memoryview) and self.fmt != "pickle":
             fmt, payload = b"b", bytes(value)
             binary = True
@@ -304,7 +309,7 @@ class Codec:
             payload = self._dumps(_escape_lookalikes(value), state)
         if b"null" in payload and _has_non_finite(value):
             # orjson writes inf and nan as null: they would come back as None, silently.
-            raise CodecError("cannot encode inf or nan as JSON; store them as strings or None")
+            raise EncodeError("cannot encode inf or nan as JSON; store them as strings or None")
         return (b"t" if state.count else b"j"), payload
 
     @staticmethod
@@ -312,15 +317,21 @@ class Codec:
         try:
             return orjson.dumps(value, default=_encode_default(state), option=_ORJSON_OPTS)
         except (TypeError, orjson.JSONEncodeError) as exc:
-            raise CodecError(f"cannot encode {type(value).__name__} as JSON: {exc}") from exc
+            raise EncodeError(f"cannot encode {type(value).__name__} as JSON: {exc}") from exc
 
     def _msgpack_dump(self, value: Any) -> bytes:
         # msgpack has no pydantic/datetime support of its own: go through JSON-able python.
         _, payload = self._json(value)
-        return cast(bytes, _msgpack().packb(orjson.loads(payload), use_bin_type=True))
+        try:
+            return cast(bytes, _msgpack().packb(orjson.loads(payload), use_bin_type=True))
+        except (OverflowError, TypeError, ValueError) as exc:
+            raise EncodeError(f"cannot encode {type(value).__name__} as msgpack: {exc}") from exc
 
     def _pickle_dump(self, value: Any) -> bytes:
-        body = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+        try:
+            body = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+        except (pickle.PicklingError, TypeError, AttributeError, RecursionError) as exc:
+            raise EncodeError(f"cannot pickle {type(value).__name__}: {exc}") from exc
         return hmac.new(self._secrets[0], body, hashlib.sha256).digest() + body
 
     # -- decode --------------------------------------------------------------

@@ -8,6 +8,7 @@ so the original stays in ``__cause__``::
     ├── ConfigurationError            bad or unsafe settings
     ├── RedisUnavailable              Redis cannot be reached (or the breaker is open)
     ├── CodecError                    a value cannot be encoded or a stored payload decoded
+    │   ├── EncodeError               the caller's value cannot be encoded (422)
     │   ├── PayloadTooLarge           over a size cap (e.g. decompression bomb)
     │   └── SignatureError            a signed payload was tampered with or the key is wrong
     ├── InvalidKey                    a key part is empty or not allowed
@@ -44,6 +45,7 @@ from typing import Any, ClassVar
 __all__ = [
     "CodecError",
     "ConfigurationError",
+    "EncodeError",
     "IdempotencyConflict",
     "IdempotencyError",
     "IdempotencyKeyInvalid",
@@ -132,6 +134,17 @@ class CodecError(ToolkitError, ValueError):
 
     problem_type = "codec-error"
     title = "Stored data could not be decoded"
+
+
+class EncodeError(CodecError):
+    """A value handed to the toolkit cannot be encoded (unsupported type, inf/nan, huge int).
+
+    The value came from the caller, so an HTTP answer is 422, not a server error.
+    """
+
+    status_code = 422
+    problem_type = "unencodable-value"
+    title = "Value cannot be stored"
 
 
 class PayloadTooLarge(CodecError):
