@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import logging
 import re
+from typing import Any
 
 import pytest
 from fastapi import FastAPI
