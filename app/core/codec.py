@@ -347,7 +347,10 @@ class Codec:
 
     def decode(self, data: bytes | str, type_: Any = None) -> Any:
         """Decode an envelope (or plain JSON). Raises ``CodecError`` on any malformed input."""
-        raw = data.encode("utf-8") if isinstance(data, str) else data
+        try:
+            raw = data.encode("utf-8") if isinstance(data, str) else data
+        except UnicodeEncodeError as exc:  # a lone surrogate: not text Redis could have stored
+            raise CodecError(f"stored text is not valid Unicode: {exc.reason}") from exc
         if len(raw) > self.max_payload_bytes + 64:
             raise PayloadTooLarge(
                 f"stored payload is {len(raw)} bytes, over the {self.max_payload_bytes} cap",
@@ -412,8 +415,11 @@ class Codec:
         if tagged:
             try:
                 value = _restore(value)
-            except (ValueError, TypeError, AttributeError) as exc:
-                raise CodecError(f"corrupted tagged value in payload: {exc}") from exc
+            except (ValueError, TypeError, AttributeError, ArithmeticError, RecursionError) as exc:
+                # ArithmeticError: decimal.InvalidOperation for a tagged decimal like "abc"
+                raise CodecError(
+                    f"corrupted tagged value in payload: {type(exc).__name__}: {exc}"
+                ) from exc
         return self._validate(value, type_)
 
     @staticmethod

@@ -49,10 +49,19 @@ _ESCAPE_TABLE = [chr(b) if b in _SAFE else f"%{b:02X}" for b in range(256)]
 
 
 def escape(part: str | bytes | int) -> str:
-    """Escape one untrusted key part (injective; no ``:``, braces or glob characters)."""
+    """Escape one untrusted key part (injective; no ``:``, braces or glob characters).
+
+    Raises ``InvalidKey`` for an empty part and for text that is not valid
+    Unicode (a lone surrogate such as ``"\\ud800"``, which has no UTF-8 form).
+    """
     if isinstance(part, int) and not isinstance(part, bool):
         return str(part)
-    raw = part.encode("utf-8") if isinstance(part, str) else bytes(part)
+    try:
+        raw = part.encode("utf-8") if isinstance(part, str) else bytes(part)
+    except UnicodeEncodeError as exc:
+        raise InvalidKey(
+            f"a key part must be valid Unicode text: {exc.reason} at position {exc.start}"
+        ) from exc
     if not raw:
         raise InvalidKey("a key part must not be empty")
     if all(b in _SAFE for b in raw):
