@@ -53,7 +53,10 @@ def weak_key_reason(key: str | bytes) -> str | None:
     """
     stripped = key.strip()
     if len(stripped) < MIN_SECRET_KEY_LENGTH:
-        return f"it has {len(stripped)} characters (without surrounding spaces), fewer than {MIN_SECRET_KEY_LENGTH}"
+        return (
+            f"it has {len(stripped)} characters (without surrounding spaces), "
+            f"fewer than {MIN_SECRET_KEY_LENGTH}"
+        )
     if len(set(stripped)) == 1:
         return "it repeats a single character"
     return None
