@@ -52,6 +52,7 @@ from redis.backoff import ExponentialWithJitterBackoff
 
 from app.core.config import Settings, get_settings
 from app.core.errors import ConfigurationError, RedisUnavailable
+from app.core.keys import bound_pattern
 
 __all__ = [
     "REFUSED_FOR_NOW",
@@ -484,8 +485,12 @@ async def scan_keys(client: Any, match: str, *, count: int = 1000) -> AsyncItera
     """Every key matching *match*, on every primary of a Cluster (never ``KEYS``).
 
     A key may be yielded twice if the keyspace changes during the walk (SCAN's
-    guarantee); callers that delete are idempotent anyway.
+    guarantee); callers that delete are idempotent anyway. *match* is a Redis
+    glob: runs of ``*`` collapse and more than ``MAX_PATTERN_WILDCARDS``
+    wildcards (``*``, ``?``, ``[``) raise ``PatternTooComplex`` before Redis is
+    called (its matcher backtracks: CVE-2022-36021, and the embedded store).
     """
+    match = bound_pattern(match, wildcards="*?[", what="SCAN pattern")
     if is_cluster(client):
         # redis-py follows one cursor per node; PRIMARIES makes the walk explicit
         async for key in client.scan_iter(
