@@ -50,6 +50,7 @@ import orjson
 from pydantic import BaseModel, TypeAdapter, ValidationError
 from pydantic_core import PydanticSerializationError
 
+from app.core.config import check_secret_keys
 from app.core.errors import CodecError, EncodeError, PayloadTooLarge, SignatureError
 
 __all__ = ["Codec", "JsonCodec", "Serializer", "default_codec"]
@@ -220,7 +221,8 @@ class Codec:
         compress_threshold: compress payloads larger than this many bytes (0: never).
         max_payload_bytes: refuse to decode (or decompress to) more than this.
         allow_pickle: decoding a pickle payload is refused unless this is True.
-        secret: HMAC key(s) for signed pickle; the first signs, all verify.
+        secret: HMAC key(s) for signed pickle; the first signs, all verify. In a
+            production-strict ``APP_ENV`` weak keys raise ``ConfigurationError``.
         text_safe: produce envelopes that are valid UTF-8 (for ``decode_responses=True``).
     """
 
@@ -237,6 +239,8 @@ class Codec:
         if fmt not in ("json", "msgpack", "pickle"):
             raise CodecError(f"unknown codec format {fmt!r}; use json, msgpack or pickle")
         secrets_ = [secret] if isinstance(secret, bytes) else list(secret or [])
+        if secrets_:
+            check_secret_keys(secrets_, source="Codec(secret=...)")
         if fmt == "pickle" and not (allow_pickle and secrets_):
             raise CodecError(
                 "pickle needs allow_pickle=True and a secret to sign with; "

@@ -8,6 +8,7 @@ from collections.abc import Callable
 import pytest
 from pydantic import ValidationError
 
+from app.core.codec import Codec
 from app.core.config import Settings, check_secret_keys, get_settings
 from app.core.errors import ConfigurationError
 from app.middleware.http_cache import HttpCacheMiddleware
@@ -109,14 +110,17 @@ def test_the_key_check_is_lenient_outside_production_strict_envs() -> None:
         lambda: SessionMiddleware(_asgi_app, secret_key=[STRONG, "x" * 40]),
         lambda: IdempotencyMiddleware(_asgi_app, secret=b"0123456789"),
         lambda: HttpCacheMiddleware(_asgi_app, secret=b" " * 48),
+        lambda: Codec(fmt="pickle", allow_pickle=True, secret=[STRONG.encode(), b"k" * 40]),
     ],
-    ids=["sessions", "sessions-rotation-key", "idempotency", "http-cache"],
+    ids=["sessions", "sessions-rotation-key", "idempotency", "http-cache", "codec"],
 )
 def test_middleware_refuses_a_weak_key_passed_directly_in_production(
     settings_override: Callable[..., None], build: Callable[[], object]
 ) -> None:
     settings_override(app_env="staging", redis_url="redis://db:6379/0", secret_key=STRONG)
-    with pytest.raises(ConfigurationError, match=r"Middleware\(secret(_key)?=\.\.\.\).* too weak"):
+    with pytest.raises(
+        ConfigurationError, match=r"(Middleware|Codec)\(secret(_key)?=\.\.\.\).* too weak"
+    ):
         build()
 
 
