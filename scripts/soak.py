@@ -296,6 +296,7 @@ def start_app(redis_url: str, port: int, workdir: Path) -> tuple[subprocess.Pope
         "REDIS_URL": redis_url,
         "REDIS_KEY_PREFIX": PREFIX,
         "APP_ENV": "production",
+        "DEMO_DESTRUCTIVE_ROUTES": "true",  # the soak drives POST /publish
         "SECRET_KEY": "soak-" + uuid.uuid4().hex + uuid.uuid4().hex,
         "PYTHONUNBUFFERED": "1",
     }

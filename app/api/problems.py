@@ -13,12 +13,20 @@ a body that is not UTF-8 or a string with a lone surrogate (fastapi#13111).
 A route that calls Redis itself (``RedisDep``) and meets an outage, a timeout,
 an out-of-memory refusal or a read-only replica gets the same 503
 ``redis-unavailable`` answer the services give, not a 500 with a stack trace.
+
+Answers never carry internals. An error caused by a Redis error (``WRONGTYPE``,
+a script failure, ...), or whose text names a script hash, a Lua chunk
+(``@user_script``) or a Redis error code, answers with a generic ``detail``
+and a ``correlation_id`` member; the full text goes to the ``app.problems``
+log with the same id, so an operator can find it from a client's report.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import re
+import secrets
 from typing import Any
 
 import orjson
@@ -55,7 +63,37 @@ def problem_type_uri(problem_type: str) -> str:
     return _IANA_TYPES.get(problem_type, PROBLEM_TYPE_BASE + problem_type)
 
 
+log = logging.getLogger("app.problems")
+
+_INTERNAL_TEXT = re.compile(
+    r"\b[0-9a-fA-F]{40}\b|@user_script|@user_function|\bscript: "
+    r"|\b(?:WRONGTYPE|NOSCRIPT|CROSSSLOT|MOVED|NOAUTH|WRONGPASS|NOPERM|EXECABORT|ERR) "
+)
+"""Text that would tell a client about our Redis: script hashes, Lua chunk names, error codes."""
+
+
+def _quotes_a_redis_error(exc: ToolkitError) -> bool:
+    """True when *exc*'s detail repeats the text of a redis-py error in its cause chain."""
+    detail = exc.detail
+    seen: set[int] = set()
+    current: BaseException | None = exc.__cause__ or exc.__context__
+    while current is not None and id(current) not in seen:
+        text = str(current)
+        if isinstance(current, redis_exc.RedisError) and text and text in detail:
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def _needs_scrubbing(exc: ToolkitError) -> bool:
+    if isinstance(exc, RedisUnavailable):
+        return False  # its detail is generic already; the breaker logs the cause once
+    return _INTERNAL_TEXT.search(exc.detail) is not None or _quotes_a_redis_error(exc)
+
+
 def problem_body(exc: ToolkitError, instance: str | None = None) -> dict[str, Any]:
+    """The RFC 9457 body for *exc*; internals are logged under a ``correlation_id``, not sent."""
     body: dict[str, Any] = {
         "type": problem_type_uri(exc.problem_type),
         "title": exc.title,
@@ -65,6 +103,24 @@ def problem_body(exc: ToolkitError, instance: str | None = None) -> dict[str, An
     if instance:
         body["instance"] = instance
     body.update(exc.extensions())
+    if _needs_scrubbing(exc):
+        correlation_id = secrets.token_hex(8)
+        cause = exc.__cause__ or exc.__context__
+        log.error(
+            "problem %s [correlation_id=%s] at %s: %s (cause: %s: %s)",
+            exc.problem_type,
+            correlation_id,
+            instance or "-",
+            exc.detail,
+            type(cause).__name__ if cause is not None else "-",
+            cause if cause is not None else "-",
+            extra={"correlation_id": correlation_id},
+        )
+        body["detail"] = (
+            "The backing store could not complete this operation. "
+            f"Quote correlation id {correlation_id} when reporting it."
+        )
+        body["correlation_id"] = correlation_id
     return body
 
 
@@ -109,8 +165,6 @@ _TRANSIENT_REDIS_ERRORS: tuple[type[Exception], ...] = (
     redis_exc.ReadOnlyError,
 )
 """Raw redis-py errors that mean "Redis cannot serve this now" (answered 503)."""
-
-log = logging.getLogger("app.problems")
 
 
 async def _handle_transient_redis_error(request: Request, exc: Exception) -> Response:

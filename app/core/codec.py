@@ -50,7 +50,8 @@ import orjson
 from pydantic import BaseModel, TypeAdapter, ValidationError
 from pydantic_core import PydanticSerializationError
 
-from app.core.errors import CodecError, PayloadTooLarge, SignatureError
+from app.core.config import check_secret_keys
+from app.core.errors import CodecError, EncodeError, PayloadTooLarge, SignatureError
 
 __all__ = ["Codec", "JsonCodec", "Serializer", "default_codec"]
 
@@ -220,7 +221,8 @@ class Codec:
         compress_threshold: compress payloads larger than this many bytes (0: never).
         max_payload_bytes: refuse to decode (or decompress to) more than this.
         allow_pickle: decoding a pickle payload is refused unless this is True.
-        secret: HMAC key(s) for signed pickle; the first signs, all verify.
+        secret: HMAC key(s) for signed pickle; the first signs, all verify. In a
+            production-strict ``APP_ENV`` weak keys raise ``ConfigurationError``.
         text_safe: produce envelopes that are valid UTF-8 (for ``decode_responses=True``).
     """
 
@@ -237,6 +239,8 @@ class Codec:
         if fmt not in ("json", "msgpack", "pickle"):
             raise CodecError(f"unknown codec format {fmt!r}; use json, msgpack or pickle")
         secrets_ = [secret] if isinstance(secret, bytes) else list(secret or [])
+        if secrets_:
+            check_secret_keys(secrets_, source="Codec(secret=...)")
         if fmt == "pickle" and not (allow_pickle and secrets_):
             raise CodecError(
                 "pickle needs allow_pickle=True and a secret to sign with; "
@@ -263,7 +267,12 @@ class Codec:
     # -- encode --------------------------------------------------------------
 
     def encode(self, value: Any) -> bytes:
-        """Encode *value* into an envelope. Raises ``CodecError`` for unsupported types."""
+        """Encode *value* into an envelope.
+
+        Raises ``EncodeError`` (a ``CodecError``) for values JSON cannot hold
+        (unsupported types, inf or nan, integers past 64 bits, lone surrogates)
+        and ``PayloadTooLarge`` past ``max_payload_bytes``.
+        """
         if isinstance(value, bytes | bytearray | memoryview) and self.fmt != "pickle":
             fmt, payload = b"b", bytes(value)
             binary = True
@@ -304,7 +313,7 @@ class Codec:
             payload = self._dumps(_escape_lookalikes(value), state)
         if b"null" in payload and _has_non_finite(value):
             # orjson writes inf and nan as null: they would come back as None, silently.
-            raise CodecError("cannot encode inf or nan as JSON; store them as strings or None")
+            raise EncodeError("cannot encode inf or nan as JSON; store them as strings or None")
         return (b"t" if state.count else b"j"), payload
 
     @staticmethod
@@ -312,15 +321,21 @@ class Codec:
         try:
             return orjson.dumps(value, default=_encode_default(state), option=_ORJSON_OPTS)
         except (TypeError, orjson.JSONEncodeError) as exc:
-            raise CodecError(f"cannot encode {type(value).__name__} as JSON: {exc}") from exc
+            raise EncodeError(f"cannot encode {type(value).__name__} as JSON: {exc}") from exc
 
     def _msgpack_dump(self, value: Any) -> bytes:
         # msgpack has no pydantic/datetime support of its own: go through JSON-able python.
         _, payload = self._json(value)
-        return cast(bytes, _msgpack().packb(orjson.loads(payload), use_bin_type=True))
+        try:
+            return cast(bytes, _msgpack().packb(orjson.loads(payload), use_bin_type=True))
+        except (OverflowError, TypeError, ValueError) as exc:
+            raise EncodeError(f"cannot encode {type(value).__name__} as msgpack: {exc}") from exc
 
     def _pickle_dump(self, value: Any) -> bytes:
-        body = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+        try:
+            body = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+        except (pickle.PicklingError, TypeError, AttributeError, RecursionError) as exc:
+            raise EncodeError(f"cannot pickle {type(value).__name__}: {exc}") from exc
         return hmac.new(self._secrets[0], body, hashlib.sha256).digest() + body
 
     # -- decode --------------------------------------------------------------
@@ -336,7 +351,10 @@ class Codec:
 
     def decode(self, data: bytes | str, type_: Any = None) -> Any:
         """Decode an envelope (or plain JSON). Raises ``CodecError`` on any malformed input."""
-        raw = data.encode("utf-8") if isinstance(data, str) else data
+        try:
+            raw = data.encode("utf-8") if isinstance(data, str) else data
+        except UnicodeEncodeError as exc:  # a lone surrogate: not text Redis could have stored
+            raise CodecError(f"stored text is not valid Unicode: {exc.reason}") from exc
         if len(raw) > self.max_payload_bytes + 64:
             raise PayloadTooLarge(
                 f"stored payload is {len(raw)} bytes, over the {self.max_payload_bytes} cap",
@@ -401,8 +419,11 @@ class Codec:
         if tagged:
             try:
                 value = _restore(value)
-            except (ValueError, TypeError, AttributeError) as exc:
-                raise CodecError(f"corrupted tagged value in payload: {exc}") from exc
+            except (ValueError, TypeError, AttributeError, ArithmeticError, RecursionError) as exc:
+                # ArithmeticError: decimal.InvalidOperation for a tagged decimal like "abc"
+                raise CodecError(
+                    f"corrupted tagged value in payload: {type(exc).__name__}: {exc}"
+                ) from exc
         return self._validate(value, type_)
 
     @staticmethod

@@ -9,13 +9,24 @@ from __future__ import annotations
 
 import logging
 import secrets
+from collections.abc import Sequence
 from functools import lru_cache
 from typing import Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["FailureMode", "Settings", "get_settings"]
+from app.core.errors import ConfigurationError
+
+__all__ = [
+    "LENIENT_ENVS",
+    "MIN_SECRET_KEY_LENGTH",
+    "FailureMode",
+    "Settings",
+    "check_secret_keys",
+    "get_settings",
+    "weak_key_reason",
+]
 
 log = logging.getLogger("app.config")
 
@@ -25,6 +36,66 @@ FailureMode = Literal["open", "closed"]
 
 MEMORY_URL = "memory://"
 
+LENIENT_ENVS = frozenset({"development", "test"})
+"""The only ``APP_ENV`` values that relax the guards; any other name is production-strict."""
+
+MIN_SECRET_KEY_LENGTH = 32
+"""Fewest characters (bytes for a ``bytes`` key) a key may have, surrounding spaces not counted."""
+
+_KEY_HINT = "generate one with: python -c 'import secrets; print(secrets.token_urlsafe(48))'"
+
+
+def weak_key_reason(key: str | bytes) -> str | None:
+    """Why *key* is too weak to sign with, or ``None`` when it is acceptable.
+
+    Weak: fewer than ``MIN_SECRET_KEY_LENGTH`` characters once surrounding
+    whitespace is stripped, or one character repeated (``"k" * 40``).
+    """
+    stripped = key.strip()
+    if len(stripped) < MIN_SECRET_KEY_LENGTH:
+        return (
+            f"it has {len(stripped)} characters (without surrounding spaces), "
+            f"fewer than {MIN_SECRET_KEY_LENGTH}"
+        )
+    if len(set(stripped)) == 1:
+        return "it repeats a single character"
+    return None
+
+
+def check_secret_keys(
+    keys: str | bytes | SecretStr | Sequence[str | bytes | SecretStr] | None,
+    *,
+    source: str,
+    strict: bool | None = None,
+) -> None:
+    """Refuse weak signing keys where production rules apply: the ONE key check.
+
+    Every place a key enters the toolkit calls this: ``SECRET_KEY`` and
+    ``SECRET_KEY_FALLBACKS`` in ``Settings``, and the ``secret_key=`` /
+    ``secret=`` arguments of the middleware. *source* names that place in the
+    error. With *strict* ``None`` the process settings decide: any ``APP_ENV``
+    but ``development`` and ``test`` is strict. ``None`` keys (use the
+    settings' keys) pass; in lenient environments every key passes.
+
+    Raises ``ConfigurationError`` saying which key is weak and how to make one.
+    """
+    if keys is None:
+        return
+    if strict is None:
+        strict = get_settings().production_strict
+    if not strict:
+        return
+    items = [keys] if isinstance(keys, str | bytes | SecretStr) else list(keys)
+    for index, item in enumerate(items):
+        raw = item.get_secret_value() if isinstance(item, SecretStr) else item
+        reason = weak_key_reason(raw)
+        if reason is not None:
+            where = source if len(items) == 1 else f"{source} (key #{index + 1})"
+            raise ConfigurationError(
+                f"{where} is too weak for a production-strict APP_ENV: {reason}; use a random "
+                f"key of at least {MIN_SECRET_KEY_LENGTH} characters ({_KEY_HINT})"
+            )
+
 
 class Settings(BaseSettings):
     """Toolkit settings. Environment variable names are the field names in upper case."""
@@ -33,7 +104,11 @@ class Settings(BaseSettings):
         env_file=".env", env_ignore_empty=True, extra="ignore", validate_default=True
     )
 
-    app_env: Literal["development", "test", "production"] = "development"
+    app_env: str = Field(
+        default="development",
+        min_length=1,
+        description="Any name; every value but development and test is production-strict.",
+    )
 
     # Connection
     redis_url: str | None = Field(
@@ -68,7 +143,19 @@ class Settings(BaseSettings):
     idempotency_failure_mode: FailureMode = "closed"
     sessions_failure_mode: FailureMode = "closed"
 
+    # Health
+    health_details: bool = Field(
+        default=False,
+        description="/healthz also shows version, role, breaker state and the masked URL "
+        "(internal host and port): enable only where the route is not public.",
+    )
+
     # Demo service
+    demo_destructive_routes: bool = Field(
+        default=False,
+        description="Serve the demo's destructive routes (DELETE /cache, POST /cache/invalidate, "
+        "POST /publish/{channel}) outside APP_ENV=development; elsewhere they answer 403.",
+    )
     streams_demo_worker: Literal["lazy", "eager", "off"] = Field(
         default="lazy",
         description="The demo's in-app stream consumer: lazy (first /streams request), "
@@ -88,20 +175,38 @@ class Settings(BaseSettings):
     codec_max_payload_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     codec_allow_pickle: bool = False
 
+    @field_validator("app_env", mode="before")
+    @classmethod
+    def _normalise_env(cls, value: object) -> object:
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @property
+    def production_strict(self) -> bool:
+        """True unless ``APP_ENV`` is ``development`` or ``test`` (staging is strict too)."""
+        return self.app_env not in LENIENT_ENVS
+
+    @property
+    def destructive_demo_routes_enabled(self) -> bool:
+        """True with ``APP_ENV=development`` or ``DEMO_DESTRUCTIVE_ROUTES=true``."""
+        return self.app_env == "development" or self.demo_destructive_routes
+
     @model_validator(mode="after")
     def _refuse_unsafe_production(self) -> Settings:
-        if self.app_env == "production":
-            if self.redis_url is None or self.redis_url.startswith(MEMORY_URL):
-                raise ValueError(
-                    "APP_ENV=production needs a real Redis: set REDIS_URL to redis://, "
-                    "rediss://, unix://, redis+cluster:// or redis+sentinel:// "
-                    "(the in-process memory:// store is for development only)"
-                )
-            if self.secret_key is None or len(self.secret_key.get_secret_value()) < 32:
-                raise ValueError(
-                    "APP_ENV=production needs SECRET_KEY of at least 32 characters "
-                    "(generate one with: python -c 'import secrets; print(secrets.token_urlsafe(48))')"
-                )
+        if not self.production_strict:
+            return self
+        env = f"APP_ENV={self.app_env}"
+        if self.redis_url is None or _url_kind(self.redis_url) == "memory":
+            raise ValueError(
+                f"{env} needs a real Redis: set REDIS_URL to redis://, "
+                "rediss://, unix://, redis+cluster:// or redis+sentinel:// "
+                "(the in-process memory:// store is for APP_ENV=development or test only)"
+            )
+        if self.secret_key is None:
+            raise ValueError(f"{env} needs SECRET_KEY ({_KEY_HINT})")
+        check_secret_keys(self.secret_key, source=f"{env}: SECRET_KEY", strict=True)
+        check_secret_keys(
+            self.secret_key_fallbacks, source=f"{env}: SECRET_KEY_FALLBACKS", strict=True
+        )
         return self
 
     @property
@@ -111,7 +216,11 @@ class Settings(BaseSettings):
 
     @property
     def uses_memory(self) -> bool:
-        return self.effective_redis_url.startswith(MEMORY_URL)
+        """True when the URL names the embedded store (``memory://``, any case)."""
+        try:
+            return _url_kind(self.effective_redis_url) == "memory"
+        except ConfigurationError:  # a malformed URL is reported when the client is built
+            return False
 
     def signing_keys(self) -> list[bytes]:
         """The current secret first, then the fallbacks, as bytes."""
@@ -149,6 +258,14 @@ class Settings(BaseSettings):
         description="Session cookie name without prefix (unset: 'session'). Sent as "
         "'__Host-<name>' when APP_ENV is not development/test.",
     )
+
+
+def _url_kind(url: str) -> str:
+    """The target kind of *url* as the client builder reads it (scheme case ignored)."""
+    # app.core.redis imports this module at its top, so the parser is imported when called.
+    from app.core.redis import parse_redis_url
+
+    return parse_redis_url(url).kind
 
 
 @lru_cache(maxsize=1)

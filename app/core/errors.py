@@ -8,9 +8,11 @@ so the original stays in ``__cause__``::
     ├── ConfigurationError            bad or unsafe settings
     ├── RedisUnavailable              Redis cannot be reached (or the breaker is open)
     ├── CodecError                    a value cannot be encoded or a stored payload decoded
+    │   ├── EncodeError               the caller's value cannot be encoded (422)
     │   ├── PayloadTooLarge           over a size cap (e.g. decompression bomb)
     │   └── SignatureError            a signed payload was tampered with or the key is wrong
     ├── InvalidKey                    a key part is empty or not allowed
+    │   └── PatternTooComplex         a glob pattern has more wildcards than the cap
     ├── LockError
     │   ├── LockNotAcquired           could not get the lock within the wait bound
     │   ├── LockNotOwned              release/extend of a lock that is no longer ours
@@ -27,6 +29,7 @@ so the original stays in ``__cause__``::
     │   ├── SessionNotFound           unknown or expired session id
     │   └── SessionConflict           a concurrent change could not be merged
     ├── StreamError                   consumer-group / stream misuse
+    ├── RouteDisabled                 a route this deployment switched off (403)
     └── SubscriberOverflow            a pub/sub subscriber fell behind and was disconnected
 
 Each class carries an HTTP ``status_code``, a stable ``problem_type`` slug and a
@@ -44,6 +47,7 @@ from typing import Any, ClassVar
 __all__ = [
     "CodecError",
     "ConfigurationError",
+    "EncodeError",
     "IdempotencyCallerUnknown",
     "IdempotencyConflict",
     "IdempotencyError",
@@ -56,9 +60,11 @@ __all__ = [
     "LockLost",
     "LockNotAcquired",
     "LockNotOwned",
+    "PatternTooComplex",
     "PayloadTooLarge",
     "RateLimitExceeded",
     "RedisUnavailable",
+    "RouteDisabled",
     "SessionConflict",
     "SessionError",
     "SessionNotFound",
@@ -134,6 +140,17 @@ class CodecError(ToolkitError, ValueError):
     title = "Stored data could not be decoded"
 
 
+class EncodeError(CodecError):
+    """A value handed to the toolkit cannot be encoded (unsupported type, inf/nan, huge int).
+
+    The value came from the caller, so an HTTP answer is 422, not a server error.
+    """
+
+    status_code = 422
+    problem_type = "unencodable-value"
+    title = "Value cannot be stored"
+
+
 class PayloadTooLarge(CodecError):
     """A payload exceeds a size cap (for example a decompression bomb)."""
 
@@ -159,6 +176,17 @@ class InvalidKey(ToolkitError, ValueError):
     status_code = 400
     problem_type = "invalid-key"
     title = "Invalid key"
+
+
+class PatternTooComplex(InvalidKey):
+    """A glob pattern has more wildcards than the toolkit matches (bounded matching cost)."""
+
+    problem_type = "pattern-too-complex"
+    title = "Pattern has too many wildcards"
+
+    def __init__(self, message: str, *, limit: int) -> None:
+        super().__init__(message)
+        self.limit = limit
 
 
 class LockError(ToolkitError):
@@ -313,6 +341,14 @@ class StreamError(ToolkitError):
 
     problem_type = "stream-error"
     title = "Stream error"
+
+
+class RouteDisabled(ToolkitError):
+    """The route exists but this deployment has switched it off (e.g. a destructive demo route)."""
+
+    status_code = 403
+    problem_type = "route-disabled"
+    title = "Route disabled"
 
 
 class SubscriberOverflow(ToolkitError):

@@ -11,17 +11,36 @@ Rules that make keys safe to build from untrusted input:
 * ``KeySpace.tagged(tag, ...)`` wraps the escaped tag in ``{...}`` so every key
   one Lua script touches lands in the same Redis Cluster slot.
 * ``digest()`` turns long or sensitive values into a fixed-length hex part.
+* ``bound_pattern()`` is the one gate for glob patterns from callers: runs of
+  ``*`` collapse and more than ``MAX_PATTERN_WILDCARDS`` wildcards raise
+  ``PatternTooComplex``; ``star_glob_matcher()`` matches a ``*``-only glob in
+  linear passes (no backtracking), where a regex or the embedded store's
+  matcher would take exponential time (CVE-2022-36021 is the same weakness in
+  Redis before 7.0.9).
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from app.core.errors import InvalidKey
+from app.core.errors import InvalidKey, PatternTooComplex
 
-__all__ = ["KeySpace", "digest", "escape", "escape_glob", "key_slot_tag"]
+__all__ = [
+    "MAX_PATTERN_WILDCARDS",
+    "KeySpace",
+    "bound_pattern",
+    "digest",
+    "escape",
+    "escape_glob",
+    "key_slot_tag",
+    "star_glob_matcher",
+]
+
+MAX_PATTERN_WILDCARDS = 4
+"""Most wildcards a caller's pattern may hold (after runs of ``*`` collapse)."""
 
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.~@+=,;!$&'()/-")
@@ -30,10 +49,19 @@ _ESCAPE_TABLE = [chr(b) if b in _SAFE else f"%{b:02X}" for b in range(256)]
 
 
 def escape(part: str | bytes | int) -> str:
-    """Escape one untrusted key part (injective; no ``:``, braces or glob characters)."""
+    """Escape one untrusted key part (injective; no ``:``, braces or glob characters).
+
+    Raises ``InvalidKey`` for an empty part and for text that is not valid
+    Unicode (a lone surrogate such as ``"\\ud800"``, which has no UTF-8 form).
+    """
     if isinstance(part, int) and not isinstance(part, bool):
         return str(part)
-    raw = part.encode("utf-8") if isinstance(part, str) else bytes(part)
+    try:
+        raw = part.encode("utf-8") if isinstance(part, str) else bytes(part)
+    except UnicodeEncodeError as exc:
+        raise InvalidKey(
+            f"a key part must be valid Unicode text: {exc.reason} at position {exc.start}"
+        ) from exc
     if not raw:
         raise InvalidKey("a key part must not be empty")
     if all(b in _SAFE for b in raw):
@@ -44,6 +72,83 @@ def escape(part: str | bytes | int) -> str:
 def escape_glob(text: str) -> str:
     """Escape ``* ? [ ] \\`` so *text* matches itself literally in ``SCAN MATCH``."""
     return _GLOB_SPECIAL.sub(r"\\\1", text)
+
+
+def bound_pattern(
+    pattern: str,
+    *,
+    wildcards: str = "*",
+    escapes: bool = True,
+    max_wildcards: int = MAX_PATTERN_WILDCARDS,
+    what: str = "pattern",
+) -> str:
+    """*pattern* with runs of ``*`` collapsed; refuses more than *max_wildcards* wildcards.
+
+    *wildcards* are the characters the pattern's syntax treats as wildcards
+    (``"*"`` for cache patterns, ``"*?"`` for pub/sub patterns, ``"*?["`` for
+    a raw Redis glob, where ``[`` opens a class). With *escapes*, ``\\x``
+    is the literal ``x``: escaped characters are kept and never counted.
+    ``a**b`` becomes ``a*b`` (same matches, less work). Raises
+    ``PatternTooComplex`` (an ``InvalidKey``) naming the count and the cap.
+    """
+    out: list[str] = []
+    count = 0
+    previous_star = False
+    chars = iter(pattern)
+    for ch in chars:
+        if escapes and ch == "\\":
+            out.append(ch + next(chars, ""))
+            previous_star = False
+            continue
+        if ch == "*" and "*" in wildcards:
+            if previous_star:
+                continue
+            previous_star = True
+            count += 1
+        else:
+            previous_star = False
+            if ch in wildcards:
+                count += 1
+        out.append(ch)
+    if count > max_wildcards:
+        raise PatternTooComplex(
+            f"{what} {_preview(pattern)} has {count} wildcards; at most {max_wildcards} are "
+            "allowed (runs of '*' count once): match fewer, more literal parts",
+            limit=max_wildcards,
+        )
+    return "".join(out)
+
+
+def _preview(text: str, limit: int = 60) -> str:
+    return repr(text if len(text) <= limit else text[:limit] + "...")
+
+
+def star_glob_matcher(glob: str) -> Callable[[str], bool]:
+    """A predicate: does a whole string match *glob*, whose only wildcard is ``*``?
+
+    Every other character is literal. Leftmost placement of each literal piece
+    is optimal for ``*``-only globs, so matching is one ``startswith``, one
+    ``endswith`` and a ``find`` per piece: time linear in the text per piece,
+    whatever the input (a backtracking regex is exponential in the stars).
+    """
+    pieces = glob.split("*")
+    if len(pieces) == 1:
+        return glob.__eq__
+    head, tail, middle = pieces[0], pieces[-1], pieces[1:-1]
+    fixed = len(head) + len(tail)
+
+    def matches(text: str) -> bool:
+        if len(text) < fixed or not text.startswith(head) or not text.endswith(tail):
+            return False
+        pos, end = len(head), len(text) - len(tail)
+        for piece in middle:
+            found = text.find(piece, pos, end)
+            if found < 0:
+                return False
+            pos = found + len(piece)
+        return True
+
+    return matches
 
 
 def digest(value: str | bytes, *, length: int = 32) -> str:

@@ -40,7 +40,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Literal, TypeAlias
-from urllib.parse import parse_qsl, quote, unquote, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, unquote, unquote_plus, urlsplit, urlunsplit
 
 from redis import exceptions as redis_exc
 from redis.asyncio import Redis, RedisCluster
@@ -52,6 +52,7 @@ from redis.backoff import ExponentialWithJitterBackoff
 
 from app.core.config import Settings, get_settings
 from app.core.errors import ConfigurationError, RedisUnavailable
+from app.core.keys import bound_pattern
 
 __all__ = [
     "REFUSED_FOR_NOW",
@@ -231,17 +232,38 @@ def parse_redis_url(url: str) -> RedisTarget:
     )
 
 
+_SECRET_QUERY_NAMES = ("password", "passwd", "secret", "token")
+
+
 def mask_url(url: str) -> str:
-    """The URL with any password replaced by ``***`` (safe to log)."""
+    """The URL with every password replaced by ``***`` (safe to log).
+
+    Masks the userinfo password (``redis://user:pw@h``, and a lone
+    ``redis://pw@h``) and the value of any query parameter whose name, decoded
+    and in any case, contains ``password``, ``passwd``, ``secret`` or
+    ``token`` (``?password=``, ``?PASSWORD=``, ``?sentinel_password=``):
+    redis-py reads a password from the query too.
+    """
     parts = urlsplit(url)
-    if "@" not in parts.netloc:
+    netloc = parts.netloc
+    if "@" in netloc:
+        creds, hosts = netloc.rsplit("@", 1)
+        user, sep, _ = creds.partition(":")
+        netloc = f"{user}:***@{hosts}" if sep else f"{quote(unquote(user))}@{hosts}"
+        if not sep and user:  # a lone "password@" form (redis://secret@host) is a password too
+            netloc = f"***@{hosts}"
+    query = "&".join(_mask_query_pair(pair) for pair in parts.query.split("&"))
+    if netloc == parts.netloc and query == parts.query:
         return url
-    creds, hosts = parts.netloc.rsplit("@", 1)
-    user, sep, _ = creds.partition(":")
-    masked = f"{user}:***@{hosts}" if sep else f"{quote(unquote(user))}@{hosts}"
-    if not sep and user:  # a lone "password@" form (redis://secret@host) is a password too
-        masked = f"***@{hosts}"
-    return urlunsplit(parts._replace(netloc=masked))
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
+def _mask_query_pair(pair: str) -> str:
+    name, sep, _ = pair.partition("=")
+    decoded = unquote_plus(name).lower()
+    if sep and any(word in decoded for word in _SECRET_QUERY_NAMES):
+        return f"{name}=***"
+    return pair
 
 
 # -- pool ---------------------------------------------------------------------
@@ -463,8 +485,12 @@ async def scan_keys(client: Any, match: str, *, count: int = 1000) -> AsyncItera
     """Every key matching *match*, on every primary of a Cluster (never ``KEYS``).
 
     A key may be yielded twice if the keyspace changes during the walk (SCAN's
-    guarantee); callers that delete are idempotent anyway.
+    guarantee); callers that delete are idempotent anyway. *match* is a Redis
+    glob: runs of ``*`` collapse and more than ``MAX_PATTERN_WILDCARDS``
+    wildcards (``*``, ``?``, ``[``) raise ``PatternTooComplex`` before Redis is
+    called (its matcher backtracks: CVE-2022-36021, and the embedded store).
     """
+    match = bound_pattern(match, wildcards="*?[", what="SCAN pattern")
     if is_cluster(client):
         # redis-py follows one cursor per node; PRIMARIES makes the walk explicit
         async for key in client.scan_iter(
@@ -711,17 +737,21 @@ async def close_redis() -> None:
         log.debug("error while closing Redis client: %s", exc)
 
 
-async def health(client: Any | None = None) -> dict[str, Any]:
-    """Ping latency, server version and role; raises ``RedisUnavailable`` when Redis is down.
+async def health(client: Any | None = None, *, details: bool = True) -> dict[str, Any]:
+    """Ping latency, and with *details* server version, role and breaker state.
 
-    Servers without ``INFO``/``ROLE`` (the embedded fakeredis) report ``version``
-    ``None`` and role ``"embedded"``.
+    Raises ``RedisUnavailable`` when Redis is down. With ``details=False`` only
+    ``PING`` is sent and the report is ``{"status", "latency_ms"}``: what a
+    public health probe may show. Servers without ``INFO``/``ROLE`` (the
+    embedded fakeredis) report ``version`` ``None`` and role ``"embedded"``.
     """
     c = client if client is not None else get_redis()
     try:
         start = time.perf_counter()
         await c.ping()
         latency_ms = (time.perf_counter() - start) * 1000
+        if not details:
+            return {"status": "ok", "latency_ms": round(latency_ms, 3)}
         version, role = await _version_and_role(c)
     except CONNECTION_ERRORS as exc:
         raise RedisUnavailable(f"Redis health check failed: {exc}") from exc

@@ -81,7 +81,7 @@ from urllib.parse import quote, urljoin, urlsplit
 from fastapi.routing import APIRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.core.config import get_settings
+from app.core.config import check_secret_keys, get_settings
 from app.core.errors import ToolkitError
 from app.core.redis import get_redis
 from app.http.caller import PRINCIPAL_KEY, caller_resolver, resolve_caller
@@ -303,6 +303,7 @@ class HttpCacheMiddleware:
         timeout: float | None = None,
         secret: bytes | None = None,
     ) -> None:
+        check_secret_keys(secret, source="HttpCacheMiddleware(secret=...)")
         self.app = app
         self.policy = policy or HttpCachePolicy()
         self.paths = tuple(paths) if paths is not None else None

@@ -61,7 +61,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.problems import PROBLEM_CONTENT_TYPE, send_problem
-from app.core.config import FailureMode, Settings, get_settings
+from app.core.config import FailureMode, Settings, check_secret_keys, get_settings
 from app.core.errors import (
     ConfigurationError,
     IdempotencyCallerUnknown,
@@ -335,6 +335,7 @@ class IdempotencyMiddleware:
             raise ConfigurationError("ttl and lease must be positive seconds")
         if anonymous not in (None, "address", "refuse"):
             raise ConfigurationError(f"anonymous must be 'address' or 'refuse', got {anonymous!r}")
+        check_secret_keys(secret, source="IdempotencyMiddleware(secret=...)")
         self.app = app
         self.methods = frozenset(m.upper() for m in methods)
         self.paths = None if paths is None else tuple(p.rstrip("/") or "/" for p in paths)

@@ -64,7 +64,7 @@ from starlette.requests import HTTPConnection, cookie_parser
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.problems import send_problem
-from app.core.config import FailureMode, get_settings
+from app.core.config import FailureMode, check_secret_keys, get_settings
 from app.core.errors import ConfigurationError, RedisUnavailable, SessionNotFound, ToolkitError
 from app.core.redis import AnyRedis, get_redis
 from app.middleware._order import REPLACED_KEY, enter_layer, pass_lifespan
@@ -463,6 +463,7 @@ class SessionMiddleware:
     ) -> None:
         self.app = app
         settings = get_settings()
+        check_secret_keys(secret_key, source="SessionMiddleware(secret_key=...)")
         keys = _as_keys(secret_key)
         self._signers = [hmac.new(key, _CONTEXT, hashlib.sha256) for key in keys]
         secure = settings.app_env != "development" if https_only is None else https_only

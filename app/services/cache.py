@@ -106,7 +106,7 @@ from redis.exceptions import NoScriptError, RedisError
 from app.core.codec import Codec, default_codec
 from app.core.config import get_settings
 from app.core.errors import CodecError, InvalidKey, RedisUnavailable
-from app.core.keys import KeySpace, escape, escape_glob
+from app.core.keys import KeySpace, bound_pattern, escape, escape_glob
 from app.core.redis import (
     AnyRedis,
     breaker_for,
@@ -978,17 +978,25 @@ class CacheService:
         and ``\\\\`` are a literal star and backslash (``CacheService.literal``
         escapes user input for you). Everything else is literal and escaped
         like keys, so a pattern can neither leave the namespace nor glob
-        outside the key part. ``SCAN`` + ``UNLINK`` over every primary (never
-        ``KEYS``); not atomic: entries written during the walk may survive.
-        Local tiers of every process drop matching entries. Returns how many
-        entries were removed. Redis down: 0 (fail-open).
+        outside the key part. Runs of ``*`` count as one; more than
+        ``MAX_PATTERN_WILDCARDS`` (4) raise ``PatternTooComplex`` before Redis
+        is called, and matching costs linear time per key whatever the pattern.
+        ``SCAN`` + ``UNLINK`` over every primary (never ``KEYS``); not atomic:
+        entries written during the walk may survive. Local tiers of every
+        process drop matching entries. Returns how many entries were removed.
+        Redis down: 0 (fail-open).
         """
-        glob = _glob_to_escaped(pattern)
-        match = f"{escape_glob(self.keys.root)}{{*}}:{glob}"
+        glob = _glob_to_escaped(bound_pattern(pattern, what="cache pattern"))
+        keep = pattern_predicate(glob)
+        # The server matches at most one star of the caller's (its matcher backtracks:
+        # exponential on the embedded store and on Redis before 7.0.9); keep() checks the rest.
+        first_star = glob.find("*")
+        server_glob = glob if glob.count("*") <= 1 else glob[: first_star + 1]
+        match = f"{escape_glob(self.keys.root)}{{*}}:{server_glob}"
         removed = 0
         try:
             with self._breaker:
-                removed = await self._unlink_scanned(match, entries_only=True)
+                removed = await self._unlink_scanned(match, entries_only=True, keep=keep)
             await self._broadcast("p", (glob,))
         except _ERRORS as exc:
             self._redis_failed(exc)
@@ -997,8 +1005,13 @@ class CacheService:
         self._stats.invalidations += 1
         return removed
 
-    async def _unlink_scanned(self, match: str, *, entries_only: bool) -> int:
-        """SCAN every primary for *match*; UNLINK in batches of one hash tag (one slot) each."""
+    async def _unlink_scanned(
+        self, match: str, *, entries_only: bool, keep: Callable[[str], bool] | None = None
+    ) -> int:
+        """SCAN every primary for *match*; UNLINK in batches of one hash tag (one slot) each.
+
+        With *keep*, only the keys it accepts are removed.
+        """
         removed = 0
         batch: dict[str, list[bytes | str]] = {}
         pending = 0
@@ -1009,6 +1022,8 @@ class CacheService:
                 continue  # not a key this service wrote
             if entries_only and "|" in name[cut:]:
                 continue  # lease, waiter or tag bookkeeping, not an entry
+            if keep is not None and not keep(name):
+                continue
             batch.setdefault(name[: cut + 1], []).append(found)
             pending += 1
             if pending >= 500:

@@ -51,12 +51,12 @@ import asyncio
 import contextlib
 import logging
 import random
-import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any, Final
 
+from app.core.keys import star_glob_matcher
 from app.core.redis import is_cluster
 
 __all__ = ["InvalidationListener", "LocalCache", "LocalEntry", "cancel_and_wait"]
@@ -299,12 +299,12 @@ def encode_message(sender: str, op: str, items: Iterable[str] = ()) -> str:
 
 
 def pattern_predicate(glob: str) -> Callable[[str], bool]:
-    """A predicate over rkeys for an escaped-key glob whose only wildcard is ``*``."""
-    regex = re.compile(".*".join(re.escape(piece) for piece in glob.split("*")), re.DOTALL)
+    """A predicate over rkeys for an escaped-key glob whose only wildcard is ``*`` (linear time)."""
+    glob_matches = star_glob_matcher(glob)
 
     def matches(rkey: str) -> bool:
         _, sep, ekey = rkey.partition("}:")
-        return bool(sep) and regex.fullmatch(ekey) is not None
+        return bool(sep) and glob_matches(ekey)
 
     return matches
 

@@ -64,7 +64,7 @@ from app.core.errors import (
     SubscriberOverflow,
     ToolkitError,
 )
-from app.core.keys import KeySpace, escape, escape_glob
+from app.core.keys import KeySpace, bound_pattern, escape, escape_glob
 from app.core.redis import (
     CONNECTION_ERRORS,
     REFUSED_FOR_NOW,
@@ -975,9 +975,15 @@ class Broadcaster:
         return self.keys.tagged(channel, "history")
 
     def pattern_name(self, pattern: str) -> str:
-        """The Redis glob for a logical *pattern* (``*`` and ``?`` are the wildcards)."""
+        """The Redis glob for a logical *pattern* (``*`` and ``?`` are the wildcards).
+
+        Runs of ``*`` collapse; more than ``MAX_PATTERN_WILDCARDS`` wildcards
+        raise ``PatternTooComplex``: Redis matches every pattern against every
+        published channel, so an unbounded one would stall the server.
+        """
         if not pattern:
             raise ConfigurationError("a pattern must not be empty")
+        pattern = bound_pattern(pattern, wildcards="*?", escapes=False, what="pub/sub pattern")
         out: list[str] = []
         for piece in re.split(r"([*?])", pattern):
             if piece in ("*", "?"):

@@ -11,7 +11,8 @@
   with stampede protection, stale-while-revalidate (fresh 5 s, kept 60 s) and
   early refresh; fire many at once and the origin runs once.
 * ``POST /cache/tags/{tag}/invalidate``, ``POST /cache/invalidate?pattern=``,
-  ``DELETE /cache``: tag, pattern and namespace invalidation.
+  ``DELETE /cache``: tag, pattern and namespace invalidation (the last two
+  answer 403 unless ``APP_ENV=development`` or ``DEMO_DESTRUCTIVE_ROUTES=true``).
 * ``GET /stats``: ``cache.stats()`` of this worker (hits, local hits, stale
   hits, misses, stampede waits, errors, breaker state).
 
@@ -33,6 +34,7 @@ from fastapi import APIRouter, FastAPI, HTTPException, Query, Response
 from pydantic import BaseModel, Field
 
 from app.api.deps import CacheDep
+from app.api.routes._guards import Destructive
 from app.core.errors import ToolkitError
 from app.core.redis import Lifespan, get_redis
 from app.services.cache import MISSING, CacheService, LocalCache, cached, set_default_cache
@@ -162,14 +164,24 @@ async def invalidate_tag(tag: str, cache: CacheDep) -> dict[str, Any]:
 
 @router.post("/cache/invalidate", summary="Drop every entry whose key matches a pattern")
 async def invalidate_pattern(
+    _: Destructive,
     cache: CacheDep,
-    pattern: Annotated[str, Query(min_length=1, description="'*' is the only wildcard.")],
+    pattern: Annotated[
+        str,
+        Query(
+            min_length=1,
+            max_length=512,
+            description="'*' is the only wildcard; at most 4 (runs of '*' count once).",
+        ),
+    ],
 ) -> dict[str, Any]:
+    """Off (403) unless APP_ENV=development or DEMO_DESTRUCTIVE_ROUTES=true."""
     return {"pattern": pattern, "removed": await cache.invalidate(pattern)}
 
 
 @router.delete("/cache", summary="Clear the whole cache namespace")
-async def clear(cache: CacheDep) -> dict[str, Any]:
+async def clear(_: Destructive, cache: CacheDep) -> dict[str, Any]:
+    """Off (403) unless APP_ENV=development or DEMO_DESTRUCTIVE_ROUTES=true."""
     return {"removed": await cache.clear()}
 
 

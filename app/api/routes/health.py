@@ -18,17 +18,23 @@ router = APIRouter(tags=["health"])
 
 @router.get(
     "/healthz",
-    summary="Redis health: ping latency, version and role",
+    summary="Redis health: status and ping latency (details with HEALTH_DETAILS=true)",
     responses={503: {"description": "Redis is unavailable (problem+json)"}},
 )
 async def healthz(redis: RedisDep, settings: SettingsDep) -> dict[str, Any]:
-    """200 with latency when Redis answers within the socket timeout, else 503 problem+json."""
+    """200 ``{"status", "latency_ms"}`` when Redis answers within the socket timeout, else 503.
+
+    The route is public, so by default it names nothing internal. With
+    ``HEALTH_DETAILS=true`` it adds version, role, breaker state and the URL
+    (password masked, host and port shown): for a route only operators reach.
+    """
     try:
         async with asyncio.timeout(settings.redis_socket_timeout):
-            report = await health(redis)
+            report = await health(redis, details=settings.health_details)
     except TimeoutError as exc:
         raise RedisUnavailable("Redis health check timed out") from exc
-    report["url"] = describe_client(redis, settings)
+    if settings.health_details:
+        report["url"] = describe_client(redis, settings)
     return report
 
 

@@ -16,7 +16,8 @@ Both send one JSON schema: ``{"type": "message", "channel", "data", "id"?,
 "pattern"?}`` and ``{"type": "reconnected", "gap", "may_have_missed", "replayed"}``.
 
 Demo routes: ``WS /ws/{channel}``, ``GET /sse/{channel}``,
-``POST /publish/{channel}`` and ``GET /pubsub/stats``. The demo broadcaster is
+``POST /publish/{channel}`` (403 unless ``APP_ENV=development`` or
+``DEMO_DESTRUCTIVE_ROUTES=true``) and ``GET /pubsub/stats``. The demo broadcaster is
 started by this module's ``lifespan`` (stored on ``app.state.broadcaster``),
 drained and closed on shutdown; its channels keep 1000 messages of history.
 """
@@ -40,6 +41,7 @@ from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from app.api.deps import BroadcasterDep
 from app.api.problems import send_problem
+from app.api.routes._guards import Destructive
 from app.core.errors import RedisUnavailable, SubscriberOverflow
 from app.core.redis import Lifespan, get_redis
 from app.services.pubsub import (
@@ -368,11 +370,16 @@ async def sse_channel(
 
 @router.post("/publish/{channel}", summary="Publish a JSON body to a channel on every worker")
 async def publish_channel(
+    _: Destructive,
     channel: ChannelPath,
     payload: Annotated[Any, Body(description="Any JSON value.")],
     broadcaster: BroadcasterDep,
 ) -> dict[str, Any]:
-    """Publish *payload*; ``receivers`` counts subscribed worker connections, not sockets."""
+    """Publish *payload*; ``receivers`` counts subscribed worker connections, not sockets.
+
+    Off (403) unless APP_ENV=development or DEMO_DESTRUCTIVE_ROUTES=true: anyone
+    could otherwise write into any channel every subscriber trusts.
+    """
     result = await broadcaster.publish(channel, payload)
     return {"channel": channel, "receivers": result.receivers, "id": result.id}
 

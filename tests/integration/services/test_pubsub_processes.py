@@ -48,6 +48,7 @@ def _start(redis_url: str, log_dir: Path) -> Worker:
     port = free_port()
     log = log_dir / f"uvicorn-{port}.log"
     env = {**os.environ, "REDIS_URL": redis_url, "APP_ENV": "test", "REDIS_KEY_PREFIX": PREFIX}
+    env["DEMO_DESTRUCTIVE_ROUTES"] = "true"  # the test publishes through POST /publish
     command = [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1"]
     with log.open("wb") as out:
         proc = subprocess.Popen(

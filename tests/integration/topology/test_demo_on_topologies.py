@@ -25,7 +25,10 @@ def test_the_demo_serves_every_capability(topology: str, request: pytest.Fixture
     setup: Any = request.getfixturevalue(f"redis_{topology}")
     setup.flushall()
     try:
-        with uvicorn(setup.url) as base, httpx.Client(base_url=base, timeout=10) as http:
+        with (
+            uvicorn(setup.url, HEALTH_DETAILS="true") as base,
+            httpx.Client(base_url=base, timeout=10) as http,
+        ):
             health = http.get("/healthz").json()
             assert (health["role"], health["url"]) == (
                 "cluster" if topology == "cluster" else "master",

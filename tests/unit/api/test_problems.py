@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+import re
 from typing import Any
 
 import pytest
 from fastapi import FastAPI
+from redis import exceptions as redis_exc
 
 from app.api.problems import PROBLEM_TYPE_BASE, install_problem_handlers
 from app.core import errors
@@ -19,6 +22,19 @@ CASES: list[tuple[errors.ToolkitError, int, str]] = [
     (errors.SessionNotFound("gone"), 404, "session-not-found"),
     (errors.PayloadTooLarge("big", limit=10), 413, "payload-too-large"),
     (errors.CodecError("bad"), 500, "codec-error"),
+    (errors.EncodeError("cannot encode int as JSON"), 422, "unencodable-value"),
+]
+
+SHA = "7055bd" + "0" * 34
+LEAKY: list[errors.ToolkitError] = [
+    errors.LockError(
+        f"lock 'jobs:1': Redis refused the call: WRONGTYPE Operation against a key holding "
+        f"the wrong kind of value script: {SHA}, on @user_script:14.",
+        lock_name="jobs:1",
+    ),
+    errors.SessionError(f"session script {SHA} failed"),
+    errors.StreamError("NOSCRIPT No matching script"),
+    errors.StreamError("could not read the group: unusual reply from node 10.0.0.7:6379"),
 ]
 
 
@@ -26,6 +42,25 @@ CASES: list[tuple[errors.ToolkitError, int, str]] = [
 def problem_app() -> FastAPI:
     app = FastAPI()
     install_problem_handlers(app)
+
+    @app.get("/leak/{index}")
+    async def leak(index: int) -> None:
+        if index == 0:  # a Redis error wrapped the way services wrap it
+            try:
+                raise redis_exc.ResponseError("WRONGTYPE Operation against a key")
+            except redis_exc.ResponseError as exc:
+                raise LEAKY[0] from exc
+        if index == 3:  # no known marker, but the detail quotes the Redis error's text
+            try:
+                raise redis_exc.ResponseError("unusual reply from node 10.0.0.7:6379")
+            except redis_exc.ResponseError as exc:
+                raise LEAKY[3] from exc
+        if index == -1:  # a domain error raised while handling a Redis one keeps its detail
+            try:
+                raise redis_exc.WatchError("Watched variable changed.")
+            except redis_exc.WatchError as exc:
+                raise errors.SessionConflict("key 'n' changed concurrently; retry") from exc
+        raise LEAKY[index]
 
     @app.get("/raise/{index}")
     async def boom(index: int) -> None:
@@ -80,3 +115,34 @@ async def test_rate_limit_problem_follows_the_draft(
     body = response.json()
     assert body["type"] == "https://iana.org/assignments/http-problem-types#quota-exceeded"
     assert body["violated-policies"] == ["burst"]
+
+
+@pytest.mark.parametrize("index", range(len(LEAKY)))
+async def test_internals_go_to_the_log_under_a_correlation_id(
+    problem_app: FastAPI, make_app_client: Any, caplog: pytest.LogCaptureFixture, index: int
+) -> None:
+    client = await make_app_client(problem_app)
+    with caplog.at_level(logging.ERROR, logger="app.problems"):
+        response = await client.get(f"/leak/{index}")
+    assert response.status_code == LEAKY[index].status_code
+    body = response.json()
+    assert body["title"] == LEAKY[index].title
+    for internal in ("WRONGTYPE", "NOSCRIPT", "@user_script", "7055bd", "script", "10.0.0.7"):
+        assert internal not in response.text
+    assert not re.search(r"[0-9a-f]{40}", response.text)
+    correlation_id = body["correlation_id"]
+    assert re.fullmatch(r"[0-9a-f]{16}", correlation_id)
+    assert correlation_id in body["detail"]
+    [record] = [r for r in caplog.records if correlation_id in r.getMessage()]
+    assert LEAKY[index].message in record.getMessage()  # the operator sees the whole text
+    assert getattr(record, "correlation_id", None) == correlation_id
+
+
+async def test_plain_details_are_kept_and_carry_no_correlation_id(
+    problem_app: FastAPI, make_app_client: Any
+) -> None:
+    client = await make_app_client(problem_app)
+    body = (await client.get("/raise/1")).json()  # LockNotAcquired("busy")
+    assert body["detail"] == "busy" and "correlation_id" not in body
+    body = (await client.get("/leak/-1")).json()
+    assert body["detail"] == "key 'n' changed concurrently; retry" and "correlation_id" not in body

@@ -8,8 +8,17 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from app.core.errors import InvalidKey
-from app.core.keys import KeySpace, digest, escape, escape_glob, key_slot_tag
+from app.core.errors import InvalidKey, PatternTooComplex
+from app.core.keys import (
+    MAX_PATTERN_WILDCARDS,
+    KeySpace,
+    bound_pattern,
+    digest,
+    escape,
+    escape_glob,
+    key_slot_tag,
+    star_glob_matcher,
+)
 
 SPECIAL = "*?[]{}:\\%"
 parts = st.one_of(st.text(min_size=1, max_size=40), st.binary(min_size=1, max_size=40))
@@ -102,3 +111,50 @@ def test_digest_is_stable_and_fixed_length() -> None:
     assert digest("abc") == digest(b"abc")
     assert len(digest("x" * 10_000)) == 32
     assert digest("a") != digest("b")
+
+
+# -- bounded patterns -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("pattern", "bounded"),
+    [
+        ("a**b", "a*b"),
+        ("***", "*"),
+        ("a*b*c", "a*b*c"),
+        ("a\\**b", "a\\**b"),  # an escaped star is literal: it neither collapses nor counts
+        ("a\\\\**", "a\\\\*"),
+        ("", ""),
+    ],
+)
+def test_runs_of_stars_collapse(pattern: str, bounded: str) -> None:
+    assert bound_pattern(pattern) == bounded
+
+
+def test_wildcards_past_the_cap_are_refused_with_the_count_and_the_cap() -> None:
+    assert bound_pattern("*a" * MAX_PATTERN_WILDCARDS) == "*a" * MAX_PATTERN_WILDCARDS
+    with pytest.raises(PatternTooComplex, match=r"has 30 wildcards; at most 4") as caught:
+        bound_pattern("*x" * 30)
+    assert isinstance(caught.value, InvalidKey) and caught.value.status_code == 400
+    assert bound_pattern("*" * 500 + "a") == "*a"  # one run counts once
+    with pytest.raises(PatternTooComplex, match="has 5 wildcards"):
+        bound_pattern("a?b?c?d?e?", wildcards="*?", escapes=False)
+    with pytest.raises(PatternTooComplex, match="has 5 wildcards"):
+        bound_pattern("[a][b][c][d]*", wildcards="*?[")
+    assert bound_pattern("\\*\\*\\*\\*\\*\\*") == "\\*\\*\\*\\*\\*\\*"  # all literal
+
+
+@given(
+    glob=st.lists(st.sampled_from(["*", "a", "b", "ab", "%2A"]), max_size=8).map("".join),
+    text=st.text(alphabet="ab%2A", max_size=12),
+)
+def test_star_glob_matcher_agrees_with_fnmatch(glob: str, text: str) -> None:
+    # Over an alphabet without "?[]", fnmatch's "*" is the same wildcard.
+    assert star_glob_matcher(glob)(text) == fnmatch.fnmatchcase(text, glob)
+
+
+def test_star_glob_matcher_ends_on_the_backtracking_worst_case() -> None:
+    # A backtracking regex takes exponential time here; a run over 100 kB must simply end.
+    matches = star_glob_matcher("*a" * 40 + "*b")
+    assert not matches("a" * 100_000)
+    assert matches("a" * 100_000 + "b")

@@ -13,13 +13,15 @@ from fastapi import FastAPI, Request
 
 from app.api.deps import RedisDep
 from app.core import redis as core_redis
-from app.core.errors import RedisUnavailable
+from app.core.errors import PatternTooComplex, RedisUnavailable
 from app.core.redis import (
     client_decodes_responses,
     close_redis,
     get_redis,
     init_redis,
     redis_lifespan,
+    scan_keys,
+    unlink_matching,
 )
 from app.testing.servers import free_port
 
@@ -122,3 +124,16 @@ async def test_redis_lifespan_composes_with_the_users_lifespan(make_app_client: 
 def test_decode_responses_is_detected() -> None:
     assert client_decodes_responses(fakeredis.FakeAsyncRedis(decode_responses=True))
     assert not client_decodes_responses(fakeredis.FakeAsyncRedis())
+
+
+async def test_scan_helpers_bound_the_pattern_before_calling_redis() -> None:
+    client = fakeredis.FakeAsyncRedis()
+    await client.mset({"a" * 200: 1, "ab": 2})
+    with pytest.raises(PatternTooComplex, match=r"SCAN pattern .* has 10 wildcards"):
+        await unlink_matching(client, "*a" * 10)
+    with pytest.raises(PatternTooComplex, match="has 5 wildcards"):
+        [k async for k in scan_keys(client, "[a]?*[b]?")]
+    assert await client.dbsize() == 2  # nothing removed
+    assert [k async for k in scan_keys(client, "a***b")] == [b"ab"]  # runs of stars count once
+    assert await unlink_matching(client, "\\*\\*\\*\\*\\*ab") == 0  # escaped: literal
+    await client.aclose()

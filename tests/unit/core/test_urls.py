@@ -72,6 +72,15 @@ def test_bad_urls_are_refused_with_a_reason(url: str, message: str) -> None:
         ("redis://hunter2@h", "redis://***@h"),
         ("redis://h:6379", "redis://h:6379"),
         ("redis+cluster://u:pw@a:1,b:2", "redis+cluster://u:***@a:1,b:2"),
+        ("redis://h/0?password=hunter2", "redis://h/0?password=***"),
+        ("redis://h/0?db=1&PassWord=hunter2&x=1", "redis://h/0?db=1&PassWord=***&x=1"),
+        ("redis://h/0?pass%77ord=hunter2", "redis://h/0?pass%77ord=***"),
+        (
+            "redis+sentinel://a:1/m?sentinel_password=hunter2",
+            "redis+sentinel://a:1/m?sentinel_password=***",
+        ),
+        ("redis://u:hunter2@h/0?password=hunter2", "redis://u:***@h/0?password=***"),
+        ("redis://h/0?db=2", "redis://h/0?db=2"),
     ],
 )
 def test_passwords_are_masked(url: str, masked: str) -> None:

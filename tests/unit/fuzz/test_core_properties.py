@@ -12,14 +12,15 @@ import math
 from decimal import Decimal
 from typing import Any
 
+import orjson
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from redis.crc import key_slot
 
 from app.core.codec import Codec
-from app.core.errors import CodecError
-from app.core.keys import KeySpace, digest, key_slot_tag
+from app.core.errors import CodecError, InvalidKey
+from app.core.keys import KeySpace, digest, escape, key_slot_tag
 
 # -- codec ------------------------------------------------------------------------------
 
@@ -118,7 +119,86 @@ def test_any_text_given_to_a_text_safe_codec_decodes_or_raises_codec_error(text:
         Codec(text_safe=True).decode(text)
 
 
+any_text = st.text(st.characters(exclude_categories=()))  # lone surrogates included
+"""Every ``str`` Python can hold, not only valid Unicode (hypothesis leaves out Cs by default)."""
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**63) | st.floats() | st.text(),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner),
+    max_leaves=8,
+)
+_TAGS = ["bytes", "datetime", "date", "time", "decimal", "set", "tuple", "dict", "nope"]
+
+
+@settings(max_examples=300)
+@given(st.sampled_from(_TAGS), _json_values | st.text(max_size=12), st.integers(0, 3))
+def test_any_tagged_value_decodes_or_raises_codec_error(kind: str, raw: Any, depth: int) -> None:
+    """A stored tag with any value (``{"__t__": "decimal", "v": "abc"}``): only CodecError."""
+    tagged: Any = {"__t__": kind, "v": raw}
+    for _ in range(depth):
+        tagged = [tagged]
+    payload = b"\x01t-" + orjson.dumps(tagged)
+    with contextlib.suppress(CodecError):  # the only exception allowed out
+        Codec().decode(payload)
+
+
+@settings(max_examples=300)
+@given(st.binary(max_size=300) | st.binary(max_size=300).map(lambda b: b"\x01t-" + b))
+def test_arbitrary_bytes_decode_or_raise_codec_error(payload: bytes) -> None:
+    for codec in CODECS:
+        with contextlib.suppress(CodecError):
+            codec.decode(payload)
+
+
+@example("\ud800")  # a lone surrogate has no UTF-8 form
+@given(any_text)
+def test_arbitrary_text_decodes_or_raises_codec_error(text: str) -> None:
+    for codec in CODECS:
+        with contextlib.suppress(CodecError):
+            codec.decode(text)
+
+
+@pytest.mark.parametrize("depth", [900, 1000, 5000])
+@pytest.mark.parametrize("shape", ["list", "dict"])
+def test_deeply_nested_payloads_decode_or_raise_codec_error(depth: int, shape: str) -> None:
+    # Deeper than Python's recursion limit, within orjson's (1024), then past it.
+    head, leaf, tail = (b"[", b"1", b"]") if shape == "list" else (b'{"a":', b"1", b"}")
+    deep = head * depth + leaf + tail * depth
+    for payload in (deep, b"\x01t-" + deep, b"\x01j-" + deep):
+        with contextlib.suppress(CodecError):
+            Codec().decode(payload)
+
+
+def test_the_issue_examples_raise_the_documented_types() -> None:
+    with pytest.raises(CodecError, match="InvalidOperation"):
+        Codec().decode(b'\x01t-{"__t__":"decimal","v":"abc"}')
+    with pytest.raises(InvalidKey, match="valid Unicode"):
+        escape("\ud800")
+
+
 # -- keys -------------------------------------------------------------------------------
+
+
+@settings(max_examples=300)
+@given(any_text)
+def test_escape_of_any_text_is_key_safe_or_invalid_key(text: str) -> None:
+    try:
+        escaped = escape(text)
+    except InvalidKey:
+        return  # empty, or not valid Unicode: the documented refusal
+    assert escaped and escaped.isascii()
+    assert not set(escaped) & set("*?[]{}:\\ \n")
+
+
+@settings(max_examples=300)
+@given(any_text, any_text)
+def test_escape_stays_injective_for_valid_text(a: str, b: str) -> None:
+    try:
+        escaped_a, escaped_b = escape(a), escape(b)
+    except InvalidKey:
+        return
+    assert (escaped_a == escaped_b) == (a == b)
+
 
 parts = st.text(min_size=1, max_size=24) | st.binary(min_size=1, max_size=24) | st.integers()
 

@@ -10,15 +10,16 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
 import pytest_asyncio
 from pydantic import BaseModel
 
-from app.core.errors import InvalidKey, RedisUnavailable
-from app.core.redis import breaker_for
+from app.core.errors import InvalidKey, PatternTooComplex, RedisUnavailable
+from app.core.redis import breaker_for, build_client
 from app.services.cache import MISSING, NO_EXPIRY, CacheService, LocalCache
 from app.testing.slots import slot_checking_fake_redis
 
@@ -287,6 +288,61 @@ async def test_invalidate_pattern_escapes_user_input(cache_client: Any) -> None:
     for hostile in ("}:*", "{*", "*}|*", "[a-z]*", "\\*"):
         assert await cache.invalidate(hostile) == 0
     assert await cache.get_many(["axxb", "qz"]) == {"axxb": 2, "qz": 6}
+
+
+async def test_invalidate_matches_many_wildcards_on_long_keys_exactly(cache_client: Any) -> None:
+    # Within the cap, a pattern whose regex form backtracks exponentially on these keys;
+    # the server sees at most one of its stars, the rest is matched in linear passes.
+    cache = CacheService(cache_client)
+    long_a, long_ab = "a" * 3000, "a" * 3000 + "b"
+    await cache.set_many({long_a: 1, long_ab: 2, "xaaab": 3, "ab": 4}, ttl=60)
+    pattern = "*a" * 3 + "*b"
+    assert await cache.invalidate(pattern) == 2  # long_ab and xaaab; "ab" has one "a"
+    assert await cache.get_many([long_a, long_ab, "xaaab", "ab"]) == {long_a: 1, "ab": 4}
+    assert await cache.invalidate("a**b") == 1  # runs of stars collapse: same as "a*b"
+
+
+async def test_invalidate_refuses_too_many_wildcards_before_calling_redis(
+    cache_client: Any,
+) -> None:
+    cache = CacheService(cache_client)
+    await cache.set("a" * 40, 1, ttl=60)
+    with pytest.raises(PatternTooComplex, match=r"cache pattern .* has 30 wildcards; at most 4"):
+        await cache.invalidate("*a" * 29 + "*b")
+    with pytest.raises(PatternTooComplex, match="has 9 wildcards"):
+        await cache.invalidate("*a" * 8 + "*b")
+    assert await cache.get("a" * 40) == 1  # nothing lost
+
+
+@pytest.mark.parametrize("pattern", ["*a" * 8 + "*b", "*a" * 3 + "*b", "a*" * 4])
+def test_invalidate_on_the_embedded_store_ends_whatever_the_pattern(
+    settings_override: Callable[..., None], pattern: str
+) -> None:
+    """The issue's stall: 46 s of CPU with the event loop blocked, on memory://."""
+    settings_override(redis_url="memory://")
+    outcome: list[object] = []
+
+    async def run() -> None:
+        client = build_client()
+        cache = CacheService(client, namespace="stall", local=LocalCache(ttl=60))
+        await cache.set("a" * 200, 1, ttl=60)
+        await cache.get("a" * 200)  # in the local tier too
+        try:
+            outcome.append(await cache.invalidate(pattern))
+        except PatternTooComplex as exc:
+            outcome.append(exc)
+        finally:
+            await cache.aclose()
+            await client.aclose()
+
+    # A blocked event loop cannot time itself out: the call runs in its own thread and
+    # loop, and this thread waits for it with a generous hang guard (not a speed bound).
+    worker = threading.Thread(target=asyncio.run, args=(run(),), daemon=True)
+    worker.start()
+    worker.join(timeout=30)
+    assert not worker.is_alive(), f"invalidate({pattern!r}) still running: the matcher stalls"
+    expected: object = PatternTooComplex if pattern.count("*") > 4 else int
+    assert len(outcome) == 1 and isinstance(outcome[0], expected)  # type: ignore[arg-type]
 
 
 # -- get_or_set -------------------------------------------------------------------------

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
+
+import pytest
 
 from app.api.routes.cache import ORIGIN_CALLS
 
@@ -58,3 +61,22 @@ async def test_invalidation_routes_and_stats(app_client: Any) -> None:
     stats = (await app_client.get("/stats")).json()
     assert stats["namespace"] == "cache" and stats["breaker"] == "closed"
     assert stats["local"]["active"] is True and stats["sets"] >= 4
+
+
+@pytest.mark.parametrize(
+    "value",
+    [2**70, "\ud800", {"deep": [1, -(2**65)]}],
+    ids=["int-past-64-bits", "lone-surrogate", "nested-huge-int"],
+)
+async def test_a_value_that_cannot_be_encoded_answers_422(app_client: Any, value: Any) -> None:
+    # json.dumps writes the surrogate as the escape "\ud800", which JSON parsers accept.
+    body = json.dumps({"value": value, "ttl": 30})
+    response = await app_client.put(
+        "/cache/items/bad", content=body, headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 422
+    assert response.headers["content-type"] == "application/problem+json"
+    problem = response.json()
+    assert problem["type"].endswith("/unencodable-value")
+    assert "decoded" not in problem["title"]
+    assert (await app_client.get("/cache/items/bad")).json()["hit"] is False

@@ -17,7 +17,12 @@ from starlette.websockets import WebSocket
 
 from app.api.routes.pubsub import EventStreamResponse, serve_websocket
 from app.core import redis as core_redis
-from app.core.errors import ConfigurationError, RedisUnavailable, SubscriberOverflow
+from app.core.errors import (
+    ConfigurationError,
+    PatternTooComplex,
+    RedisUnavailable,
+    SubscriberOverflow,
+)
 from app.services.pubsub import Broadcaster, Message, Reconnected
 from app.testing.slots import slot_checking_fake_redis
 from app.testing.waiting import eventually
@@ -131,6 +136,19 @@ async def test_untrusted_channel_names_are_escaped_and_namespaced(
         assert await spy.get(0.05) is None  # another prefix sees nothing
     with pytest.raises(ConfigurationError):
         b.channel_name("")
+
+
+async def test_pattern_wildcards_collapse_and_are_capped(make: BroadcasterFactory) -> None:
+    b = make()
+    assert b.pattern_name("a**:?*") == b.pattern_name("a*:?*")
+    with pytest.raises(PatternTooComplex, match=r"pub/sub pattern .* has 30 wildcards; at most 4"):
+        b.pattern_name("*?" * 15)
+    with pytest.raises(PatternTooComplex):
+        async with b.subscribe(patterns=["a*" * 5]):
+            pass
+    async with b.subscribe(patterns=["a***b"]) as sub:  # still matches as a*b
+        await b.publish("axxb", 1)
+        assert (await next_message(sub)).channel == "axxb"
 
 
 async def test_leaving_unsubscribes_from_redis(make: BroadcasterFactory, client: Any) -> None:
