@@ -209,8 +209,10 @@ async def test_watchdog_holds_the_lock_through_three_times_its_timeout(
     # wraps around every command it writes) can swallow a cancellation (CPython gh-86296).
     contender = asyncio.create_task(rival())
     try:
-        async with RedisLock(redis, "jobs:1", timeout=1, auto_renew=True) as lock:
-            await asyncio.sleep(3)  # three leases long
+        # A 2 s lease renewed every ~0.7 s: a loaded 2-core machine can starve the loop for
+        # half a second (a 1 s lease lost a renewal that way under contention), not for 1.3 s.
+        async with RedisLock(redis, "jobs:1", timeout=2, auto_renew=True) as lock:
+            await asyncio.sleep(6)  # three leases long
             assert await lock.owned()
     finally:
         stop.set()
