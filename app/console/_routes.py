@@ -25,7 +25,11 @@ from app.services.rate_limit import RateLimitDecision
 
 __all__ = ["add_routes"]
 
-_Q = Query(default=None, max_length=300)
+
+def _q() -> Any:
+    return Query(default=None, max_length=300)  # a fresh FieldInfo per parameter
+
+
 _NEXT_OK = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789/-_")
 
 
@@ -155,7 +159,7 @@ def add_routes(app: FastAPI, console: Console) -> None:
 
     @app.get("/streams")
     async def streams(
-        request: Request, op: Operator = operator_dep, cursor: str | None = _Q
+        request: Request, op: Operator = operator_dep, cursor: str | None = _q()
     ) -> Response:
         rows, more = await views.streams_page(console.redis(), console.prefix, _cursor(cursor))
         return console.render(request, op, "streams.html", title="Streams", rows=rows, more=more)
@@ -165,7 +169,7 @@ def add_routes(app: FastAPI, console: Console) -> None:
         request: Request,
         op: Operator = operator_dep,
         name: str = Query(min_length=1, max_length=200),
-        after: str | None = _Q,
+        after: str | None = _q(),
     ) -> Response:
         if after is not None and not views.is_stream_id(after):
             raise Refused(400, "invalid page cursor")
@@ -218,7 +222,7 @@ def add_routes(app: FastAPI, console: Console) -> None:
 
     @app.get("/locks")
     async def locks(
-        request: Request, op: Operator = operator_dep, cursor: str | None = _Q
+        request: Request, op: Operator = operator_dep, cursor: str | None = _q()
     ) -> Response:
         data = await views.locks_page(console.redis(), console.prefix, _cursor(cursor))
         return console.render(request, op, "locks.html", title="Locks and semaphores", **data)
@@ -253,8 +257,8 @@ def add_routes(app: FastAPI, console: Console) -> None:
     async def limits(
         request: Request,
         op: Operator = operator_dep,
-        limiter: str | None = _Q,
-        identity: str | None = _Q,
+        limiter: str | None = _q(),
+        identity: str | None = _q(),
     ) -> Response:
         client = console.redis()
         state = None
@@ -310,11 +314,11 @@ def add_routes(app: FastAPI, console: Console) -> None:
     async def cache(
         request: Request,
         op: Operator = operator_dep,
-        ns: str | None = _Q,
-        cursor: str | None = _Q,
-        tag: str | None = _Q,
-        tag_cursor: str | None = _Q,
-        key: str | None = _Q,
+        ns: str | None = _q(),
+        cursor: str | None = _q(),
+        tag: str | None = _q(),
+        tag_cursor: str | None = _q(),
+        key: str | None = _q(),
     ) -> Response:
         namespace = _namespace(ns)
         client = console.redis()
@@ -365,8 +369,8 @@ def add_routes(app: FastAPI, console: Console) -> None:
     async def sessions(
         request: Request,
         op: Operator = operator_dep,
-        user: str | None = _Q,
-        id: str | None = _Q,
+        user: str | None = _q(),
+        id: str | None = _q(),
     ) -> Response:
         store = console.sessions(console.redis())
         records = []

@@ -70,13 +70,13 @@ def _num(value: Any) -> float:
         return 0.0
 
 
-def _merge_info(info: Any) -> dict[str, Any]:
+def _merge_info(client: AnyRedis, info: Any) -> dict[str, Any]:
     """One INFO dict: a Cluster's per-node replies summed where numeric."""
     if not isinstance(info, dict):
         return {}
-    nodes = [v for v in info.values() if isinstance(v, dict)]
-    if not nodes:
+    if not is_cluster(client):
         return info
+    nodes = [v for v in info.values() if isinstance(v, dict)]
     merged: dict[str, Any] = {}
     for node in nodes:
         for k, v in node.items():
@@ -99,7 +99,7 @@ async def live_counters(client: AnyRedis) -> dict[str, Any]:
     """The overview's live numbers: two round trips (PING, INFO) plus local state."""
     status = await health(client)
     try:
-        info = _merge_info(await client.info())
+        info = _merge_info(client, await client.info())
     except ResponseError:  # the embedded store has no INFO
         info = {}
     in_use, size = pool_use(client)
@@ -119,7 +119,7 @@ async def overview(client: AnyRedis, prefix: str) -> dict[str, Any]:
     status = await health(client)
     live = await live_counters(client)
     try:
-        memory = _merge_info(await client.info("memory"))
+        memory = _merge_info(client, await client.info("memory"))
     except ResponseError:
         memory = {}
     counts: KeyCounts = await count_namespaces(client, prefix)
@@ -317,11 +317,6 @@ class CacheView:
     key_found: bool = False
 
 
-def _user_key(rkey: str, root: str) -> str:
-    cut = rkey.find("}:", len(root))
-    return unescape(rkey[cut + 2 :]) if cut >= 0 else rkey
-
-
 def _ttl_seconds(pttl: int) -> float | None:
     return None if pttl < 0 else pttl / 1000
 
@@ -341,15 +336,16 @@ async def _tag_entries(
     if index >= len(sets):
         return [], None
     position, members = await client.sscan(sets[index], position, count=100)
+    shard_root = sets[index].rsplit("|tag|", 1)[0]  # a member m is the key <shard root>:m
     names = sorted(text(m) for m in members)
     entries: list[tuple[str, float | None]] = []
     if names:
         async with client.pipeline(transaction=False) as pipe:
             for name in names:
-                pipe.pttl(name)
+                pipe.pttl(f"{shard_root}:{name}")
             ttls = await pipe.execute()
         entries = [
-            (_user_key(n, root), _ttl_seconds(int(t)))
+            (unescape(n), _ttl_seconds(int(t)))
             for n, t in zip(names, ttls, strict=True)
             if int(t) != -2
         ]
