@@ -98,6 +98,11 @@ def add_routes(app: FastAPI, console: Console) -> None:
                 status=401,
                 error="wrong token",
             )
+        client = request.client.host if request.client else ""
+        operator = Operator("console-token", "cookie")
+        await console.audit.record(
+            console.redis(), operator, "console.login", "login form", "logged in", client
+        )
         response = RedirectResponse(base(request) + target, status_code=303)
         response.set_cookie(
             COOKIE,
@@ -131,9 +136,10 @@ def add_routes(app: FastAPI, console: Console) -> None:
     async def events(request: Request, op: Operator = operator_dep) -> Response:
         if console.live_views >= console.max_live_views:
             raise Refused(429, "too many live views are open in this worker")
-        console.live_views += 1
 
         async def stream() -> AsyncIterator[bytes]:
+            # counted from the first iteration: a generator never started never decrements
+            console.live_views += 1
             try:
                 deadline = time.monotonic() + 300  # EventSource reconnects by itself
                 while time.monotonic() < deadline:

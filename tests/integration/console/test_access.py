@@ -144,13 +144,21 @@ async def test_an_action_without_a_csrf_token_is_403_and_changes_nothing(
         refused = await client.post("/ops/locks/release", data=_release_form("jobs:1", owner, csrf))
         assert refused.status_code == 403, csrf
         assert "CSRF" in refused.json()["detail"]
-    assert await lock.locked() and await _audit(real_redis) == []
+    assert await lock.locked()
+    assert [e["action"] for e in await _audit(real_redis)] == ["console.login"]
     page = await client.get("/ops/locks/release", params={"name": "jobs:1"}, headers=HTML)
     done = await client.post(
         "/ops/locks/release", data=_release_form("jobs:1", owner, _csrf(page.text)), headers=HTML
     )
     assert done.status_code == 303 and done.headers["location"] == "/ops/locks"
     assert not await lock.locked()
+    login, release = await _audit(real_redis)
+    assert (login["action"], login["via"], login["outcome"]) == (
+        "console.login",
+        "cookie",
+        "logged in",
+    )
+    assert (release["action"], release["via"]) == ("lock.force_release", "cookie")
 
 
 _OP = Operator("console-token", "cookie")
@@ -258,6 +266,23 @@ async def test_pages_forbid_framing_and_caching(
     assert page.headers["x-frame-options"] == "DENY"
     assert "frame-ancestors 'none'" in page.headers["content-security-policy"]
     assert page.headers["cache-control"] == "no-store"
+
+
+async def test_stored_data_is_rendered_as_text_never_as_markup(
+    make_app_client: AppClientFactory, real_redis: Redis
+) -> None:
+    from app.services.streams import stream_keys
+
+    evil = '<img src=x onerror="alert(1)">'
+    keys = stream_keys(evil)
+    await real_redis.xadd(keys.stream, {"payload": b"x"})
+    await real_redis.xadd(keys.dead_letter, {"dlq-id": "1-0", "dlq-error": evil, "payload": b"x"})
+    client = await make_app_client(_app(token=TOKEN), real_redis)
+    for path, params in (("/ops/streams", {}), ("/ops/streams/detail", {"name": evil})):
+        page = await client.get(path, params=params, headers={**BEARER, **HTML})
+        assert page.status_code == 200
+        assert evil not in page.text
+        assert "&lt;img src=x onerror=&#34;alert(1)&#34;&gt;" in page.text
 
 
 @pytest.mark.parametrize(
