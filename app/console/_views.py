@@ -393,26 +393,37 @@ async def cache_view(
 # -- pub/sub -----------------------------------------------------------------
 
 
+def _numsub_pairs(reply: Any) -> list[tuple[str, int]]:
+    """``PUBSUB (SHARD)NUMSUB`` as (channel, count) pairs, whatever shape the client parsed."""
+    if isinstance(reply, dict):
+        return [(text(k), int(v)) for k, v in reply.items()]
+    items = list(reply or ())
+    if items and isinstance(items[0], list | tuple):
+        return [(text(k), int(v)) for k, v in items]
+    return [(text(items[i]), int(items[i + 1])) for i in range(0, len(items) - 1, 2)]
+
+
 async def _channels(client: AnyRedis, match: str) -> dict[str, int]:
-    """Channels matching *match* with subscriber counts, on every node (sharded ones too)."""
+    """Channels matching *match* with subscriber counts, on every node (sharded ones too).
+
+    On Cluster each primary is asked directly (no result merging by the client), for
+    sharded and classic channels.
+    """
     found: dict[str, int] = {}
     if is_cluster(client):
         for node in primaries(client):
             for kind, numsub in (("SHARDCHANNELS", "SHARDNUMSUB"), ("CHANNELS", "NUMSUB")):
-                names = await client.execute_command("PUBSUB", kind, match, target_nodes=node)
+                names = await node.execute_command("PUBSUB", kind, match)
                 names = [text(n) for n in (names or [])][:200]
                 if names:
-                    counts = await client.execute_command(
-                        "PUBSUB", numsub, *names, target_nodes=node
-                    )
-                    flat = list(counts)
-                    for i in range(0, len(flat) - 1, 2):
-                        found[text(flat[i])] = found.get(text(flat[i]), 0) + int(flat[i + 1])
+                    reply = await node.execute_command("PUBSUB", numsub, *names)
+                    for name, count in _numsub_pairs(reply):
+                        found[name] = found.get(name, 0) + count
         return found
     names = [text(n) for n in (await client.pubsub_channels(match))][:200]
     if names:
-        for name, count in await client.pubsub_numsub(*names):
-            found[text(name)] = int(count)
+        for name, count in _numsub_pairs(await client.pubsub_numsub(*names)):
+            found[name] = count
     return found
 
 

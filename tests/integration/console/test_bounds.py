@@ -18,6 +18,7 @@ from app.console import create_console
 from app.core.config import get_settings
 from app.core.keys import KeySpace
 from app.services.locks import RedisLock
+from app.services.pubsub import Broadcaster
 from app.services.streams import StreamProducer
 from app.testing.plugin import AppClientFactory
 
@@ -110,3 +111,19 @@ async def test_pages_render_on_every_topology(
     assert "<td>stream</td>" in overview.text
     audit_key = KeySpace(get_settings().redis_key_prefix, "console").key("audit")
     assert await topology_redis.exists(audit_key) == 0  # reading writes nothing
+
+
+async def test_channels_with_subscribers_and_history_are_listed_on_every_topology(
+    make_app_client: AppClientFactory, topology_redis: Any
+) -> None:
+    async with (
+        Broadcaster(topology_redis, history=10) as broadcaster,
+        broadcaster.subscribe("room-1", "room-2"),
+    ):
+        await broadcaster.publish("room-1", {"hello": "ops"})
+        client = await make_app_client(_app(), topology_redis)
+        page = await client.get("/ops/pubsub", headers=BEARER)
+    assert page.status_code == 200
+    rows = re.findall(r"<tr><td>(room-\d)</td><td>(\d+)</td><td>(.*?)</td></tr>", page.text)
+    assert [(name, count) for name, count, _ in rows] == [("room-1", "1"), ("room-2", "1")]
+    assert "hello" in rows[0][2] and "none kept" in rows[1][2]
