@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import math
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +28,7 @@ from app.console._access import Audit, Operator, Signer, token_matches
 from app.core.config import Settings, get_settings
 from app.core.errors import ConfigurationError, RedisUnavailable
 from app.core.redis import AnyRedis, get_redis
+from app.http.caller import caller_resolver
 from app.services.rate_limit import ConcurrencyLimiter, RateLimiter
 from app.services.sessions import SessionStore
 
@@ -35,6 +37,7 @@ __all__ = ["Console", "ConsoleLimiter", "Refused", "create_console"]
 log = logging.getLogger("app.console")
 
 COOKIE = "console_auth"
+_LOGIN_POLICY = "console-login=10/minute"  # wrong tokens per client address
 NOTICE_COOKIE = "console_notice"
 _MAX_FORM = 8192
 _SECURITY_HEADERS = [
@@ -53,10 +56,11 @@ _SECURITY_HEADERS = [
 class Refused(Exception):
     """A console request refused: 401 (no access), 403, 404 (console off), 413, 429."""
 
-    def __init__(self, status: int, detail: str) -> None:
+    def __init__(self, status: int, detail: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(detail)
         self.status = status
         self.detail = detail
+        self.headers = headers or {}
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,18 +157,20 @@ class Console:
             return from_auth
 
         async def from_token(request: Request) -> Operator:
-            return self._operator_from_token(request)
+            return await self._operator_from_token(request)
 
         return from_token
 
-    def _operator_from_token(self, request: Request) -> Operator:
+    async def _operator_from_token(self, request: Request) -> Operator:
         if not self.enabled or self.token is None:
             raise Refused(404, "Not Found")
         header = request.headers.get("authorization")
         if header:
+            await self.check_throttle(request)
             scheme, _, credential = header.partition(" ")
             if scheme.lower() == "bearer" and token_matches(credential.strip(), self.token):
                 return Operator("console-token", "bearer")
+            await self.login_failed(request)
             raise Refused(401, "wrong or malformed console token")
         if self.signer.cookie_valid(request.cookies.get(COOKIE)):
             return Operator("console-token", "cookie")
@@ -218,7 +224,7 @@ class Console:
         back: str,
     ) -> Response:
         """Audit the action, then redirect a browser back to *back* or answer JSON."""
-        client = request.client.host if request.client else ""
+        client = self.client_address(request)
         entry = await self.audit.record(self.redis(), operator, action, target, outcome, client)
         if wants_html(request):
             response: Response = RedirectResponse(base(request) + back, status_code=303)
@@ -235,6 +241,28 @@ class Console:
         return JSONResponse(
             {"action": action, "target": target, "outcome": outcome, "audit": entry}
         )
+
+    def client_address(self, request: Request) -> str:
+        """The caller's address through the trusted proxies (``app.http.caller``)."""
+        return caller_resolver(self.settings).address(request.scope) or "unknown"
+
+    async def check_throttle(self, request: Request) -> None:
+        """429 when this address sent 10 wrong tokens in the last minute (form or Bearer)."""
+        decision = await self._login_limiter().peek(self.client_address(request))
+        if not decision.allowed:
+            wait = math.ceil(max(1.0, decision.retry_after))
+            raise Refused(
+                429,
+                f"too many wrong tokens from this address; retry in {wait} s",
+                {"Retry-After": str(wait)},
+            )
+
+    async def login_failed(self, request: Request) -> None:
+        """Count a wrong token against the caller's address (10 per minute)."""
+        await self._login_limiter().hit(self.client_address(request))
+
+    def _login_limiter(self) -> RateLimiter:
+        return RateLimiter(self.redis(), policies=_LOGIN_POLICY)
 
     # -- rendering ---------------------------------------------------------------
 
@@ -263,10 +291,14 @@ class Console:
             target = quote(request.url.path.removeprefix(base(request)) or "/", safe="/")
             return RedirectResponse(f"{base(request)}/login?next={target}", status_code=303)
         if wants_html(request) and exc.status != 404:
-            return self.render(
+            page = self.render(
                 request, None, "error.html", status=exc.status, message=exc.detail, title="Refused"
             )
-        headers = {"WWW-Authenticate": 'Bearer realm="console"'} if exc.status == 401 else None
+            page.headers.update(exc.headers)
+            return page
+        headers = dict(exc.headers)
+        if exc.status == 401:
+            headers["WWW-Authenticate"] = 'Bearer realm="console"'
         return JSONResponse(
             {
                 "type": "about:blank",

@@ -88,7 +88,9 @@ def add_routes(app: FastAPI, console: Console) -> None:
         target = form.get("next", "/")
         if not target.startswith("/") or not set(target) <= _NEXT_OK or "//" in target:
             target = "/"  # never an open redirect
+        await console.check_throttle(request)
         if not console.check_login_token(form.get("token")):
+            await console.login_failed(request)
             return console.render(
                 request,
                 None,
@@ -98,7 +100,7 @@ def add_routes(app: FastAPI, console: Console) -> None:
                 status=401,
                 error="wrong token",
             )
-        client = request.client.host if request.client else ""
+        client = console.client_address(request)
         operator = Operator("console-token", "cookie")
         await console.audit.record(
             console.redis(), operator, "console.login", "login form", "logged in", client

@@ -294,3 +294,17 @@ def test_weak_console_tokens_are_refused(weak: str) -> None:
         Settings(console_token=weak)
     with pytest.raises(ValidationError):
         create_console(token=weak)
+
+
+async def test_guessing_tokens_is_throttled_per_address(
+    make_app_client: AppClientFactory, real_redis: Redis
+) -> None:
+    client = await make_app_client(_app(token=TOKEN), real_redis)
+    for i in range(10):
+        form = await client.post("/ops/login", data={"token": f"guess-{i}"})
+        assert form.status_code == 401
+    throttled = await client.get("/ops/", headers={"authorization": "Bearer guess-11"})
+    assert throttled.status_code == 429 and int(throttled.headers["retry-after"]) >= 1
+    # even the right token waits: a guess that happens to be right gains nothing
+    assert (await client.get("/ops/", headers=BEARER)).status_code == 429
+    assert (await client.post("/ops/login", data={"token": TOKEN})).status_code == 429
