@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -10,6 +11,7 @@ from redis.asyncio import Redis
 
 from app.console import ConsoleLimiter, create_console
 from app.services.cache import MISSING, get_cache
+from app.services.locks import Semaphore
 from app.services.rate_limit import RateLimiter
 from app.services.sessions import SessionStore
 from app.services.streams import StreamConsumer, StreamMessage, StreamProducer
@@ -109,3 +111,38 @@ async def test_trim_keeps_entries_a_group_still_needs(
         "/ops/streams/trim", data={"stream": "jobs", "maxlen": "-1"}, headers=BEARER
     )
     assert bad.status_code == 400
+
+
+async def test_pending_entries_and_semaphores_are_shown(
+    make_app_client: AppClientFactory, real_redis: Redis
+) -> None:
+    producer = StreamProducer(real_redis, "mail")
+    await producer.add_many([{"n": 1}, {"n": 2}])
+    key = producer.keys.stream
+    await real_redis.xgroup_create(key, "senders", id="0")
+    await real_redis.xreadgroup("senders", "sender-7", {key: ">"}, count=1)  # one left unacked
+    exports = Semaphore(real_redis, "exports", limit=3, timeout=60)
+    permit = await exports.acquire()
+    assert permit is not None
+    client = await _client(make_app_client, real_redis)
+    detail = await client.get("/ops/streams/detail", params={"name": "mail"}, headers=BEARER)
+    assert "1 consumers · 1 pending · lag 1" in detail.text
+    assert re.search(r"<td>\d+-\d+</td><td>sender-7</td><td>[\d.]+</td><td>1</td>", detail.text)
+    locks = await client.get("/ops/locks", headers=BEARER)
+    assert re.search(r"<tr><td>exports</td><td>1</td>", locks.text)
+    await permit.release()
+
+
+async def test_logging_out_ends_the_browser_session(
+    make_app_client: AppClientFactory, real_redis: Redis
+) -> None:
+    client = await _client(make_app_client, real_redis)
+    await client.post("/ops/login", data={"token": TOKEN})
+    page = await client.get("/ops/", headers={"accept": "text/html"})
+    assert page.status_code == 200
+    marker = 'name="csrf" value="'
+    csrf = page.text[page.text.index(marker) + len(marker) :].split('"', 1)[0]
+    assert (await client.post("/ops/logout", data={})).status_code == 403
+    out = await client.post("/ops/logout", data={"csrf": csrf})
+    assert out.status_code == 303 and out.headers["location"] == "/ops/login"
+    assert (await client.get("/ops/")).status_code == 401
