@@ -19,10 +19,11 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -282,3 +283,28 @@ async def test_a_force_released_lock_goes_to_the_waiter(
     assert await asyncio.wait_for(waiting, 30) is True
     assert await waiter.owned() and not await stuck.owned()
     await waiter.release()
+
+
+async def test_live_views_are_capped_per_worker(demo: Demo, redis: Redis) -> None:
+    headers = {"authorization": f"Bearer {TOKEN}"}
+    async with AsyncExitStack() as stack:
+        http = await stack.enter_async_context(httpx.AsyncClient(base_url=demo.base, timeout=30))
+        readers: list[AsyncGenerator[str, None]] = []  # a collected reader closes its response
+        for _ in range(4):
+            events = await stack.enter_async_context(
+                http.stream("GET", "/console/events", headers=headers)
+            )
+            assert events.status_code == 200
+            readers.append(cast(AsyncGenerator[str, None], events.aiter_lines()))
+            assert (await anext(readers[-1])) == "event: counters"  # open and counted
+        refused = await http.get("/console/events", headers=headers)
+        assert refused.status_code == 429
+        for reader in readers:
+            await reader.aclose()
+    async with httpx.AsyncClient(base_url=demo.base, timeout=30) as http:
+
+        async def reopened() -> bool:  # the closed views were given back
+            async with http.stream("GET", "/console/events", headers=headers) as events:
+                return events.status_code == 200
+
+        await eventually(reopened, "a live view accepted again after the others closed")
