@@ -26,8 +26,10 @@ from app.api.routes import (
     sessions,
     streams,
 )
+from app.console import ConsoleLimiter, create_console
 from app.core.redis import redis_lifespan
 from app.middleware.stack import install_toolkit
+from app.services.rate_limit import RateLimiter
 
 __all__ = ["CAPABILITIES", "app", "create_app"]
 
@@ -67,7 +69,16 @@ def create_app(**fastapi_kwargs: Any) -> FastAPI:
         app.include_router(module.router)
         module.setup(app)
     install_toolkit(app)
+    app.mount("/console", create_console(limiters=[_DEMO_USER_LIMIT]))  # 404 until CONSOLE_TOKEN
     return app
+
+
+_DEMO_USER_LIMIT = ConsoleLimiter(
+    "demo user",
+    lambda redis: RateLimiter(redis, policies="user=5/minute"),
+    lambda user: f"demo-user|{user}",
+    "the X-User header of GET /limits/user",
+)
 
 
 app = create_app()

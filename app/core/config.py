@@ -259,6 +259,44 @@ class Settings(BaseSettings):
         "'__Host-<name>' when APP_ENV is not development/test.",
     )
 
+    # -- Operator console (app/console): off unless CONSOLE_TOKEN or an auth dependency is given --
+    console_token: SecretStr | None = Field(
+        default=None,
+        description="Token that opens the operator console (login form or "
+        "'Authorization: Bearer'); at least 32 characters, not a repeated or sequential run. "
+        "Unset: the console answers 404 unless the app gives it an auth dependency.",
+    )
+    console_read_only: bool = Field(
+        default=False, description="Console pages only: every action (POST) answers 403."
+    )
+    console_session_ttl: float = Field(
+        default=8 * 3600.0,
+        gt=0,
+        le=7 * 86400.0,
+        description="Seconds a console login cookie (and its CSRF tokens) stays valid.",
+    )
+    console_audit_maxlen: int = Field(
+        default=10_000,
+        ge=100,
+        description="Entries the console's audit stream keeps (XADD MAXLEN ~).",
+    )
+
+    @field_validator("console_token")
+    @classmethod
+    def _refuse_weak_console_token(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return None
+        text = value.get_secret_value()
+        steps = {ord(text[i + 1]) - ord(text[i]) for i in range(len(text) - 1)}
+        periodic = any(text == (text[:n] * (len(text) // n + 1))[: len(text)] for n in range(1, 17))
+        if len(text) < 32 or len(set(text)) < 8 or len(steps) == 1 or periodic:
+            raise ValueError(
+                "CONSOLE_TOKEN must be at least 32 characters, with at least 8 distinct ones and "
+                "no repeated or sequential run "
+                "(generate one with: python -c 'import secrets; print(secrets.token_urlsafe(32))')"
+            )
+        return value
+
 
 def _url_kind(url: str) -> str:
     """The target kind of *url* as the client builder reads it (scheme case ignored)."""
