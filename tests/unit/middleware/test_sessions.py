@@ -255,7 +255,11 @@ async def test_secure_outside_development_and_the_host_prefix(
 def test_host_prefix_is_the_default_when_production_strict(
     settings_override: Callable[..., None],
 ) -> None:
-    settings_override(app_env="production", redis_url="redis://127.0.0.1:1/0", secret_key="production-secret-key-0123456789abcdefghij")
+    settings_override(
+        app_env="production",
+        redis_url="redis://127.0.0.1:1/0",
+        secret_key="production-secret-key-0123456789abcdefghij",
+    )
     assert SessionMiddleware(build_app(), secret_key=SECRET).cookie_name == "__Host-session"
     settings_override(session_cookie_name="sid")
     assert SessionMiddleware(build_app(), secret_key=SECRET).cookie_name == "__Host-sid"
