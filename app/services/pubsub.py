@@ -74,6 +74,7 @@ from app.core.redis import (
     is_cluster,
 )
 from app.core.scripts import Script
+from app.core.telemetry import traced
 
 __all__ = [
     "Broadcaster",
@@ -555,6 +556,11 @@ class _Link:
                 raise error
         raise ConnectionError("pub/sub session ended without an error")  # pragma: no cover
 
+    @traced(
+        "pubsub.reconnect",
+        attrs=lambda link, exc: {"toolkit.pubsub.link": link.name},
+        result=lambda _: "lost",
+    )
     def _lost(self, exc: BaseException) -> None:
         loop = asyncio.get_running_loop()
         now = loop.time()
@@ -815,6 +821,11 @@ def _dedicated(connection_class: Any, kwargs: Mapping[str, Any]) -> Any:
 # -- the broadcaster ----------------------------------------------------------
 
 
+def _publish_attrs(broadcaster: Any, channel: str, message: Any) -> dict[str, str]:
+    # the channel stays on spans: it may name a user, so it is no metric attribute
+    return {"messaging.system": "redis", "toolkit.pubsub.channel": channel}
+
+
 class Broadcaster:
     """Publish and subscribe across processes over one Redis pub/sub connection per process.
 
@@ -999,6 +1010,7 @@ class Broadcaster:
 
     # -- publish ------------------------------------------------------------
 
+    @traced("pubsub.publish", kind="producer", attrs=_publish_attrs)
     async def publish(self, channel: str, message: Any) -> Published:
         """Publish *message* (encoded with the codec) on *channel* to every process.
 
