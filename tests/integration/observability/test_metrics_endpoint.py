@@ -1,0 +1,95 @@
+"""The demo's ``GET /metrics`` after traffic, on a real redis-server through ASGI."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client.parser import text_string_to_metric_families
+from redis.asyncio import Redis
+
+from app.main import create_app
+from app.testing.plugin import AppClientFactory
+from app.testing.waiting import eventually
+
+FAMILIES = {
+    "toolkit_operation_duration_seconds": "histogram",
+    "toolkit_operations": "counter",
+    "toolkit_stream_lag": "gauge",
+    "toolkit_stream_pending": "gauge",
+    "toolkit_stream_dead_letters": "gauge",
+    "db_client_connection_count": "gauge",
+    "db_client_connection_pending_requests": "gauge",
+    "toolkit_breaker_state": "gauge",
+}
+
+OPERATIONS = {
+    "cache.get",
+    "cache.set",
+    "ratelimit.check",
+    "lock.acquire",
+    "lock.release",
+    "idempotency.claim",
+    "session.save",
+    "stream.produce",
+    "stream.handle",
+}
+
+
+async def test_metrics_after_traffic_has_every_family_and_no_caller_data(
+    real_redis: Redis,
+    make_app_client: AppClientFactory,
+    settings_override: Callable[..., None],
+) -> None:
+    settings_override(telemetry_enabled=True, streams_demo_worker="eager")
+    client = await make_app_client(create_app(), real_redis)
+
+    assert (await client.put("/cache/items/secret-key-1", json={"value": 1})).status_code < 300
+    assert (await client.get("/cache/items/secret-key-1")).status_code == 200
+    assert (await client.get("/cache/items/absent-key")).status_code < 500
+    for _ in range(6):
+        await client.get("/limits/user", headers={"X-User": "user-alice-77"})
+    assert (await client.post("/jobs/job-secret-9/run", params={"seconds": 0})).status_code == 200
+    headers = {"Idempotency-Key": "idem-key-abc-123", "Authorization": "Bearer tok-xyz"}
+    for _ in range(2):
+        reply = await client.post("/payments", json={"amount": 5}, headers=headers)
+        assert reply.status_code == 201, reply.text
+    assert (await client.post("/session/login", json={"user": "bob-the-user"})).status_code == 200
+    assert (await client.post("/streams/events", json={"payload": {"n": 1}})).status_code == 201
+
+    async def scrape() -> str:
+        reply = await client.get("/metrics")
+        assert reply.status_code == 200
+        assert reply.headers["content-type"].startswith("text/plain")
+        return str(reply.text)
+
+    async def handled() -> bool:
+        return 'toolkit_operation="stream.handle"' in await scrape()
+
+    await eventually(handled, "the demo worker handled the event")
+    text = await scrape()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    for name, kind in FAMILIES.items():
+        assert name in families, f"{name} missing from /metrics"
+        assert families[name].type == kind, (name, families[name].type)
+    seen = {s.labels.get("toolkit_operation") for s in families["toolkit_operations"].samples}
+    assert seen >= OPERATIONS, OPERATIONS - seen
+    rejected = [
+        s
+        for s in families["toolkit_operations"].samples
+        if s.labels.get("toolkit_operation") == "ratelimit.check"
+        and s.labels.get("toolkit_outcome") == "rejected"
+    ]
+    assert rejected and rejected[0].labels["toolkit_ratelimit_policy"]
+    [lag] = [s for s in families["toolkit_stream_lag"].samples if s.labels]
+    assert lag.labels["messaging_destination_name"] == "events"
+    [breaker] = families["toolkit_breaker_state"].samples
+    assert breaker.value == 0  # closed
+    for secret in ("secret-key-1", "user-alice-77", "job-secret-9", "idem-key", "tok-xyz", "bob"):
+        assert secret not in text, f"{secret!r} leaked into /metrics"
+
+
+async def test_metrics_is_absent_unless_enabled(
+    real_redis: Redis, make_app_client: AppClientFactory
+) -> None:
+    client = await make_app_client(create_app(), real_redis)
+    assert (await client.get("/metrics")).status_code == 404
