@@ -16,7 +16,9 @@ fastapi-redis-toolkit[otel]``); the SDK and exporters are the application's choi
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
 try:
     __version__ = version("fastapi-redis-toolkit")
@@ -24,7 +26,7 @@ except PackageNotFoundError:  # pragma: no cover - running from a bare checkout
     __version__ = "0"
 
 from opentelemetry.metrics import MeterProvider
-from opentelemetry.trace import TracerProvider
+from opentelemetry.trace import Span, TracerProvider
 
 from app.core import telemetry
 from app.observability._backend import METRIC_ATTRIBUTES, OtelBackend
@@ -34,6 +36,7 @@ __all__ = [
     "BREAKER_STATES",
     "METRIC_ATTRIBUTES",
     "OtelBackend",
+    "continue_trace",
     "instrument",
     "instrumented",
     "refresh",
@@ -84,3 +87,18 @@ async def refresh(timeout: float = 1.0) -> None:
     gauges = _gauges
     if gauges is not None:
         await gauges.refresh(timeout)
+
+
+def continue_trace(
+    message: Any, name: str = "pubsub.receive"
+) -> AbstractContextManager[Span | None]:
+    """A consumer span (``with continue_trace(message): ...``) in the publisher's trace.
+
+    *message* is a pub/sub ``Message`` (its ``traceparent``) or anything with stream
+    ``fields``. Without a traceparent the span starts a new trace; while telemetry is
+    off this is a no-op context (it yields None).
+    """
+    backend = telemetry.active()
+    if not isinstance(backend, OtelBackend):
+        return nullcontext()
+    return backend.receive(message, name)

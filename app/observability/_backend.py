@@ -6,6 +6,7 @@ import functools
 import inspect
 import time
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from contextvars import ContextVar, Token
 from typing import Any
 
@@ -181,6 +182,18 @@ class OtelBackend:
             return value
 
         return traced_sync
+
+    def receive(self, message: Any, name: str) -> AbstractContextManager[trace.Span | None]:
+        """A consumer span continuing the trace *message* carries (see ``continue_trace``)."""
+        if self.tracer is None:
+            return nullcontext()
+        carried = getattr(message, "traceparent", None)
+        fields = getattr(message, "fields", None)
+        context = _traceparent({TRACEPARENT: carried} if carried else fields)
+        attrs: dict[str, Any] = {"db.system.name": "redis", "messaging.system": "redis"}
+        return self.tracer.start_as_current_span(
+            name, context=context, kind=SpanKind.CONSUMER, attributes=attrs
+        )
 
     # -- one call ----------------------------------------------------------------
 

@@ -13,7 +13,7 @@ from redis.asyncio import Redis
 from app.api.routes.streams import DEMO_STREAM, demo_consumer
 from app.main import create_app
 from app.observability.testing import Capture
-from app.services.pubsub import Broadcaster, Reconnected
+from app.services.pubsub import Broadcaster, Message, Reconnected
 from app.services.streams import StreamConsumer, StreamMessage, StreamProducer, stream_keys
 from app.testing.plugin import AppClientFactory, RedisServerInfo
 
@@ -105,3 +105,49 @@ async def test_pubsub_reconnect_is_reported(real_redis: Redis, otel: Capture) ->
         assert isinstance(event, Reconnected), event
     assert "lost" in otel.outcomes("pubsub.reconnect")
     assert otel.count("pubsub.reconnect", outcome="lost") >= 1
+
+
+async def next_message(sub: Any) -> Message[Any]:
+    event = await sub.get(10)
+    assert isinstance(event, Message), event
+    return event
+
+
+@pytest.mark.parametrize("history", [0, 100], ids=["plain", "history"])
+async def test_a_pubsub_message_carries_the_publishers_trace(
+    real_redis: Redis, otel: Capture, history: int
+) -> None:
+    from app import observability
+
+    tracer = otel.tracer_provider.get_tracer("user-code")
+    async with Broadcaster(real_redis, history=history) as hub, hub.subscribe("news") as sub:
+        with tracer.start_as_current_span("publish request") as request_span:
+            await hub.publish("news", {"headline": "traced"})
+        message = await next_message(sub)
+        assert message.data == {"headline": "traced"}
+        assert message.traceparent is not None
+        with observability.continue_trace(message) as span:
+            assert span is not None
+            received = span.get_span_context()
+        if history:  # a late subscriber replays it from the history, trace context included
+            async with hub.subscribe("news", last_ids={"news": "0-0"}) as late:
+                replayed = await next_message(late)
+            assert replayed.data == {"headline": "traced"}
+            assert replayed.traceparent == message.traceparent
+    assert received.trace_id == request_span.get_span_context().trace_id
+    publish = otel.span("pubsub.publish")
+    assert publish.context is not None
+    assert otel.span("pubsub.receive").parent.span_id == publish.context.span_id  # type: ignore[union-attr]
+
+
+async def test_pubsub_messages_carry_no_trace_context_while_telemetry_is_off(
+    real_redis: Redis,
+) -> None:
+    from app import observability
+
+    async with Broadcaster(real_redis) as hub, hub.subscribe("quiet") as sub:
+        await hub.publish("quiet", "plain")
+        message = await next_message(sub)
+    assert message.data == "plain" and message.traceparent is None
+    with observability.continue_trace(message) as span:
+        assert span is None
