@@ -7,6 +7,8 @@
   installed, no SDK configured): the wrappers run, spans are non-recording.
 * ``sdk``: the SDK recording every span (batch processor, an exporter that drops) and
   every metric (an in-memory reader): the real cost of tracing and metrics.
+* ``sdk 1%``: the same with a ``ParentBased(TraceIdRatioBased(0.01))`` sampler, the usual
+  production setting: every metric, one trace in a hundred.
 
 Modes alternate within each round (rotated order) on one client and one private
 redis-server; the table gives the median rate of each mode and its overhead against
@@ -54,6 +56,7 @@ def _modes() -> dict[str, Callable[[], Callable[[], None]]]:
             SpanExporter,
             SpanExportResult,
         )
+        from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
     except ImportError:  # the SDK is not installed here: two modes only
         return modes
 
@@ -61,20 +64,24 @@ def _modes() -> dict[str, Callable[[], Callable[[], None]]]:
         def export(self, spans: Sequence[Any]) -> SpanExportResult:
             return SpanExportResult.SUCCESS
 
-    def sdk() -> Callable[[], None]:
-        tracer_provider = TracerProvider()
-        tracer_provider.add_span_processor(BatchSpanProcessor(_Drop()))
-        meter_provider = MeterProvider(metric_readers=[InMemoryMetricReader()])
-        observability.instrument(tracer_provider, meter_provider)
+    def sdk(ratio: float) -> Callable[[], Callable[[], None]]:
+        def install() -> Callable[[], None]:
+            tracer_provider = TracerProvider(sampler=ParentBased(TraceIdRatioBased(ratio)))
+            tracer_provider.add_span_processor(BatchSpanProcessor(_Drop()))
+            meter_provider = MeterProvider(metric_readers=[InMemoryMetricReader()])
+            observability.instrument(tracer_provider, meter_provider)
 
-        def stop() -> None:
-            observability.uninstrument()
-            tracer_provider.shutdown()
-            meter_provider.shutdown()
+            def stop() -> None:
+                observability.uninstrument()
+                tracer_provider.shutdown()
+                meter_provider.shutdown()
 
-        return stop
+            return stop
 
-    modes["sdk"] = sdk
+        return install
+
+    modes["sdk"] = sdk(1.0)
+    modes["sdk 1%"] = sdk(0.01)
     return modes
 
 
