@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Callable
+from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
@@ -10,6 +13,8 @@ from redis.asyncio import Redis
 from app.main import create_app
 from app.testing.plugin import AppClientFactory
 from app.testing.waiting import eventually
+
+DASHBOARD = Path(__file__).resolve().parents[3] / "app/observability/grafana-dashboard.json"
 
 FAMILIES = {
     "toolkit_operation_duration_seconds": "histogram",
@@ -84,6 +89,9 @@ async def test_metrics_after_traffic_has_every_family_and_no_caller_data(
     assert lag.labels["messaging_destination_name"] == "events"
     [breaker] = families["toolkit_breaker_state"].samples
     assert breaker.value == 0  # closed
+    read = {_family(metric, set(families)) for metric in _dashboard_metrics()}
+    assert None not in read, "the dashboard reads a metric /metrics does not serve"
+    assert read == set(FAMILIES)  # and every family has a panel
     for secret in ("secret-key-1", "user-alice-77", "job-secret-9", "idem-key", "tok-xyz", "bob"):
         assert secret not in text, f"{secret!r} leaked into /metrics"
 
@@ -93,3 +101,23 @@ async def test_metrics_is_absent_unless_enabled(
 ) -> None:
     client = await make_app_client(create_app(), real_redis)
     assert (await client.get("/metrics")).status_code == 404
+
+
+def _family(metric: str, families: set[str]) -> str | None:
+    """The family a sample name belongs to (``x_bucket`` -> ``x``), or None."""
+    if metric in families:
+        return metric
+    base = re.sub(r"_(bucket|total|count|sum)$", "", metric)
+    return base if base in families else None
+
+
+def _dashboard_metrics() -> set[str]:
+    """Metric names the Grafana dashboard's queries read."""
+    names: set[str] = set()
+    for panel in json.loads(DASHBOARD.read_text())["panels"]:
+        for target in panel["targets"]:
+            # drop label matchers ({...}) and groupings (by (...)): what is left names metrics
+            expr = re.sub(r"\bby \([^)]*\)", "", re.sub(r"\{[^}]*\}", "", target["expr"]))
+            for metric in re.findall(r"\b((?:toolkit|db_client)_[a-z_]+)", expr):
+                names.add(metric)
+    return names
