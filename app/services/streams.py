@@ -301,8 +301,8 @@ class _Entry:
     deliveries: int
 
 
-def _received(count: int) -> str:
-    return "received" if count else "empty"
+def _received(got: int | list[Any]) -> str:
+    return "received" if got else "empty"
 
 
 def _fields(consumer: Any, entry: _Entry) -> Mapping[Any, Any]:
@@ -951,6 +951,7 @@ class StreamConsumer(Generic[T]):
             async with asyncio.timeout(seconds):
                 await self._wake.wait()
 
+    @traced("stream.consume", kind="client", attrs=_consumer_attrs, result=_received)
     async def _read_new(self, count: int, wait: float) -> list[_Entry]:
         block_ms = int(wait * 1000)
         if block_ms < 1:

@@ -23,6 +23,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+from app.core.telemetry import from_self, traced
 from app.services.cache import CacheService
 from app.services.rate_limit import RateLimiter
 from app.testing.servers import RedisServer
@@ -101,6 +102,35 @@ async def _rate(op: Op, seconds: float) -> float:
             return done / (now - start)
 
 
+class _Probe:
+    """A traced method that does nothing: what the hook itself costs, without Redis."""
+
+    namespace = "probe"
+
+    @traced("bench.probe", attrs=from_self({"toolkit.cache.namespace": "namespace"}))
+    async def op(self) -> int:
+        return 1
+
+
+async def _hook_cost(
+    modes: dict[str, Callable[[], Callable[[], None]]], rounds: int
+) -> dict[str, float]:
+    """Median µs per call of ``_Probe.op`` in each mode (CPU only, no I/O)."""
+    probe = _Probe()
+    samples: dict[str, list[float]] = {mode: [] for mode in modes}
+    for _ in range(rounds):
+        for mode, install in modes.items():
+            stop = install()
+            try:
+                start = time.perf_counter()
+                for _ in range(2000):
+                    await probe.op()
+                samples[mode].append((time.perf_counter() - start) / 2000 * 1e6)
+            finally:
+                stop()
+    return {mode: statistics.median(values) for mode, values in samples.items()}
+
+
 async def run(*, url: str, server: RedisServer, args: argparse.Namespace) -> dict[str, Any]:
     modes = _modes()
     client = toolkit_client(url)
@@ -141,4 +171,8 @@ async def run(*, url: str, server: RedisServer, args: argparse.Namespace) -> dic
             }
     print("\n### telemetry (sequential, one client)\n")
     print(markdown_table(["operation", "mode", "ops/s", "µs/op", "vs off"], rows, "llrrr"))
+    hook = await _hook_cost(modes, rounds)
+    out["hook_us_per_call"] = hook
+    print("\n### telemetry: the hook alone (CPU µs per call, no Redis)\n")
+    print(markdown_table(["mode", "µs/call"], [[m, f"{v:.2f}"] for m, v in hook.items()], "lr"))
     return out

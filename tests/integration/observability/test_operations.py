@@ -258,3 +258,26 @@ async def test_pubsub_publish_is_reported_without_the_channel_as_metric(
     assert attrs(otel, "pubsub.publish")["toolkit.pubsub.channel"] == "user:7:feed"
     assert otel.count("pubsub.publish", outcome="ok") == 1
     assert "user:7:feed" not in str(list(otel.points("toolkit.operations")))
+
+
+async def test_a_running_consumer_reports_its_reads_and_handling(
+    any_redis: Any, otel: Capture
+) -> None:
+    handled: list[Any] = []
+
+    async def handler(message: StreamMessage[Any]) -> None:
+        handled.append(message.payload)
+
+    consumer = StreamConsumer(any_redis, "live", "workers", "w1", handler, block=0.05)
+    await consumer.ensure_group()
+    runner = asyncio.create_task(consumer.run())
+    try:
+        await StreamProducer(any_redis, "live").add({"n": 1})
+        await eventually(lambda: otel.outcomes("stream.handle") == ["ok"], "the entry is handled")
+    finally:
+        await consumer.stop()
+        await runner
+    assert handled == [{"n": 1}]
+    assert "received" in otel.outcomes("stream.consume")
+    consume = attrs(otel, "stream.consume")
+    assert consume["messaging.consumer.group.name"] == "workers"
