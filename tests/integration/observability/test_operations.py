@@ -20,6 +20,7 @@ from app.services.idempotency import IdempotencyService
 from app.services.locks import RedisLock
 from app.services.pubsub import Broadcaster
 from app.services.rate_limit import RateLimiter
+from app.services.semaphore import Semaphore
 from app.services.sessions import SessionStore
 from app.services.streams import StreamConsumer, StreamMessage, StreamProducer
 from app.testing.waiting import eventually
@@ -153,6 +154,20 @@ async def test_lock_acquire_release_timeout_and_not_owned(any_redis: Any, otel: 
     assert all("toolkit.lock.name" not in labels for labels, _ in otel.points("toolkit.operations"))
 
 
+async def test_semaphore_permits_are_lock_acquires_of_kind_semaphore(
+    any_redis: Any, otel: Capture
+) -> None:
+    exports = Semaphore(any_redis, "exports", limit=1, timeout=30)
+    permit = await exports.acquire()
+    assert permit is not None
+    assert await exports.acquire(blocking=True, blocking_timeout=0.05) is None
+    await permit.release()
+    assert otel.outcomes("lock.acquire") == ["acquired", "timeout"]
+    span = attrs(otel, "lock.acquire")
+    assert span["toolkit.lock.kind"] == "semaphore" and span["toolkit.lock.name"] == "exports"
+    assert otel.outcomes("lock.release") == ["released"]
+
+
 async def test_lock_lost_is_reported(any_redis: Any, otel: Capture) -> None:
     lock = RedisLock(any_redis, "report", timeout=1, auto_renew=True, renew_interval=0.05)
     assert await lock.acquire()
@@ -242,7 +257,7 @@ async def test_stream_produce_consume_handle_retry_and_dead_letter(
     # gauges: a scrape-time sample of lag, pending and dead letters
     from app import observability
 
-    await observability.refresh()
+    await observability.refresh(consumer)  # run_once consumers are named; running ones found
     group = {"messaging.destination.name": "jobs", "messaging.consumer.group.name": "workers"}
     assert otel.gauge("toolkit.stream.dead_letters", **group) == [1]
     assert otel.gauge("toolkit.stream.pending", **group) == [0]
