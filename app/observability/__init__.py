@@ -77,16 +77,17 @@ def instrumented() -> bool:
     return telemetry.active() is not None
 
 
-async def refresh(timeout: float = 1.0) -> None:
-    """Sample the stream gauges (lag, pending, dead letters) of every live consumer.
+async def refresh(*consumers: Any, timeout: float = 1.0) -> None:
+    """Sample the stream gauges (lag, pending, dead letters).
 
     Gauges are read synchronously at collection time, so call this before a scrape
-    (the demo's ``GET /metrics`` does) or from a periodic task. One pipelined round
-    trip per consumer, each bounded by *timeout*; a failed sample keeps the last one.
+    (the demo's ``GET /metrics`` does) or from a periodic task. It samples every running
+    consumer (``run()``) and the *consumers* given (e.g. ones driven by ``run_once``):
+    one pipelined round trip each, bounded by *timeout*; a failed sample keeps the last.
     """
     gauges = _gauges
     if gauges is not None:
-        await gauges.refresh(timeout)
+        await gauges.refresh(consumers, timeout)
 
 
 def continue_trace(

@@ -67,23 +67,29 @@ class Gauges:
             ),
         ]
 
-    async def refresh(self, timeout: float = 1.0) -> None:
-        """Sample every watched stream consumer (failures keep the previous sample)."""
-        consumers = telemetry.watched("stream.consumer")
-        if not consumers:
-            return
+    async def refresh(self, consumers: Iterable[Any] = (), timeout: float = 1.0) -> None:
+        """Sample running stream consumers and *consumers* (a failed sample keeps the last).
+
+        Only running consumers (``run()``) are found on their own: a consumer left over
+        from a closed app or event loop must not be asked. Streams no consumer reports
+        any more drop out of the gauges.
+        """
+        chosen = {id(c): c for c in telemetry.watched("stream.consumer") if c.running}
+        chosen.update((id(c), c) for c in consumers)
+        sampled = list(chosen.values())
         results = await asyncio.gather(
-            *(asyncio.wait_for(c.stats(), timeout) for c in consumers), return_exceptions=True
+            *(asyncio.wait_for(c.stats(), timeout) for c in sampled), return_exceptions=True
         )
-        for consumer, stats in zip(consumers, results, strict=True):
+        fresh: dict[tuple[str, str], tuple[int, int, int]] = {}
+        for consumer, stats in zip(sampled, results, strict=True):
+            key = (consumer.stream, consumer.group)
             if isinstance(stats, BaseException):
                 log.debug("stream %r: stats for the gauges failed: %s", consumer.stream, stats)
+                if key in self._streams:
+                    fresh[key] = self._streams[key]
                 continue
-            self._streams[(stats.stream, stats.group)] = (
-                stats.lag or 0,
-                stats.pending,
-                stats.dead_letters,
-            )
+            fresh[key] = (stats.lag or 0, stats.pending, stats.dead_letters)
+        self._streams = fresh
 
     def _stream(self, index: int) -> Iterable[Observation]:
         for (stream, group), values in list(self._streams.items()):

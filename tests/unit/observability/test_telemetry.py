@@ -162,3 +162,21 @@ async def test_gauges_report_pool_and_breaker_of_the_global_client(fake_redis: A
         }
         assert states == {"used", "idle"}
         assert otel.gauge("db.client.connection.pending_requests") == [0]
+
+
+async def test_stream_gauges_sample_running_or_named_consumers_only(fake_redis: Any) -> None:
+    from app import observability
+    from app.services.streams import StreamConsumer, StreamMessage
+
+    async def handler(message: StreamMessage[Any]) -> None:
+        return None
+
+    idle = StreamConsumer(fake_redis, "idle", "g", "w", handler)
+    await idle.ensure_group()
+    with Capture() as otel:
+        await observability.refresh()  # a consumer nobody runs is never asked
+        assert otel.gauge("toolkit.stream.lag") == []
+        await observability.refresh(idle)
+        assert otel.gauge("toolkit.stream.pending", **{"messaging.destination.name": "idle"}) == [0]
+        await observability.refresh()  # no longer reported by anyone: it drops out
+        assert otel.gauge("toolkit.stream.pending") == []
