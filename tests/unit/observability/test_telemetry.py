@@ -180,3 +180,30 @@ async def test_stream_gauges_sample_running_or_named_consumers_only(fake_redis: 
         assert otel.gauge("toolkit.stream.pending", **{"messaging.destination.name": "idle"}) == [0]
         await observability.refresh()  # no longer reported by anyone: it drops out
         assert otel.gauge("toolkit.stream.pending") == []
+
+
+@pytest.mark.parametrize(
+    "planted",
+    [b"garbage", b"00-" + b"0" * 32 + b"-" + b"0" * 16 + b"-01", b"\xff\xfe", b"x" * 10_000],
+)
+async def test_a_planted_traceparent_is_ignored_and_the_entry_still_handled(
+    fake_redis: Any, planted: bytes
+) -> None:
+    from app.services.streams import StreamConsumer, StreamMessage, stream_keys
+
+    handled: list[Any] = []
+
+    async def handler(message: StreamMessage[Any]) -> None:
+        handled.append(message.payload)
+
+    consumer = StreamConsumer(fake_redis, "jobs", "g", "w", handler)
+    await consumer.ensure_group()
+    # a writer that is not our producer plants a trace context of its choosing
+    payload = b"\x01j-" + b'{"n":1}'
+    await fake_redis.xadd(stream_keys("jobs").stream, {"payload": payload, "traceparent": planted})
+    with Capture() as otel:
+        assert await consumer.run_once() == 1
+        handle = otel.span("stream.handle")
+    assert handled == [{"n": 1}]
+    assert handle.parent is None  # a new trace: the planted context was not continued
+    assert handle.context is not None and handle.context.trace_id != 0
