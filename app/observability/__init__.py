@@ -52,7 +52,7 @@ def instrument(
     *,
     spans: bool = True,
 ) -> OtelBackend:
-    """Report every toolkit operation to OpenTelemetry (process-wide; idempotent).
+    """Report every toolkit operation to OpenTelemetry (process-wide).
 
     *tracer_provider* / *meter_provider* default to the global ones (set by your
     SDK setup or ``opentelemetry-instrument``). ``spans=False`` keeps the metrics and
