@@ -27,6 +27,8 @@ from app.api.routes import (
     streams,
 )
 from app.console import ConsoleLimiter, create_console
+from app.api.routes.metrics import install_metrics
+from app.core.config import get_settings
 from app.core.redis import redis_lifespan
 from app.middleware.stack import install_toolkit
 from app.services.rate_limit import RateLimiter
@@ -57,12 +59,19 @@ async def _capabilities_lifespan(app: FastAPI) -> AsyncIterator[None]:
 def create_app(**fastapi_kwargs: Any) -> FastAPI:
     """Build the demo app: Redis lifespan, problem+json errors, every capability's routes.
 
-    Each capability's ``setup`` adds its middleware; ``install_toolkit`` then
-    puts them in the one safe order (rate limiting, idempotency, HTTP cache,
-    sessions, outermost first), whatever order the modules were set up in.
+    With ``TELEMETRY_ENABLED=1`` it also serves Prometheus ``GET /metrics`` and reports
+    traces and metrics through OpenTelemetry while it runs. Each capability's
+    ``setup`` adds its middleware; ``install_toolkit`` then puts them in the one
+    safe order (rate limiting, idempotency, HTTP cache, sessions, outermost
+    first), whatever order the modules were set up in. The operator console is
+    mounted at ``/console`` (404 until ``CONSOLE_TOKEN`` is set).
     """
     fastapi_kwargs.setdefault("title", "FastAPI Redis toolkit demo")
-    app = FastAPI(lifespan=redis_lifespan(_capabilities_lifespan), **fastapi_kwargs)
+    app = FastAPI(**fastapi_kwargs)
+    inner: Any = _capabilities_lifespan
+    if get_settings().telemetry_enabled:  # GET /metrics, and OpenTelemetry while the app runs
+        inner = install_metrics(app, inner)
+    app.router.lifespan_context = redis_lifespan(inner)
     install_problem_handlers(app)
     app.include_router(health.router)
     for module in CAPABILITIES:

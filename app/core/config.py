@@ -161,6 +161,11 @@ class Settings(BaseSettings):
         description="The demo's in-app stream consumer: lazy (first /streams request), "
         "eager (with the app) or off (run python -m app.worker instead).",
     )
+    telemetry_enabled: bool = Field(
+        default=False,
+        description="The demo reports traces and metrics through OpenTelemetry (needs the "
+        "otel extra and an SDK: the dev extra has both) and serves Prometheus GET /metrics.",
+    )
 
     # Secrets and codec
     secret_key: SecretStr | None = Field(

@@ -116,6 +116,7 @@ from app.core.redis import (
     scan_keys,
 )
 from app.core.scripts import Script
+from app.core.telemetry import from_self, hit_or_miss, outcome, traced
 from app.services.cache_local import (
     InvalidationListener,
     LocalCache,
@@ -218,6 +219,9 @@ def _to_seconds(ttl: TTL) -> float:
 
 def _ms(seconds: float) -> int:
     return 0 if math.isinf(seconds) else max(1, math.ceil(seconds * 1000))
+
+
+_NS = {"toolkit.cache.namespace": "namespace"}  # span attribute -> CacheService attribute
 
 
 @dataclass(slots=True)
@@ -537,6 +541,7 @@ class CacheService:
     def _redis_failed(self, exc: BaseException) -> None:
         """Count an error; log the first one after each breaker transition; raise if closed."""
         self._stats.errors += 1
+        outcome("unavailable", exc)
         transition = self._breaker.transitions
         if transition != self._logged_transition:
             self._logged_transition = transition
@@ -566,6 +571,7 @@ class CacheService:
         self, key: str, default: Any = None, *, type_: Any = None, allow_stale: bool = False
     ) -> Any: ...
 
+    @traced("cache.get", attrs=from_self(_NS), result=hit_or_miss)
     async def get(
         self, key: str, default: Any = None, *, type_: Any = None, allow_stale: bool = False
     ) -> Any:
@@ -767,6 +773,7 @@ class CacheService:
 
     # -- writes --------------------------------------------------------------------
 
+    @traced("cache.set", attrs=from_self(_NS))
     async def set(
         self,
         key: str,
@@ -1066,6 +1073,7 @@ class CacheService:
 
     # -- get_or_set ------------------------------------------------------------------
 
+    @traced("cache.get_or_set", attrs=from_self(_NS), result=lambda _: "hit")
     async def get_or_set(
         self,
         key: str,
@@ -1215,6 +1223,7 @@ class CacheService:
             fresh_ms = _fresh_ms(pttl, entry.stale_ms)
             if fresh_ms <= 0:
                 self._stats.stale_hits += 1
+                outcome("stale")
                 self._refresh_later(rkey, factory, policy, tags)
                 return value
             if (
@@ -1246,6 +1255,7 @@ class CacheService:
             if shared is None:
                 break
             self._stats.coalesced += 1
+            outcome("coalesced")
             try:
                 payload, value = await asyncio.shield(shared)
             except _LeaderGone:
@@ -1334,6 +1344,7 @@ class CacheService:
             if not waited:
                 waited = True
                 self._stats.stampede_waits += 1
+                outcome("waited")
             remaining = deadline - loop.time()
             if remaining <= 0:
                 self._stats.wait_timeouts += 1
@@ -1359,6 +1370,7 @@ class CacheService:
         """Run the factory (holding the lease when *token*), store the value, wake waiters."""
         keeper = self._keep_lease(rkey, token, policy.lease_ms) if token else None
         self._stats.factory_calls += 1
+        outcome("computed")
         started = time.perf_counter()
         try:
             value = await factory()

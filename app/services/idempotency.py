@@ -45,6 +45,7 @@ from app.core.errors import ConfigurationError
 from app.core.keys import KeySpace
 from app.core.redis import AnyRedis, breaker_for, client_decodes_responses
 from app.core.scripts import Script
+from app.core.telemetry import traced
 
 __all__ = ["Claim", "ClaimStatus", "Heartbeat", "IdempotencyService"]
 
@@ -82,6 +83,9 @@ def _look(name: str, key: str) -> bytes:
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+_OUTCOMES = {"new": "new", "completed": "replay", "in_flight": "conflict", "mismatch": "mismatch"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,6 +211,7 @@ class IdempotencyService:
 
     # -- primitives ----------------------------------------------------------
 
+    @traced("idempotency.claim", result=lambda claim: _OUTCOMES[claim.status])
     async def claim(
         self,
         key: str,

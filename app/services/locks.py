@@ -113,6 +113,7 @@ from app.core.errors import (
 from app.core.keys import KeySpace
 from app.core.redis import AnyRedis, CircuitBreaker, breaker_for
 from app.core.scripts import Script, ScriptArg
+from app.core.telemetry import from_self, traced
 
 if TYPE_CHECKING:
     from app.services.redlock import Redlock
@@ -156,6 +157,9 @@ _POLL_FIRST: Final = 0.1  # wake-ups do the work; polling is the safety net
 _POLL_MAX: Final = 0.5
 _MAX_BLOCKED_PER_CLIENT: Final = 16  # BLPOPs in flight per client (each holds a connection)
 
+_LOCK_ATTRS = {"toolkit.lock.name": "name", "toolkit.lock.kind": "_kind"}  # span attr -> attr
+_TAKEN = {True: "acquired", False: "timeout"}
+_RELEASED = {True: "released", False: "not_owned"}
 _ACQUIRE = Script.from_package("app.services", "lua/lock_acquire.lua")
 _RELEASE = Script.from_package("app.services", "lua/lock_release.lua")
 _EXTEND = Script.from_package("app.services", "lua/lock_extend.lua")
@@ -694,6 +698,7 @@ class _Lease:
             self._arm_deadline(token)
             next_at = sent + self.renew_interval
 
+    @traced("lock.lost", attrs=from_self(_LOCK_ATTRS), result=lambda _: "lost")
     def _declare_lost(self, reason: str, cause: BaseException | None) -> None:
         if self._lost is not None:
             return  # the deadline timer and the watchdog may both find it
@@ -749,6 +754,7 @@ class _Lease:
                 self._arm_deadline(token)
         return left / 1000
 
+    @traced("lock.release", attrs=from_self(_LOCK_ATTRS), result=lambda ok: _RELEASED[ok])
     async def _release_hold(self) -> bool:
         """End the current hold: compare-and-delete, completed even if the caller is cancelled."""
         token = self._token
@@ -1032,6 +1038,7 @@ class RedisLock(_Lease):
         )
         return taken
 
+    @traced("lock.acquire", attrs=from_self(_LOCK_ATTRS), result=lambda r: _TAKEN[r[0]])
     async def _acquire(self, wait: float) -> tuple[bool, float]:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait

@@ -46,7 +46,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final, Generic, Literal, NamedTuple, TypeAlias, TypeVar, overload
 from urllib.parse import unquote_to_bytes
 
@@ -74,6 +74,7 @@ from app.core.redis import (
     is_cluster,
 )
 from app.core.scripts import Script
+from app.core.telemetry import carrier, traced
 
 __all__ = [
     "Broadcaster",
@@ -103,6 +104,7 @@ _UNSUBSCRIBE = (b"UNSUBSCRIBE", b"PUNSUBSCRIBE", b"SUNSUBSCRIBE")
 _ACK_KIND = {b"subscribe": _CHANNEL, b"psubscribe": _PATTERN, b"ssubscribe": _SHARD}
 _UNACK_KIND = {b"unsubscribe": _CHANNEL, b"punsubscribe": _PATTERN, b"sunsubscribe": _SHARD}
 _FRAME: Final = 2  # first byte of a history-backed payload: "\x02" <stream id> "\x00" <envelope>
+_TRACED: Final = 3  # "\x03" <W3C traceparent> "\x00" <envelope>: sent only while tracing is on
 _STREAM_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
 _COMMAND_CHUNK: Final = 512  # names per SUBSCRIBE command when (re)subscribing many
 _ZERO_ID: Final = (0, 0)
@@ -122,12 +124,15 @@ class Message(Generic[T]):
     ``channel`` is the logical channel name (as given to ``publish``);
     ``pattern`` is the logical pattern when the message matched a pattern
     subscription; ``id`` is the stream id on history-backed channels, else None.
+    ``traceparent`` is the publisher's W3C trace context when it published with
+    telemetry on (see ``app.observability.continue_trace``), else None.
     """
 
     channel: str
     data: T
     pattern: str | None = None
     id: str | None = None
+    traceparent: str | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -555,6 +560,11 @@ class _Link:
                 raise error
         raise ConnectionError("pub/sub session ended without an error")  # pragma: no cover
 
+    @traced(
+        "pubsub.reconnect",
+        attrs=lambda link, exc: {"toolkit.pubsub.link": link.name},
+        result=lambda _: "lost",
+    )
     def _lost(self, exc: BaseException) -> None:
         loop = asyncio.get_running_loop()
         now = loop.time()
@@ -815,6 +825,27 @@ def _dedicated(connection_class: Any, kwargs: Mapping[str, Any]) -> Any:
 # -- the broadcaster ----------------------------------------------------------
 
 
+def _with_trace(payload: bytes) -> bytes:
+    """*payload* behind a ``_TRACED`` frame carrying the current trace context, if any."""
+    trace = carrier()
+    return payload if not trace else b"\x03" + trace[1].encode("ascii") + b"\x00" + payload
+
+
+def _untrace(payload: Any) -> tuple[str | None, Any]:
+    """Split a ``_TRACED`` frame: (traceparent, envelope); (None, payload) without one."""
+    marker: Any = "\x03" if isinstance(payload, str) else b"\x03"
+    end: Any = "\x00" if isinstance(payload, str) else b"\x00"
+    if payload[:1] != marker or (cut := payload.find(end, 1)) < 0:
+        return None, payload
+    trace = payload[1:cut]
+    return trace if isinstance(trace, str) else trace.decode("ascii", "replace"), payload[cut + 1 :]
+
+
+def _publish_attrs(broadcaster: Any, channel: str, message: Any) -> dict[str, str]:
+    # the channel stays on spans: it may name a user, so it is no metric attribute
+    return {"messaging.system": "redis", "toolkit.pubsub.channel": channel}
+
+
 class Broadcaster:
     """Publish and subscribe across processes over one Redis pub/sub connection per process.
 
@@ -1005,6 +1036,7 @@ class Broadcaster:
 
     # -- publish ------------------------------------------------------------
 
+    @traced("pubsub.publish", kind="producer", attrs=_publish_attrs)
     async def publish(self, channel: str, message: Any) -> Published:
         """Publish *message* (encoded with the codec) on *channel* to every process.
 
@@ -1018,7 +1050,7 @@ class Broadcaster:
         (or its circuit breaker is open), ``CodecError`` for unencodable values.
         """
         raw = self.channel_name(channel)
-        payload = self.codec.encode(message)
+        payload = _with_trace(self.codec.encode(message))
         maxlen = self.history_length(channel)
         try:
             with breaker_for(self.client):
@@ -1200,6 +1232,7 @@ class Broadcaster:
             if cut > 0:
                 id_ = payload[1:cut].decode("ascii", "replace")
                 payload = payload[cut + 1 :]
+        trace, payload = _untrace(payload) if payload and payload[0] == _TRACED else (None, payload)
         if pattern is None:
             name, pattern_name = topic.name, None
         else:
@@ -1215,7 +1248,7 @@ class Broadcaster:
                 if memo is not None and type_ in memo:
                     message = memo[type_]
                 else:
-                    message = self._decode(name, payload, type_, pattern_name, id_)
+                    message = self._decode(name, payload, type_, pattern_name, id_, trace)
                     if last_type is not _NO_VALUE:
                         if memo is None:
                             memo = {last_type: last_message}
@@ -1226,10 +1259,16 @@ class Broadcaster:
                 self._delivered += 1
 
     def _decode(
-        self, channel: str, payload: bytes, type_: Any, pattern: str | None, id_: str | None
+        self,
+        channel: str,
+        payload: bytes,
+        type_: Any,
+        pattern: str | None,
+        id_: str | None,
+        trace: str | None = None,
     ) -> Message[Any] | None:
         try:
-            return Message(channel, self.codec.decode(payload, type_), pattern, id_)
+            return Message(channel, self.codec.decode(payload, type_), pattern, id_, trace)
         except CodecError as exc:
             self._decode_errors += 1
             self._last_error = f"undecodable message on {channel!r}: {exc}"
@@ -1319,7 +1358,8 @@ class Broadcaster:
                 data = fields.get(b"d", fields.get("d"))
                 if data is None:
                     continue
-                message = self._decode(channel, data, sub._type, None, _text(entry_id))
+                trace, data = _untrace(data)
+                message = self._decode(channel, data, sub._type, None, _text(entry_id), trace)
                 if message is not None:
                     messages.append(message)
         return messages, complete

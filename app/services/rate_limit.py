@@ -44,7 +44,7 @@ import secrets
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from redis.exceptions import RedisError
 
@@ -53,6 +53,7 @@ from app.core.errors import RateLimitExceeded, RedisUnavailable
 from app.core.keys import KeySpace, escape
 from app.core.redis import AnyRedis, breaker_for
 from app.core.scripts import Script, ScriptArg
+from app.core.telemetry import outcome, traced
 from app.services.rate_limit_policy import Policy, PolicyLike, as_policies
 
 __all__ = [
@@ -282,6 +283,15 @@ class RateLimitDecision:
         )
 
 
+def _span_attrs(limiter: _Limiter, *args: Any, **kwargs: Any) -> dict[str, str]:
+    return {"toolkit.ratelimit.policy": ",".join(p.name for p in limiter.policies)}
+
+
+def _span_outcome(decision: bool | RateLimitDecision) -> str:
+    allowed = decision if isinstance(decision, bool) else decision.allowed
+    return "allowed" if allowed else "rejected"
+
+
 class _Limiter:
     """Shared plumbing: policies, precomputed keys and arguments, failure mode."""
 
@@ -347,13 +357,15 @@ class _Limiter:
             with self._breaker:
                 reply: list[int] = await script(self.redis, keys, args)
                 return reply
-        except RedisUnavailable:
+        except RedisUnavailable as exc:
             if self._fail_open:
+                outcome("degraded", exc)
                 return None
             raise
         except RedisError as exc:
             log.warning("rate limit script %s failed: %s", script.name, exc)
             if self._fail_open:
+                outcome("degraded", exc)
                 return None
             raise RedisUnavailable(f"rate limit check failed: {exc}") from exc
 
@@ -454,6 +466,7 @@ class RateLimiter(_Limiter):
         self._script = ALGORITHMS[algorithm].script
         self._args = args
 
+    @traced("ratelimit.check", attrs=_span_attrs, result=_span_outcome)
     async def is_allowed(self, identifier: str | bytes | int) -> bool:
         """Count one hit of *identifier* if every policy admits it; True when admitted.
 
@@ -467,6 +480,7 @@ class RateLimiter(_Limiter):
         )
         return reply is None or reply[0] == 1
 
+    @traced("ratelimit.check", attrs=_span_attrs, result=_span_outcome)
     async def hit(self, identifier: str | bytes | int, cost: int = 1) -> RateLimitDecision:
         """Charge *cost* units to every policy if all admit them; the state of each policy.
 
@@ -547,6 +561,7 @@ class ConcurrencyLimiter(_Limiter):
         self._limits = tuple(p.limit for p in resolved)
         self.retry_hint = retry_after
 
+    @traced("ratelimit.check", attrs=_span_attrs, result=_span_outcome)
     async def acquire(self, identifier: str | bytes | int, cost: int = 1) -> RateLimitDecision:
         """Take *cost* slots under every policy if all have room; ``decision.lease`` when taken.
 

@@ -48,9 +48,12 @@ from typing import Any
 
 from app.core.errors import ConfigurationError, LockNotAcquired, RedisUnavailable, ToolkitError
 from app.core.redis import AnyRedis, breaker_for
+from app.core.telemetry import from_self, traced
 from app.services.locks import (
     _EXTEND,
+    _LOCK_ATTRS,
     _RELEASE,
+    _TAKEN,
     _WAKE_TTL_MS,
     LostCallback,
     Seconds,
@@ -221,6 +224,7 @@ class Redlock(_Lease):
         )
         return taken
 
+    @traced("lock.acquire", attrs=from_self(_LOCK_ATTRS), result=lambda r: _TAKEN[bool(r[0])])
     async def _acquire(self, wait: float) -> tuple[bool, float]:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait

@@ -43,8 +43,11 @@ from typing import Any
 from app.core.errors import ConfigurationError, LockError, LockNotAcquired
 from app.core.redis import AnyRedis, breaker_for
 from app.core.scripts import Script, ScriptArg
+from app.core.telemetry import from_self, traced
 from app.services.locks import (
+    _LOCK_ATTRS,
     _RECEIPT_TTL_MS,
+    _TAKEN,
     _WAITER_TTL_MS,
     _WAKE_TTL_MS,
     LostCallback,
@@ -269,6 +272,7 @@ class Semaphore:
         )
         return permit
 
+    @traced("lock.acquire", attrs=from_self(_LOCK_ATTRS), result=lambda r: _TAKEN[bool(r[0])])
     async def _acquire(self, wait: float) -> tuple[Permit | None, float]:
         loop = asyncio.get_running_loop()
         token, reply, sent = await _contend(self, loop.time() + wait)

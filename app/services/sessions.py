@@ -84,6 +84,7 @@ from app.core.redis import (
     scan_keys,
 )
 from app.core.scripts import Script, ScriptArg
+from app.core.telemetry import traced
 
 __all__ = [
     "DEFAULT_ABSOLUTE_TTL",
@@ -282,6 +283,7 @@ class SessionStore:
 
     # -- create ---------------------------------------------------------------
 
+    @traced("session.save", result=lambda _: "saved")
     async def create(
         self,
         data: Mapping[str, Any] | None = None,
@@ -334,6 +336,7 @@ class SessionStore:
 
     # -- read -----------------------------------------------------------------
 
+    @traced("session.load", result=lambda record: "found" if record else "missing")
     async def get(self, session_id: str) -> SessionRecord | None:
         """The record of *session_id*, or None when unknown, expired or deleted.
 
@@ -350,6 +353,7 @@ class SessionStore:
             return None
         return self._parse(session_id, fields.items())
 
+    @traced("session.load", result=lambda record: "found" if record else "missing")
     async def load(self, session_id: str, *, touch: bool = True) -> SessionRecord | None:
         """Read a session as a request does, restarting its idle timeout.
 
@@ -392,6 +396,7 @@ class SessionStore:
 
     # -- write ----------------------------------------------------------------
 
+    @traced("session.save", result=lambda _: "saved")
     async def update(
         self,
         session_id: str,
@@ -423,6 +428,7 @@ class SessionStore:
         assert isinstance(reply, SessionRecord)
         return reply
 
+    @traced("session.save", result=lambda _: "saved")
     async def merge(
         self,
         session_id: str,

@@ -68,6 +68,7 @@ from app.core.redis import (
     client_decodes_responses,
 )
 from app.core.scripts import Script
+from app.core.telemetry import carrier, outcome, traced, watch
 
 __all__ = [
     "PAYLOAD_FIELD",
@@ -300,11 +301,35 @@ class _Entry:
     deliveries: int
 
 
+def _received(got: int | list[Any]) -> str:
+    return "received" if got else "empty"
+
+
+def _fields(consumer: Any, entry: _Entry) -> Mapping[Any, Any]:
+    return entry.fields
+
+
 Handler = Callable[[StreamMessage[T]], Awaitable[Any]]
 """``async def handler(message: StreamMessage[T]) -> None``: raise to fail the delivery."""
 
 
 # -- producer -----------------------------------------------------------------
+
+
+def _producer_attrs(producer: StreamProducer, *args: Any, **kwargs: Any) -> dict[str, str]:
+    return {"messaging.system": "redis", "messaging.destination.name": producer.stream}
+
+
+def _consumer_attrs(consumer: StreamConsumer[Any], *args: Any, **kwargs: Any) -> dict[str, str]:
+    attrs = {
+        "messaging.system": "redis",
+        "messaging.destination.name": consumer.stream,
+        "messaging.consumer.group.name": consumer.group,
+    }
+    first = args[0] if args else None
+    if isinstance(first, _Entry | str):
+        attrs["messaging.message.id"] = first if isinstance(first, str) else first.id
+    return attrs
 
 
 class StreamProducer:
@@ -346,6 +371,7 @@ class StreamProducer:
     def stream(self) -> str:
         return self.keys.name
 
+    @traced("stream.produce", kind="producer", attrs=_producer_attrs)
     async def add(self, payload: Any, *, id: str = "*") -> str:
         """Append one entry whose ``payload`` field is the codec envelope of *payload*.
 
@@ -359,13 +385,16 @@ class StreamProducer:
         data = self.codec.encode(payload)
         try:
             with breaker_for(self.redis):
-                reply = await self.redis.execute_command(*self._xadd_head, id, PAYLOAD_FIELD, data)
+                reply = await self.redis.execute_command(
+                    *self._xadd_head, id, PAYLOAD_FIELD, data, *carrier()
+                )
         except RedisUnavailable:
             raise
         except RedisError as exc:
             raise _wrap_redis_error(exc, f"append to stream {self.stream!r}") from exc
         return _text(reply)
 
+    @traced("stream.produce", kind="producer", attrs=_producer_attrs)
     async def add_many(self, payloads: Iterable[Any]) -> list[str]:
         """Append several entries in one pipelined round trip; returns their ids in order.
 
@@ -375,11 +404,12 @@ class StreamProducer:
         encoded = [self.codec.encode(p) for p in payloads]
         if not encoded:
             return []
+        trace = carrier()
         try:
             with breaker_for(self.redis):
                 async with self.redis.pipeline(transaction=False) as pipe:
                     for data in encoded:
-                        pipe.execute_command(*self._xadd_head, "*", PAYLOAD_FIELD, data)
+                        pipe.execute_command(*self._xadd_head, "*", PAYLOAD_FIELD, data, *trace)
                     replies = await pipe.execute()
         except RedisUnavailable:
             raise
@@ -591,6 +621,7 @@ class StreamConsumer(Generic[T]):
         self._stop_event = asyncio.Event()
         self._done = asyncio.Event()
         self._slots = asyncio.Semaphore(self.concurrency)
+        watch("stream.consumer", self)  # the lag / pending / dead-letter gauges
 
     # -- properties -----------------------------------------------------------
 
@@ -920,6 +951,7 @@ class StreamConsumer(Generic[T]):
             async with asyncio.timeout(seconds):
                 await self._wake.wait()
 
+    @traced("stream.consume", kind="client", attrs=_consumer_attrs, result=_received)
     async def _read_new(self, count: int, wait: float) -> list[_Entry]:
         block_ms = int(wait * 1000)
         if block_ms < 1:
@@ -946,6 +978,7 @@ class StreamConsumer(Generic[T]):
 
     # -- fetching (shared by run and run_once) --------------------------------
 
+    @traced("stream.consume", kind="client", attrs=_consumer_attrs, result=_received)
     async def _fetch(self, limit: int, block: float | None) -> int:
         """Start handlers for up to *limit* entries (retries, own PEL, claims, new)."""
         started = len(self._inflight)
@@ -1098,6 +1131,7 @@ class StreamConsumer(Generic[T]):
                 f"stream entry fields do not match {self.payload_type!r}: {exc}"
             ) from exc
 
+    @traced("stream.handle", kind="consumer", attrs=_consumer_attrs, parent=_fields)
     async def _process(self, entry: _Entry) -> None:
         async with self._slots:
             if entry.deliveries > self.max_deliveries:
@@ -1105,12 +1139,14 @@ class StreamConsumer(Generic[T]):
                     entry,
                     f"delivered {entry.deliveries} times (max_deliveries={self.max_deliveries}) without being acknowledged",
                 )
+                outcome("dead_lettered")
                 self.counters.handled += 1
                 return
             try:
                 payload = self._decode(entry)
             except CodecError as exc:
                 await self._dead_letter(entry, f"undecodable payload: {exc}")
+                outcome("dead_lettered", exc)
                 self.counters.handled += 1
                 return
             message: StreamMessage[T] = StreamMessage(
@@ -1128,6 +1164,7 @@ class StreamConsumer(Generic[T]):
                 self.counters.abandoned += 1
                 raise
             except Exception as exc:
+                outcome("failed", exc)
                 self.counters.handled += 1
                 self.counters.failed += 1
                 await self._failed(entry, exc)
@@ -1153,6 +1190,7 @@ class StreamConsumer(Generic[T]):
         )
         self._schedule_retry(entry.id, delay)
 
+    @traced("stream.retry", attrs=_consumer_attrs)
     def _schedule_retry(self, entry_id: str, delay: float) -> None:
         due = asyncio.get_running_loop().time() + delay
         self._waiting[entry_id] = due
@@ -1160,6 +1198,7 @@ class StreamConsumer(Generic[T]):
         self.counters.retried += 1
         self._wake.set()
 
+    @traced("stream.dead_letter", attrs=_consumer_attrs)
     async def _dead_letter(self, entry: _Entry, error: str) -> None:
         try:
             status, dead_id = await _DEAD_LETTER(
@@ -1178,6 +1217,7 @@ class StreamConsumer(Generic[T]):
         except (RedisError, OSError) as exc:
             # Still pending: the next delivery (count > max) dead-letters it again.
             self.counters.redis_errors += 1
+            outcome("unavailable", exc)
             log.warning(
                 "stream %r: could not dead-letter %s (%s); it stays pending",
                 self.stream,
@@ -1189,6 +1229,7 @@ class StreamConsumer(Generic[T]):
             )
             return
         status = _text(status)
+        outcome(status)  # moved, deleted (gone from the stream) or lost (not ours)
         if status == "moved":
             self.counters.dead_lettered += 1
             log.error(
