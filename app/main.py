@@ -26,8 +26,8 @@ from app.api.routes import (
     sessions,
     streams,
 )
-from app.console import ConsoleLimiter, create_console
 from app.api.routes.metrics import install_metrics
+from app.console import ConsoleLimiter, create_console
 from app.core.config import get_settings
 from app.core.redis import redis_lifespan
 from app.middleware.stack import install_toolkit
