@@ -15,12 +15,22 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
-from collections.abc import Sequence
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
-__all__ = ["RedisServer", "free_cluster_port", "free_port", "ping", "redis_server_binary"]
+__all__ = [
+    "RedisServer",
+    "free_cluster_port",
+    "free_port",
+    "ping",
+    "redis_server_binary",
+    "serve_app",
+]
 
 
 def redis_server_binary() -> str | None:
@@ -211,3 +221,66 @@ class RedisServer:
 
     def __exit__(self, *exc: object) -> None:
         self.cleanup()
+
+
+@contextlib.contextmanager
+def serve_app(
+    app: str = "app.main:app",
+    *,
+    env: Mapping[str, str] | None = None,
+    drop_env: Sequence[str] = ("REDIS_URL",),
+    ready_path: str = "/healthz",
+    timeout: float = 60.0,
+) -> Iterator[str]:
+    """Run *app* under uvicorn in a subprocess on a free port; yield its base URL.
+
+    The child gets this process's environment without the variables named in
+    *drop_env* (or starting with a name there that ends in ``_``), plus *env*.
+    The URL is yielded once ``GET ready_path`` answers at all (any status): the
+    app's lifespan has run. Fails with the tail of uvicorn's output if it exits
+    or does not answer within *timeout* seconds (a hang bound for a loaded
+    machine, not a speed claim). The process is terminated on exit.
+    """
+    port = free_port()
+    child = {
+        k: v
+        for k, v in os.environ.items()
+        if not any(k == d or (d.endswith("_") and k.startswith(d)) for d in drop_env)
+    }
+    child.update(env or {})
+    log = tempfile.NamedTemporaryFile(prefix="uvicorn-", suffix=".log", delete=False)  # noqa: SIM115
+    command = [sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port)]
+    proc = subprocess.Popen(
+        [*command, "--log-level", "warning"], env=child, stdout=log, stderr=subprocess.STDOUT
+    )
+    base = f"http://127.0.0.1:{port}"
+
+    def tail() -> str:
+        return Path(log.name).read_text(errors="replace")[-3000:]
+
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"uvicorn {app} exited with {proc.returncode}:\n{tail()}")
+            try:
+                with urllib.request.urlopen(base + ready_path, timeout=1):
+                    break
+            except urllib.error.HTTPError:
+                break  # it answered: the app is up, whatever the status
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"uvicorn {app} did not answer {ready_path} within {timeout:g} s:\n{tail()}"
+                    ) from None
+                time.sleep(0.1)
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+        Path(log.name).unlink(missing_ok=True)

@@ -14,10 +14,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
-import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from contextlib import AsyncExitStack
@@ -35,7 +32,7 @@ from app.core.redis import unlink_matching
 from app.services.locks import RedisLock
 from app.services.streams import StreamConsumer, StreamMessage, StreamProducer
 from app.testing.plugin import RedisServerInfo
-from app.testing.servers import free_port
+from app.testing.servers import serve_app
 from app.testing.waiting import eventually
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -75,47 +72,15 @@ class Demo:
 def demo(redis_server: RedisServerInfo) -> Iterator[Demo]:
     """``uvicorn app.main:app`` with the console on, a private key prefix, real Redis."""
     _require_chromium()
-    port, prefix = free_port(), f"ui{uuid.uuid4().hex[:10]}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CONSOLE_", "REDIS_"))}
-    env.update(
-        REDIS_URL=redis_server.url,
-        REDIS_KEY_PREFIX=prefix,
-        CONSOLE_TOKEN=TOKEN,
-        SECRET_KEY="browser-test-secret-" + uuid.uuid4().hex,
-    )
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "app.main:app",
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(proc.stderr.read().decode() if proc.stderr else "exited")
-            try:
-                httpx.get(base + "/healthz", timeout=1)
-                break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline, "the demo did not start within 30 s"
-                time.sleep(0.1)
+    prefix = f"ui{uuid.uuid4().hex[:10]}"
+    env = {
+        "REDIS_URL": redis_server.url,
+        "REDIS_KEY_PREFIX": prefix,
+        "CONSOLE_TOKEN": TOKEN,
+        "SECRET_KEY": "browser-test-secret-" + uuid.uuid4().hex,
+    }
+    with serve_app(env=env, drop_env=("CONSOLE_", "REDIS_")) as base:
         yield Demo(base, prefix, redis_server.url)
-    finally:
-        proc.terminate()
-        proc.wait(10)
-        if proc.stderr:
-            proc.stderr.close()
 
 
 @pytest_asyncio.fixture

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -15,7 +12,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.testing.plugin import RedisServerInfo
-from app.testing.servers import free_port
+from app.testing.servers import serve_app
 from tests.integration.observability.test_metrics_endpoint import FAMILIES
 
 pytestmark = pytest.mark.slow
@@ -23,40 +20,14 @@ pytestmark = pytest.mark.slow
 
 @contextmanager
 def demo(redis_url: str) -> Iterator[str]:
-    port = free_port()
-    env = dict(os.environ)
-    env.update(
-        REDIS_URL=redis_url,
-        REDIS_KEY_PREFIX=f"m{uuid.uuid4().hex[:10]}",  # never touches other tests' keys
-        TELEMETRY_ENABLED="1",
-        STREAMS_DEMO_WORKER="eager",
-    )
-    command = [sys.executable, "-m", "uvicorn", "app.main:app", "--port", str(port)]
-    proc = subprocess.Popen(
-        [*command, "--log-level", "warning"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(proc.stderr.read().decode() if proc.stderr else "exited")
-            try:
-                httpx.get(base + "/healthz", timeout=1)
-                break
-            except httpx.TransportError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
+    env = {
+        "REDIS_URL": redis_url,
+        "REDIS_KEY_PREFIX": f"m{uuid.uuid4().hex[:10]}",  # never touches other tests' keys
+        "TELEMETRY_ENABLED": "1",
+        "STREAMS_DEMO_WORKER": "eager",
+    }
+    with serve_app(env=env) as base:
         yield base
-    finally:
-        proc.terminate()
-        proc.wait(10)
-        if proc.stderr:
-            proc.stderr.close()
 
 
 def scrape_until(base: str, needle: str, timeout: float = 30.0) -> str:
