@@ -53,6 +53,7 @@ from redis.backoff import ExponentialWithJitterBackoff
 from app.core.config import Settings, get_settings
 from app.core.errors import ConfigurationError, RedisUnavailable
 from app.core.keys import bound_pattern
+from app.core.multiplex import MultiplexedRedis
 
 __all__ = [
     "REFUSED_FOR_NOW",
@@ -427,7 +428,15 @@ def build_client(settings: Settings | None = None, *, url: str | None = None) ->
             health_check_interval=s.redis_health_check_interval,
             **common,
         )
-        return Redis.from_pool(pool)  # the client owns the pool: aclose() closes it
+        if not s.redis_autopipeline:
+            return Redis.from_pool(pool)  # the client owns the pool: aclose() closes it
+        muxed: MultiplexedRedis = MultiplexedRedis.from_pool(pool)  # type: ignore[assignment]
+        muxed.enable_multiplexing(
+            links=s.redis_autopipeline_links,
+            max_in_flight=s.redis_autopipeline_max_in_flight,
+            slot_timeout=s.redis_pool_timeout,
+        )
+        return muxed
     auth: dict[str, Any] = {"username": target.username, "password": target.password}
     if target.kind == "cluster":
         return WaitingRedisCluster(
