@@ -299,7 +299,7 @@ class NodeMultiplexer:
         self.connects = 0
         self._capacity = links * max_in_flight
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
-        self._connecting: asyncio.Task[_Link] | None = None
+        self._connecting: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- slots --------------------------------------------------------------
@@ -349,29 +349,28 @@ class NodeMultiplexer:
 
     async def _link(self) -> _Link:
         loop = asyncio.get_running_loop()
-        if loop is not self._loop:  # links belong to one loop (tests run many)
-            for old in list(self.links):
-                old.abort(redis_exc.ConnectionError("event loop changed"))
+        if loop is not self._loop:  # links belong to one loop; a new loop starts afresh
             self.links = []
             self._connecting = None
             self._loop = loop
-        links = self.links
-        best: _Link | None = None
-        for link in links:
-            if best is None or len(link.pending) < len(best.pending):
-                best = link
-        if best is not None and (len(links) >= self.size or not best.pending):
-            return best
-        if self._connecting is None:
-            self._connecting = loop.create_task(self._open())
-        try:
-            return await asyncio.shield(self._connecting)
-        except redis_exc.RedisError:
-            if best is not None:
+        while True:
+            links = self.links
+            best: _Link | None = None
+            for link in links:
+                if best is None or len(link.pending) < len(best.pending):
+                    best = link
+            if best is not None and (len(links) >= self.size or not best.pending):
                 return best
-            raise
+            if self._connecting is None:
+                self._connecting = loop.create_task(self._open())
+            try:
+                await asyncio.shield(self._connecting)
+            except redis_exc.RedisError:
+                if best is not None and best.alive:
+                    return best  # a second link could not open: keep using the first
+                raise
 
-    async def _open(self) -> _Link:
+    async def _open(self) -> None:
         try:
             pool: Any = self.pool
             conn = pool.make_connection()
@@ -379,7 +378,6 @@ class NodeMultiplexer:
             link = _Link(conn, self)
             self.links.append(link)
             self.connects += 1
-            return link
         finally:
             self._connecting = None
 
