@@ -109,8 +109,13 @@ def goes_to_pool(args: Sequence[Any]) -> bool:
     first = name.split(" ", 1)[0]
     if first in POOLED_COMMANDS:
         return True
-    if first in _MAYBE_BLOCKING:
-        return any(isinstance(a, str | bytes) and _word(a) == "BLOCK" for a in args[1:])
+    if first in _MAYBE_BLOCKING:  # options come before STREAMS; keys and ids after it
+        for arg in args[1:]:
+            word = _word(arg) if isinstance(arg, str | bytes) else ""
+            if word == "STREAMS":
+                return False
+            if word == "BLOCK":
+                return True
     return False
 
 
