@@ -91,6 +91,7 @@ POOLED_COMMANDS = frozenset(
 _MAYBE_BLOCKING = frozenset({"XREAD", "XREADGROUP"})
 _NOT_ENOUGH_DATA = object()
 _decode_info: Any = _decode_info_untyped
+_NOT_FOR_CALLBACKS = frozenset({NEVER_DECODE, EMPTY_RESPONSE, "keys"})
 
 
 def _word(value: Any) -> str:
@@ -105,18 +106,33 @@ def goes_to_pool(args: Sequence[Any]) -> bool:
     Blocking commands, commands that change connection state, transactions and
     pub/sub (see ``POOLED_COMMANDS``), and ``XREAD``/``XREADGROUP`` with ``BLOCK``.
     """
-    name = _word(args[0])
-    first = name.split(" ", 1)[0]
+    name = args[0]
+    try:
+        route = _ROUTES[name]
+    except (KeyError, TypeError):
+        route = _route_of(name)
+        if len(_ROUTES) < 1024 and isinstance(name, str | bytes):
+            _ROUTES[name] = route
+    if route is not None:
+        return route
+    for arg in args[1:]:  # XREAD/XREADGROUP: options come before STREAMS, keys after it
+        word = _word(arg) if isinstance(arg, str | bytes) else ""
+        if word == "STREAMS":
+            return False
+        if word == "BLOCK":
+            return True
+    return False
+
+
+def _route_of(name: Any) -> bool | None:
+    """True: the pool; False: the links; None: it depends on the arguments (XREAD)."""
+    first = _word(name).split(" ", 1)[0]
     if first in POOLED_COMMANDS:
         return True
-    if first in _MAYBE_BLOCKING:  # options come before STREAMS; keys and ids after it
-        for arg in args[1:]:
-            word = _word(arg) if isinstance(arg, str | bytes) else ""
-            if word == "STREAMS":
-                return False
-            if word == "BLOCK":
-                return True
-    return False
+    return None if first in _MAYBE_BLOCKING else False
+
+
+_ROUTES: dict[Any, bool | None] = {}
 
 
 class _Request:
@@ -306,16 +322,10 @@ class NodeMultiplexer:
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._connecting: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.resp2_fallback: AbstractConnection | None = None
+        """A link's connection when the server refused HELLO (RESP2 callbacks then apply)."""
 
     # -- slots --------------------------------------------------------------
-
-    async def _acquire_slot(self) -> None:
-        if self.in_flight < self._capacity and not self._waiters:
-            self.in_flight += 1
-        else:
-            await self._wait_for_slot()
-        if self.in_flight > self.max_in_flight_seen:
-            self.max_in_flight_seen = self.in_flight
 
     async def _wait_for_slot(self) -> None:
         self.slot_waits += 1
@@ -324,6 +334,8 @@ class NodeMultiplexer:
         try:
             async with asyncio.timeout(self.slot_timeout):
                 await waiter  # slot_freed hands the slot over: in_flight already counts us
+            if self.in_flight > self.max_in_flight_seen:
+                self.max_in_flight_seen = self.in_flight
         except TimeoutError as exc:
             raise redis_exc.ConnectionError(
                 f"{self._capacity} Redis commands awaiting replies for {self.slot_timeout}s; "
@@ -352,6 +364,17 @@ class NodeMultiplexer:
 
     # -- links --------------------------------------------------------------
 
+    def _ready_link(self) -> _Link | None:
+        """The least loaded open link, or None when one should be opened first."""
+        links = self.links
+        best: _Link | None = None
+        for link in links:
+            if best is None or len(link.pending) < len(best.pending):
+                best = link
+        if best is not None and (len(links) >= self.size or not best.pending):
+            return best
+        return None
+
     async def _link(self) -> _Link:
         loop = asyncio.get_running_loop()
         if loop is not self._loop:  # links belong to one loop; a new loop starts afresh
@@ -359,20 +382,16 @@ class NodeMultiplexer:
             self._connecting = None
             self._loop = loop
         while True:
-            links = self.links
-            best: _Link | None = None
-            for link in links:
-                if best is None or len(link.pending) < len(best.pending):
-                    best = link
-            if best is not None and (len(links) >= self.size or not best.pending):
-                return best
+            ready = self._ready_link()
+            if ready is not None:
+                return ready
             if self._connecting is None:
                 self._connecting = loop.create_task(self._open())
             try:
                 await asyncio.shield(self._connecting)
             except redis_exc.RedisError:
-                if best is not None and best.alive:
-                    return best  # a second link could not open: keep using the first
+                for link in self.links:
+                    return link  # a second link could not open: keep using the first
                 raise
 
     async def _open(self) -> None:
@@ -381,6 +400,7 @@ class NodeMultiplexer:
             conn = pool.make_connection()
             await conn.connect()
             link = _Link(conn, self)
+            self.resp2_fallback = conn if conn._resp2_fallback else None
             self.links.append(link)
             self.connects += 1
         finally:
@@ -402,21 +422,26 @@ class NodeMultiplexer:
 
     async def request(self, args: tuple[Any, ...], raw: bool) -> Any:
         """Send one command; its raw (unparsed) reply, or the error it raised."""
-        await self._acquire_slot()
+        if self.in_flight < self._capacity and not self._waiters:
+            self.in_flight += 1
+            if self.in_flight > self.max_in_flight_seen:
+                self.max_in_flight_seen = self.in_flight
+        else:
+            await self._wait_for_slot()
         try:
-            link = await self._link()
+            link = self._ready_link() if self._loop is asyncio.get_running_loop() else None
+            if link is None:
+                link = await self._link()
             packed = link.conn.pack_command(*args)  # bad arguments raise DataError here
         except BaseException:
             self.slot_freed()
             raise
-        future: asyncio.Future[Any] = link.loop.create_future()
-        deadline = link.loop.time() + (link.timeout or 0.0)
-        link.send(packed, _Request(future, raw, deadline))
+        loop = link.loop
+        future: asyncio.Future[Any] = loop.create_future()
+        link.send(packed, _Request(future, raw, loop.time() + (link.timeout or 0.0)))
         reply = await future
-        if isinstance(reply, redis_exc.ResponseError):
-            raise reply
-        if isinstance(reply, redis_exc.ConnectionError):  # a -ERR hiredis maps to one
-            raise reply
+        if isinstance(reply, redis_exc.ResponseError | redis_exc.ConnectionError):
+            raise reply  # an error reply (hiredis maps a few, e.g. max clients, to ConnectionError)
         return reply
 
     def stats(self) -> dict[str, int]:
@@ -464,16 +489,25 @@ class MultiplexedRedis(Redis):
         if mux is None or self.single_connection_client or goes_to_pool(args):
             parent: Any = super()
             return await parent.execute_command(*args, **options)
-        retry = self.connection_pool.connection_kwargs.get("retry")
-        if retry is None:
+        try:
             return await self._multiplexed(mux, args, options)
-        return await retry.call_with_retry(
-            lambda: self._multiplexed(mux, args, dict(options)), _no_cleanup
-        )
+        except (redis_exc.ConnectionError, redis_exc.TimeoutError) as error:
+            retry = self.connection_pool.connection_kwargs.get("retry")
+            if retry is None:
+                raise
+            first: list[BaseException] = [error]
+
+            async def again() -> Any:  # the client's Retry decides, from the first failure on
+                if first:
+                    raise first.pop()
+                return await self._multiplexed(mux, args, options)
+
+            return await retry.call_with_retry(again, _no_cleanup)
 
     async def _multiplexed(
         self, mux: NodeMultiplexer, args: tuple[Any, ...], options: dict[str, Any]
     ) -> Any:
+        """One attempt; *options* are left as they are (a retry reuses them)."""
         command_name = args[0]
         raw = NEVER_DECODE in options
         try:
@@ -482,21 +516,18 @@ class MultiplexedRedis(Redis):
             if EMPTY_RESPONSE in options:
                 return options[EMPTY_RESPONSE]
             raise
-        if raw:
-            options.pop(NEVER_DECODE)
-            if command_name == "INFO":
-                pool: Any = self.connection_pool
-                response = _decode_info(response, pool.get_encoder())
-        options.pop(EMPTY_RESPONSE, None)
-        options.pop("keys", None)
-        links = mux.links
-        if links and links[0].conn._resp2_fallback:
-            callback = _get_response_callback(self.response_callbacks, command_name, links[0].conn)
+        if raw and command_name == "INFO":
+            pool: Any = self.connection_pool
+            response = _decode_info(response, pool.get_encoder())
+        fallback = mux.resp2_fallback
+        if fallback is not None:
+            callback = _get_response_callback(self.response_callbacks, command_name, fallback)
         else:
             callback = self.response_callbacks.get(command_name)
         if callback is None:
             return response
-        result = callback(response, **options)
+        extra = {k: v for k, v in options.items() if k not in _NOT_FOR_CALLBACKS}
+        result = callback(response, **extra)
         return await result if inspect.isawaitable(result) else result
 
     async def aclose(self, close_connection_pool: bool | None = None) -> None:

@@ -277,6 +277,29 @@ async def test_a_killed_link_fails_exactly_its_own_commands(
     assert await client.get("after") == b"1"
 
 
+async def test_commands_lost_with_a_link_are_retried_like_redis_asyncio_retries_them(
+    redis_server: Any, real_redis: Redis, make_client: MakeClient
+) -> None:
+    """REDIS_RETRY_ATTEMPTS=2: the commands in flight on a killed link are sent again on a
+    new link and every caller gets its own value."""
+    await seed(redis_server.url, 200)
+    client = await make_client(redis_server.url, redis_retry_attempts=2, redis_autopipeline_links=1)
+    mux = mux_of(client)
+    assert await client.ping()
+    await real_redis.client_pause(30_000, all=False)
+    try:
+        head = spawn(client.set("head", 1))
+        reads = [spawn(client.get(f"own:{i}")) for i in range(200)]
+        await eventually(lambda: len(mux.links[0].pending) == 201, "201 commands on the link")
+        host, port = mux.links[0].transport.get_extra_info("sockname")[:2]
+        assert await real_redis.client_kill(f"{host}:{port}")
+        await eventually(lambda: mux.connects == 2, "a new link opened for the retries")
+    finally:
+        await real_redis.client_unpause()
+    assert await head is True
+    assert await asyncio.gather(*reads) == [f"value-{i}".encode() for i in range(200)]
+
+
 async def test_client_kill_under_load_never_misroutes_a_reply(
     redis_server: Any, real_redis: Redis, make_client: MakeClient
 ) -> None:
