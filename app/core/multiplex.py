@@ -42,8 +42,12 @@ Failure rules:
   caller waits (up to the pool timeout, then ``ConnectionError``) for a slot,
   so a burst of any size uses bounded memory.
 
-Scope: standalone servers (``redis://``, ``rediss://``, ``unix://``). Cluster
-and Sentinel clients are built without multiplexing for now.
+Scope: standalone servers (``redis://``, ``rediss://``, ``unix://``) and the
+Sentinel-managed primary (``redis+sentinel://``): a link connects to the
+primary the sentinels name, and a ``READONLY`` reply (the primary was demoted
+by a failover) closes the link, so the command is retried on a new link to the
+new primary, as redis-py's Sentinel connections do. Cluster clients are built
+without multiplexing for now.
 """
 
 from __future__ import annotations
@@ -322,6 +326,8 @@ class NodeMultiplexer:
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._connecting: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.follows_master = bool(getattr(pool, "is_master", False))
+        """A Sentinel primary's pool: a READONLY reply means a failover happened."""
         self.resp2_fallback: AbstractConnection | None = None
         """A link's connection when the server refused HELLO (RESP2 callbacks then apply)."""
 
@@ -440,6 +446,12 @@ class NodeMultiplexer:
         future: asyncio.Future[Any] = loop.create_future()
         link.send(packed, _Request(future, raw, loop.time() + (link.timeout or 0.0)))
         reply = await future
+        if isinstance(reply, redis_exc.ReadOnlyError) and self.follows_master:
+            # Sentinel: the primary this link reached was demoted. Like redis-py's
+            # SentinelManagedConnection: drop the link (the next one asks the sentinels).
+            error = redis_exc.ConnectionError("The previous master is now a slave")
+            link.abort(error)
+            raise error
         if isinstance(reply, redis_exc.ResponseError | redis_exc.ConnectionError):
             raise reply  # an error reply (hiredis maps a few, e.g. max clients, to ConnectionError)
         return reply

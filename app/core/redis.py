@@ -380,6 +380,10 @@ class SentinelManagedRedis(Redis):
                 await sentinel_client.aclose()
 
 
+class _SentinelMultiplexedRedis(MultiplexedRedis, SentinelManagedRedis):  # type: ignore[misc]
+    """The Sentinel-managed primary client, auto-pipelined (``REDIS_AUTOPIPELINE``)."""
+
+
 # -- building clients ---------------------------------------------------------
 
 _memory_server: Any = None
@@ -460,13 +464,19 @@ def build_client(settings: Settings | None = None, *, url: str | None = None) ->
     )
     master: SentinelManagedRedis = sentinel.master_for(
         target.service or "mymaster",
-        redis_class=SentinelManagedRedis,
+        redis_class=_SentinelMultiplexedRedis if s.redis_autopipeline else SentinelManagedRedis,
         connection_pool_class=WaitingSentinelConnectionPool,
         db=target.db,
         max_connections=s.redis_pool_size,
         pool_timeout=s.redis_pool_timeout,
     )
     master.sentinel_manager = sentinel
+    if isinstance(master, _SentinelMultiplexedRedis):
+        master.enable_multiplexing(
+            links=s.redis_autopipeline_links,
+            max_in_flight=s.redis_autopipeline_max_in_flight,
+            slot_timeout=s.redis_pool_timeout,
+        )
     return master
 
 

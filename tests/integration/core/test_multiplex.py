@@ -410,3 +410,24 @@ async def test_noscript_reload_and_breaker_work_above_the_multiplexed_path(
     assert breaker.state == "open"
     with pytest.raises(RedisUnavailable, match="circuit breaker"), breaker:
         await client.get("n")
+
+
+async def test_a_demoted_primary_answering_readonly_closes_the_link(
+    private_server: RedisServer, make_client: MakeClient
+) -> None:
+    """What a Sentinel client does when its primary was demoted but kept the connection:
+    the READONLY write fails as a connection error (retried elsewhere) and the link goes."""
+    replica = RedisServer(extra_args=["--replicaof", "127.0.0.1", str(private_server.port)])
+    replica.start()
+    try:
+        client = await make_client(replica.url, redis_retry_attempts=0)
+        mux = mux_of(client)
+        mux.follows_master = True  # as for a redis+sentinel:// primary
+        assert await client.get("k") is None  # reads work on the replica
+        with pytest.raises(redis_exc.ConnectionError, match="previous master"):
+            await client.set("k", "v")
+        assert mux.links == []
+        assert await client.get("k") is None
+        assert mux.connects == 2
+    finally:
+        replica.cleanup()

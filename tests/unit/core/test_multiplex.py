@@ -16,7 +16,7 @@ from redis.asyncio import Redis
 
 from app.core.config import Settings
 from app.core.multiplex import MultiplexedRedis, NodeMultiplexer, goes_to_pool
-from app.core.redis import build_client
+from app.core.redis import SentinelManagedRedis, build_client
 
 
 def test_the_setting_is_off_by_default(settings_override: Callable[..., None]) -> None:
@@ -47,17 +47,21 @@ async def test_on_for_standalone_urls(settings_override: Callable[..., None], ur
         await client.aclose()
 
 
-async def test_sentinel_clients_are_not_multiplexed_yet(
+async def test_sentinel_primary_clients_are_multiplexed_and_follow_the_master(
     settings_override: Callable[..., None],
 ) -> None:
     settings_override(
         redis_url="redis+sentinel://127.0.0.1:26390/mymaster/0", redis_autopipeline=True
     )
-    sentinel_client: Any = build_client()
+    client: Any = build_client()
     try:
-        assert getattr(sentinel_client, "multiplexer", None) is None
+        assert isinstance(client, MultiplexedRedis)
+        mux = client.multiplexer
+        assert mux is not None and mux.follows_master  # READONLY closes the link
+        assert isinstance(client, SentinelManagedRedis)  # aclose still closes the sentinels
+        assert client.sentinel_manager is not None
     finally:
-        await sentinel_client.aclose()
+        await client.aclose()
 
 
 async def test_single_connection_clients_do_not_use_the_links(
