@@ -131,3 +131,34 @@ async def test_sessions_create_get(client: Any) -> None:
     for n, (made, got) in enumerate(zip(records, loaded, strict=True)):
         assert got is not None and got.id == made.id and got.data == {"user": n}
     assert await store.get("no-such-session") is None
+
+
+async def test_through_asgi_no_caller_sees_another_callers_session(
+    redis_server: Any,
+    real_redis: Redis,
+    settings_override: Callable[..., None],
+    make_app_client: Callable[..., Any],
+) -> None:
+    """Alice and Bob, 100 concurrent profile reads each on one multiplexed client: each
+    request answers with its own caller's session, never the other's."""
+    settings_override(redis_url=redis_server.url, redis_autopipeline=True)
+    shared = build_client()
+    assert isinstance(shared, MultiplexedRedis)
+    try:
+        alice = await make_app_client(None, shared)
+        bob = await make_app_client(None, shared)
+        for http, user in ((alice, "alice"), (bob, "bob")):
+            assert (await http.post("/session/login", json={"user": user})).status_code == 200
+
+        async def profile(http: Any) -> Any:
+            response = await http.get("/session/profile")
+            assert response.status_code == 200
+            return response.json()["user"]
+
+        calls = [profile(alice) if i % 2 == 0 else profile(bob) for i in range(200)]
+        users = await asyncio.gather(*calls)
+        assert users == ["alice" if i % 2 == 0 else "bob" for i in range(200)]
+        mux = shared.multiplexer
+        assert mux is not None and mux.max_in_flight_seen > 1  # requests shared the links
+    finally:
+        await shared.aclose()
