@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import inspect
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -171,6 +172,8 @@ class _Link(asyncio.Protocol):
         self._out: list[bytes] = []
         self._flush_scheduled = False
         self._watchdog: asyncio.TimerHandle | None = None
+        self.closed: asyncio.Future[None] = self.loop.create_future()
+        """Done once the transport is closed (``connection_lost``)."""
         options: dict[str, Any] = {
             "protocolError": redis_exc.InvalidResponse,
             "replyError": conn._parser.parse_error,
@@ -241,6 +244,8 @@ class _Link(asyncio.Protocol):
             self.abort(exc)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed.done():
+            self.closed.set_result(None)
         reason = f"Connection to {self.host} lost" + (f": {exc}" if exc else "")
         self._fail_all(redis_exc.ConnectionError(reason))
 
@@ -302,6 +307,9 @@ class NodeMultiplexer:
     max_in_flight`` commands awaiting replies, callers queue (FIFO) for up to
     ``slot_timeout`` seconds.
     """
+
+    CLOSE_TIMEOUT = 1.0
+    """Seconds ``aclose`` waits for the links' sockets to close."""
 
     def __init__(
         self,
@@ -401,10 +409,15 @@ class NodeMultiplexer:
                 raise
 
     async def _open(self) -> None:
+        pool: Any = self.pool
+        conn = pool.make_connection()
         try:
-            pool: Any = self.pool
-            conn = pool.make_connection()
-            await conn.connect()
+            try:
+                await conn.connect()
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await conn.disconnect(nowait=True)  # a handshake cut short: close its socket
+                raise
             link = _Link(conn, self)
             self.resp2_fallback = conn if conn._resp2_fallback else None
             self.links.append(link)
@@ -417,12 +430,17 @@ class NodeMultiplexer:
             self.links.remove(link)
 
     async def aclose(self) -> None:
-        for link in list(self.links):
+        """Close every link (commands still in flight fail) and wait until they are closed."""
+        links, self.links = list(self.links), []
+        for link in links:
             link.close()
-        self.links = []
         task, self._connecting = self._connecting, None
         if task is not None:
             task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, redis_exc.RedisError, OSError):
+                await task
+        if links and self._loop is asyncio.get_running_loop():
+            await asyncio.wait([link.closed for link in links], timeout=self.CLOSE_TIMEOUT)
 
     # -- commands -----------------------------------------------------------
 

@@ -431,3 +431,16 @@ async def test_a_demoted_primary_answering_readonly_closes_the_link(
         assert mux.connects == 2
     finally:
         replica.cleanup()
+
+
+async def test_aclose_returns_once_the_links_are_closed(
+    redis_server: Any, real_redis: Redis, make_client: MakeClient
+) -> None:
+    client = await make_client(redis_server.url)
+    mux = mux_of(client)
+    await asyncio.gather(*(client.ping() for _ in range(50)))
+    links = list(mux.links)
+    assert links
+    await client.aclose()
+    assert all(link.closed.done() for link in links)
+    assert mux.links == []
