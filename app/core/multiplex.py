@@ -233,6 +233,7 @@ class _Link(asyncio.Protocol):
                 if reply is _NOT_ENOUGH_DATA:
                     return
                 if isinstance(reply, hiredis.PushNotification):
+                    self.owner.pushes_dropped += 1
                     continue  # RESP3 out-of-band frame: never a command's reply
                 if not pending:
                     raise redis_exc.InvalidResponse(f"{self.host} sent a reply nobody asked for")
@@ -329,6 +330,7 @@ class NodeMultiplexer:
         self.in_flight = 0
         self.max_in_flight_seen = 0
         self.slot_waits = 0
+        self.pushes_dropped = 0
         self.connects = 0
         self._capacity = links * max_in_flight
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
@@ -483,6 +485,7 @@ class NodeMultiplexer:
             "max_in_flight_seen": self.max_in_flight_seen,
             "max_link_queue": max((link.max_pending for link in self.links), default=0),
             "slot_waits": self.slot_waits,
+            "pushes_dropped": self.pushes_dropped,
         }
 
 

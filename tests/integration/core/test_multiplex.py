@@ -444,3 +444,31 @@ async def test_aclose_returns_once_the_links_are_closed(
     await client.aclose()
     assert all(link.closed.done() for link in links)
     assert mux.links == []
+
+
+async def test_resp3_push_frames_are_never_taken_for_replies(
+    redis_server: Any, real_redis: Redis, make_client: MakeClient
+) -> None:
+    """Client-side-caching invalidations arrive on the link between replies; they are dropped
+    and every caller still gets its own value."""
+    await seed(redis_server.url, 300)
+    client = await make_client(with_query(redis_server.url, 3), redis_autopipeline_links=1)
+    mux = mux_of(client)
+    # CLIENT commands never go to the links through the client; sent here on purpose
+    assert await mux.request(("CLIENT", "TRACKING", "ON"), False) == b"OK"
+    assert await asyncio.gather(*(client.get(f"own:{i}") for i in range(300))) == [
+        f"value-{i}".encode() for i in range(300)
+    ]  # every key is now tracked for this link
+
+    async def overwrite() -> None:
+        for i in range(0, 300, 3):
+            await real_redis.set(f"own:{i}", f"value-{i}")  # same value; still invalidates
+
+    async def read(i: int) -> Any:
+        return await client.get(f"own:{i}")
+
+    results = await asyncio.gather(overwrite(), *(read(i) for i in range(300)))
+    assert results[1:] == [f"value-{i}".encode() for i in range(300)]
+    await eventually(lambda: mux.pushes_dropped > 0, "invalidation pushes reached the link")
+    again = await asyncio.gather(*(read(i) for i in range(300)))
+    assert again == [f"value-{i}".encode() for i in range(300)]
