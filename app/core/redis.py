@@ -54,6 +54,7 @@ from app.core.config import Settings, get_settings
 from app.core.errors import ConfigurationError, RedisUnavailable
 from app.core.keys import bound_pattern
 from app.core.multiplex import MultiplexedRedis
+from app.core.multiplex_cluster import ClusterMultiplexing
 
 __all__ = [
     "REFUSED_FOR_NOW",
@@ -384,6 +385,10 @@ class _SentinelMultiplexedRedis(MultiplexedRedis, SentinelManagedRedis):  # type
     """The Sentinel-managed primary client, auto-pipelined (``REDIS_AUTOPIPELINE``)."""
 
 
+class _MultiplexedRedisCluster(ClusterMultiplexing, WaitingRedisCluster):  # type: ignore[misc]
+    """The Cluster client, auto-pipelined per node (``REDIS_AUTOPIPELINE``)."""
+
+
 # -- building clients ---------------------------------------------------------
 
 _memory_server: Any = None
@@ -443,7 +448,8 @@ def build_client(settings: Settings | None = None, *, url: str | None = None) ->
         return muxed
     auth: dict[str, Any] = {"username": target.username, "password": target.password}
     if target.kind == "cluster":
-        return WaitingRedisCluster(
+        cluster_class = _MultiplexedRedisCluster if s.redis_autopipeline else WaitingRedisCluster
+        cluster = cluster_class(
             startup_nodes=[ClusterNode(h, p) for h, p in target.nodes],
             max_connections=s.redis_pool_size,
             pool_timeout=s.redis_pool_timeout,
@@ -451,6 +457,13 @@ def build_client(settings: Settings | None = None, *, url: str | None = None) ->
             **auth,
             **common,
         )
+        if isinstance(cluster, _MultiplexedRedisCluster):
+            cluster.enable_multiplexing(
+                links=s.redis_autopipeline_links,
+                max_in_flight=s.redis_autopipeline_max_in_flight,
+                slot_timeout=s.redis_pool_timeout,
+            )
+        return cluster
     sentinel = Sentinel(
         list(target.nodes),
         sentinel_kwargs={

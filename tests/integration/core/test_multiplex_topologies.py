@@ -1,8 +1,5 @@
-"""The multiplexed client on Sentinel: it follows the primary across a failover.
-
-Cluster clients are not multiplexed yet (``build_client`` returns the plain
-``RedisCluster``); see ``app/core/multiplex.py``.
-"""
+"""The multiplexed client on Sentinel (it follows the primary across a failover) and on
+Cluster (links per node, every reply to its caller, MOVED followed after a slot moves)."""
 
 from __future__ import annotations
 
@@ -17,8 +14,10 @@ from redis import exceptions as redis_exc
 from redis.exceptions import RedisError
 
 from app.core.multiplex import MultiplexedRedis
+from app.core.multiplex_cluster import ClusterMultiplexing
 from app.core.redis import build_client
-from app.testing.topologies import SERVICE, LocalSentinel
+from app.core.scripts import Script
+from app.testing.topologies import SERVICE, LocalCluster, LocalSentinel
 from app.testing.waiting import eventually
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -103,3 +102,70 @@ async def test_sentinel_multiplexed_client_follows_the_primary_across_a_failover
             await client.aclose()
     assert wrong == []
     assert surfaced == []  # no READONLY reaches a caller: the link moved to the new primary
+
+
+@pytest.fixture
+async def cluster_client(
+    redis_cluster: LocalCluster, settings_override: Callable[..., None]
+) -> AsyncIterator[Any]:
+    redis_cluster.flushall()
+    settings_override(redis_url=redis_cluster.url, redis_autopipeline=True)
+    client: Any = build_client()
+    assert isinstance(client, ClusterMultiplexing)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+        redis_cluster.flushall()
+
+
+async def test_cluster_every_reply_reaches_its_caller_over_per_node_links(
+    cluster_client: Any,
+) -> None:
+    await asyncio.gather(*(cluster_client.set(f"own:{i}", f"value-{i}") for i in range(2000)))
+    values = await asyncio.gather(*(cluster_client.get(f"own:{i}") for i in range(2000)))
+    assert values == [f"value-{i}".encode() for i in range(2000)]
+    muxes = cluster_client.multiplexers
+    assert len(muxes) == 3  # one multiplexed path per primary
+    assert all(m.max_in_flight_seen > 1 for m in muxes.values())
+    script = Script("return redis.call('INCR', KEYS[1])", name="incr")
+    keys = [f"n:{i}" for i in range(30)]
+    assert await asyncio.gather(*(script(cluster_client, [k]) for k in keys)) == [1] * 30
+    await cluster_client.script_flush()  # every primary forgets it: NOSCRIPT per node, reloaded
+    assert await asyncio.gather(*(script(cluster_client, [k]) for k in keys)) == [2] * 30
+
+
+def _node_id(port: int) -> str:
+    with SyncRedis(port=port, socket_timeout=2) as r:
+        return str(r.execute_command("CLUSTER", "MYID").decode())
+
+
+def _move_slot(slot: int, to_port: int, ports: list[int]) -> None:
+    target = _node_id(to_port)
+    for port in [to_port, *(p for p in ports if p != to_port)]:
+        with SyncRedis(port=port, socket_timeout=2) as r:
+            r.execute_command("CLUSTER", "SETSLOT", slot, "NODE", target)
+
+
+async def test_cluster_moved_is_followed_after_a_slot_moves(
+    redis_cluster: LocalCluster, cluster_client: Any
+) -> None:
+    key = "moved:{slot-test}"
+    assert await cluster_client.set(key, "before") is True  # the client learns the owner
+    slot = int(await cluster_client.cluster_keyslot(key))
+    owner = cluster_client.get_node_from_key(key).port
+    other = next(p for p in redis_cluster.primary_ports() if p != owner)
+    assert await cluster_client.delete(key) == 1  # an empty slot may change owner at once
+    _move_slot(slot, other, redis_cluster.primary_ports())
+    try:
+        # the first attempt goes over the old owner's link and is answered MOVED
+        assert await cluster_client.set(key, "after") is True
+        assert cluster_client.get_node_from_key(key).port == other
+        values = await asyncio.gather(*(cluster_client.get(key) for _ in range(100)))
+        assert values == [b"after"] * 100
+        with SyncRedis(port=other, socket_timeout=2) as r:
+            assert r.get(key) == b"after"  # stored on the new owner
+    finally:
+        with SyncRedis(port=other, socket_timeout=2) as r:
+            r.delete(key)
+        _move_slot(slot, owner, redis_cluster.primary_ports())
