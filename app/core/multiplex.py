@@ -42,12 +42,12 @@ Failure rules:
   caller waits (up to the pool timeout, then ``ConnectionError``) for a slot,
   so a burst of any size uses bounded memory.
 
-Scope: standalone servers (``redis://``, ``rediss://``, ``unix://``) and the
+Scope: standalone servers (``redis://``, ``rediss://``, ``unix://``), the
 Sentinel-managed primary (``redis+sentinel://``): a link connects to the
 primary the sentinels name, and a ``READONLY`` reply (the primary was demoted
 by a failover) closes the link, so the command is retried on a new link to the
-new primary, as redis-py's Sentinel connections do. Cluster clients are built
-without multiplexing for now.
+new primary, as redis-py's Sentinel connections do; and Redis Cluster through
+``app.core.multiplex_cluster`` (links per node under redis-py's slot routing).
 """
 
 from __future__ import annotations

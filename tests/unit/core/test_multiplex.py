@@ -16,6 +16,7 @@ from redis.asyncio import Redis
 
 from app.core.config import Settings
 from app.core.multiplex import MultiplexedRedis, NodeMultiplexer, goes_to_pool
+from app.core.multiplex_cluster import ClusterMultiplexing
 from app.core.redis import SentinelManagedRedis, build_client
 
 
@@ -60,6 +61,18 @@ async def test_sentinel_primary_clients_are_multiplexed_and_follow_the_master(
         assert mux is not None and mux.follows_master  # READONLY closes the link
         assert isinstance(client, SentinelManagedRedis)  # aclose still closes the sentinels
         assert client.sentinel_manager is not None
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.parametrize("on", [False, True])
+async def test_cluster_clients_are_multiplexed_per_node_when_on(
+    settings_override: Callable[..., None], on: bool
+) -> None:
+    settings_override(redis_url="redis+cluster://127.0.0.1:7390", redis_autopipeline=on)
+    client: Any = build_client()  # a cluster client connects on its first command
+    try:
+        assert isinstance(client, ClusterMultiplexing) == on
     finally:
         await client.aclose()
 
