@@ -472,3 +472,31 @@ async def test_resp3_push_frames_are_never_taken_for_replies(
     await eventually(lambda: mux.pushes_dropped > 0, "invalidation pushes reached the link")
     again = await asyncio.gather(*(read(i) for i in range(300)))
     assert again == [f"value-{i}".encode() for i in range(300)]
+
+
+@pytest.mark.parametrize("protocol", [2, 3])
+async def test_links_authenticate_select_the_database_and_name_themselves(
+    make_client: MakeClient, protocol: int
+) -> None:
+    server = RedisServer().start()
+    try:
+        setup = Redis.from_url(server.url)
+        await setup.config_set("requirepass", "s3cret-pw")
+        await setup.aclose()
+        base = f"redis://:s3cret-pw@{server.host}:{server.port}/3"
+        client = await make_client(f"{base}?protocol={protocol}&client_name=mux-test")
+        assert await client.set("where", "db3") is True
+        assert mux_of(client).connects >= 1
+        plain = Redis.from_url(base)
+        try:
+            assert await plain.get("where") == b"db3"  # AUTH and SELECT 3 ran on the link
+            names = [c.get("name") for c in await plain.client_list()]
+            assert "mux-test" in names
+            await plain.select(0)
+        finally:
+            await plain.aclose()
+        wrong = await make_client(f"redis://:wrong@{server.host}:{server.port}/3")
+        with pytest.raises(redis_exc.AuthenticationError):
+            await wrong.get("where")
+    finally:
+        server.cleanup()
