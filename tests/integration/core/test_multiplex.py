@@ -20,6 +20,7 @@ from redis.asyncio import Redis
 from app.core.errors import RedisUnavailable
 from app.core.multiplex import MultiplexedRedis, NodeMultiplexer
 from app.core.redis import breaker_for, build_client
+from app.testing.proxy import TcpProxy
 from app.testing.servers import RedisServer
 from app.testing.waiting import eventually
 
@@ -500,3 +501,32 @@ async def test_links_authenticate_select_the_database_and_name_themselves(
             await wrong.get("where")
     finally:
         server.cleanup()
+
+
+async def test_a_timed_out_caller_keeps_its_slot_while_its_reply_is_still_arriving(
+    redis_server: Any,
+    real_redis: Redis,
+    make_client: MakeClient,
+    tcp_proxy: Callable[[], TcpProxy],
+) -> None:
+    """A 4 MB reply dribbles in through a slow proxy for longer than the socket timeout: its
+    caller gets TimeoutError, but bytes keep arriving, so the link stays and the reply is
+    consumed; the next caller on the same link gets its own value."""
+    await real_redis.set("big", b"x" * 4_000_000)
+    await real_redis.set("small", b"mine")
+    proxy = tcp_proxy()
+    client = await make_client(
+        proxy.url,
+        redis_socket_timeout=0.3,
+        redis_retry_attempts=0,
+        redis_autopipeline_links=1,
+    )
+    mux = mux_of(client)
+    assert await client.get("small") == b"mine"
+    proxy.latency = 0.02  # per chunk read: the big reply takes well over 0.3 s
+    with pytest.raises(redis_exc.TimeoutError):
+        await client.get("big")
+    await eventually(lambda: mux.in_flight == 0, "the big reply consumed and dropped")
+    proxy.latency = 0.0
+    assert await client.get("small") == b"mine"
+    assert mux.connects == 1  # the link that kept receiving was never closed
