@@ -19,7 +19,7 @@ What goes to the ordinary (waiting) pool instead, unchanged:
 * commands that change or read connection state: ``AUTH``, ``HELLO``,
   ``SELECT``, ``CLIENT ...``, ``RESET``, ``QUIT``, ``MONITOR``, ``READONLY``,
   ``READWRITE``, ``ASKING``, ``WATCH``, ``UNWATCH``, ``MULTI``, ``EXEC``,
-  ``DISCARD``, ``(P|S)(UN)SUBSCRIBE``, ``HIMPORT``;
+  ``DISCARD``, ``(P|S)(UN)SUBSCRIBE``, ``HIMPORT``, ``SHUTDOWN``, ``DEBUG``;
 * pipelines and transactions (``client.pipeline()``), pub/sub
   (``client.pubsub()``) and single-connection clients (``client.client()``):
   redis-py runs them on pooled connections, never through this path.
@@ -89,6 +89,8 @@ POOLED_COMMANDS = frozenset(
         "SUNSUBSCRIBE",
         # per-connection prepared state (redis-py handles it on the pooled connection)
         "HIMPORT",
+        # answered by a closed connection (SHUTDOWN) or meant to stall the server (DEBUG)
+        "SHUTDOWN", "DEBUG",
     }
 )  # fmt: skip
 """First words of the commands that always use the ordinary pool."""

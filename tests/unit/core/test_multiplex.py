@@ -108,6 +108,8 @@ async def test_single_connection_clients_do_not_use_the_links(
         ("MONITOR",),
         ("HELLO", 3),
         ("AUTH", "pw"),
+        ("SHUTDOWN", "NOSAVE"),
+        ("DEBUG", "SLEEP", 1),
     ],
 )
 def test_commands_that_own_a_connection_go_to_the_pool(args: tuple[Any, ...]) -> None:
