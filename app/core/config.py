@@ -263,8 +263,8 @@ class Settings(BaseSettings):
     redis_autopipeline: bool = Field(
         default=False,
         description="Send concurrent stateless commands together over a few shared "
-        "connections (standalone redis://, rediss://, unix:// only); blocking, pub/sub, "
-        "transactions and pipelines keep using the pool.",
+        "connections per server (standalone, Sentinel primary, Cluster nodes; memory:// is "
+        "unchanged); blocking, pub/sub, transactions and pipelines keep using the pool.",
     )
     redis_autopipeline_links: int = Field(
         default=2, ge=1, le=16, description="Multiplexed connections per server."
