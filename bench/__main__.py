@@ -27,7 +27,17 @@ from bench.latency_proxy import LatencyProxy
 from bench.report import fmt_rate, print_table
 from bench.targets import print_targets
 
-GROUPS = ["baseline", "cache", "ratelimit", "locks", "idempotency", "streams", "http", "telemetry"]
+GROUPS = [
+    "baseline",
+    "client",
+    "cache",
+    "ratelimit",
+    "locks",
+    "idempotency",
+    "streams",
+    "http",
+    "telemetry",
+]
 RESULTS = Path(__file__).parent / "results" / "latest.json"
 # (full, --quick) defaults of the options that size the run
 PROFILES: dict[str, tuple[Any, Any]] = {

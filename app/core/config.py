@@ -302,6 +302,23 @@ class Settings(BaseSettings):
             )
         return value
 
+    # -- Auto-pipelining (app/core/multiplex.py): the multiplexed command path --
+    redis_autopipeline: bool = Field(
+        default=False,
+        description="Send concurrent stateless commands together over a few shared "
+        "connections per server (standalone, Sentinel primary, Cluster nodes; memory:// is "
+        "unchanged); blocking, pub/sub, transactions and pipelines keep using the pool.",
+    )
+    redis_autopipeline_links: int = Field(
+        default=2, ge=1, le=16, description="Multiplexed connections per server."
+    )
+    redis_autopipeline_max_in_flight: int = Field(
+        default=1024,
+        ge=1,
+        description="Commands awaiting replies per multiplexed connection; past it callers "
+        "wait up to REDIS_POOL_TIMEOUT for a slot.",
+    )
+
 
 def _url_kind(url: str) -> str:
     """The target kind of *url* as the client builder reads it (scheme case ignored)."""

@@ -53,6 +53,8 @@ from redis.backoff import ExponentialWithJitterBackoff
 from app.core.config import Settings, get_settings
 from app.core.errors import ConfigurationError, RedisUnavailable
 from app.core.keys import bound_pattern
+from app.core.multiplex import MultiplexedRedis
+from app.core.multiplex_cluster import ClusterMultiplexing
 
 __all__ = [
     "REFUSED_FOR_NOW",
@@ -379,6 +381,14 @@ class SentinelManagedRedis(Redis):
                 await sentinel_client.aclose()
 
 
+class _SentinelMultiplexedRedis(MultiplexedRedis, SentinelManagedRedis):  # type: ignore[misc]
+    """The Sentinel-managed primary client, auto-pipelined (``REDIS_AUTOPIPELINE``)."""
+
+
+class _MultiplexedRedisCluster(ClusterMultiplexing, WaitingRedisCluster):  # type: ignore[misc]
+    """The Cluster client, auto-pipelined per node (``REDIS_AUTOPIPELINE``)."""
+
+
 # -- building clients ---------------------------------------------------------
 
 _memory_server: Any = None
@@ -427,10 +437,19 @@ def build_client(settings: Settings | None = None, *, url: str | None = None) ->
             health_check_interval=s.redis_health_check_interval,
             **common,
         )
-        return Redis.from_pool(pool)  # the client owns the pool: aclose() closes it
+        if not s.redis_autopipeline:
+            return Redis.from_pool(pool)  # the client owns the pool: aclose() closes it
+        muxed: MultiplexedRedis = MultiplexedRedis.from_pool(pool)  # type: ignore[assignment]
+        muxed.enable_multiplexing(
+            links=s.redis_autopipeline_links,
+            max_in_flight=s.redis_autopipeline_max_in_flight,
+            slot_timeout=s.redis_pool_timeout,
+        )
+        return muxed
     auth: dict[str, Any] = {"username": target.username, "password": target.password}
     if target.kind == "cluster":
-        return WaitingRedisCluster(
+        cluster_class = _MultiplexedRedisCluster if s.redis_autopipeline else WaitingRedisCluster
+        cluster = cluster_class(
             startup_nodes=[ClusterNode(h, p) for h, p in target.nodes],
             max_connections=s.redis_pool_size,
             pool_timeout=s.redis_pool_timeout,
@@ -438,6 +457,13 @@ def build_client(settings: Settings | None = None, *, url: str | None = None) ->
             **auth,
             **common,
         )
+        if isinstance(cluster, _MultiplexedRedisCluster):
+            cluster.enable_multiplexing(
+                links=s.redis_autopipeline_links,
+                max_in_flight=s.redis_autopipeline_max_in_flight,
+                slot_timeout=s.redis_pool_timeout,
+            )
+        return cluster
     sentinel = Sentinel(
         list(target.nodes),
         sentinel_kwargs={
@@ -451,13 +477,19 @@ def build_client(settings: Settings | None = None, *, url: str | None = None) ->
     )
     master: SentinelManagedRedis = sentinel.master_for(
         target.service or "mymaster",
-        redis_class=SentinelManagedRedis,
+        redis_class=_SentinelMultiplexedRedis if s.redis_autopipeline else SentinelManagedRedis,
         connection_pool_class=WaitingSentinelConnectionPool,
         db=target.db,
         max_connections=s.redis_pool_size,
         pool_timeout=s.redis_pool_timeout,
     )
     master.sentinel_manager = sentinel
+    if isinstance(master, _SentinelMultiplexedRedis):
+        master.enable_multiplexing(
+            links=s.redis_autopipeline_links,
+            max_in_flight=s.redis_autopipeline_max_in_flight,
+            slot_timeout=s.redis_pool_timeout,
+        )
     return master
 
 
