@@ -205,18 +205,19 @@ async def test_watchdog_holds_the_lock_through_three_times_its_timeout(
                 await other.release()
             await asyncio.sleep(0.02)
 
-    # Stopped by an event, not cancel(): on Python 3.11 asyncio.wait_for (which redis-py
-    # wraps around every command it writes) can swallow a cancellation (CPython gh-86296).
-    contender = asyncio.create_task(rival())
-    try:
-        # A 2 s lease renewed every ~0.7 s: a loaded 2-core machine can starve the loop for
-        # half a second (a 1 s lease lost a renewal that way under contention), not for 1.3 s.
-        async with RedisLock(redis, "jobs:1", timeout=2, auto_renew=True) as lock:
+    # The rival starts only once the lock is held: started before, it may win the first
+    # acquire (the scheduler decides), which is no failure of the watchdog. It is stopped by
+    # an event, not cancel(): on Python 3.11 asyncio.wait_for (which redis-py wraps around
+    # every command it writes) can swallow a cancellation (CPython gh-86296). A 2 s lease
+    # renewed every ~0.7 s leaves a loaded machine room for loop stalls.
+    async with RedisLock(redis, "jobs:1", timeout=2, auto_renew=True) as lock:
+        contender = asyncio.create_task(rival())
+        try:
             await asyncio.sleep(6)  # three leases long
             assert await lock.owned()
-    finally:
-        stop.set()
-        await asyncio.wait_for(contender, 5)
+        finally:
+            stop.set()
+            await asyncio.wait_for(contender, 5)
     assert rival_wins == 0
     assert not await redis.exists(lock.key)
 
