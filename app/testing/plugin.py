@@ -115,6 +115,19 @@ def _no_server(reason: str) -> None:
     pytest.skip(f"integration tests need a real Redis: {reason}")
 
 
+@pytest.fixture
+def private_server() -> Iterator[RedisServer]:
+    """A redis-server of this test alone (free port, temp dir): it may be killed, paused,
+    filled or restarted without touching any other test. Stopped and removed after it."""
+    if redis_server_binary() is None:
+        _no_server("private_server needs redis-server on PATH (apt-get install redis-server)")
+    server = RedisServer().start()
+    try:
+        yield server
+    finally:
+        server.cleanup()
+
+
 @pytest.fixture(scope="session")
 def redis_server(request: pytest.FixtureRequest) -> Iterator[RedisServerInfo]:
     """A real Redis for the whole session (see the module docstring for the search order)."""

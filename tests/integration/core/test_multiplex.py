@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -28,15 +28,6 @@ pytestmark = pytest.mark.integration
 
 MakeClient = Callable[..., Awaitable[MultiplexedRedis]]
 LINK_ERRORS = (redis_exc.ConnectionError, redis_exc.TimeoutError)
-
-
-@pytest.fixture
-def private_server() -> Iterator[RedisServer]:
-    server = RedisServer().start()
-    try:
-        yield server
-    finally:
-        server.cleanup()
 
 
 @pytest.fixture

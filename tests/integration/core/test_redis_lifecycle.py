@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -26,15 +26,6 @@ from app.core.scripts import Script
 from app.testing.servers import RedisServer, free_port
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def private_server() -> Iterator[RedisServer]:
-    server = RedisServer().start()
-    try:
-        yield server
-    finally:
-        server.cleanup()
 
 
 async def test_init_redis_waits_for_a_server_that_starts_late(

@@ -7,7 +7,7 @@ import logging
 import os
 import subprocess
 import sys
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -165,15 +165,6 @@ async def test_etags_and_entries_are_shared_across_processes(
     second = await asyncio.to_thread(_worker, redis_server.url, "2")
     assert first[0] == "MISS" and second[0] == "HIT"
     assert first[1] == second[1] == compute_etag(b'{"lang":"fr"}', b"application/json")
-
-
-@pytest.fixture
-def private_server() -> Iterator[RedisServer]:
-    server = RedisServer().start()
-    try:
-        yield server
-    finally:
-        server.cleanup()
 
 
 async def test_redis_stopped_mid_test_the_origin_still_answers(

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import httpx
-import pytest
 from redis.asyncio import Redis
 
 from app.core.redis import scan_keys
@@ -224,15 +223,6 @@ async def test_works_with_a_decode_responses_client(
         assert data == {"a": "\u00e9", "cart": ["x"]}
     finally:
         await decoded.aclose()
-
-
-@pytest.fixture
-def private_server() -> Iterator[RedisServer]:
-    server = RedisServer().start()
-    try:
-        yield server
-    finally:
-        server.cleanup()
 
 
 async def test_redis_down_is_503_for_session_routes_only_and_recovers(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -207,15 +207,6 @@ async def test_scripts_reload_after_the_server_forgets_them(client: Any) -> None
     await client.script_flush()
     await store.merge(rec.id, base_version=1, changes={"b": 1})
     assert (await store.get(rec.id)).data == {"a": 1, "b": 1}  # type: ignore[union-attr]
-
-
-@pytest.fixture
-def private_server() -> Iterator[RedisServer]:
-    server = RedisServer().start()
-    try:
-        yield server
-    finally:
-        server.cleanup()
 
 
 async def test_redis_down_raises_redis_unavailable(private_server: RedisServer) -> None:
