@@ -15,6 +15,7 @@ from app.api.routes import locks as lock_routes
 from app.core.errors import ConfigurationError
 from app.services.locks import RedisLock
 from app.testing.plugin import AppClientFactory
+from app.testing.waiting import eventually
 
 
 def _app() -> FastAPI:
@@ -77,10 +78,19 @@ async def test_different_jobs_run_side_by_side_and_locks_end_with_the_request(
 
 
 async def test_lock_is_visible_while_the_job_runs(client: httpx.AsyncClient) -> None:
-    running = asyncio.create_task(client.post("/jobs/7/run", params={"seconds": 0.6}))
-    await asyncio.sleep(0.1)
-    assert (await client.get("/jobs/7/lock")).json()["locked"] is True
-    assert (await running).status_code == 200
+    async def locked() -> bool:
+        return bool((await client.get("/jobs/7/lock")).json()["locked"])
+
+    running = asyncio.create_task(client.post("/jobs/7/run", params={"seconds": 10}))
+    await eventually(locked, "job 7's lock to be held while its job runs")
+    running.cancel()  # the client gives up: the request ends and lets the lock go
+    with pytest.raises(asyncio.CancelledError):
+        await running
+
+    async def released() -> bool:
+        return not await locked()
+
+    await eventually(released, "job 7's lock to be released once the request ended")
 
 
 async def test_semaphore_route_admits_limit_requests_at_once(client: httpx.AsyncClient) -> None:
