@@ -30,6 +30,7 @@ server) and ``slow``.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -73,6 +74,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="Use this Redis for integration tests instead of starting one (never flushed).",
     )
     parser.addini(
+        "collect_garbage_after_each_test",
+        type="bool",
+        default=False,
+        help="Run the garbage collector after each integration test, so an unclosed "
+        "connection or transport fails the test that leaked it rather than a later one",
+    )
+    parser.addini(
         "redis_strict_slots",
         type="bool",
         default=False,
@@ -83,6 +91,24 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "integration: talks to a real redis-server")
     config.addinivalue_line("markers", "slow: takes seconds (cluster, sentinel, faults)")
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item: pytest.Item) -> None:
+    """Collect garbage after an integration test's teardown (when the ini option is on).
+
+    A connection a test forgets to close warns (``ResourceWarning``) only when the
+    garbage collector reaches it, which without this happens at a random later
+    moment, in whichever test is running then. Collecting here, before pytest
+    gathers unraisable warnings for this teardown, pins the warning on the test
+    that leaked. This hook runs before pytest's own (also ``trylast``) collector
+    because plugins registered later run first. Only tests that talk to a real
+    server open sockets, so only they pay for the collection (tens of ms each).
+    """
+    if item.config.getini("collect_garbage_after_each_test") and item.get_closest_marker(
+        "integration"
+    ):
+        gc.collect()
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
