@@ -96,10 +96,12 @@ $(BENCH_STAMP): pyproject.toml uv.lock | $(UV)
 	$(UV) pip install --quiet --python $(BENCH_VENV)/bin/python --no-deps --target bench/.vendor/fastapi_limiter_016 "fastapi-limiter==0.1.6"
 	touch $(BENCH_STAMP)
 
-## bench: our code and the peers on one private redis-server, ratios in one run
+## bench: our code and the peers on one private redis-server, ratios in one run;
+## the results are written into docs/benchmarks.md (commit it with the run's date and machine)
 bench: $(BENCH_STAMP)
 	@command -v wrk >/dev/null 2>&1 || (apt-get update -q && apt-get install -y -q wrk) || echo "wrk unavailable: the HTTP group is skipped"
 	$(BENCH_VENV)/bin/python -m bench $(BENCH_ARGS)
+	$(BENCH_VENV)/bin/python scripts/bench_page.py bench/results/latest.json docs/benchmarks.md
 
 SOAK_SECONDS ?= 60
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import ast
 import inspect
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,11 +83,18 @@ async def _run(example: Example, namespace: dict[str, Any], fixtures: dict[str, 
 
 @pytest.mark.parametrize("page", RUNNABLE, ids=lambda p: str(p.relative_to(ROOT)))
 async def test_the_examples_of_a_page_run(
-    page: Path, fake_redis: Any, make_app_client: AppClientFactory
+    page: Path,
+    fake_redis: Any,
+    make_app_client: AppClientFactory,
+    settings_override: Callable[..., None],
 ) -> None:
     core_redis.redis_client = fake_redis
     namespace: dict[str, Any] = {"__name__": f"docs_example_{page.stem}", "redis": fake_redis}
-    fixtures = {"fake_redis": fake_redis, "make_app_client": make_app_client}
+    fixtures = {
+        "fake_redis": fake_redis,
+        "make_app_client": make_app_client,
+        "settings_override": settings_override,
+    }
     for example in ALL[page]:
         if example.not_run is None:
             try:
