@@ -72,6 +72,8 @@ def _records(records: list[dict[str, Any]]) -> str:
 
 
 def _cell(value: Any) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
     if isinstance(value, float):
         return _rate(value) if value >= 100 else f"{value:g}"
     return "-" if value is None else str(value)
