@@ -98,3 +98,8 @@ def on_page_markdown(markdown: str, **kwargs: Any) -> str:
     if MARKER in markdown:
         return markdown.replace(MARKER, settings_table())
     return markdown
+
+
+def on_page_content(html: str, **kwargs: Any) -> str:
+    """Docstrings end a paragraph with reST's ``::`` before a literal block; show it as ``:``."""
+    return html.replace("::</p>", ":</p>")
