@@ -126,3 +126,50 @@ def test_python_blocks_say_they_are_python() -> None:
             ):
                 unlabelled.append(f"{page.relative_to(ROOT)}:{match['code'][:40]!r}")
     assert unlabelled == []
+
+
+# HTTP URLs only: WebSocket routes (ws://) are not in the OpenAPI schema checked below
+DEMO_URL = re.compile(r"""(?<!ws://)localhost:8000(?P<path>/[^\s'"?&;]*)""")
+
+
+def _demo_paths() -> list[tuple[str, str]]:
+    """(where, path) of every demo URL in the shell blocks of docs/ (the demo listens on :8000).
+
+    The getting-started page's commands call the reader's own first app, not the demo.
+    """
+    found = []
+    for page in PAGES[1:]:
+        if page.name == "getting-started.md":
+            continue
+        text = page.read_text()
+        for match in FENCE.finditer(text):
+            if match["info"].split()[:1] in (["bash"], ["sh"]):
+                for url in DEMO_URL.finditer(match["code"]):
+                    found.append((str(page.relative_to(ROOT)), url["path"]))
+    return found
+
+
+def _template(path: str) -> re.Pattern[str]:
+    """An OpenAPI path template as a regex: ``{name}`` one segment, ``{name:path}`` the rest."""
+    pattern = re.sub(r"\\\{[^}:]+:path\\\}", ".+", re.escape(path))
+    return re.compile(re.sub(r"\\\{[^}]+\\\}", "[^/]+", pattern) + "/?")
+
+
+def test_the_shell_examples_name_routes_the_demo_serves() -> None:
+    """Every demo URL a page tells readers to curl is one the demo app serves."""
+    from starlette.routing import Mount
+
+    from app.main import create_app
+
+    app = create_app()
+    served = [_template(path) for path in app.openapi()["paths"]]
+    mounts = [r.path for r in app.router.routes if isinstance(r, Mount)]
+    paths = _demo_paths()
+    unknown = [
+        f"{where}: {path}"
+        for where, path in paths
+        if not any(p.fullmatch(path) for p in served)
+        and not any(path.startswith(m) for m in mounts)
+    ]
+    assert len(paths) > 30
+    assert unknown == []
