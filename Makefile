@@ -16,15 +16,16 @@ ifeq ($(strip $(UV)),)
 UV := .uv/bin/uv
 endif
 export UV_PYTHON_DOWNLOADS := never
+export NO_MKDOCS_2_WARNING := 1
 
-.PHONY: run test test-repeat test-latest lint format lock bench soak clean
+.PHONY: run test test-repeat test-latest lint format lock bench soak docs docs-serve clean
 
 .uv/bin/uv:
 	$(PYTHON) -m venv .uv
 	.uv/bin/python -m pip install --quiet --disable-pip-version-check "uv==$(UV_VERSION)"
 
 $(STAMP): pyproject.toml uv.lock | $(UV)
-	UV_PROJECT_ENVIRONMENT=$(VENV) $(UV) sync --locked --extra dev --python $(PYTHON)
+	UV_PROJECT_ENVIRONMENT=$(VENV) $(UV) sync --locked --extra dev --group docs --python $(PYTHON)
 	touch $(STAMP)
 
 ## lock: refresh uv.lock to the newest versions pyproject.toml's ranges allow (commit the result)
@@ -77,6 +78,14 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix app tests bench scripts
 	$(BIN)/ruff format app tests bench scripts
 
+## docs: build the documentation site into site/, failing on any warning (broken link, missing reference)
+docs: $(STAMP)
+	$(BIN)/mkdocs build --strict
+
+## docs-serve: the site on http://$(HOST):8001, rebuilt on every change
+docs-serve: $(STAMP)
+	$(BIN)/mkdocs serve --dev-addr $(HOST):8001
+
 BENCH_VENV := .venv-bench
 BENCH_STAMP := $(BENCH_VENV)/.installed
 BENCH_ARGS ?=
@@ -87,10 +96,12 @@ $(BENCH_STAMP): pyproject.toml uv.lock | $(UV)
 	$(UV) pip install --quiet --python $(BENCH_VENV)/bin/python --no-deps --target bench/.vendor/fastapi_limiter_016 "fastapi-limiter==0.1.6"
 	touch $(BENCH_STAMP)
 
-## bench: our code and the peers on one private redis-server, ratios in one run
+## bench: our code and the peers on one private redis-server, ratios in one run;
+## the results are written into docs/benchmarks.md (commit it with the run's date and machine)
 bench: $(BENCH_STAMP)
 	@command -v wrk >/dev/null 2>&1 || (apt-get update -q && apt-get install -y -q wrk) || echo "wrk unavailable: the HTTP group is skipped"
 	$(BENCH_VENV)/bin/python -m bench $(BENCH_ARGS)
+	$(BENCH_VENV)/bin/python scripts/bench_page.py bench/results/latest.json docs/benchmarks.md
 
 SOAK_SECONDS ?= 60
 
@@ -99,4 +110,4 @@ soak: $(STAMP)
 	$(BIN)/python scripts/soak.py --seconds $(SOAK_SECONDS)
 
 clean:
-	rm -rf $(VENV) $(BENCH_VENV) .venv-latest .uv bench/.vendor/fastapi_limiter_016 $(REPORTS) .pytest_cache .mypy_cache .ruff_cache .coverage .coverage.*
+	rm -rf site $(VENV) $(BENCH_VENV) .venv-latest .uv bench/.vendor/fastapi_limiter_016 $(REPORTS) .pytest_cache .mypy_cache .ruff_cache .coverage .coverage.*

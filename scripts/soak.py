@@ -54,7 +54,7 @@ from app.testing.servers import RedisServer, free_port  # noqa: E402
 PREFIX = "soak"
 PERSISTENT = {
     # Streams are durable queues: the stream and its dead letters live until trimmed
-    # (maxlen on XADD), never by TTL (README, "Streams").
+    # (maxlen on XADD), never by TTL (docs/streams.md).
     re.compile(rf"^{PREFIX}:stream:\{{[^}}]*\}}$"): "stream (trimmed by MAXLEN, not expired)",
     re.compile(rf"^{PREFIX}:stream:\{{[^}}]*\}}:dlq$"): "dead-letter stream (kept for inspection)",
 }

@@ -5,7 +5,7 @@ Nothing of this package is imported by the services: they call the hooks of
 backend here. Then every traced operation (``cache.get``, ``lock.acquire``,
 ``stream.handle``...) opens a span and records ``toolkit.operation.duration`` and
 ``toolkit.operations``; stream entries carry the producer's ``traceparent`` and the
-consumer's ``stream.handle`` span continues that trace. See README "Observability".
+consumer's ``stream.handle`` span continues that trace. See docs/operations.md, "Metrics and traces".
 
     from app.observability import instrument
     instrument()  # the global TracerProvider / MeterProvider, or pass your own

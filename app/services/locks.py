@@ -70,7 +70,7 @@ and in SQL the same check is a conditional update (0 rows -> you are stale)::
     UPDATE jobs SET result = :result, fence = :fence
      WHERE id = :id AND fence <= :fence;
 
-What Redis cannot guarantee (see the README, "Distributed locks"): replication is
+What Redis cannot guarantee (see docs/locks.md, "Guarantees and non-guarantees"): replication is
 asynchronous, so a failover can lose a just-taken lock and grant it twice;
 leases run on the server clock, so a clock jump shortens them; a holder
 paused longer than its lease (GC, swap, a blocked event loop) keeps running

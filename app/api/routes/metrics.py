@@ -5,7 +5,7 @@ installs ``app.observability`` with a ``MeterProvider`` whose Prometheus reader 
 to a registry of this app (not prometheus-client's global one, so two apps in one
 process never collide), and removes it at shutdown. Each scrape first samples the
 stream gauges (``observability.refresh()``). The same recipe for your own app is in
-README "Observability".
+docs/operations.md, "Metrics and traces".
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Each service operation emits its documented span and metrics, on fakeredis and real Redis.
 
-The span names, attributes and outcomes asserted here are the ones README "Observability"
+The span names, attributes and outcomes asserted here are the ones docs/operations.md ("Metrics and traces")
 documents; the metric is ``toolkit.operations`` (a counter by operation and outcome) and
 ``toolkit.operation.duration`` (a histogram).
 """
