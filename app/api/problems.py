@@ -163,6 +163,9 @@ _TRANSIENT_REDIS_ERRORS: tuple[type[Exception], ...] = (
     redis_exc.BusyLoadingError,
     redis_exc.OutOfMemoryError,
     redis_exc.ReadOnlyError,
+    redis_exc.ClusterDownError,  # a Cluster node restarted or without coverage, say
+    redis_exc.TryAgainError,
+    redis_exc.RedisClusterUnreachableError,  # no Cluster node answered (not a RedisError)
 )
 """Raw redis-py errors that mean "Redis cannot serve this now" (answered 503)."""
 

@@ -95,6 +95,7 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     redis_exc.ConnectionError,
     redis_exc.TimeoutError,
     redis_exc.ClusterDownError,
+    redis_exc.RedisClusterUnreachableError,  # no Cluster node answered (not a RedisError)
     redis_exc.TryAgainError,
     redis_exc.BusyLoadingError,
     ConnectionError,
@@ -342,7 +343,8 @@ class WaitingRedisCluster(RedisCluster):
     redis-py's cluster nodes raise ``MaxConnectionsError`` once a node has
     ``max_connections`` connections in use. Bounding the commands in flight on
     this client to the same number keeps every node under it, so a burst waits
-    up to ``pool_timeout`` for a slot, like the standalone pool does.
+    up to ``pool_timeout`` for a slot, like the standalone pool does. A command
+    that finds no node of the cluster reachable raises ``ConnectionError``.
     """
 
     def __init__(self, *args: Any, pool_timeout: float | None = 5.0, **kwargs: Any) -> None:
@@ -365,6 +367,10 @@ class WaitingRedisCluster(RedisCluster):
             await slots.acquire()
         try:
             return await super().execute_command(*args, **kwargs)
+        except redis_exc.RedisClusterUnreachableError as exc:
+            # redis-py raises this (not a RedisError) when a topology refresh reached no
+            # node; callers handle an unreachable Redis as a ConnectionError.
+            raise redis_exc.ConnectionError(str(exc)) from exc
         finally:
             slots.release()
 

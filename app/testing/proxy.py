@@ -8,7 +8,11 @@ fixtures and from any test's event loop. Faults apply to live connections:
 * ``stall()`` / ``resume()``: forwarding stops (bytes are held) while every
   connection stays open — the half-dead link that only timeouts detect;
 * ``cut()``: every open connection is closed at once (like a network reset);
-* ``refuse = True``: new connections are closed as soon as they arrive.
+* ``refuse = True``: new connections are closed as soon as they arrive;
+* ``arm(marker)``: the next command whose bytes contain *marker* (say, a
+  script's SHA1) reaches Redis, which runs it, but its reply is dropped and
+  that connection closed: a reply lost after the server ran the command (as
+  when a reset or ``CLIENT KILL`` lands mid-call). ``lost`` counts them.
 
 ``count = True`` makes it parse the client-to-server byte stream and count RESP
 requests in ``commands`` (a pipeline of 100 counts 100) and write bursts in
@@ -40,6 +44,8 @@ class TcpProxy:
         self.count = False
         self.commands = 0
         self.writes = 0
+        self.lost = 0
+        self._armed: bytes | None = None
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, daemon=True, name="tcp-proxy"
@@ -52,6 +58,10 @@ class TcpProxy:
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
+
+    def arm(self, marker: bytes | None) -> None:
+        """Lose the reply to the next command containing *marker* (None: disarm)."""
+        self._armed = marker
 
     def _call(self, coro: Any, timeout: float = 10.0) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
@@ -82,9 +92,10 @@ class TcpProxy:
             writer.close()
             return
         self._writers.update((writer, up_writer))
+        doomed = asyncio.Event()  # set once this connection carried the armed command
         await asyncio.gather(
-            self._pipe(reader, up_writer, _RespCounter(self)),
-            self._pipe(up_reader, writer, None),
+            self._pipe(reader, up_writer, _RespCounter(self), doomed),
+            self._pipe(up_reader, writer, None, doomed),
             return_exceptions=True,
         )
         for w in (writer, up_writer):
@@ -96,10 +107,20 @@ class TcpProxy:
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         counter: _RespCounter | None,
+        doomed: asyncio.Event,
     ) -> None:
         assert self._flowing is not None
         try:
             while data := await reader.read(65536):
+                upstream = counter is not None
+                if upstream and self._armed is not None and self._armed in data:
+                    self._armed = None
+                    doomed.set()
+                elif not upstream and doomed.is_set():
+                    # One command in flight per connection: this is the armed one's reply.
+                    self.lost += 1
+                    writer.transport.abort()  # the client sees its connection reset
+                    break
                 if counter is not None and self.count:
                     counter.feed(data)
                 if self.latency:

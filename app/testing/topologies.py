@@ -17,14 +17,14 @@ from __future__ import annotations
 import shutil
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from redis import Redis as SyncRedis
 from redis.exceptions import RedisError
 
 from app.testing.servers import RedisServer, free_cluster_port
 
-__all__ = ["LocalCluster", "LocalSentinel", "topology_binaries_missing"]
+__all__ = ["LocalCluster", "LocalSentinel", "topology_binaries_missing", "wait_until"]
 
 SERVICE = "mymaster"
 
@@ -35,16 +35,22 @@ def topology_binaries_missing() -> str | None:
     return f"{' and '.join(missing)} not on PATH" if missing else None
 
 
-def _wait(what: str, check: Callable[[], bool], timeout: float) -> None:
+def wait_until(what: str, check: Callable[[], bool], timeout: float = 30.0) -> None:
+    """Ask *check* every 0.1 s until it is true (a Redis or socket error means "not yet").
+
+    Raises ``TimeoutError`` naming *what* after *timeout* seconds. Synchronous:
+    for fixtures and threads that wait on servers.
+    """
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while True:
         try:
             if check():
                 return
         except (RedisError, OSError):
             pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(0.1)
-    raise RuntimeError(f"timed out after {timeout}s waiting for {what}")
 
 
 def _text(value: object) -> str:
@@ -60,10 +66,21 @@ def _info_field(port: int, section: str, field: str) -> str | None:
 class LocalCluster:
     """A Redis Cluster on 127.0.0.1 (default 3 primaries x 1 replica)."""
 
-    def __init__(self, primaries: int = 3, replicas: int = 1) -> None:
+    def __init__(
+        self,
+        primaries: int = 3,
+        replicas: int = 1,
+        *,
+        ports: Sequence[int] = (),
+        node_args: Callable[[int], Sequence[str]] = lambda port: (),
+    ) -> None:
+        """*ports*: the nodes' ports (default: free ones); *node_args(port)*: more
+        ``redis-server`` arguments for the node on *port* (e.g. ``cluster-announce-port``)."""
         self.size = primaries * (1 + replicas)
         self.replicas = replicas
         self.servers: list[RedisServer] = []
+        self._ports = list(ports)
+        self._node_args = node_args
 
     @property
     def url(self) -> str:
@@ -75,13 +92,15 @@ class LocalCluster:
 
     def start(self, timeout: float = 60.0) -> LocalCluster:
         try:
-            for _ in range(self.size):
+            ports = self._ports or [free_cluster_port() for _ in range(self.size)]
+            for port in ports:
                 server = RedisServer(
-                    free_cluster_port(),
+                    port,
                     extra_args=[
                         "--cluster-enabled", "yes",
                         "--cluster-config-file", "nodes.conf",
                         "--cluster-node-timeout", "2000",
+                        *self._node_args(port),
                     ]
                 )  # fmt: skip
                 self.servers.append(server.start())
@@ -90,11 +109,15 @@ class LocalCluster:
                  "--cluster-replicas", str(self.replicas), "--cluster-yes"],
                 check=True, capture_output=True, timeout=timeout,
             )  # fmt: skip
-            _wait("cluster_state:ok on every node", self._healthy, timeout)
+            wait_until("cluster_state:ok on every node", self._healthy, timeout)
         except BaseException:
             self.cleanup()
             raise
         return self
+
+    def ready(self) -> bool:
+        """Every node says ``cluster_state:ok`` and knows every other node."""
+        return self._healthy()
 
     def _healthy(self) -> bool:
         for s in self.servers:
@@ -128,9 +151,25 @@ class LocalCluster:
 class LocalSentinel:
     """One primary, one replica and three sentinels watching ``mymaster``."""
 
-    def __init__(self, down_after_ms: int = 1000, failover_timeout_ms: int = 2000) -> None:
+    def __init__(
+        self,
+        down_after_ms: int = 1000,
+        failover_timeout_ms: int = 2000,
+        *,
+        replica: bool = True,
+        sentinels: int = 3,
+        primary_port: int | None = None,
+        monitor_port: Callable[[int], int] = lambda port: port,
+    ) -> None:
+        """*replica*: start a replica (without one nothing can be promoted);
+        *monitor_port(primary port)*: the port the sentinels know the primary by
+        (a proxy in front of it, say): clients asking them get that address."""
         self.down_after_ms = down_after_ms
         self.failover_timeout_ms = failover_timeout_ms
+        self.with_replica = replica
+        self.sentinel_count = sentinels
+        self.primary_port = primary_port
+        self.monitor_port = monitor_port
         self.primary: RedisServer | None = None
         self.replica: RedisServer | None = None
         self.sentinels: list[RedisServer] = []
@@ -142,28 +181,36 @@ class LocalSentinel:
     def start(self, timeout: float = 30.0) -> LocalSentinel:
         try:
             fast_sync = ["--repl-diskless-sync-delay", "0"]  # a rejoining replica syncs at once
-            self.primary = RedisServer(extra_args=fast_sync).start()
-            self.replica = RedisServer(
-                extra_args=[*fast_sync, "--replicaof", "127.0.0.1", str(self.primary.port)]
-            ).start()
-            _wait(
-                "the replica to sync",
-                lambda: _info_field(self.replica.port, "replication", "master_link_status") == "up",  # type: ignore[union-attr]
-                timeout,
-            )
+            self.primary = RedisServer(self.primary_port, extra_args=fast_sync).start()
+            if self.with_replica:
+                replica = self.replica = RedisServer(
+                    extra_args=[*fast_sync, "--replicaof", "127.0.0.1", str(self.primary.port)]
+                ).start()
+                wait_until(
+                    "the replica to sync",
+                    lambda: _info_field(replica.port, "replication", "master_link_status") == "up",
+                    timeout,
+                )
+            monitored, quorum = self.monitor_port(self.primary.port), min(2, self.sentinel_count)
             conf = (
-                f"sentinel monitor {SERVICE} 127.0.0.1 {self.primary.port} 2\n"
+                f"sentinel monitor {SERVICE} 127.0.0.1 {monitored} {quorum}\n"
                 f"sentinel down-after-milliseconds {SERVICE} {self.down_after_ms}\n"
                 f"sentinel failover-timeout {SERVICE} {self.failover_timeout_ms}\n"
                 f"sentinel parallel-syncs {SERVICE} 1\n"
             )
-            for _ in range(3):
+            for _ in range(self.sentinel_count):
                 self.sentinels.append(RedisServer(config_text=conf, sentinel=True).start())
-            _wait("sentinels to see each other and the replica", self._sentinels_ready, timeout)
+            wait_until(
+                "sentinels to see each other and the replica", self._sentinels_ready, timeout
+            )
         except BaseException:
             self.cleanup()
             raise
         return self
+
+    def ready(self) -> bool:
+        """Every sentinel knows the others, the replica (if any), and a primary it deems up."""
+        return self._sentinels_ready()
 
     def _sentinels_ready(self) -> bool:
         for s in self.sentinels:
@@ -176,8 +223,9 @@ class LocalSentinel:
                 )
                 fields = {_text(k): _text(v) for k, v in pairs.items()}
                 if (
-                    int(fields.get("num-other-sentinels", 0)) < 2
-                    or int(fields.get("num-slaves", 0)) < 1
+                    int(fields.get("num-other-sentinels", 0)) < self.sentinel_count - 1
+                    or int(fields.get("num-slaves", 0)) < int(self.with_replica)
+                    or fields.get("flags") != "master"
                 ):
                     return False
         return True
@@ -199,13 +247,13 @@ class LocalSentinel:
         """SIGKILL the current primary; return the replica once sentinels promote it."""
         old = self.current_primary()
         old.kill()
-        _wait(
+        wait_until(
             "the sentinels to promote the replica",
             lambda: self.master_address()[1] != old.port,
             timeout,
         )
         new = self.current_primary()
-        _wait("the new primary to accept writes",
+        wait_until("the new primary to accept writes",
               lambda: _info_field(new.port, "replication", "role") == "master", timeout)  # fmt: skip
         return new
 

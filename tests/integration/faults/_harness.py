@@ -1,6 +1,7 @@
-"""Fault-injection harness: demo routes on a private Redis, a workload, and its verdict.
+"""Fault-injection harness: demo routes on a Redis topology, a workload, and its verdict.
 
-A fault test builds an app from some demo capability modules (``service_app``),
+A fault test builds an app from some demo capability modules (``service_app``)
+on a ``FaultTarget`` (standalone, Cluster or Sentinel; see ``conftest.py``),
 starts it with its lifespan so the global client is built from settings exactly
 as in production (``FAULT_SETTINGS``: short socket/connect timeouts, one retry,
 a fast breaker), then runs a ``Workload``: a few concurrent workers per
@@ -21,34 +22,40 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 from types import ModuleType
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import httpx
 from fastapi import FastAPI
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
+from redis.asyncio.cluster import ClusterNode
 from starlette.types import ASGIApp
 
 from app.api.problems import PROBLEM_CONTENT_TYPE, install_problem_handlers
 from app.api.routes import health
 from app.core import redis as core_redis
 from app.core.config import FailureMode
-from app.core.redis import CircuitBreaker, breaker_for, redis_lifespan
+from app.core.redis import AnyRedis, CircuitBreaker, breaker_for, redis_lifespan
 from app.middleware.stack import install_toolkit
+from app.testing.fault_targets import FaultTarget, Proxies
 from app.testing.waiting import DEFAULT_DEADLINE, eventually
+
+T = TypeVar("T")
 
 __all__ = [
     "FAULT_SETTINGS",
     "REQUEST_BOUND",
-    "LostReplyProxy",
     "Observation",
     "Probe",
     "Workload",
+    "admin_client",
     "app_breaker",
     "burst",
     "connected_clients",
     "is_problem",
     "is_unavailable",
+    "lose_one_reply",
     "new_client",
+    "on_every_node",
     "service_app",
 ]
 
@@ -182,13 +189,61 @@ def app_breaker() -> CircuitBreaker:
     return breaker_for(core_redis.redis_client)
 
 
-async def connected_clients(url: str) -> int:
-    """Connections the server holds, not counting the one asking."""
-    admin = Redis.from_url(url, socket_timeout=2)
+def admin_client(target: FaultTarget) -> AnyRedis:
+    """A client of the test's own on *target* (5 s timeouts), past the proxies where it can be.
+
+    Cluster: started from the nodes themselves; the slot map it loads names the
+    proxies (the nodes announce them), so it is only for steps without a fault.
+    """
+    if target.kind == "cluster":
+        nodes = [ClusterNode(n.host, n.port) for n in target.nodes]
+        return RedisCluster(startup_nodes=nodes, socket_timeout=5)
+    return Redis.from_url(target.node_urls()[0], socket_timeout=5)
+
+
+async def on_every_node(target: FaultTarget, command: Callable[[Redis], Awaitable[T]]) -> list[T]:
+    """Run *command* on a direct connection to each data node of *target*; their answers."""
+    answers = []
+    for url in target.node_urls():
+        node = Redis.from_url(url, socket_timeout=5)
+        try:
+            answers.append(await command(node))
+        finally:
+            await node.aclose()
+    return answers
+
+
+async def connected_clients(target: FaultTarget) -> int:
+    """The most connections the app holds to one data node (the asker and sentinels not counted)."""
+
+    async def app_connections(node: Redis) -> int:
+        clients = await node.client_list()
+        mine = await node.client_id()
+        return sum(
+            1
+            for c in clients
+            if int(c["id"]) != mine and not str(c.get("name", "")).startswith("sentinel-")
+        )
+
+    return max(await on_every_node(target, app_connections))
+
+
+async def lose_one_reply(
+    proxy: Proxies, marker: bytes, call: Awaitable[httpx.Response]
+) -> httpx.Response:
+    """*call*'s answer when the reply to its command containing *marker* was lost once.
+
+    The command reached Redis, which ran it; its reply never came back and the
+    connection broke, so the client library retried it on a new connection.
+    """
+    lost = proxy.lost
+    proxy.arm(marker)
     try:
-        return len(await admin.client_list()) - 1
+        response = await call
     finally:
-        await admin.aclose()
+        proxy.arm(None)
+    assert proxy.lost == lost + 1, "the armed command never went through the proxy"
+    return response
 
 
 @dataclass
@@ -316,78 +371,3 @@ class Workload:
                 assert all(s is not None and 200 <= s < 300 for s in statuses), (
                     f"{probe}: fail-open but answered {statuses} during {phase}"
                 )
-
-
-class LostReplyProxy:
-    """A proxy that loses exactly one reply: the command ran on the server, its answer never came.
-
-    ``arm(marker)``: the next command whose bytes contain *marker* (say, a script's
-    SHA1) is forwarded to Redis, which runs it; its reply is then dropped and that
-    client connection closed, as when a network path or a ``CLIENT KILL`` breaks a
-    connection after the server ran the command. The client library sees a
-    connection error and retries on a new connection, so whatever it sent runs a
-    second time. ``lost`` counts the replies dropped. Runs on the test's event loop.
-    """
-
-    def __init__(self, host: str, port: int) -> None:
-        self.target = (host, port)
-        self.port = 0
-        self.lost = 0
-        self._armed: bytes | None = None
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def arm(self, marker: bytes) -> None:
-        self._armed = marker
-
-    async def start(self) -> LostReplyProxy:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-
-    def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.create_task(self._serve(reader, writer))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection(*self.target)
-        doomed = False
-
-        async def upstream() -> None:
-            nonlocal doomed
-            while data := await reader.read(65536):
-                if self._armed is not None and self._armed in data:
-                    self._armed, doomed = None, True
-                up_writer.write(data)
-                await up_writer.drain()
-
-        async def downstream() -> None:
-            while data := await up_reader.read(65536):
-                if doomed:  # one command in flight per connection: this is its reply
-                    self.lost += 1
-                    return
-                writer.write(data)
-                await writer.drain()
-
-        pipes = [asyncio.create_task(upstream()), asyncio.create_task(downstream())]
-        try:
-            await asyncio.wait(pipes, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for pipe in pipes:
-                pipe.cancel()
-            await asyncio.gather(*pipes, return_exceptions=True)
-            for w in (writer, up_writer):
-                if w.transport is not None:
-                    w.transport.abort()

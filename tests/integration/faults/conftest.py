@@ -1,4 +1,15 @@
-"""Fixtures of the fault suite: a private redis-server and an app started on it."""
+"""Fixtures of the fault suite: a topology to break and an app started on it.
+
+Every fault test runs on standalone, Cluster and Sentinel (``target`` /
+``private_target`` are parametrized over ``KINDS``). Each fault means
+something on each of them today; a future fault that does not on some
+topology parametrizes the fixture itself (``indirect``) without that case and
+says why in a comment, rather than skipping it.
+
+Tests that leave the topology whole share one proxied target per topology for
+the session (``target``, reset before each test); tests that kill and restart
+nodes get their own (``private_target``).
+"""
 
 from __future__ import annotations
 
@@ -12,22 +23,51 @@ from asgi_lifespan import LifespanManager
 from starlette.types import ASGIApp
 
 from app.core import redis as core_redis
-from app.testing.servers import RedisServer, redis_server_binary
+from app.testing.fault_targets import KINDS, FaultTarget, Kind
+from app.testing.topologies import topology_binaries_missing
 from tests.integration.faults._harness import FAULT_SETTINGS
 
 StartApp = Callable[..., Awaitable[ASGIApp]]
 
 
-@pytest.fixture
-def private_server() -> Iterator[RedisServer]:
-    """A redis-server of this test alone: it may be killed, paused, filled or restarted."""
-    if redis_server_binary() is None:
-        pytest.fail("the fault suite needs redis-server on PATH (apt-get install redis-server)")
-    server = RedisServer().start()
+def _start(kind: Kind, *, proxied: bool) -> FaultTarget:
+    reason = topology_binaries_missing()
+    if reason:
+        pytest.fail(f"the fault suite needs redis-server and redis-cli: {reason}")
+    return FaultTarget(kind, proxied=proxied).start()
+
+
+@pytest.fixture(scope="session")
+def _shared_targets() -> Iterator[dict[Kind, FaultTarget]]:
+    """One proxied target per topology for the session, started on first use."""
+    targets: dict[Kind, FaultTarget] = {}
+    yield targets
+    for started in targets.values():
+        started.cleanup()
+
+
+@pytest.fixture(params=KINDS)
+def target(request: pytest.FixtureRequest, _shared_targets: dict[Kind, FaultTarget]) -> FaultTarget:
+    """A topology behind proxies (``target.proxy``), shared by tests that leave it whole.
+
+    Reset before each test: no fault on the proxies, no data, no scripts, no memory limit.
+    """
+    kind: Kind = request.param
+    if kind in _shared_targets:
+        _shared_targets[kind].reset()
+    else:
+        _shared_targets[kind] = _start(kind, proxied=True)
+    return _shared_targets[kind]
+
+
+@pytest.fixture(params=KINDS)
+def private_target(request: pytest.FixtureRequest) -> Iterator[FaultTarget]:
+    """A topology of this test alone, without proxies: its nodes may be killed and restarted."""
+    started = _start(request.param, proxied=False)
     try:
-        yield server
+        yield started
     finally:
-        server.cleanup()
+        started.cleanup()
 
 
 @pytest_asyncio.fixture

@@ -10,19 +10,23 @@ conflicted with itself.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import pytest_asyncio
-from redis.asyncio import Redis
 
 from app.api.routes import streams
 from app.core.scripts import Script
 from app.services.pubsub import Broadcaster
 from app.services.streams import stream_keys
-from app.testing.servers import RedisServer
-from tests.integration.faults._harness import LostReplyProxy, Probe, new_client, service_app
+from app.testing.fault_targets import FaultTarget
+from tests.integration.faults._harness import (
+    Probe,
+    admin_client,
+    lose_one_reply,
+    new_client,
+    service_app,
+)
 from tests.integration.faults._probes import LOCKS, PROBES, PUBSUB, RATE_LIMIT, next_message
 from tests.integration.faults.conftest import StartApp
 
@@ -42,37 +46,24 @@ def _sha(script: str) -> bytes:
     return Script.from_package("app.services", f"lua/{script}").sha.encode()
 
 
-@pytest_asyncio.fixture
-async def lost_reply_proxy(private_server: RedisServer) -> AsyncIterator[LostReplyProxy]:
-    proxy = await LostReplyProxy(private_server.host, private_server.port).start()
-    try:
-        yield proxy
-    finally:
-        await proxy.close()
-
-
 @pytest.mark.parametrize("probe", list(_cases()))
 async def test_a_lost_reply_is_retried_safely(
-    probe: Probe, lost_reply_proxy: LostReplyProxy, start_app: StartApp
+    probe: Probe, target: FaultTarget, start_app: StartApp
 ) -> None:
     assert probe.script is not None
     web = probe.app()
-    app = await start_app(web, lost_reply_proxy.url, **probe.settings)
+    app = await start_app(web, target.url, **probe.settings)
     state: dict[str, Any] = {}
     async with new_client(app) as client:
         for _ in range(5):  # warm: from now on a request runs the probe's script by EVALSHA
             await probe.send(client, state)
-        lost_reply_proxy.arm(
-            Script.from_package("app.services", f"lua/{probe.script}").sha.encode()
-        )
-        response = await probe.send(client, state)
-        assert lost_reply_proxy.lost == 1  # the server ran it; its answer never arrived
+        response = await lose_one_reply(target.proxy, _sha(probe.script), probe.send(client, state))
         assert probe.judge(response) == "healthy", f"{response.status_code} {response.text}"
         await probe.works(client, web)
 
 
 async def test_a_lost_rate_limit_reply_counts_the_request_twice(
-    lost_reply_proxy: LostReplyProxy, start_app: StartApp
+    target: FaultTarget, start_app: StartApp
 ) -> None:
     """Documented: the retried check is charged again, so the caller loses one unit of quota.
 
@@ -80,13 +71,13 @@ async def test_a_lost_rate_limit_reply_counts_the_request_twice(
     request itself is still answered correctly.
     """
     web = RATE_LIMIT.app()
-    app = await start_app(web, lost_reply_proxy.url)
+    app = await start_app(web, target.url)
     headers = {"X-User": "lost-reply"}
     async with new_client(app) as client:
         assert (await client.get("/limits/user", headers=headers)).status_code == 200
-        lost_reply_proxy.arm(_sha("ratelimit_gcra.lua"))
-        response = await client.get("/limits/user", headers=headers)
-        assert lost_reply_proxy.lost == 1
+        response = await lose_one_reply(
+            target.proxy, _sha("ratelimit_gcra.lua"), client.get("/limits/user", headers=headers)
+        )
         assert response.status_code == 200 and response.json()["degraded"] is False
         # 5 per minute: 1 + 1 requests made, 3 units spent
         assert response.json()["policies"][0]["remaining"] == 2
@@ -95,7 +86,7 @@ async def test_a_lost_rate_limit_reply_counts_the_request_twice(
 
 
 async def test_a_lost_publish_reply_publishes_twice(
-    lost_reply_proxy: LostReplyProxy, start_app: StartApp
+    target: FaultTarget, start_app: StartApp
 ) -> None:
     """Documented: a retried publish is a second publish; subscribers get the message twice.
 
@@ -103,14 +94,14 @@ async def test_a_lost_publish_reply_publishes_twice(
     deduplicate on the payload (Redis pub/sub is at-most-once without retries).
     """
     web = PUBSUB.app()
-    app = await start_app(web, lost_reply_proxy.url)
+    app = await start_app(web, target.url)
     broadcaster: Broadcaster = web.state.broadcaster
     async with new_client(app) as client, broadcaster.subscribe("twice") as subscription:
         assert (await client.post("/publish/twice", json={"n": 0})).status_code == 200
         await next_message(subscription)
-        lost_reply_proxy.arm(_sha("pubsub_publish.lua"))
-        response = await client.post("/publish/twice", json={"n": 1})
-        assert lost_reply_proxy.lost == 1
+        response = await lose_one_reply(
+            target.proxy, _sha("pubsub_publish.lua"), client.post("/publish/twice", json={"n": 1})
+        )
         assert response.status_code == 200
         first, second = await next_message(subscription), await next_message(subscription)
         assert first.data == second.data == {"n": 1}
@@ -118,19 +109,19 @@ async def test_a_lost_publish_reply_publishes_twice(
 
 
 async def test_a_lost_xadd_reply_appends_the_event_twice(
-    lost_reply_proxy: LostReplyProxy, private_server: RedisServer, start_app: StartApp
+    target: FaultTarget, start_app: StartApp
 ) -> None:
     """Documented: a retried XADD appends a second entry (streams are at-least-once)."""
-    app = await start_app(service_app(streams), lost_reply_proxy.url)
-    admin = Redis.from_url(private_server.url)
+    app = await start_app(service_app(streams), target.url)
+    admin = admin_client(target)
     try:
         async with new_client(app) as client:
             assert (await client.post("/streams/events", json={"payload": {}})).status_code == 201
             key = stream_keys(streams.DEMO_STREAM).stream
             before = await admin.xlen(key)
-            lost_reply_proxy.arm(b"XADD")
-            response = await client.post("/streams/events", json={"payload": {"n": 1}})
-            assert lost_reply_proxy.lost == 1
+            response = await lose_one_reply(
+                target.proxy, b"XADD", client.post("/streams/events", json={"payload": {"n": 1}})
+            )
             assert response.status_code == 201
             assert await admin.xlen(key) == before + 2
     finally:
@@ -143,16 +134,17 @@ async def test_a_lost_xadd_reply_appends_the_event_twice(
     ids=["lock", "semaphore"],
 )
 async def test_a_lost_release_reply_still_counts_as_released(
-    route: str, script: str, lost_reply_proxy: LostReplyProxy, start_app: StartApp
+    route: str, script: str, target: FaultTarget, start_app: StartApp
 ) -> None:
     """The retried release finds its own receipt: no false ``lock-lost``, the lock is free."""
     web = LOCKS.app()
-    app = await start_app(web, lost_reply_proxy.url)
+    app = await start_app(web, target.url)
     async with new_client(app) as client:
         assert (await client.post(route, params={"seconds": 0})).status_code == 200  # warm
-        lost_reply_proxy.arm(_sha(script))
-        response = await client.post(route, params={"seconds": 0})
-        assert lost_reply_proxy.lost == 1  # the release ran; its answer never arrived
+        # The release runs; its answer never arrives.
+        response = await lose_one_reply(
+            target.proxy, _sha(script), client.post(route, params={"seconds": 0})
+        )
         assert response.status_code == 200, response.text
         again = await client.post(route, params={"seconds": 0})  # nothing is left held
         assert again.status_code == 200, again.text

@@ -1,4 +1,7 @@
-"""A TCP proxy between the app and Redis: latency, a stalled link, cut connections.
+"""A TCP proxy between the app and each Redis node: latency, a stalled link, cut connections.
+
+On standalone, Cluster (every node behind its own proxy) and Sentinel (the
+primary behind a proxy, found through the sentinel).
 
 Every Redis call is bounded by the socket timeout (0.25 s, one retry): no
 request may hang, the breaker opens while the link is bad (so fail-open paths
@@ -10,15 +13,13 @@ purpose: it proves that nothing hangs, not how fast the answer is.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from typing import Any
 
 import pytest
 from fastapi import FastAPI
 from starlette.types import ASGIApp
 
-from app.testing.proxy import TcpProxy
-from app.testing.servers import RedisServer
+from app.testing.fault_targets import FaultTarget, Proxies
 from app.testing.waiting import eventually
 from tests.integration.faults._harness import (
     REQUEST_BOUND,
@@ -33,22 +34,19 @@ from tests.integration.faults.conftest import StartApp
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-ProxyFactory = Callable[..., TcpProxy]
-
 
 async def _start_behind_proxy(
-    probe: Probe, server: RedisServer, tcp_proxy: ProxyFactory, start_app: StartApp
-) -> tuple[TcpProxy, FastAPI, ASGIApp]:
-    proxy = tcp_proxy(server.host, server.port)
+    probe: Probe, target: FaultTarget, start_app: StartApp
+) -> tuple[Proxies, FastAPI, ASGIApp]:
     web = probe.app()
-    return proxy, web, await start_app(web, proxy.url, **probe.settings)
+    return target.proxy, web, await start_app(web, target.url, **probe.settings)
 
 
 @pytest.mark.parametrize("probe", PROBES, ids=probe_ids)
 async def test_latency_below_the_timeout_is_served_and_above_it_is_bounded(
-    probe: Probe, private_server: RedisServer, tcp_proxy: ProxyFactory, start_app: StartApp
+    probe: Probe, target: FaultTarget, start_app: StartApp
 ) -> None:
-    proxy, _, app = await _start_behind_proxy(probe, private_server, tcp_proxy, start_app)
+    proxy, _, app = await _start_behind_proxy(probe, target, start_app)
     async with Workload(app, [probe]) as load:
         await load.until_recovered(streak=3)
         proxy.latency = 0.03  # 60 ms a round trip: slow, within the 250 ms socket timeout
@@ -71,9 +69,9 @@ async def test_latency_below_the_timeout_is_served_and_above_it_is_bounded(
 
 @pytest.mark.parametrize("probe", PROBES, ids=probe_ids)
 async def test_stalled_link_opens_the_breaker_then_closes_it(
-    probe: Probe, private_server: RedisServer, tcp_proxy: ProxyFactory, start_app: StartApp
+    probe: Probe, target: FaultTarget, start_app: StartApp
 ) -> None:
-    proxy, web, app = await _start_behind_proxy(probe, private_server, tcp_proxy, start_app)
+    proxy, web, app = await _start_behind_proxy(probe, target, start_app)
     async with Workload(app, [probe]) as load:
         await load.until_recovered(streak=3)
         breaker = app_breaker()
@@ -96,7 +94,7 @@ async def test_stalled_link_opens_the_breaker_then_closes_it(
 
 @pytest.mark.parametrize("probe", PROBES, ids=probe_ids)
 async def test_cut_connections_are_replaced(
-    probe: Probe, private_server: RedisServer, tcp_proxy: ProxyFactory, start_app: StartApp
+    probe: Probe, target: FaultTarget, start_app: StartApp
 ) -> None:
     """Every pooled connection reset between bursts: the next commands reconnect and succeed.
 
@@ -104,7 +102,7 @@ async def test_cut_connections_are_replaced(
     server ran the command; ``test_lost_replies.py`` pins down what each service
     does then.)
     """
-    proxy, web, app = await _start_behind_proxy(probe, private_server, tcp_proxy, start_app)
+    proxy, web, app = await _start_behind_proxy(probe, target, start_app)
     states: list[dict[str, Any]] = [{} for _ in range(4)]
     async with new_client(app) as client:
         for _ in range(5):  # warm: sessions exist, every entry is cached, the pool is full

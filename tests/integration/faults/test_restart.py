@@ -1,6 +1,9 @@
-"""The Redis process killed and restarted on the same port under a running workload.
+"""The Redis processes killed and restarted on the same ports under a running workload.
 
-No persistence: the restart loses every key and every cached script. Each
+Standalone: the server; Cluster: every node (the cluster comes back with the
+same slots); Sentinel: the primary, which has no replica, so the sentinel keeps
+naming it and clients find it again through the sentinel. No persistence: the
+restart loses every key and every cached script. Each
 service must keep giving its documented answer during the outage (503
 problem+json when fail-closed, the origin's answer when fail-open), never a 500
 or a hung request, and work fully again afterwards without an app restart.
@@ -13,18 +16,18 @@ from typing import Annotated, Any
 
 import pytest
 from fastapi import FastAPI
-from redis.asyncio import Redis
 
 from app.api.deps import request_lock
 from app.api.problems import install_problem_handlers
 from app.core.redis import redis_lifespan
 from app.services.locks import RedisLock
 from app.services.pubsub import Broadcaster, Reconnected
-from app.testing.servers import RedisServer
+from app.testing.fault_targets import FaultTarget
 from tests.integration.faults._harness import (
     REQUEST_BOUND,
     Probe,
     Workload,
+    admin_client,
     connected_clients,
     is_problem,
     is_unavailable,
@@ -39,63 +42,63 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 WORKERS = 3
 
 
-async def _kill_and_restart(server: RedisServer, load: Workload, *, outage: int = 6) -> None:
+async def _kill_and_restart(target: FaultTarget, load: Workload, *, outage: int = 6) -> None:
     await load.until_answers(3, phase="before")
-    await asyncio.to_thread(server.kill)
+    await asyncio.to_thread(target.kill)
     load.phase = "down"
     await load.until_answers(outage, phase="down")
-    await asyncio.to_thread(server.restart)  # same port; data and scripts are gone
+    await asyncio.to_thread(target.restart)  # same ports; data and scripts are gone
     load.phase = "after"
     await load.until_recovered()
 
 
 @pytest.mark.parametrize("probe", PROBES, ids=probe_ids)
 async def test_kill_and_restart_mid_workload(
-    probe: Probe, private_server: RedisServer, start_app: StartApp
+    probe: Probe, private_target: FaultTarget, start_app: StartApp
 ) -> None:
     web = probe.app()
-    app = await start_app(web, private_server.url, **probe.settings)
+    app = await start_app(web, private_target.url, **probe.settings)
     async with Workload(app, [probe], workers=WORKERS) as load:
-        await _kill_and_restart(private_server, load)
+        await _kill_and_restart(private_target, load)
     load.assert_nothing_bad()
     load.assert_outage_answers("down")
     async with new_client(app) as client:
         await probe.works(client, web)
     # No stuck or leaked connections: the pool holds about one per concurrent request.
-    assert await connected_clients(private_server.url) <= WORKERS + 2
+    assert await connected_clients(private_target) <= WORKERS + 2
 
 
 async def test_every_service_recovers_together_after_two_restarts(
-    private_server: RedisServer, start_app: StartApp
+    private_target: FaultTarget, start_app: StartApp
 ) -> None:
     probes = [p for p in PROBES if not p.settings]  # every service with default settings
     modules = tuple(dict.fromkeys(m for p in probes for m in p.modules))
     web = service_app(*modules)
-    app = await start_app(web, private_server.url)
+    app = await start_app(web, private_target.url)
     async with Workload(app, probes, workers=2) as load:
         for _ in range(2):
-            await _kill_and_restart(private_server, load, outage=3)
+            await _kill_and_restart(private_target, load, outage=3)
             load.phase = "before"
     load.assert_nothing_bad()
     load.assert_outage_answers("down")
     async with new_client(app) as client:
         for probe in probes:
             await probe.works(client, web)
-    assert await connected_clients(private_server.url) <= 2 * len(probes) + 4
+    assert await connected_clients(private_target) <= 2 * len(probes) + 4
 
 
 async def test_a_subscriber_open_across_a_restart_is_resubscribed(
-    private_server: RedisServer, start_app: StartApp
+    private_target: FaultTarget, start_app: StartApp
 ) -> None:
     web = PUBSUB.app()
-    app = await start_app(web, private_server.url)
+    app = await start_app(web, private_target.url)
     broadcaster: Broadcaster = web.state.broadcaster
     async with new_client(app) as client, broadcaster.subscribe("across") as subscription:
         assert (await client.post("/publish/across", json={"n": 0})).status_code == 200
         assert (await next_message(subscription)).data == {"n": 0}
-        await asyncio.to_thread(private_server.kill)
+        await asyncio.to_thread(private_target.kill)
         assert is_unavailable(await client.post("/publish/across", json={"n": -1}))
-        await asyncio.to_thread(private_server.restart)
+        await asyncio.to_thread(private_target.restart)
         reconnected = await asyncio.wait_for(subscription.get(10), 10)
         assert isinstance(reconnected, Reconnected)  # the subscriber is told about the gap
         async with asyncio.timeout(10):  # publishing works again once the breaker lets it
@@ -106,13 +109,13 @@ async def test_a_subscriber_open_across_a_restart_is_resubscribed(
 
 
 async def test_a_running_consumer_recreates_its_group_after_a_restart(
-    private_server: RedisServer, start_app: StartApp
+    private_target: FaultTarget, start_app: StartApp
 ) -> None:
     web = STREAMS.app()
-    app = await start_app(web, private_server.url)
+    app = await start_app(web, private_target.url)
     async with new_client(app) as client:
         await STREAMS.works(client, web)  # starts the in-app consumer; events are handled
-        await asyncio.to_thread(private_server.restart)  # the stream and its group are gone
+        await asyncio.to_thread(private_target.restart)  # the stream and its group are gone
         async with asyncio.timeout(10):
             while (await client.post("/streams/events", json={"payload": {}})).status_code != 201:
                 await asyncio.sleep(0.05)
@@ -127,7 +130,7 @@ def _lock_lost(response: Any) -> bool:
 
 
 async def test_a_lock_held_across_a_restart_is_lost_and_its_holder_learns_it(
-    private_server: RedisServer, start_app: StartApp
+    private_target: FaultTarget, start_app: StartApp
 ) -> None:
     """Documented: a restart (like a failover) loses held locks; every holder is told.
 
@@ -161,8 +164,8 @@ async def test_a_lock_held_across_a_restart_is_lost_and_its_holder_learns_it(
         finished.append(job)
         return {"fence": lock.fence}
 
-    asgi = await start_app(app, private_server.url)
-    admin = Redis.from_url(private_server.url, socket_timeout=2)
+    asgi = await start_app(app, private_target.url)
+    admin = admin_client(private_target)
     keys = [RedisLock(admin, name, timeout=1).key for name in ("held:j1", "watched:j1")]
     async with new_client(asgi) as client:
         first = asyncio.create_task(client.post("/held/j1", params={"wait": True}))
@@ -172,7 +175,7 @@ async def test_a_lock_held_across_a_restart_is_lost_and_its_holder_learns_it(
                 await asyncio.sleep(0.01)
         first_fence = int(await admin.get(keys[0] + ":fence") or 0)
         await admin.aclose()
-        await asyncio.to_thread(private_server.restart)  # every key is gone
+        await asyncio.to_thread(private_target.restart)  # every key is gone
         async with asyncio.timeout(10):  # a second holder gets the lock the first still "holds"
             while (second := await client.post("/held/j1", params={"wait": False})).is_error:
                 assert is_unavailable(second), second.text  # the breaker may need a trial first

@@ -12,21 +12,19 @@ Afterwards the killed node is restarted (it rejoins as a replica).
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
 import pytest_asyncio
 from redis import Redis as SyncRedis
-from redis.exceptions import RedisError
 
 from app.core.errors import RedisUnavailable
 from app.core.redis import build_client
 from app.services.pubsub import Broadcaster, Message, Reconnected
 from app.services.rate_limit import RateLimiter
 from app.services.sessions import SessionStore
-from app.testing.topologies import LocalCluster
+from app.testing.topologies import LocalCluster, wait_until
 from app.testing.waiting import eventually
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -58,34 +56,19 @@ def _primaries(cluster: LocalCluster) -> list[int]:
     ]
 
 
-def _answers(check: Callable[[], bool]) -> bool:
-    try:
-        return check()
-    except (RedisError, OSError):
-        return False
-
-
-def _wait(what: str, check: Callable[[], bool], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not _answers(check):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.1)
-
-
 @pytest.fixture
 def cluster(redis_cluster: LocalCluster) -> Iterator[LocalCluster]:
     """The session's Cluster, healthy; the killed node restarted as a replica afterwards."""
     for server in redis_cluster.servers:
         with SyncRedis(port=server.port, socket_timeout=2) as r:
             r.config_set("repl-diskless-sync-delay", 0)  # a (re)joining replica syncs at once
-    _wait("a healthy cluster", lambda: _healthy(redis_cluster))
+    wait_until("a healthy cluster", lambda: _healthy(redis_cluster))
     redis_cluster.flushall()
     yield redis_cluster
     for server in redis_cluster.servers:
         if not server.is_running():
             server.start()  # its nodes.conf is kept: it rejoins, as a replica of its successor
-    _wait("the killed node to rejoin as a synced replica", lambda: _healthy(redis_cluster))
+    wait_until("the killed node to rejoin as a synced replica", lambda: _healthy(redis_cluster))
     redis_cluster.flushall()
 
 
@@ -117,7 +100,7 @@ async def test_services_survive_the_failover_of_a_primary(
         if client.get_node_from_key(broadcaster.channel_name(name)).port == victim.port
     )
     await asyncio.to_thread(
-        _wait, "the session to reach the replica",
+        wait_until, "the session to reach the replica",
         lambda: _info(victim.port, "replication").get("slave0", {}).get("offset")
         == _info(victim.port, "replication")["master_repl_offset"],
     )  # fmt: skip
@@ -147,7 +130,7 @@ async def test_services_survive_the_failover_of_a_primary(
                 victim.kill()
                 killed_at = clock()
                 await asyncio.to_thread(
-                    _wait, "the replica to take over the slots",
+                    wait_until, "the replica to take over the slots",
                     lambda: len(_primaries(cluster)) == 3,
                 )  # fmt: skip
 

@@ -19,7 +19,6 @@ again, so later tests (and a second failover) find it whole.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
@@ -27,7 +26,6 @@ import httpx
 import pytest
 import pytest_asyncio
 from redis import Redis as SyncRedis
-from redis.exceptions import RedisError
 
 from app.core.redis import build_client
 from app.services.idempotency import IdempotencyService
@@ -36,27 +34,12 @@ from app.services.rate_limit import RateLimiter
 from app.services.sessions import SessionStore
 from app.services.streams import StreamProducer
 from app.testing.servers import RedisServer
-from app.testing.topologies import SERVICE, LocalSentinel
+from app.testing.topologies import SERVICE, LocalSentinel, wait_until
 from app.testing.waiting import eventually
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 MakeClient = Callable[..., Awaitable[httpx.AsyncClient]]
-
-
-def _wait(what: str, check: Callable[[], bool], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not _safe(check):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.1)
-
-
-def _safe(check: Callable[[], bool]) -> bool:
-    try:
-        return check()
-    except (RedisError, OSError):
-        return False
 
 
 def _ready_for_failover(sentinel: LocalSentinel) -> bool:
@@ -90,7 +73,7 @@ def sentinel(redis_sentinel: LocalSentinel) -> Iterator[LocalSentinel]:
         # a sentinel waits 2 x failover-timeout before it fails the same primary over again
         with SyncRedis(port=node.port, socket_timeout=2) as r:
             r.sentinel_set(SERVICE, "failover-timeout", 2000)
-    _wait("a synced replica (a previous failover may still be healing)",
+    wait_until("a synced replica (a previous failover may still be healing)",
           lambda: _ready_for_failover(redis_sentinel))  # fmt: skip
     redis_sentinel.flushall()
     yield redis_sentinel
@@ -102,7 +85,7 @@ def sentinel(redis_sentinel: LocalSentinel) -> Iterator[LocalSentinel]:
             server.start()  # empty; made a replica at once (the sentinels would, in ~10 s)
             with SyncRedis(port=server.port, socket_timeout=2) as restarted:
                 restarted.replicaof(host, port)
-    _wait("the killed server to rejoin as a synced replica",
+    wait_until("the killed server to rejoin as a synced replica",
           lambda: _ready_for_failover(redis_sentinel))  # fmt: skip
     redis_sentinel.flushall()
 
@@ -242,7 +225,7 @@ async def test_writes_the_replica_had_not_received_are_lost_in_a_failover(
     finally:
         replica.resume()
     await asyncio.to_thread(
-        _wait, "the sentinels to promote the replica",
+        wait_until, "the sentinels to promote the replica",
         lambda: sentinel.master_address()[1] == replica.port,
     )  # fmt: skip
 
