@@ -146,3 +146,33 @@ async def test_plain_details_are_kept_and_carry_no_correlation_id(
     assert body["detail"] == "busy" and "correlation_id" not in body
     body = (await client.get("/leak/-1")).json()
     assert body["detail"] == "key 'n' changed concurrently; retry" and "correlation_id" not in body
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        redis_exc.ConnectionError("Error 111 connecting to 10.0.0.7:6379. Connection refused."),
+        redis_exc.TimeoutError("Timeout reading from 10.0.0.7:6379"),
+        redis_exc.BusyLoadingError("LOADING Redis is loading the dataset in memory"),
+        redis_exc.ClusterDownError("CLUSTERDOWN The cluster is down"),
+        redis_exc.TryAgainError("TRYAGAIN Multiple keys request during rehashing of slot"),
+        redis_exc.RedisClusterUnreachableError("None of the nodes at 10.0.0.7:7000 answered"),
+    ],
+    ids=lambda error: type(error).__name__,
+)
+async def test_a_redis_that_cannot_serve_now_answers_503_without_its_text(
+    make_app_client: Any, error: Exception
+) -> None:
+    app = FastAPI()
+    install_problem_handlers(app)
+
+    @app.get("/down")
+    async def down() -> None:
+        raise error
+
+    response = await (await make_app_client(app)).get("/down")
+    assert response.status_code == 503
+    assert response.headers["content-type"] == "application/problem+json"
+    assert "retry-after" in response.headers
+    for internal in ("10.0.0.7", "CLUSTERDOWN", "TRYAGAIN", "LOADING", "6379"):
+        assert internal not in response.text
