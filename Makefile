@@ -52,11 +52,12 @@ test: $(STAMP)
 
 REPEAT ?= 5
 ## test-repeat: run the suite (or PYTEST_ARGS' part of it) REPEAT times; every failure with its
-## test id and traceback goes to $(REPORTS)/repeat/failures.txt. CONTEND=1 adds a busy process.
+## test id and traceback goes to $(REPORTS)/repeat/failures.txt. CONTEND=1 adds a busy process;
+## LEAKS=1 collects garbage after each integration test, so a leak fails the test that leaked.
 test-repeat: export PYTHONNODEBUGRANGES = 1
 test-repeat: $(STAMP)
 	$(BIN)/python scripts/test_repeat.py --times $(REPEAT) --reports $(REPORTS)/repeat \
-		$(if $(CONTEND),--contend) -- $(PYTEST_ARGS)
+		$(if $(CONTEND),--contend) $(if $(LEAKS),--leak-check) -- $(PYTEST_ARGS)
 
 ## test-latest: lint and test against the newest releases pyproject.toml allows (not the lock),
 ## in .venv-latest, so upstream drift shows up before it reaches main. Not part of CI.

@@ -6,7 +6,10 @@ Each run writes its own JUnit report under ``--reports``; every failure of every
 with its test id and traceback, is appended to ``failures.txt`` there, and a table of
 runs (passed, failed, wall time) is printed at the end. ``--contend`` starts a busy
 process pinned to one core beside the suite for the whole time, to flush out tests
-that assume how the scheduler shares the CPU. Exit status: 0 when every run passed.
+that assume how the scheduler shares the CPU. ``--leak-check`` collects garbage after
+each integration test (the plugin's ``collect_garbage_after_each_test``), so a leaked
+connection fails the test that leaked it instead of a random later one. Exit status: 0
+when every run passed.
 """
 
 from __future__ import annotations
@@ -41,6 +44,9 @@ def main() -> int:
     parser.add_argument("--times", type=int, default=5)
     parser.add_argument("--reports", type=Path, default=Path("reports/repeat"))
     parser.add_argument("--contend", action="store_true", help="a busy process pinned to core 0")
+    parser.add_argument(
+        "--leak-check", action="store_true", help="collect garbage after each integration test"
+    )
     parser.add_argument("pytest_args", nargs="*")
     args = parser.parse_args()
 
@@ -63,6 +69,7 @@ def main() -> int:
                     "-p",
                     "no:cacheprovider",
                     f"--junitxml={report}",
+                    *(["-o", "collect_garbage_after_each_test=true"] if args.leak_check else []),
                     *args.pytest_args,
                 ],
                 env={**os.environ, "PYTHONNODEBUGRANGES": "1"},
