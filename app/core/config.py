@@ -304,19 +304,30 @@ class Settings(BaseSettings):
 
     # -- Auto-pipelining (app/core/multiplex.py): the multiplexed command path --
     redis_autopipeline: bool = Field(
-        default=False,
-        description="Send concurrent stateless commands together over a few shared "
-        "connections per server (standalone, Sentinel primary, Cluster nodes; memory:// is "
-        "unchanged); blocking, pub/sub, transactions and pipelines keep using the pool.",
+        default=True,
+        description="Auto-pipelining (on by default): stateless commands that concurrent tasks "
+        "issue in the same event-loop tick leave in one write over a few shared connections "
+        "per server (standalone, Sentinel primary, each Cluster node; memory:// is unchanged), "
+        "replies matched to callers in order. Blocking commands, pub/sub, WATCH/MULTI, "
+        "CLIENT and other connection-state commands, pipelines and transactions keep using "
+        "the waiting pool. Under faults a lost connection fails only the commands in flight on "
+        "it (retried per REDIS_RETRY_ATTEMPTS), a timed-out caller keeps its reply slot so no "
+        "reply reaches another caller. false: every command checks out a pooled connection, "
+        "as redis.asyncio does.",
     )
     redis_autopipeline_links: int = Field(
-        default=2, ge=1, le=16, description="Multiplexed connections per server."
+        default=2,
+        ge=1,
+        le=16,
+        description="Multiplexed connections per server (each Cluster node has its own); "
+        "opened on demand, commands go to the least loaded one.",
     )
     redis_autopipeline_max_in_flight: int = Field(
         default=1024,
         ge=1,
-        description="Commands awaiting replies per multiplexed connection; past it callers "
-        "wait up to REDIS_POOL_TIMEOUT for a slot.",
+        description="Commands awaiting replies per multiplexed connection (back-pressure); "
+        "past it callers wait FIFO up to REDIS_POOL_TIMEOUT for a slot, then get "
+        "ConnectionError, so a burst of any size uses bounded memory.",
     )
 
 

@@ -1,53 +1,71 @@
 """Auto-pipelining: concurrent commands share a few multiplexed connections.
 
-``MultiplexedRedis`` is a ``redis.asyncio.Redis`` whose stateless commands do
-not check a connection out of the pool. Instead, every command that tasks
-issue in the same event-loop tick is packed (by redis-py's own packer, so the
-bytes on the wire are the ones redis.asyncio sends) into one buffer, written
-with one ``transport.write`` scheduled by ``loop.call_soon``, over one of a few
-long-lived *links* (``asyncio.Protocol`` connections). Replies are parsed by
-``hiredis.Reader`` inside ``data_received`` and resolve the callers' futures
-in FIFO order; redis-py's response callbacks are then applied, so a command
-returns exactly what redis.asyncio returns (RESP2 and RESP3, with or without
-``decode_responses``).
+On by default (``REDIS_AUTOPIPELINE=true``; ``false`` gives plain pooled
+redis.asyncio behaviour): the client ``get_redis()`` / ``build_client()``
+returns is a ``MultiplexedRedis`` (standalone, Sentinel primary) or a
+``RedisCluster`` with per-node links (``app.core.multiplex_cluster``).
+Services never know which path ran their command; every command returns
+exactly what redis.asyncio returns.
 
-What goes to the ordinary (waiting) pool instead, unchanged:
+How: ``MultiplexedRedis`` is a ``redis.asyncio.Redis`` whose stateless commands
+do not check a connection out of the pool. Every command that tasks issue in
+the same event-loop tick is packed (by redis-py's own packer, so the bytes on
+the wire are the ones redis.asyncio sends) into one buffer, written with one
+``transport.write`` scheduled by ``loop.call_soon``, over one of a few
+long-lived *links* (``asyncio.Protocol`` connections; ``REDIS_AUTOPIPELINE_LINKS``,
+default 2, opened on demand, each command to the least loaded one). Replies are
+parsed by ``hiredis.Reader`` inside ``data_received`` and resolve the callers'
+futures in FIFO order; redis-py's response callbacks are then applied (RESP2
+and RESP3, with or without ``decode_responses``). Links authenticate, select
+the database and set the client name exactly like pooled connections.
 
-* blocking commands: ``BLPOP``, ``BRPOP``, ``BRPOPLPUSH``, ``BLMOVE``,
+Which path each command takes:
+
+* the links: every other single command (``GET``, ``SET``, ``EVALSHA``,
+  ``XADD``, ``XREAD``/``XREADGROUP`` without ``BLOCK``, ``PUBLISH``, ...);
+* the ordinary waiting pool, unchanged, for what must own a connection:
+  blocking commands (``BLPOP``, ``BRPOP``, ``BRPOPLPUSH``, ``BLMOVE``,
   ``BLMPOP``, ``BZPOPMIN``, ``BZPOPMAX``, ``BZMPOP``, ``WAIT``, ``WAITAOF``,
-  and ``XREAD`` / ``XREADGROUP`` with ``BLOCK``;
-* commands that change or read connection state: ``AUTH``, ``HELLO``,
-  ``SELECT``, ``CLIENT ...``, ``RESET``, ``QUIT``, ``MONITOR``, ``READONLY``,
-  ``READWRITE``, ``ASKING``, ``WATCH``, ``UNWATCH``, ``MULTI``, ``EXEC``,
-  ``DISCARD``, ``(P|S)(UN)SUBSCRIBE``, ``HIMPORT``, ``SHUTDOWN``, ``DEBUG``;
-* pipelines and transactions (``client.pipeline()``), pub/sub
-  (``client.pubsub()``) and single-connection clients (``client.client()``):
-  redis-py runs them on pooled connections, never through this path.
+  and ``XREAD`` / ``XREADGROUP`` with ``BLOCK``); commands that change or read
+  connection state (``AUTH``, ``HELLO``, ``SELECT``, ``CLIENT ...``, ``RESET``,
+  ``QUIT``, ``MONITOR``, ``READONLY``, ``READWRITE``, ``ASKING``, ``HIMPORT``);
+  ``WATCH``, ``UNWATCH``, ``MULTI``, ``EXEC``, ``DISCARD``; ``(P|S)(UN)SUBSCRIBE``;
+  ``SHUTDOWN`` and ``DEBUG`` (one closes the connection, the other stalls it);
+* pipelines and transactions (``client.pipeline()``, one contiguous write on
+  one pooled connection), pub/sub (``client.pubsub()``) and single-connection
+  clients (``client.client()``): redis-py runs them on pooled connections,
+  never through this path.
 
-Failure rules:
+Guarantees under faults (tested with many tasks each writing and reading its
+own key while the connection is stalled, cut, killed by ``CLIENT KILL``, the
+server killed and restarted, or a Sentinel failover happens):
 
-* A caller that is cancelled or whose socket timeout expires keeps its reply
-  slot: the reply is read and dropped when it arrives, so every later reply
-  still reaches its own caller.
-* A caller whose reply does not arrive within the socket timeout gets redis'
+* no reply reaches the wrong caller: a caller that is cancelled or whose
+  socket timeout expires keeps its reply slot; the reply is read and dropped
+  when it arrives, so every later reply still reaches its own caller;
+  RESP3 push frames are never taken for replies;
+* no caller waits past the socket timeout for a reply: it gets redis'
   ``TimeoutError``; if nothing at all arrived on the link during that time the
   link is considered dead and closed, like redis.asyncio closes a timed-out
-  connection.
-* A lost link fails exactly the commands in flight on it with redis'
+  connection (a link still receiving a large reply stays);
+* a lost link fails exactly the commands in flight on it with redis'
   ``ConnectionError``; the next command opens a new link. Failed commands are
   retried by the client's ``Retry`` policy exactly as redis.asyncio retries
   them today (``REDIS_RETRY_ATTEMPTS`` times, on connection errors and
-  timeouts, every command).
-* At most ``max_in_flight`` commands wait for replies on one link; past that a
-  caller waits (up to the pool timeout, then ``ConnectionError``) for a slot,
-  so a burst of any size uses bounded memory.
+  timeouts, every command: so, as on the pool, a write whose reply was lost
+  may run twice); nothing acknowledged is lost by the client;
+* back-pressure: at most ``REDIS_AUTOPIPELINE_MAX_IN_FLIGHT`` commands wait for
+  replies on one link; past that callers wait FIFO (up to the pool timeout,
+  then ``ConnectionError``) for a slot, so a burst of any size (10,000 tasks
+  at once) uses bounded memory and gets no error;
+* the circuit breaker, ``NOSCRIPT`` reload and the scripts' registration work
+  above this path as on the pool.
 
-Scope: standalone servers (``redis://``, ``rediss://``, ``unix://``), the
-Sentinel-managed primary (``redis+sentinel://``): a link connects to the
-primary the sentinels name, and a ``READONLY`` reply (the primary was demoted
-by a failover) closes the link, so the command is retried on a new link to the
-new primary, as redis-py's Sentinel connections do; and Redis Cluster through
-``app.core.multiplex_cluster`` (links per node under redis-py's slot routing).
+Sentinel: a link connects to the primary the sentinels name, and a
+``READONLY`` reply (the primary was demoted by a failover) closes the link, so
+the command is retried on a new link to the new primary, as redis-py's
+Sentinel connections do. Cluster: see ``app.core.multiplex_cluster`` (links
+per node under redis-py's slot routing, ``MOVED``/``ASK``, topology refresh).
 """
 
 from __future__ import annotations

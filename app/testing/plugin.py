@@ -44,6 +44,7 @@ from redis.asyncio import Redis
 from app.core import redis as core_redis
 from app.core.codec import default_codec
 from app.core.config import get_settings
+from app.core.multiplex import MultiplexedRedis
 from app.testing.proxy import TcpProxy
 from app.testing.servers import RedisServer, redis_server_binary
 from app.testing.topologies import LocalCluster, LocalSentinel, topology_binaries_missing
@@ -212,12 +213,26 @@ def _toolkit_isolation() -> Iterator[None]:
     _clear_caches()
 
 
+def _real_client(url: str) -> Redis:
+    if not get_settings().redis_autopipeline:
+        return Redis.from_url(url, decode_responses=False)
+    client = MultiplexedRedis.from_url(url, decode_responses=False)
+    assert isinstance(client, MultiplexedRedis)  # from_url builds cls
+    client.enable_multiplexing()
+    return client
+
+
 @pytest_asyncio.fixture
 async def real_redis(
     redis_server: RedisServerInfo, settings_override: Callable[..., None]
 ) -> AsyncIterator[Redis]:
-    """A fresh async client to the real server, isolated from other tests."""
-    client = Redis.from_url(redis_server.url, decode_responses=False)
+    """A fresh async client to the real server, isolated from other tests.
+
+    Auto-pipelined like the app's client while ``REDIS_AUTOPIPELINE`` is on (the
+    default), so every test that hands it to a service runs on the multiplexed path;
+    ``REDIS_AUTOPIPELINE=false`` runs the same tests on plain pooled redis.asyncio.
+    """
+    client = _real_client(redis_server.url)
     prefix = None
     if redis_server.owned:
         await client.flushall()

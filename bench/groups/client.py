@@ -6,9 +6,9 @@ in the same round. "ours, pool" is ``build_client`` as shipped (waiting pool,
 retries, socket timeouts); "ours, multiplexed" is ``build_client`` with
 ``REDIS_AUTOPIPELINE=true`` (``app/core/multiplex.py``). coredis and
 valkey-glide rows appear when they are installed (``bench`` extra); a row whose
-library is missing is left out and the run says so. Service rows show what the
-multiplexed path gives a service hot path (cache hit, rate-limit check, XADD)
-against the raw command it is built on.
+library is missing is left out and the run says so. Service hot paths (each on
+redis.asyncio, on the multiplexed client and at the server's bound) come from
+``bench.groups.client_services``.
 """
 
 from __future__ import annotations
@@ -20,10 +20,8 @@ from typing import Any
 
 from app.core.config import get_settings
 from app.core.redis import build_client
-from app.services.cache import CacheService
-from app.services.rate_limit import RateLimiter
-from app.services.streams import StreamProducer
-from bench.common import SMALL, SMALL_BYTES, raw_client
+from bench.common import SMALL_BYTES, raw_client
+from bench.groups.client_services import service_cases
 from bench.harness import Case, Op
 
 INCR_SCRIPT = "return redis.call('INCR', KEYS[1])"
@@ -113,42 +111,6 @@ def _glide() -> tuple[Any, Any]:
     return get, evalsha
 
 
-def _service_cases() -> list[Case]:
-    @asynccontextmanager
-    async def cache_hit(url: str) -> AsyncIterator[Op]:
-        r = ours(url, multiplexed=True)
-        cache = CacheService(r)
-        await cache.set("bench:client", SMALL, ttl=3600)
-        try:
-            yield lambda: cache.get("bench:client")
-        finally:
-            await r.aclose()
-
-    @asynccontextmanager
-    async def rate_check(url: str) -> AsyncIterator[Op]:
-        r = ours(url, multiplexed=True)
-        limiter = RateLimiter(r, max_requests=10**9, window_seconds=3600)
-        try:
-            yield lambda: limiter.is_allowed("bench-client")
-        finally:
-            await r.aclose()
-
-    @asynccontextmanager
-    async def xadd(url: str) -> AsyncIterator[Op]:
-        r = ours(url, multiplexed=True)
-        producer = StreamProducer(r, "bench:client:events", maxlen=10_000)
-        try:
-            yield lambda: producer.add(SMALL)
-        finally:
-            await r.aclose()
-
-    return [
-        Case("multiplexed CacheService.get (hit)", cache_hit, baseline="redis.asyncio GET"),
-        Case("multiplexed RateLimiter.is_allowed", rate_check, baseline="redis.asyncio EVALSHA"),
-        Case("multiplexed StreamProducer.add", xadd, baseline="redis.asyncio GET"),
-    ]
-
-
 PEERS = {"coredis": ("coredis", _coredis), "valkey-glide": ("glide", _glide)}
 
 
@@ -173,4 +135,4 @@ def cases() -> list[Case]:
         get, evalsha = build()
         found.append(Case(f"{label} GET", get, baseline="redis.asyncio GET"))
         found.append(Case(f"{label} EVALSHA", evalsha, baseline="redis.asyncio EVALSHA"))
-    return found + _service_cases()
+    return found + service_cases()

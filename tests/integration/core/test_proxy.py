@@ -103,6 +103,9 @@ async def test_counting_sees_commands_sent_not_commands_scripts_run(
     client = client_through(proxy, settings_override)
     try:
         await client.ping()
+        async with client.pipeline(transaction=False) as warm:  # pipelines use a pooled
+            warm.ping()  # connection: open it too, so no handshake is counted below
+            await warm.execute()
         proxy.count = True
         await client.eval("redis.call('SET','a','1'); return redis.call('GET','a')", 0)
         async with client.pipeline(transaction=False) as pipe:

@@ -27,6 +27,10 @@ from app.testing.servers import RedisServer, free_port
 
 pytestmark = pytest.mark.integration
 
+both_paths = pytest.mark.parametrize(
+    "autopipeline", [True, False], ids=["multiplexed", "pool"]
+)  # the core client behaviours hold with REDIS_AUTOPIPELINE on (default) and off
+
 
 async def test_init_redis_waits_for_a_server_that_starts_late(
     settings_override: Callable[..., None],
@@ -57,10 +61,11 @@ async def test_lua_script_runs_after_script_flush(real_redis: Redis) -> None:
     assert await script(real_redis, ["n"], [1]) == 6
 
 
+@both_paths
 async def test_client_recovers_after_a_server_restart(
-    private_server: RedisServer, settings_override: Callable[..., None]
+    private_server: RedisServer, settings_override: Callable[..., None], autopipeline: bool
 ) -> None:
-    settings_override(redis_url=private_server.url)
+    settings_override(redis_url=private_server.url, redis_autopipeline=autopipeline)
     client: Any = build_client()
     try:
         script = Script("return redis.call('SET', KEYS[1], ARGV[1])", name="set")
@@ -72,11 +77,13 @@ async def test_client_recovers_after_a_server_restart(
         await client.aclose()
 
 
+@both_paths
 async def test_breaker_opens_while_redis_is_down_and_closes_after_recovery(
-    private_server: RedisServer, settings_override: Callable[..., None]
+    private_server: RedisServer, settings_override: Callable[..., None], autopipeline: bool
 ) -> None:
     settings_override(
         redis_url=private_server.url,
+        redis_autopipeline=autopipeline,
         breaker_failure_threshold=2,
         breaker_reset_timeout=0.3,
         redis_socket_timeout=0.3,
@@ -111,7 +118,12 @@ async def test_breaker_opens_while_redis_is_down_and_closes_after_recovery(
 async def test_pool_waits_for_a_free_connection_instead_of_failing(
     real_redis: Redis, redis_server: Any, settings_override: Callable[..., None]
 ) -> None:
-    settings_override(redis_url=redis_server.url, redis_pool_size=3, redis_pool_timeout=10)
+    settings_override(
+        redis_url=redis_server.url,
+        redis_pool_size=3,
+        redis_pool_timeout=10,
+        redis_autopipeline=False,  # the pool path: every command checks out a connection
+    )
     client: Any = build_client()
     try:
         # 60 concurrent blocking commands, each holding a connection for 20 ms, through 3 connections
@@ -127,7 +139,12 @@ async def test_pool_waits_for_a_free_connection_instead_of_failing(
 async def test_pool_wait_is_bounded(
     real_redis: Redis, redis_server: Any, settings_override: Callable[..., None]
 ) -> None:
-    settings_override(redis_url=redis_server.url, redis_pool_size=1, redis_pool_timeout=0.1)
+    settings_override(
+        redis_url=redis_server.url,
+        redis_pool_size=1,
+        redis_pool_timeout=0.1,
+        redis_autopipeline=False,  # the pool path: GET waits for the one pooled connection
+    )
     client: Any = build_client()
     try:
         holder: asyncio.Task[Any] = asyncio.create_task(client.blpop(["none"], timeout=1))

@@ -20,10 +20,18 @@ from app.core.multiplex_cluster import ClusterMultiplexing
 from app.core.redis import SentinelManagedRedis, build_client
 
 
-def test_the_setting_is_off_by_default(settings_override: Callable[..., None]) -> None:
+async def test_the_setting_is_on_by_default_and_false_turns_it_off(
+    settings_override: Callable[..., None],
+) -> None:
     settings_override(redis_url="redis://127.0.0.1:6390/0", redis_autopipeline=None)
     client = build_client()
-    assert type(client) is Redis
+    try:
+        assert isinstance(client, MultiplexedRedis)
+        assert client.multiplexer is not None
+    finally:
+        await client.aclose()
+    settings_override(redis_autopipeline=False)
+    assert type(build_client()) is Redis
 
 
 @pytest.mark.parametrize(
