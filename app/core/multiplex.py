@@ -1,7 +1,7 @@
 """Auto-pipelining: concurrent commands share a few multiplexed connections.
 
-On by default (``REDIS_AUTOPIPELINE=true``; ``false`` gives plain pooled
-redis.asyncio behaviour): the client ``get_redis()`` / ``build_client()``
+Opt-in for now (``REDIS_AUTOPIPELINE=true``; the default ``false`` gives plain
+pooled redis.asyncio behaviour): with it on, the client ``get_redis()`` / ``build_client()``
 returns is a ``MultiplexedRedis`` (standalone, Sentinel primary) or a
 ``RedisCluster`` with per-node links (``app.core.multiplex_cluster``).
 Services never know which path ran their command; every command returns

@@ -29,7 +29,7 @@ pytestmark = pytest.mark.integration
 
 both_paths = pytest.mark.parametrize(
     "autopipeline", [True, False], ids=["multiplexed", "pool"]
-)  # the core client behaviours hold with REDIS_AUTOPIPELINE on (default) and off
+)  # the core client behaviours hold with REDIS_AUTOPIPELINE on and off
 
 
 async def test_init_redis_waits_for_a_server_that_starts_late(
