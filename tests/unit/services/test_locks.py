@@ -22,7 +22,7 @@ from app.core.errors import (
 )
 from app.services.locks import RedisLock, fenced_write
 from app.testing.slots import slot_checking_fake_redis
-from app.testing.waiting import eventually
+from app.testing.waiting import DEFAULT_DEADLINE, eventually
 
 
 @pytest_asyncio.fixture(params=[False, True], ids=["bytes", "decoded"])
@@ -431,7 +431,7 @@ async def test_watchdog_without_a_block_reports_loss_and_release_raises(redis: A
     lock = RedisLock(redis, "jobs:1", timeout=0.3, auto_renew=True, on_lost=lambda e: lost.set())
     await lock.acquire()
     await redis.delete(lock.key)
-    await asyncio.wait_for(lost.wait(), 2)
+    await asyncio.wait_for(lost.wait(), DEFAULT_DEADLINE)
     assert lock.lost is not None
     with pytest.raises(LockNotOwned):
         await lock.release()
