@@ -313,7 +313,9 @@ async def test_killed_pubsub_connections_reconnect_and_resubscribe_on_every_topo
             if node is not topology_redis:
                 await node.aclose()
         assert killed == len(b.stats()["links"]) >= 1
-        events = [await sub.get(DEFAULT_DEADLINE) for _ in range(killed)]  # one per link lost and re-made
+        events = [
+            await sub.get(DEFAULT_DEADLINE) for _ in range(killed)
+        ]  # one per link lost and re-made
         assert all(isinstance(e, Reconnected) and e.may_have_missed for e in events), events
         for channel in channels:
             await b.publish(channel, channel)
