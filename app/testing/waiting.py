@@ -13,7 +13,7 @@ import inspect
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
-__all__ = ["DEFAULT_DEADLINE", "eventually", "pop_signal"]
+__all__ = ["DEFAULT_DEADLINE", "ManualClock", "eventually", "pop_signal"]
 
 #: Seconds a condition may take on a loaded machine before the test fails. Deadlines
 #: bound a hang; they are never a speed assertion, so they are deliberately long.
@@ -77,3 +77,21 @@ async def pop_signal(
         if item is not None:
             return item
     raise AssertionError(f"not within {timeout:g} s: {what or f'an item on {key!r}'}")
+
+
+class ManualClock:
+    """A monotonic clock that moves only when the test says so, for code that takes ``clock=``.
+
+    Pass it where a service accepts a clock (``LocalCache(clock=...)``, ``CircuitBreaker``)
+    and call :meth:`advance` instead of sleeping through a TTL or a cool-down.
+    """
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        """Move the clock *seconds* forward."""
+        self.now += seconds

@@ -24,6 +24,7 @@ from app.core.redis import (
 )
 from app.core.scripts import Script
 from app.testing.servers import RedisServer, free_port
+from app.testing.waiting import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -147,11 +148,17 @@ async def test_pool_wait_is_bounded(
     )
     client: Any = build_client()
     try:
-        holder: asyncio.Task[Any] = asyncio.create_task(client.blpop(["none"], timeout=1))
-        await asyncio.sleep(0.05)
+        blocked_before = int((await real_redis.info("clients"))["blocked_clients"])
+        holder: asyncio.Task[Any] = asyncio.create_task(client.blpop(["pool:held"], timeout=30))
+
+        async def held() -> bool:  # the only connection is blocked in BLPOP on the server
+            return int((await real_redis.info("clients"))["blocked_clients"]) > blocked_before
+
+        await eventually(held, "the holder to block on the pool's only connection")
         with pytest.raises(redis_exc.ConnectionError, match="no free Redis connection within"):
             await client.get("x")
-        await holder
+        await real_redis.lpush("pool:held", "done")  # let the holder go
+        assert await holder is not None
     finally:
         await client.aclose()
 

@@ -21,6 +21,7 @@ from app.middleware.http_cache import HttpCachePolicy
 from app.services.http_cache import HttpResponseCache, compute_etag
 from app.testing.plugin import RedisServerInfo
 from app.testing.servers import RedisServer
+from app.testing.waiting import eventually
 from tests.integration.topology._support import ready
 from tests.unit.middleware.test_http_cache import age_entries, cache_layer, make_app
 
@@ -80,14 +81,18 @@ async def test_decode_responses_client(
 async def test_age_and_expiry_on_the_server_clock(
     make_app_client: MakeClient, real_redis: Redis
 ) -> None:
-    app = make_app(HttpCachePolicy(ttl=1.5))
+    app = make_app(HttpCachePolicy(ttl=2))
     client = await make_app_client(app, real_redis)
     await client.get("/items/1")
-    await asyncio.sleep(1.1)
-    aged = await client.get("/items/1")
-    assert (aged.headers["x-cache"], aged.headers["age"]) == ("HIT", "1")
-    await asyncio.sleep(0.5)
-    assert (await client.get("/items/1")).headers["x-cache"] == "MISS"
+
+    async def cache_state(x_cache: str, age: str | None = None) -> bool:
+        response = await client.get("/items/1")
+        headers = response.headers
+        return headers["x-cache"] == x_cache and (age is None or headers.get("age") == age)
+
+    # a second old by the server's clock, still fresh; then expired, computed anew
+    await eventually(lambda: cache_state("HIT", "1"), "a hit one second old")
+    await eventually(lambda: cache_state("MISS"), "the entry to expire after 2 s")
 
 
 async def test_stale_while_revalidate_under_concurrency(
@@ -192,16 +197,13 @@ async def test_redis_stopped_mid_test_the_origin_still_answers(
         assert app.state.calls["item"] == 21
 
         private_server.start()  # empty, and without our scripts: NOSCRIPT -> EVAL
-        await asyncio.sleep(1.05)  # the breaker lets a trial call through
-        seen = []
-        for _ in range(30):
+
+        async def cached() -> bool:  # once the breaker lets a trial call through
             response = await client.get("/items/1")
-            assert response.status_code == 200
-            seen.append(response.headers["x-cache"])
-            if seen[-1] == "HIT":
-                break
-            await asyncio.sleep(0.1)
-        assert seen[-1] == "HIT"  # caching resumed on its own
+            assert response.status_code == 200  # served all along
+            return response.headers["x-cache"] == "HIT"
+
+        await eventually(cached, "caching to resume on its own", interval=0.1)
     finally:
         await redis.aclose()
 

@@ -22,6 +22,7 @@ from app.core.redis import scan_keys
 from app.middleware.rate_limit import APIKey, ClientIP, RateLimitRule, first_of
 from app.services.rate_limit import Algorithm
 from app.testing.servers import RedisServer
+from app.testing.waiting import eventually
 from tests.integration.topology._support import ON_TOPOLOGIES, ready, twin
 from tests.unit.middleware.test_rate_limit import build_app, check_ratelimit_headers, statuses
 
@@ -140,9 +141,8 @@ async def test_concurrency_rule_under_real_concurrency_admits_exactly_the_limit(
 
     client = await serve(app)
     pending = [asyncio.create_task(client.get("/slow")) for _ in range(20)]
-    async with asyncio.timeout(10):
-        while sum(task.done() for task in pending) < 17:  # every refusal answers at once
-            await asyncio.sleep(0.01)
+    # every refusal answers at once, while the three admitted requests are held
+    await eventually(lambda: sum(task.done() for task in pending) == 17, "17 refusals")
     release.set()
     responses = await asyncio.gather(*pending)
     assert sorted(r.status_code for r in responses) == [200] * 3 + [429] * 17

@@ -10,8 +10,10 @@ import httpx
 from redis.asyncio import Redis
 
 from app.core.redis import scan_keys
+from app.services.sessions import SessionStore
 from app.testing.plugin import AppClientFactory, RedisServerInfo
 from app.testing.servers import RedisServer
+from app.testing.waiting import eventually
 from tests.unit.middleware.test_sessions import (
     Hooks,
     build_app,
@@ -32,6 +34,33 @@ async def _commands(redis: Redis, name: str | None = None) -> int:
 
 async def _client(make: AppClientFactory, redis: Any, hooks: Hooks | None = None, **kw: Any) -> Any:
     return await make(build_app(hooks, **kw), redis, cookies=no_cookie_jar())
+
+
+def _record_key(redis: Redis, cookie: str) -> str:
+    """The Redis key of the session record a (signed) session cookie names."""
+    family, token = cookie.rpartition(".")[0].split(".")
+    return SessionStore(redis)._record_key(family, token)
+
+
+async def _ttl_below(redis: Redis, key: str, ms: int) -> None:
+    """Wait until *key*'s TTL has run down below *ms* milliseconds."""
+
+    async def below() -> bool:
+        return 0 < int(await redis.pttl(key)) < ms
+
+    await eventually(below, f"the TTL of {key!r} to fall below {ms} ms")
+
+
+async def _recovered(client: httpx.AsyncClient, path: str, **kw: Any) -> httpx.Response:
+    """GET *path* until it answers 200 (the breaker let a trial call through) and return that."""
+    last: list[httpx.Response] = []
+
+    async def ok() -> bool:
+        last[:] = [await client.get(path, **kw)]
+        return last[0].status_code == 200
+
+    await eventually(ok, f"GET {path} to recover once Redis is back")
+    return last[0]
 
 
 async def test_cookieless_and_untouched_requests_make_zero_redis_calls(
@@ -116,37 +145,50 @@ async def test_tampered_cookie_gives_a_new_session(
 async def test_idle_and_absolute_expiry_through_http(
     make_app_client: AppClientFactory, real_redis: Redis
 ) -> None:
-    idle = await _client(make_app_client, real_redis, idle_ttl=0.4, absolute_ttl=30)
+    idle = await _client(make_app_client, real_redis, idle_ttl=1, absolute_ttl=30)
     cookie = cookie_value(await idle.post("/set", params={"key": "a", "value": "1"}))
-    for _ in range(3):
-        await asyncio.sleep(0.2)
+    key = _record_key(real_redis, cookie)
+    for _ in range(2):  # each request restarts the idle timer from the full second
+        await _ttl_below(real_redis, key, 800)
         assert (await idle.get("/read", headers=with_cookie(cookie))).json()["new"] is False
-    await asyncio.sleep(0.6)
+        assert await real_redis.pttl(key) > 800
+
+    async def expired() -> bool:  # left idle: Redis expires it
+        return not await real_redis.exists(key)
+
+    await eventually(expired, "the idle session to expire")
     r = await idle.get("/read", headers=with_cookie(cookie))
     assert r.json()["new"] is True and set_cookies(r)["session"]["max-age"] == "0"
 
-    capped = await _client(make_app_client, real_redis, idle_ttl=0.5, absolute_ttl=0.8)
+    capped = await _client(make_app_client, real_redis, idle_ttl=1, absolute_ttl=1.2)
     cookie = cookie_value(await capped.post("/set", params={"key": "a", "value": "1"}))
-    for _ in range(3):
-        await asyncio.sleep(0.2)
-        assert (await capped.get("/read", headers=with_cookie(cookie))).json()["new"] is False
-    await asyncio.sleep(0.35)  # active all along, but past the absolute lifetime
-    assert (await capped.get("/read", headers=with_cookie(cookie))).json()["new"] is True
+    await _ttl_below(real_redis, _record_key(real_redis, cookie), 600)  # at least 0.4 s old
+    assert (await capped.get("/read", headers=with_cookie(cookie))).json()["new"] is False
+
+    async def ended() -> bool:  # active all along (every check reads it), yet it ends
+        r = await capped.get("/read", headers=with_cookie(cookie))
+        return bool(r.json()["new"])
+
+    await eventually(ended, "the session to reach its absolute lifetime")
 
 
 async def test_the_pre_login_cookie_stops_at_once_through_http(
     topology_redis: Any, make_app_client: AppClientFactory
 ) -> None:
-    client = await _client(make_app_client, topology_redis, regenerate_grace=0.3)
+    # A second of grace: the read below must land inside it even on a loaded machine.
+    client = await _client(make_app_client, topology_redis, regenerate_grace=1)
     old = cookie_value(await client.post("/set", params={"key": "cart", "value": "1"}))
     new = cookie_value(await client.post("/login", params={"user": "a"}, headers=with_cookie(old)))
     assert new.rpartition(".")[0] != old.rpartition(".")[0]
     raced = await client.get("/read", headers=with_cookie(old))
     assert raced.json()["new"] is True and "set-cookie" not in raced.headers  # within the grace
-    await asyncio.sleep(0.45)
-    late = await client.get("/read", headers=with_cookie(old))
-    assert late.json()["new"] is True
-    assert set_cookies(late)["session"]["max-age"] == "0"  # forgotten: cleared as unknown
+
+    async def forgotten() -> bool:  # past the grace: cleared as unknown
+        late = await client.get("/read", headers=with_cookie(old))
+        assert late.json()["new"] is True
+        return "set-cookie" in late.headers and set_cookies(late)["session"]["max-age"] == "0"
+
+    await eventually(forgotten, "the pre-login id to be forgotten after the grace")
     assert (await client.get("/read", headers=with_cookie(new))).json()["data"] == {
         "cart": "1",
         "user": "a",
@@ -245,9 +287,8 @@ async def test_redis_down_is_503_for_session_routes_only_and_recovers(
         assert (await client.get("/plain", headers=with_cookie(cookie))).status_code == 200
         assert (await client.get("/read")).status_code == 200  # no cookie: nothing to load
         private_server.restart()
-        await asyncio.sleep(0.3)  # the breaker lets a trial call through
-        r = await client.get("/read", headers=with_cookie(cookie))
-        assert r.status_code == 200 and r.json()["new"] is True  # the restart lost the data
+        r = await _recovered(client, "/read", headers=with_cookie(cookie))
+        assert r.json()["new"] is True  # the restart lost the data
     finally:
         await redis.aclose()
 

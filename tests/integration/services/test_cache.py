@@ -37,7 +37,7 @@ from app.core.redis import breaker_for, build_client, is_cluster, scan_keys
 from app.services.cache import MISSING, CacheService, LocalCache, cached
 from app.testing.plugin import RedisServerInfo
 from app.testing.servers import RedisServer
-from app.testing.waiting import eventually
+from app.testing.waiting import DEFAULT_DEADLINE, eventually
 from tests.integration.topology._support import ON_TOPOLOGIES, ready, twin
 from tests.unit.services import test_cache as unit_behaviour
 from tests.unit.services import test_cache_local as unit_local
@@ -321,10 +321,10 @@ async def test_a_crashed_lease_holder_is_taken_over_when_its_lease_ends(
             return "taken over"
 
         waiting = asyncio.create_task(cache.get_or_set("held", own, ttl=60, wait_timeout=30))
-        await asyncio.sleep(0.3)
+        await eventually(lambda: cache.stats()["stampede_waits"] == 1, "the caller to wait")
         assert not waiting.done()  # the lease is kept alive while the holder runs
         os.kill(holder.pid, signal.SIGKILL)
-        assert await asyncio.wait_for(waiting, 10) == "taken over"
+        assert await asyncio.wait_for(waiting, DEFAULT_DEADLINE) == "taken over"
         stats = cache.stats()
         assert stats["stampede_waits"] == 1 and stats["wait_timeouts"] == 0
     finally:

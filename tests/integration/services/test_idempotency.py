@@ -11,8 +11,9 @@ import pytest_asyncio
 from redis.asyncio import Redis
 
 from app.core.errors import RedisUnavailable
-from app.services.idempotency import IdempotencyService
+from app.services.idempotency import Claim, IdempotencyService
 from app.testing.servers import RedisServer
+from app.testing.waiting import eventually
 from tests.integration.topology._support import ON_TOPOLOGIES, ready, twin
 
 
@@ -58,6 +59,18 @@ async def test_contract_with_both_decode_modes(real_client: Any) -> None:
 # -- atomicity and ownership ------------------------------------------------------------
 
 
+async def _claimable(svc: IdempotencyService, key: str, fingerprint: str = "") -> Claim:
+    """Claim *key* as soon as its current lease has run out; return that new claim."""
+    claims: list[Claim] = []
+
+    async def new() -> bool:
+        claims[:] = [await svc.claim(key, fingerprint)]
+        return claims[0].status == "new"
+
+    await eventually(new, f"the lease on {key!r} to run out")
+    return claims[0]
+
+
 @ON_TOPOLOGIES
 async def test_exactly_one_of_100_concurrent_claims_wins(real_client: Any) -> None:
     svc = IdempotencyService(real_client)
@@ -72,9 +85,8 @@ async def test_crashed_owner_key_is_claimable_after_the_lease(topology_redis: An
     crashed = await svc.claim("k", "fp")  # no heartbeat: the owner "died" right here
     assert crashed.token is not None
     assert (await svc.claim("k", "fp")).status == "in_flight"
-    await asyncio.sleep(0.45)
-    retry = await svc.claim("k", "fp")
-    assert retry.status == "new" and retry.token != crashed.token
+    retry = await _claimable(svc, "k", "fp")  # once the lease ran out
+    assert retry.token != crashed.token
     # The presumed-dead owner wakes up late: it can neither store nor release.
     assert await svc.complete("k", crashed.token, "late") is False
     assert await svc.release("k", crashed.token) is False
@@ -91,8 +103,7 @@ async def test_heartbeat_keeps_a_claim_past_its_lease(topology_redis: Any) -> No
         await asyncio.sleep(0.8)  # well past two leases
         assert (await svc.claim("k")).status == "in_flight"
     assert beat.renewals >= 2 and not beat.lost
-    await asyncio.sleep(0.45)  # heartbeat stopped: the lease runs out
-    assert (await svc.claim("k")).status == "new"
+    await _claimable(svc, "k")  # heartbeat stopped: the lease runs out
 
 
 async def test_heartbeat_notices_a_lost_claim(topology_redis: Any) -> None:
@@ -101,8 +112,7 @@ async def test_heartbeat_notices_a_lost_claim(topology_redis: Any) -> None:
     assert claim.token is not None
     beat = svc.heartbeat("k", claim.token, interval=0.05).start()
     await svc.forget("k")  # an operator deleted it
-    await asyncio.sleep(0.2)
-    assert beat.lost
+    await eventually(lambda: beat.lost, "the heartbeat to notice the claim is gone")
     await beat.stop()
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import subprocess
 import sys
@@ -32,6 +33,7 @@ from app.core.errors import LockLost, LockNotOwned
 from app.core.redis import is_cluster
 from app.services.locks import RedisLock, fenced_write
 from app.testing.plugin import AppClientFactory, RedisServerInfo
+from app.testing.waiting import DEFAULT_DEADLINE, eventually
 from tests.integration.services import _locks_worker as worker
 from tests.integration.topology._support import ON_TOPOLOGIES, ready, twin
 
@@ -51,6 +53,15 @@ async def redis(topology_redis: Any, decode_responses: bool) -> AsyncIterator[An
         yield await ready(client)
     finally:
         await client.aclose()
+
+
+async def _expired(lock: RedisLock) -> None:
+    """Wait until nobody holds *lock*'s key (its lease ran out, or it was released)."""
+
+    async def free() -> bool:
+        return not await lock.locked()
+
+    await eventually(free, f"lock {lock.name!r} to be free")
 
 
 async def blocked_clients(client: Any, key: str) -> int:
@@ -119,8 +130,7 @@ async def test_second_acquire_fails_at_once_and_succeeds_after_release(redis: An
 async def test_a_lock_expires_after_its_timeout(redis: Any) -> None:
     first = RedisLock(redis, "resource:1", timeout=0.2)
     assert await first.acquire()
-    await asyncio.sleep(0.3)
-    assert not await first.locked()
+    await _expired(first)
     assert not await first.owned()
     assert await RedisLock(redis, "resource:1", timeout=5).acquire()
 
@@ -140,7 +150,7 @@ async def test_of_five_concurrent_non_blocking_acquirers_exactly_one_wins(redis:
 async def test_release_after_expiry_raises_and_spares_the_new_owner(redis: Any) -> None:
     old = RedisLock(redis, "resource:1", timeout=0.1)
     await old.acquire()
-    await asyncio.sleep(0.2)
+    await _expired(old)
     new = RedisLock(redis, "resource:1", timeout=5)
     assert await new.acquire()
     with pytest.raises(LockNotOwned):
@@ -158,15 +168,14 @@ async def test_fencing_tokens_strictly_increase_across_holders_and_expiry(redis:
 
     async def take(timeout: float) -> RedisLock:
         lock = RedisLock(redis, "resource:1", timeout=timeout, fence_ttl=60)
-        assert await lock.acquire(blocking=True, blocking_timeout=2)
+        assert await lock.acquire(blocking=True, blocking_timeout=DEFAULT_DEADLINE)
         assert lock.fence is not None
         fences.append(lock.fence)
         return lock
 
     await (await take(5)).release()  # released normally
     await take(0.1)  # this holder dies: its lease runs out
-    await take(0.1)  # taken after the expiry
-    await asyncio.sleep(0.15)
+    await _expired(await take(0.1))  # taken after the expiry, and left to expire
     await redis.delete(RedisLock(redis, "resource:1", timeout=1).key + ":fence")  # counter expired
     await (await take(5)).release()
     assert all(a < b for a, b in itertools.pairwise(fences)), fences
@@ -176,7 +185,7 @@ async def test_fencing_tokens_strictly_increase_across_holders_and_expiry(redis:
 async def test_fenced_write_stops_a_holder_that_outlived_its_lease(redis: Any) -> None:
     slow = RedisLock(redis, "report", timeout=0.1)
     await slow.acquire()
-    await asyncio.sleep(0.2)  # a "GC pause" past the lease
+    await _expired(slow)  # a "GC pause" past the lease
     fast = RedisLock(redis, "report", timeout=5)
     assert await fast.acquire()
     assert fast.fence is not None and slow.fence is not None
@@ -265,12 +274,14 @@ async def test_a_waiter_in_another_process_is_woken_by_the_release(redis: Any) -
         blocked_before = await blocked_clients(redis, wake_list)
         waiter = asyncio.create_task(
             RedisLock(await ready(elsewhere), "jobs:1", timeout=5).acquire(
-                blocking=True, blocking_timeout=5
+                blocking=True, blocking_timeout=DEFAULT_DEADLINE
             )
         )
-        async with asyncio.timeout(5):  # it blocks in BLPOP on the node of the lock's slot
-            while await blocked_clients(redis, wake_list) <= blocked_before:
-                await asyncio.sleep(0.005)
+
+        async def blocked() -> bool:  # in BLPOP on the node of the lock's slot
+            return await blocked_clients(redis, wake_list) > blocked_before
+
+        await eventually(blocked, "the waiter to block on the wake list")
         await holder.release()
         assert await waiter  # long before the 60 s lease would have run out
         # The release's wake marker was popped by that BLPOP: the waiter was woken by the
@@ -290,10 +301,13 @@ async def test_fair_waiters_are_served_in_arrival_order(redis: Any) -> None:
         async with RedisLock(redis, "jobs:1", timeout=30, fair=True, blocking_timeout=10):
             order.append(n)
 
+    async def queued(waiters: int) -> bool:
+        return int(await redis.zcard(holder.key + ":queue")) == waiters
+
     tasks = []
     for n in range(5):
         tasks.append(asyncio.create_task(waiter(n)))
-        await asyncio.sleep(0.05)
+        await eventually(functools.partial(queued, n + 1), f"waiter {n} to queue")
     await holder.release()
     await asyncio.gather(*tasks)
     assert order == [0, 1, 2, 3, 4]
@@ -327,7 +341,7 @@ async def test_extend_lengthens_or_replaces_only_its_own_lease(redis: Any) -> No
     assert 5.5 < await lock.extend(5) <= 6
     assert 5_500 < await redis.pttl(lock.key) <= 6_000
     assert await lock.extend(0.2, replace=True) == 0.2
-    await asyncio.sleep(0.3)  # the replaced lease ran out
+    await _expired(lock)  # the replaced lease ran out
     other = RedisLock(redis, "jobs:1", timeout=30)
     assert await other.acquire()
     with pytest.raises(LockNotOwned):
@@ -430,11 +444,7 @@ async def test_a_cancelled_release_still_releases(redis: Any) -> None:
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    for _ in range(100):
-        if not await redis.exists(lock.key):
-            break
-        await asyncio.sleep(0.01)
-    assert not await redis.exists(lock.key)
+    await _expired(lock)  # released, long before its 30 s lease
 
 
 # -- the FastAPI dependency on a real server ----------------------------------------------------
@@ -447,17 +457,21 @@ async def test_dependency_answers_409_with_retry_after_on_real_redis(
     install_problem_handlers(app)
     app.include_router(lock_routes.router)
 
+    finish = asyncio.Event()
+
     @app.post("/slow/{job_id}")
     async def slow(
         job_id: str, lock: Annotated[RedisLock, request_lock("slow:{job_id}", timeout=0.6)]
     ) -> dict[str, Any]:
-        await asyncio.sleep(1.5)  # longer than the lease: the watchdog keeps it
+        await finish.wait()  # longer than the lease: the watchdog keeps it
         return {"fence": lock.fence}
 
     client: httpx.AsyncClient = await make_app_client(app, real_redis)
     first = asyncio.create_task(client.post("/slow/1"))
-    await asyncio.sleep(0.9)
+    await eventually(RedisLock(real_redis, "slow:1", timeout=1).locked, "the first request's lock")
+    await asyncio.sleep(0.9)  # deliberate: the first lease runs out unless renewed
     busy = await client.post("/slow/1")
+    finish.set()
     assert busy.status_code == 409
     assert busy.headers["content-type"] == "application/problem+json"
     assert int(busy.headers["retry-after"]) >= 1

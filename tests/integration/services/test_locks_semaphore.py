@@ -8,6 +8,7 @@ and Cluster, see ``ON_TOPOLOGIES``).
 from __future__ import annotations
 
 import asyncio
+import functools
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -19,6 +20,7 @@ import pytest_asyncio
 
 from app.core.errors import LockLost, LockNotAcquired
 from app.services.locks import Semaphore
+from app.testing.waiting import eventually
 from tests.integration.topology._support import ON_TOPOLOGIES, ready, topology_url, twin
 
 ROOT = Path(__file__).resolve().parents[3]  # the checkout under test
@@ -160,10 +162,13 @@ async def test_fair_waiters_get_permits_in_arrival_order(redis: Any) -> None:
         async with sem:
             order.append(n)
 
+    async def queued(waiters: int) -> bool:
+        return int(await redis.zcard(sem.key + ":queue")) == waiters
+
     tasks = []
     for n in range(4):
         tasks.append(asyncio.create_task(waiter(n)))
-        await asyncio.sleep(0.05)
+        await eventually(functools.partial(queued, n + 1), f"waiter {n} to queue")
     await held.release()
     await asyncio.gather(*tasks)
     assert order == [0, 1, 2, 3]

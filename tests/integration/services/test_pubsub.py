@@ -16,6 +16,7 @@ from app.core.redis import is_cluster
 from app.services.pubsub import Broadcaster, Message, Reconnected, Subscription
 from app.testing.plugin import RedisServerInfo
 from app.testing.proxy import TcpProxy
+from app.testing.waiting import DEFAULT_DEADLINE, eventually
 from tests.integration.topology._support import ON_TOPOLOGIES, ready, twin
 
 FAST = {
@@ -112,16 +113,10 @@ async def client_via(redis_server: RedisServerInfo) -> AsyncIterator[Callable[[s
         await client.aclose()
 
 
-async def next_message(sub: Subscription[Any], timeout: float = 5.0) -> Message[Any]:
+async def next_message(sub: Subscription[Any], timeout: float = DEFAULT_DEADLINE) -> Message[Any]:
     event = await sub.get(timeout)
     assert isinstance(event, Message), f"expected a message, got {event!r}"
     return event
-
-
-async def until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not condition():
-            await asyncio.sleep(0.01)
 
 
 async def pubsub_clients(client: Redis) -> list[dict[str, str]]:
@@ -318,7 +313,9 @@ async def test_killed_pubsub_connections_reconnect_and_resubscribe_on_every_topo
             if node is not topology_redis:
                 await node.aclose()
         assert killed == len(b.stats()["links"]) >= 1
-        events = [await sub.get(5) for _ in range(killed)]  # one per link lost and re-made
+        events = [
+            await sub.get(DEFAULT_DEADLINE) for _ in range(killed)
+        ]  # one per link lost and re-made
         assert all(isinstance(e, Reconnected) and e.may_have_missed for e in events), events
         for channel in channels:
             await b.publish(channel, channel)
@@ -336,7 +333,7 @@ async def test_client_kill_reconnects_resubscribes_and_notifies(
         killed = await real_redis.client_kill_filter(_type="pubsub")
         assert killed == 1
         for s in (sub, other):
-            event = await s.get(5)
+            event = await s.get(DEFAULT_DEADLINE)
             assert isinstance(event, Reconnected), event
             assert event.may_have_missed and event.gap >= 0 and "closed" in event.reason.lower()
         raw = b.channel_name("a")
@@ -362,11 +359,11 @@ async def test_half_open_link_is_found_by_unanswered_pings(
     publisher = make()  # straight to the server
     async with b.subscribe("a") as sub:
         proxy.stall()  # the TCP connection stays open; nothing flows: only a PONG check notices
-        await until(lambda: b.stats()["errors"] >= 1)
+        await eventually(lambda: b.stats()["errors"] >= 1)
         assert "no PONG within 0.3s" in str(b.stats()["links"][0]["last_error"])
         await asyncio.sleep(0.3)  # reconnect attempts stall too (connect_timeout)
         proxy.resume()
-        event = await sub.get(5)
+        event = await sub.get(DEFAULT_DEADLINE)
         assert isinstance(event, Reconnected) and event.gap >= 0.5
         await publisher.publish("a", "fresh")
         assert (await next_message(sub)).data == "fresh"
@@ -408,11 +405,11 @@ async def test_history_replays_messages_published_while_the_link_was_down(
         assert (await next_message(sub)).data == 0
         proxy.refuse = True
         proxy.cut()
-        await until(lambda: b.stats()["errors"] >= 1)
+        await eventually(lambda: b.stats()["errors"] >= 1)
         for n in (1, 2, 3):
             await publisher.publish("log", n)
         proxy.refuse = False
-        event = await sub.get(5)
+        event = await sub.get(DEFAULT_DEADLINE)
         assert isinstance(event, Reconnected)
         assert (event.may_have_missed, event.replayed) == (False, 3)
         await publisher.publish("log", 4)

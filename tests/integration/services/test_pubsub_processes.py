@@ -24,6 +24,7 @@ from redis.asyncio import Redis
 
 from app.testing.plugin import RedisServerInfo
 from app.testing.servers import free_port
+from app.testing.waiting import DEFAULT_DEADLINE, eventually
 
 ROOT = Path(__file__).resolve().parents[3]
 PREFIX = "psworkers"
@@ -100,7 +101,7 @@ def workers(redis_server: RedisServerInfo) -> Iterator[tuple[Worker, Worker]]:
 
 
 async def _frame(socket: websockets.ClientConnection) -> dict[str, object]:
-    raw = await asyncio.wait_for(socket.recv(), 5)
+    raw = await asyncio.wait_for(socket.recv(), DEFAULT_DEADLINE)
     frame: dict[str, object] = json.loads(raw)
     return frame
 
@@ -144,13 +145,15 @@ async def test_sse_on_a_real_server_streams_and_releases_on_disconnect(
             assert await anext(lines) == "retry: 2000"  # sent once subscribed
             published = (await http.post(f"{b.http}/publish/feed", json=[1, 2])).json()
             seen: list[str] = []
-            async with asyncio.timeout(5):
+            async with asyncio.timeout(DEFAULT_DEADLINE):
                 async for line in lines:
                     seen.append(line)
                     if line.startswith("data:"):
                         break
             assert f"id: {published['id']}" in seen
             assert json.loads(seen[-1].removeprefix("data: "))["data"] == [1, 2]
-        async with asyncio.timeout(5):  # the worker notices the client left
-            while (await http.get(f"{a.http}/pubsub/stats")).json()["subscribers"]:
-                await asyncio.sleep(0.05)
+
+        async def released() -> bool:
+            return not (await http.get(f"{a.http}/pubsub/stats")).json()["subscribers"]
+
+        await eventually(released, "the worker to notice the client left")

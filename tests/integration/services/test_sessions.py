@@ -14,6 +14,7 @@ from redis.asyncio import Redis
 from app.core.errors import RedisUnavailable, SessionConflict, SessionNotFound
 from app.services.sessions import SessionStore
 from app.testing.servers import RedisServer
+from app.testing.waiting import eventually
 from tests.integration.topology._support import ON_TOPOLOGIES, ready, twin
 
 
@@ -33,6 +34,24 @@ async def client(topology_redis: Any, decode_responses: bool) -> AsyncIterator[A
 def _key(store: SessionStore, session_id: str) -> str:
     family, token = session_id.split(".")
     return store._record_key(family, token)
+
+
+async def _ttl_below(client: Any, key: str, ms: int) -> None:
+    """Wait until *key*'s TTL has run down below *ms* milliseconds."""
+
+    async def below() -> bool:
+        return 0 < int(await client.pttl(key)) < ms
+
+    await eventually(below, f"the TTL of {key!r} to fall below {ms} ms")
+
+
+async def _gone(client: Any, key: str) -> None:
+    """Wait until Redis expired *key*."""
+
+    async def gone() -> bool:
+        return int(await client.exists(key)) == 0
+
+    await eventually(gone, f"{key!r} to expire")
 
 
 async def test_record_crud_round_trip_on_every_topology(topology_redis: Any) -> None:
@@ -101,33 +120,36 @@ async def test_concurrent_increments_of_one_key_never_lose_an_update(client: Any
 
 @ON_TOPOLOGIES
 async def test_idle_timeout_is_enforced_by_redis_and_restarted_by_activity(client: Any) -> None:
-    store = SessionStore(client, idle_ttl=0.4, absolute_ttl=30)
+    store = SessionStore(client, idle_ttl=1, absolute_ttl=30)
     rec = await store.create(data={"a": 1})
-    assert 0 < await client.pttl(_key(store, rec.id)) <= 400
-    for _ in range(4):  # 0.8 s in total, never 0.4 s idle
-        await asyncio.sleep(0.2)
+    key = _key(store, rec.id)
+    assert 0 < await client.pttl(key) <= 1000
+    for _ in range(2):  # each load restarts the idle timer from the full second
+        await _ttl_below(client, key, 800)
         assert await store.load(rec.id) is not None
-    await asyncio.sleep(0.6)
+        assert await client.pttl(key) > 800
+    await _gone(client, key)  # left idle: Redis expires it
     assert await store.get(rec.id) is None
-    assert await client.exists(_key(store, rec.id)) == 0
     assert await store.touch(rec.id) is False
 
 
 @ON_TOPOLOGIES
 async def test_absolute_lifetime_ends_a_session_however_active(client: Any) -> None:
-    store = SessionStore(client, idle_ttl=0.5, absolute_ttl=0.9)
+    store = SessionStore(client, idle_ttl=1, absolute_ttl=1.2)
     rec = await store.create(data={"a": 1})
-    assert rec.expires_at - rec.created_at == dt.timedelta(milliseconds=900)
-    await asyncio.sleep(0.3)
-    assert await store.touch(rec.id) is True
-    await asyncio.sleep(0.3)
+    key = _key(store, rec.id)
+    assert rec.expires_at - rec.created_at == dt.timedelta(milliseconds=1200)
+    await _ttl_below(client, key, 600)  # at least 0.4 s old: at most 0.8 s of its life left
     assert await store.touch(rec.id) is True
     # The TTL is bounded by the remaining absolute lifetime, not the idle timeout.
-    assert await client.pttl(_key(store, rec.id)) <= 300
+    assert await client.pttl(key) <= 800
     await store.merge(rec.id, base_version=1, changes={"b": 2})
-    assert await client.pttl(_key(store, rec.id)) <= 300
-    await asyncio.sleep(0.45)
-    assert await store.load(rec.id) is None
+    assert await client.pttl(key) <= 800
+
+    async def ended() -> bool:  # active all along (every check loads it), yet it ends
+        return await store.load(rec.id) is None
+
+    await eventually(ended, "the session to reach its absolute lifetime")
     with pytest.raises(SessionNotFound, match="expired"):
         await store.merge(rec.id, base_version=0, changes={"c": 3})
 
@@ -141,9 +163,12 @@ async def test_the_old_id_never_resolves_and_is_forgotten_after_the_grace_window
     new_id = await store.regenerate(rec.id)
     assert await store.load(rec.id) is None  # at once: no grace for new arrivals
     assert await store.was_regenerated(rec.id) is True
-    await asyncio.sleep(0.45)
+
+    async def forgotten() -> bool:
+        return not await store.was_regenerated(rec.id)
+
+    await eventually(forgotten, "the grace window to end")
     assert await store.load(rec.id) is None
-    assert await store.was_regenerated(rec.id) is False
     assert await store.load(new_id) is not None
 
 
@@ -177,9 +202,13 @@ async def test_tombstone_and_index_expire(client: Any) -> None:
     await store.delete(rec.id)
     with pytest.raises(SessionNotFound, match="deleted"):
         await store.merge(rec.id, base_version=0, changes={"a": 1})
-    await asyncio.sleep(0.45)
-    with pytest.raises(SessionNotFound, match="does not exist"):
-        await store.merge(rec.id, base_version=0, changes={"a": 1})
+
+    async def forgotten() -> bool:  # the tombstone expired: the id is simply unknown
+        with pytest.raises(SessionNotFound) as caught:
+            await store.merge(rec.id, base_version=0, changes={"a": 1})
+        return "does not exist" in str(caught.value)
+
+    await eventually(forgotten, "the tombstone to expire")
     assert await client.exists(index) == 0  # emptied on delete
 
 

@@ -10,17 +10,12 @@ from typing import Any
 import pytest_asyncio
 
 from app.services.streams import StreamConsumer, StreamMessage, StreamProducer, stream_keys
+from app.testing.waiting import eventually
 from tests.integration.topology._support import ON_TOPOLOGIES, ready, twin
 
 
 def _text(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
-
-
-async def wait_for(predicate: Callable[[], bool], timeout: float = 20.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.01)
 
 
 async def pending_of(redis: Any, stream: str, group: str) -> int:
@@ -62,7 +57,7 @@ async def test_ten_thousand_entries_three_consumers_each_handled_once(
     ]
     tasks = [asyncio.create_task(c.run()) for c in consumers]
     try:
-        await wait_for(lambda: sum(handled.values()) >= 10_000, timeout=60)
+        await eventually(lambda: sum(handled.values()) >= 10_000, timeout=60)
     finally:
         await asyncio.gather(*(c.stop() for c in consumers))
         await asyncio.gather(*tasks)
@@ -91,7 +86,7 @@ async def test_an_always_failing_handler_lands_in_the_dead_letter_stream(client:
         client, "jobs", "g", "w", handler, max_deliveries=4, retry_backoff=0.05, block=0.1
     )
     task = asyncio.create_task(c.run())
-    await wait_for(lambda: c.counters.dead_lettered == 1)
+    await eventually(lambda: c.counters.dead_lettered == 1)
     await c.stop()
     await task
     assert deliveries == [1, 2, 3, 4]
@@ -123,7 +118,7 @@ async def test_a_handler_running_three_claim_idles_is_not_processed_twice(
     tasks = [asyncio.create_task(c.run()) for c in consumers]
     [entry_id] = await StreamProducer(topology_redis, "jobs").add_many(["long"])
     try:
-        await wait_for(lambda: sum(c.counters.acked for c in consumers) == 1)
+        await eventually(lambda: sum(c.counters.acked for c in consumers) == 1)
         await asyncio.sleep(2 * claim_idle)  # room for a wrongful claim to show up
     finally:
         await asyncio.gather(*(c.stop() for c in consumers))
@@ -140,14 +135,14 @@ async def test_a_handler_running_three_claim_idles_is_not_processed_twice(
 async def test_graceful_stop_acks_finished_handlers_and_leaves_the_rest_pending(
     client: Any,
 ) -> None:
-    release = asyncio.Event()
+    release, quick_done = asyncio.Event(), asyncio.Event()
     finished: list[str] = []
 
     async def handler(message: StreamMessage[Any]) -> None:
         if message.payload == "stuck":
             await release.wait()  # never set: still running at the deadline
         else:
-            await asyncio.sleep(0.2)
+            await quick_done.wait()  # set as the stop begins: they end well within its deadline
         finished.append(message.id)
 
     producer = StreamProducer(client, "jobs")
@@ -156,7 +151,8 @@ async def test_graceful_stop_acks_finished_handlers_and_leaves_the_rest_pending(
     quick = await producer.add_many(["quick"] * 3)
     stuck = await producer.add_many(["stuck"] * 2)
     task = asyncio.create_task(c.run())
-    await wait_for(lambda: c.in_flight == 5)
+    await eventually(lambda: c.in_flight == 5)
+    quick_done.set()
     await c.stop(timeout=1.0)
     await task
     assert sorted(finished) == sorted(quick)
@@ -251,7 +247,7 @@ async def test_blocking_reads_never_hit_the_socket_timeout(topology_redis: Any) 
     try:
         await asyncio.sleep(2.0)  # several blocking reads on an empty stream
         entry_id = await StreamProducer(client, "quiet").add("late")
-        await wait_for(lambda: seen == [entry_id])
+        await eventually(lambda: seen == [entry_id])
     finally:
         await c.stop()
         await task
@@ -266,10 +262,12 @@ async def test_demo_routes_on_every_topology(
     real_app_client = await make_app_client(None, topology_redis)
     created = await real_app_client.post("/streams/events", json={"payload": {"n": 1}})
     assert created.status_code == 201
-    async with asyncio.timeout(10):
-        while True:
-            stats = (await real_app_client.get("/streams/stats")).json()
-            if stats["counters"]["acked"] == 1:
-                break
-            await asyncio.sleep(0.02)
+    stats: dict[str, Any] = {}
+
+    async def acked() -> bool:
+        nonlocal stats
+        stats = (await real_app_client.get("/streams/stats")).json()
+        return bool(stats["counters"]["acked"] == 1)
+
+    await eventually(acked, "the demo consumer to ack the entry")
     assert (stats["length"], stats["pending"], stats["lag"]) == (1, 0, 0)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -11,12 +11,7 @@ from redis.asyncio import Redis
 
 from app.services.streams import StreamConsumer, StreamMessage, StreamProducer
 from app.testing.servers import RedisServer
-
-
-async def wait_for(predicate: Callable[[], bool], timeout: float = 20.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.01)
+from app.testing.waiting import eventually
 
 
 class Recorder:
@@ -44,10 +39,10 @@ async def test_flushall_under_a_running_consumer_recreates_the_group(real_redis:
     task = asyncio.create_task(consumer.run())
     try:
         await producer.add("before")
-        await wait_for(lambda: seen.payloads == ["before"])
+        await eventually(lambda: seen.payloads == ["before"])
         await real_redis.flushall()
         await producer.add_many(["after-1", "after-2"])
-        await wait_for(lambda: len(seen.payloads) == 3)
+        await eventually(lambda: len(seen.payloads) == 3)
     finally:
         await consumer.stop()
         await task
@@ -68,11 +63,11 @@ async def test_a_redis_restart_under_a_running_consumer_is_survived(
     task = asyncio.create_task(consumer.run())
     try:
         await producer.add("before")
-        await wait_for(lambda: seen.payloads == ["before"])
+        await eventually(lambda: seen.payloads == ["before"])
         await asyncio.sleep(0.3)
         await asyncio.to_thread(private_server.restart)  # no persistence: data, group, scripts gone
         await producer.add_many(["after-1", "after-2"])
-        await wait_for(lambda: len(seen.payloads) == 3)
+        await eventually(lambda: len(seen.payloads) == 3)
         await asyncio.sleep(0.3)  # an autoclaim pass on the restarted server
         stats = await consumer.stats()
     finally:

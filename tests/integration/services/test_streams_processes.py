@@ -18,6 +18,7 @@ from redis.exceptions import ResponseError
 from app.core.config import get_settings
 from app.services.streams import StreamConsumer, StreamMessage, StreamProducer, stream_keys
 from app.testing.plugin import RedisServerInfo
+from app.testing.waiting import eventually
 from tests.integration.services._streams_handlers import PROCESSED_KEY
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -66,12 +67,6 @@ def start_worker(redis_server: RedisServerInfo) -> Iterator[WorkerFactory]:
             proc.stderr.close()
 
 
-async def wait_for(predicate: Callable[[], Any], timeout: float = 30.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not await predicate():
-            await asyncio.sleep(0.02)
-
-
 async def processed(redis: Redis) -> list[tuple[str, str, int]]:
     rows = await redis.lrange(PROCESSED_KEY, 0, -1)
     out = []
@@ -103,7 +98,7 @@ async def test_sigkilled_consumer_loses_nothing(
             await pending_for(real_redis, "victim")
         )
 
-    await wait_for(mid_batch)
+    await eventually(mid_batch)
     victim.send_signal(signal.SIGKILL)
     assert victim.wait(10) == -signal.SIGKILL
     orphaned = await pending_for(real_redis, "victim")
@@ -124,7 +119,7 @@ async def test_sigkilled_consumer_loses_nothing(
         return done == set(ids) and not await pending_for(real_redis)
 
     try:
-        await wait_for(all_done)
+        await eventually(all_done)
     finally:
         await survivor.stop()
         await task
@@ -146,7 +141,7 @@ async def test_sigterm_lets_in_flight_handlers_finish_and_acks_them(
     async def all_in_flight() -> bool:
         return len(await pending_for(real_redis, "graceful")) == 4
 
-    await wait_for(all_in_flight)
+    await eventually(all_in_flight)
     assert await processed(real_redis) == []
     worker.send_signal(signal.SIGTERM)
     assert await asyncio.to_thread(worker.wait, 15) == 0
@@ -165,7 +160,7 @@ async def test_sigterm_past_the_shutdown_timeout_leaves_entries_pending(
     async def all_in_flight() -> bool:
         return len(await pending_for(real_redis, "impatient")) == 3
 
-    await wait_for(all_in_flight)
+    await eventually(all_in_flight)
     worker.send_signal(signal.SIGTERM)
     assert await asyncio.to_thread(worker.wait, 15) == 0
     assert await processed(real_redis) == []

@@ -10,14 +10,7 @@ from redis import exceptions as redis_exc
 
 from app.core.errors import RedisUnavailable
 from app.core.redis import CircuitBreaker
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
+from app.testing.waiting import ManualClock
 
 
 def state(breaker: CircuitBreaker) -> str:
@@ -30,7 +23,7 @@ def fail(breaker: CircuitBreaker) -> None:
 
 
 def test_opens_after_threshold_and_rejects_without_calling() -> None:
-    clock = Clock()
+    clock = ManualClock(100.0)
     breaker = CircuitBreaker(failure_threshold=3, reset_timeout=5, clock=clock)
     for _ in range(3):
         assert state(breaker) == "closed"
@@ -45,7 +38,7 @@ def test_opens_after_threshold_and_rejects_without_calling() -> None:
 
 
 def test_half_open_admits_one_trial_then_closes_on_success() -> None:
-    clock = Clock()
+    clock = ManualClock(100.0)
     breaker = CircuitBreaker(failure_threshold=1, reset_timeout=2, clock=clock)
     fail(breaker)
     clock.now += 2.5
@@ -58,7 +51,7 @@ def test_half_open_admits_one_trial_then_closes_on_success() -> None:
 
 
 def test_failed_trial_reopens_for_a_full_period() -> None:
-    clock = Clock()
+    clock = ManualClock(100.0)
     breaker = CircuitBreaker(failure_threshold=1, reset_timeout=2, clock=clock)
     fail(breaker)
     clock.now += 2.1
@@ -86,7 +79,7 @@ def test_connection_errors_are_wrapped_with_their_cause() -> None:
 
 
 def test_transitions_are_logged_once_each(caplog: pytest.LogCaptureFixture) -> None:
-    clock = Clock()
+    clock = ManualClock(100.0)
     breaker = CircuitBreaker(failure_threshold=2, reset_timeout=1, clock=clock)
     with caplog.at_level(logging.WARNING, logger="app.redis"):
         for _ in range(10):

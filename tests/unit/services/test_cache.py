@@ -22,6 +22,7 @@ from app.core.errors import InvalidKey, PatternTooComplex, RedisUnavailable
 from app.core.redis import breaker_for, build_client
 from app.services.cache import MISSING, NO_EXPIRY, CacheService, LocalCache
 from app.testing.slots import slot_checking_fake_redis
+from app.testing.waiting import ManualClock, eventually
 
 
 class Item(BaseModel):
@@ -46,6 +47,20 @@ async def cache_client(request: pytest.FixtureRequest) -> AsyncIterator[Any]:
 async def _keys(client: Any, pattern: str = "*") -> list[str]:
     found = [k.decode() if isinstance(k, bytes) else k async for k in client.scan_iter(pattern)]
     return sorted(found)
+
+
+async def _expired(cache: CacheService, *keys: str) -> None:
+    """Wait until none of *keys* is served fresh any more (their TTL ran out on Redis' clock)."""
+
+    async def gone() -> bool:
+        return all([await cache.get(key, MISSING) is MISSING for key in keys])
+
+    await eventually(gone, f"{len(keys)} cache entries to expire")
+
+
+async def _waiting(cache: CacheService) -> None:
+    """Wait until *cache* has a call waiting for another instance's computation."""
+    await eventually(lambda: cache.stats()["stampede_waits"] == 1, "a caller to wait for the lease")
 
 
 async def _tag_members(client: Any, tag: str) -> int:
@@ -117,8 +132,7 @@ async def test_ttl_semantics(cache_client: Any) -> None:
     assert 9 < (await cache.ttl("unicode") or 0) <= 10
     await cache.set("short", "x", ttl=0.5)
     assert await cache.get("short") == "x"
-    await asyncio.sleep(0.7)
-    assert await cache.get("short", MISSING) is MISSING
+    await _expired(cache, "short")
 
 
 async def test_default_ttl_is_one_hour(cache_client: Any) -> None:
@@ -249,7 +263,7 @@ async def test_tag_sets_never_expire_before_their_members(cache_client: Any) -> 
 async def test_tag_sets_stay_bounded_as_members_expire(cache_client: Any) -> None:
     cache = CacheService(cache_client, shards=1)
     await cache.set_many({f"old:{i}": i for i in range(150)}, ttl=0.05, tags=["t"])
-    await asyncio.sleep(0.2)
+    await _expired(cache, *(f"old:{i}" for i in range(150)))
     for i in range(100):
         await cache.set(f"new:{i}", i, ttl=60, tags=["t"])
     members = await _tag_members(cache_client, "t")
@@ -351,14 +365,18 @@ def test_invalidate_on_the_embedded_store_ends_whatever_the_pattern(
 async def test_get_or_set_computes_once_per_process(cache_client: Any) -> None:
     cache = CacheService(cache_client)
     calls = 0
+    release = asyncio.Event()
 
     async def factory() -> dict[str, int]:
         nonlocal calls
         calls += 1
-        await asyncio.sleep(0.05)
+        await release.wait()
         return {"n": calls}
 
-    results = await asyncio.gather(*[cache.get_or_set("k", factory, ttl=60) for _ in range(50)])
+    gathered = asyncio.gather(*[cache.get_or_set("k", factory, ttl=60) for _ in range(50)])
+    await eventually(lambda: cache.stats()["coalesced"] == 49, "49 callers to join the first")
+    release.set()
+    results = await gathered
     assert calls == 1
     assert results == [{"n": 1}] * 50
     assert results[0] is not results[1]  # callers never share one mutable object
@@ -413,7 +431,7 @@ async def test_cancelled_computation_hands_over(cache_client: Any) -> None:
     leader = asyncio.create_task(cache.get_or_set("k", factory, ttl=60))
     await started.wait()
     follower = asyncio.create_task(cache.get_or_set("k", factory, ttl=60))
-    await asyncio.sleep(0.05)
+    await eventually(lambda: cache.stats()["coalesced"] == 1, "the follower to join the leader")
     leader.cancel()
     with pytest.raises(asyncio.CancelledError):
         await leader
@@ -433,9 +451,9 @@ async def test_waiters_in_other_instances_are_woken_by_the_write(cache_client: A
         return "computed once"
 
     first = asyncio.create_task(holder.get_or_set("k", slow, ttl=60))
-    await asyncio.sleep(0.05)
+    await eventually(lambda: calls == 1, "the holder to take the lease and compute")
     second = asyncio.create_task(waiter.get_or_set("k", slow, ttl=60, wait_timeout=20))
-    await asyncio.sleep(0.2)
+    await _waiting(waiter)
     assert not second.done()
     release.set()
     assert list(await asyncio.wait_for(asyncio.gather(first, second), 5)) == ["computed once"] * 2
@@ -449,7 +467,10 @@ async def test_a_waiter_computes_itself_after_wait_timeout(cache_client: Any) ->
     holder, waiter = CacheService(cache_client), CacheService(cache_client)
     release = asyncio.Event()
 
+    started = asyncio.Event()
+
     async def stuck() -> str:
+        started.set()
         await release.wait()
         return "holder"
 
@@ -457,7 +478,7 @@ async def test_a_waiter_computes_itself_after_wait_timeout(cache_client: Any) ->
         return "waiter"
 
     first = asyncio.create_task(holder.get_or_set("k", stuck, ttl=60))
-    await asyncio.sleep(0.05)
+    await started.wait()  # the holder has the lease
     assert await waiter.get_or_set("k", own, ttl=60, wait_timeout=0.2) == "waiter"
     assert waiter.stats()["wait_timeouts"] == 1
     release.set()
@@ -466,9 +487,10 @@ async def test_a_waiter_computes_itself_after_wait_timeout(cache_client: Any) ->
 
 async def test_a_failing_lease_holder_wakes_a_waiter_to_take_over(cache_client: Any) -> None:
     holder, waiter = CacheService(cache_client), CacheService(cache_client)
-    fail = asyncio.Event()
+    fail, started = asyncio.Event(), asyncio.Event()
 
     async def failing() -> str:
+        started.set()
         await fail.wait()
         raise LookupError("origin down")
 
@@ -476,9 +498,9 @@ async def test_a_failing_lease_holder_wakes_a_waiter_to_take_over(cache_client: 
         return "waiter"
 
     first = asyncio.create_task(holder.get_or_set("k", failing, ttl=60))
-    await asyncio.sleep(0.05)
+    await started.wait()  # the holder has the lease
     second = asyncio.create_task(waiter.get_or_set("k", own, ttl=60, wait_timeout=20))
-    await asyncio.sleep(0.1)
+    await _waiting(waiter)
     fail.set()
     with pytest.raises(LookupError):
         await first
@@ -489,26 +511,27 @@ async def test_a_failing_lease_holder_wakes_a_waiter_to_take_over(cache_client: 
 async def test_stale_while_revalidate(cache_client: Any) -> None:
     cache = CacheService(cache_client)
     calls = 0
+    release = asyncio.Event()
 
     async def factory() -> int:
         nonlocal calls
         calls += 1
         if calls > 1:
-            await asyncio.sleep(0.5)  # the refresh outlasts the concurrent stale reads
+            await release.wait()  # the refresh outlasts the concurrent stale reads
         return calls
 
     assert await cache.get_or_set("k", factory, ttl=0.2, stale_ttl=30) == 1
-    await asyncio.sleep(0.35)
-    assert await cache.get("k", MISSING) is MISSING  # get() never serves stale by default
+    await _expired(cache, "k")  # get() never serves stale by default
     assert await cache.get("k", allow_stale=True) == 1
     assert await cache.ttl("k") == 0.0
     served = await asyncio.gather(
-        *[cache.get_or_set("k", factory, ttl=0.2, stale_ttl=30) for _ in range(10)]
+        *[cache.get_or_set("k", factory, ttl=10, stale_ttl=30) for _ in range(10)]
     )
     assert served == [1] * 10  # stale value at once, no caller waits for the refresh
+    release.set()
     await cache.wait_idle()
     assert calls == 2  # one background refresh for all ten stale hits
-    assert await cache.get_or_set("k", factory, ttl=0.2, stale_ttl=30) == 2
+    assert await cache.get_or_set("k", factory, ttl=10, stale_ttl=30) == 2
     stats = cache.stats()
     assert stats["stale_hits"] == 10 and stats["refreshes"] == 1
 
@@ -527,7 +550,7 @@ async def test_stale_if_error(cache_client: Any, caplog: pytest.LogCaptureFixtur
 
     assert await cache.get_or_set("k", factory, ttl=0.1, stale_ttl=30) == "good"
     healthy = False
-    await asyncio.sleep(0.2)
+    await _expired(cache, "k")
     with caplog.at_level(logging.WARNING, logger="app.cache"):
         for _ in range(5):
             assert await cache.get_or_set("k", factory, ttl=0.1, stale_ttl=30) == "good"
@@ -540,19 +563,22 @@ async def test_stale_if_error(cache_client: Any, caplog: pytest.LogCaptureFixtur
 async def test_one_refresh_across_instances(cache_client: Any) -> None:
     a, b = CacheService(cache_client), CacheService(cache_client)
     calls = 0
+    release = asyncio.Event()
 
     async def factory() -> int:
         nonlocal calls
         calls += 1
-        await asyncio.sleep(0.1)
+        if calls > 1:
+            await release.wait()  # the refresh outlasts both stale reads
         return calls
 
     await a.get_or_set("k", factory, ttl=0.1, stale_ttl=30)
-    await asyncio.sleep(0.2)
+    await _expired(a, "k")
     await asyncio.gather(
-        a.get_or_set("k", factory, ttl=0.1, stale_ttl=30),
-        b.get_or_set("k", factory, ttl=0.1, stale_ttl=30),
+        a.get_or_set("k", factory, ttl=10, stale_ttl=30),
+        b.get_or_set("k", factory, ttl=10, stale_ttl=30),
     )
+    release.set()
     await asyncio.gather(a.wait_idle(), b.wait_idle())
     assert calls == 2
     assert a.stats()["refreshes"] + b.stats()["refreshes"] == 1
@@ -654,7 +680,8 @@ async def test_stale_local_copy_is_served_when_redis_and_origin_fail(
     outage: tuple[Any, Any],
 ) -> None:
     client, server = outage
-    cache = CacheService(client, local=LocalCache(ttl=0.05))
+    clock = ManualClock()
+    cache = CacheService(client, local=LocalCache(ttl=0.05, clock=clock))
     assert await cache.start()
 
     async def good() -> str:
@@ -665,7 +692,7 @@ async def test_stale_local_copy_is_served_when_redis_and_origin_fail(
 
     assert await cache.get_or_set("k", good, ttl=60) == "good"
     assert await cache.get("k") == "good"  # now in the local tier
-    await asyncio.sleep(0.1)  # local copy expired, Redis still holds the entry
+    clock.advance(0.1)  # local copy expired, Redis still holds the entry
     server.connected = False
     assert await cache.get_or_set("k", broken, ttl=60) == "good"
     assert cache.stats()["stale_if_error"] == 1

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -11,19 +10,11 @@ import pytest_asyncio
 
 from app.services.cache import MISSING, CacheService, LocalCache
 from app.testing.slots import slot_checking_fake_redis
-from app.testing.waiting import eventually
+from app.testing.waiting import ManualClock, eventually
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def active_tier(**options: Any) -> tuple[LocalCache, Clock]:
-    clock = Clock()
+def active_tier(**options: Any) -> tuple[LocalCache, ManualClock]:
+    clock = ManualClock()
     tier = LocalCache(clock=clock, **options)
     tier.active = True
     return tier, clock
@@ -187,7 +178,6 @@ async def test_a_change_in_one_process_evicts_the_others(
         await a.delete("user:1")
     elif change == "expire":
         await a.expire("user:1", 0.05)
-        await asyncio.sleep(0.1)
     elif change == "set_many":
         await a.set_many({"user:1": "new"}, ttl=60)
         await eventually(lambda: _equals(b, "user:1", "new"))

@@ -22,6 +22,7 @@ from app.core.errors import (
 )
 from app.services.locks import RedisLock, fenced_write
 from app.testing.slots import slot_checking_fake_redis
+from app.testing.waiting import DEFAULT_DEADLINE, eventually
 
 
 @pytest_asyncio.fixture(params=[False, True], ids=["bytes", "decoded"])
@@ -40,6 +41,15 @@ def _peer(client: Any) -> Any:
     return slot_checking_fake_redis(
         server=kwargs["server"], decode_responses=kwargs.get("decode_responses", False)
     )
+
+
+async def _queued(client: Any, key: str, waiters: int) -> None:
+    """Wait until *waiters* fair waiters stand in the queue of the lock at *key*."""
+
+    async def queued() -> bool:
+        return int(await client.zcard(key + ":queue")) == waiters
+
+    await eventually(queued, f"{waiters} fair waiter(s) to queue")
 
 
 # -- the DESIGN.md contract ------------------------------------------------------
@@ -304,7 +314,7 @@ async def test_fair_waiters_are_served_in_arrival_order(redis: Any) -> None:
     tasks = []
     for n in range(5):
         tasks.append(asyncio.create_task(waiter(n)))
-        await asyncio.sleep(0.05)  # each one queues before the next arrives
+        await _queued(redis, holder.key, n + 1)  # each one queues before the next arrives
     await holder.release()
     await asyncio.gather(*tasks)
     assert order == [0, 1, 2, 3, 4]
@@ -346,8 +356,7 @@ async def test_cancelling_a_fair_waiter_removes_it_from_the_queue(redis: Any) ->
     await holder.acquire()
     waiter = RedisLock(redis, "jobs:1", timeout=5, fair=True)
     task = asyncio.create_task(waiter.acquire(blocking=True, blocking_timeout=5))
-    while not await redis.zcard(holder.key + ":queue"):
-        await asyncio.sleep(0.01)
+    await _queued(redis, holder.key, 1)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
@@ -363,11 +372,11 @@ async def test_cancelled_release_still_releases(redis: Any) -> None:
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    for _ in range(100):
-        if not await redis.exists(lock.key):
-            break
-        await asyncio.sleep(0.01)
-    assert not await redis.exists(lock.key)
+
+    async def released() -> bool:
+        return not await redis.exists(lock.key)
+
+    await eventually(released, "the cancelled release to finish releasing")
 
 
 async def test_cancelling_the_body_releases_and_propagates_the_cancellation(redis: Any) -> None:
@@ -422,7 +431,7 @@ async def test_watchdog_without_a_block_reports_loss_and_release_raises(redis: A
     lock = RedisLock(redis, "jobs:1", timeout=0.3, auto_renew=True, on_lost=lambda e: lost.set())
     await lock.acquire()
     await redis.delete(lock.key)
-    await asyncio.wait_for(lost.wait(), 2)
+    await asyncio.wait_for(lost.wait(), DEFAULT_DEADLINE)
     assert lock.lost is not None
     with pytest.raises(LockNotOwned):
         await lock.release()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
 import httpx
@@ -14,6 +15,7 @@ from app.api.problems import install_problem_handlers
 from app.api.routes import locks as lock_routes
 from app.core.errors import ConfigurationError
 from app.services.locks import RedisLock
+from app.services.semaphore import Semaphore
 from app.testing.plugin import AppClientFactory
 from app.testing.waiting import eventually
 
@@ -40,28 +42,45 @@ def _app() -> FastAPI:
     return app
 
 
+async def _not(check: Callable[[], Awaitable[bool]]) -> bool:
+    return not await check()
+
+
 @pytest.fixture
 async def client(make_app_client: AppClientFactory, fake_redis: Any) -> httpx.AsyncClient:
     app_client: httpx.AsyncClient = await make_app_client(_app(), fake_redis)
     return app_client
 
 
+async def _cancelled(*requests: asyncio.Task[httpx.Response]) -> None:
+    """Give up on *requests* (the client leaves): their handlers end and let go of what they hold."""
+    for request in requests:
+        request.cancel()
+    for request in requests:
+        with pytest.raises(asyncio.CancelledError):
+            await request
+
+
 async def test_same_job_twice_answers_409_problem_with_retry_after(
     client: httpx.AsyncClient,
 ) -> None:
-    first, second = await asyncio.gather(
-        client.post("/jobs/42/run", params={"seconds": 0.3}),
-        client.post("/jobs/42/run", params={"seconds": 0.3}),
-    )
-    ok, busy = (first, second) if first.status_code == 200 else (second, first)
-    assert ok.status_code == 200
-    assert isinstance(ok.json()["fence"], int)
+    async def locked() -> bool:
+        return bool((await client.get("/jobs/42/lock")).json()["locked"])
+
+    running = asyncio.create_task(client.post("/jobs/42/run", params={"seconds": 10}))
+    await eventually(locked, "job 42's lock to be held while its first run works")
+    busy = await client.post("/jobs/42/run", params={"seconds": 0})
+    await _cancelled(running)
     assert busy.status_code == 409
     assert busy.headers["content-type"] == "application/problem+json"
     assert 0 < int(busy.headers["retry-after"]) <= 10
     problem = busy.json()
     assert problem["type"].endswith("/lock-not-acquired")
     assert problem["instance"] == "/jobs/42/run"
+    await eventually(lambda: _not(locked), "job 42's lock to be released once its run ended")
+    ok = await client.post("/jobs/42/run", params={"seconds": 0})
+    assert ok.status_code == 200
+    assert isinstance(ok.json()["fence"], int)
 
 
 async def test_different_jobs_run_side_by_side_and_locks_end_with_the_request(
@@ -83,27 +102,29 @@ async def test_lock_is_visible_while_the_job_runs(client: httpx.AsyncClient) -> 
 
     running = asyncio.create_task(client.post("/jobs/7/run", params={"seconds": 10}))
     await eventually(locked, "job 7's lock to be held while its job runs")
-    running.cancel()  # the client gives up: the request ends and lets the lock go
-    with pytest.raises(asyncio.CancelledError):
-        await running
-
-    async def released() -> bool:
-        return not await locked()
-
-    await eventually(released, "job 7's lock to be released once the request ended")
+    await _cancelled(running)  # the client gives up: the request ends and lets the lock go
+    await eventually(lambda: _not(locked), "job 7's lock to be released once the request ended")
 
 
-async def test_semaphore_route_admits_limit_requests_at_once(client: httpx.AsyncClient) -> None:
-    responses = await asyncio.gather(
-        *(
-            client.post("/exports", params={"seconds": 0.3})
-            for _ in range(lock_routes.EXPORT_LIMIT + 1)
-        )
-    )
-    codes = sorted(r.status_code for r in responses)
-    assert codes == [200] * lock_routes.EXPORT_LIMIT + [409]
-    busy = next(r for r in responses if r.status_code == 409)
+async def test_semaphore_route_admits_limit_requests_at_once(
+    client: httpx.AsyncClient, fake_redis: Any
+) -> None:
+    exports = Semaphore(fake_redis, "exports", limit=lock_routes.EXPORT_LIMIT, timeout=10)
+
+    async def all_admitted() -> bool:
+        return await exports.count() == lock_routes.EXPORT_LIMIT
+
+    running = [
+        asyncio.create_task(client.post("/exports", params={"seconds": 10}))
+        for _ in range(lock_routes.EXPORT_LIMIT)
+    ]
+    await eventually(all_admitted, f"{lock_routes.EXPORT_LIMIT} exports to hold a permit at once")
+    busy = await client.post("/exports", params={"seconds": 0})
+    await _cancelled(*running)
+    assert busy.status_code == 409
     assert "retry-after" in busy.headers
+    await eventually(lambda: _not(exports.locked), "the permits to be released with the requests")
+    assert (await client.post("/exports", params={"seconds": 0})).status_code == 200
 
 
 async def test_a_lost_lease_cancels_the_handler_and_answers_lock_lost(

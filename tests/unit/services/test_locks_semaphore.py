@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -20,6 +21,7 @@ from app.core.errors import (
 )
 from app.services.locks import Permit, Semaphore
 from app.testing.slots import slot_checking_fake_redis
+from app.testing.waiting import DEFAULT_DEADLINE, eventually
 
 
 @pytest_asyncio.fixture(params=[False, True], ids=["bytes", "decoded"])
@@ -55,6 +57,7 @@ async def test_at_most_limit_permits_and_release_frees_one(redis: Any) -> None:
 async def test_shared_semaphore_gives_each_task_its_own_permit(redis: Any) -> None:
     sem = Semaphore(redis, "exports", limit=3, timeout=5, blocking_timeout=10)
     inside = most = 0
+    full = asyncio.Event()  # the first holders stay until all three permits are out
 
     async def worker() -> None:
         nonlocal inside, most
@@ -62,7 +65,9 @@ async def test_shared_semaphore_gives_each_task_its_own_permit(redis: Any) -> No
             assert await permit.owned()
             inside += 1
             most = max(most, inside)
-            await asyncio.sleep(0.01)
+            if inside == 3:
+                full.set()
+            await asyncio.wait_for(full.wait(), DEFAULT_DEADLINE)
             inside -= 1
 
     await asyncio.gather(*(worker() for _ in range(30)))
@@ -167,10 +172,13 @@ async def test_fair_waiters_get_permits_in_arrival_order(redis: Any) -> None:
             order.append(n)
             await asyncio.sleep(0.01)
 
+    async def queued(waiters: int) -> bool:
+        return int(await redis.zcard(sem.key + ":queue")) == waiters
+
     tasks = []
     for n in range(4):
         tasks.append(asyncio.create_task(waiter(n)))
-        await asyncio.sleep(0.05)
+        await eventually(functools.partial(queued, n + 1), f"waiter {n} to queue")
     await held.release()
     await asyncio.gather(*tasks)
     assert order == [0, 1, 2, 3]

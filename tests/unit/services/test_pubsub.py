@@ -25,7 +25,7 @@ from app.core.errors import (
 )
 from app.services.pubsub import Broadcaster, Message, Reconnected
 from app.testing.slots import slot_checking_fake_redis
-from app.testing.waiting import eventually
+from app.testing.waiting import DEFAULT_DEADLINE, eventually
 
 FAST = {
     "ping_interval": 0.05,
@@ -74,7 +74,7 @@ async def make(client: Any) -> AsyncIterator[BroadcasterFactory]:
         await broadcaster.aclose(drain_timeout=0.5)
 
 
-async def next_message(sub: Any, timeout: float = 2.0) -> Message[Any]:
+async def next_message(sub: Any, timeout: float = DEFAULT_DEADLINE) -> Message[Any]:
     event = await sub.get(timeout)
     assert isinstance(event, Message), f"expected a message, got {event!r}"
     return event
@@ -156,11 +156,11 @@ async def test_leaving_unsubscribes_from_redis(make: BroadcasterFactory, client:
     raw = b.channel_name("room")
     async with b.subscribe("room"), b.subscribe("room"):
         assert dict(await client.pubsub_numsub(raw))[_same(client, raw)] == 1
-    for _ in range(50):
-        if dict(await client.pubsub_numsub(raw))[_same(client, raw)] == 0:
-            break
-        await asyncio.sleep(0.01)
-    assert dict(await client.pubsub_numsub(raw))[_same(client, raw)] == 0
+
+    async def unsubscribed() -> bool:
+        return bool(dict(await client.pubsub_numsub(raw))[_same(client, raw)] == 0)
+
+    await eventually(unsubscribed, "the link to unsubscribe from Redis")
     assert b.stats()["channels"] == 0
     async with b.subscribe("room") as again:  # subscribe again right away
         await b.publish("room", "back")
@@ -200,7 +200,7 @@ async def test_disconnect_policy_ends_only_the_slow_subscriber(make: Broadcaster
             await b.publish("feed", n)
         assert [(await next_message(fast)).data for _ in range(5)] == list(range(5))
         with pytest.raises(SubscriberOverflow) as info:
-            await slow.get(1)
+            await slow.get(DEFAULT_DEADLINE)
         assert info.value.queue_size == 2
         assert slow.closed
     assert b.stats()["overflow_disconnects"] == 1
@@ -216,7 +216,7 @@ async def test_reconnected_events_survive_overflow(
         await _outage(b, fake_server)
         await b.publish("feed", 3)
         await eventually(lambda: sub.dropped == 2)  # 0 dropped first, then 1 to make room for 3
-        events = [await sub.get(1) for _ in range(3)]
+        events = [await sub.get(DEFAULT_DEADLINE) for _ in range(3)]
         assert isinstance(events[0], Message) and events[0].data == 2
         assert isinstance(events[1], Reconnected)
         assert isinstance(events[2], Message) and events[2].data == 3
@@ -242,7 +242,7 @@ async def test_outage_gives_reconnected_with_gap_then_messages_flow(
     async with b.subscribe("a", patterns=["b*"]) as sub, b.subscribe("a") as other:
         await _outage(b, fake_server)
         for s in (sub, other):
-            event = await s.get(2)
+            event = await s.get(DEFAULT_DEADLINE)
             assert isinstance(event, Reconnected)
             assert event.may_have_missed and event.gap >= 0.3 and event.reason
         await b.publish("a", 1)
@@ -282,9 +282,9 @@ async def test_subscriber_joining_during_outage_gets_no_stale_reconnected(
         fake_server.connected = False
         await eventually(lambda: b.stats()["links"][0]["state"] != "connected")
         joining = asyncio.create_task(_join_and_read(b))
-        await asyncio.sleep(0.1)
+        await eventually(lambda: b.stats()["subscribers"] == 2, "a subscriber to join mid-outage")
         fake_server.connected = True
-        assert isinstance(await early.get(2), Reconnected)
+        assert isinstance(await early.get(DEFAULT_DEADLINE), Reconnected)
         await b.publish("a", "after")
         assert await joining == "after"
 
@@ -327,7 +327,7 @@ async def test_history_reconnect_replays_what_the_gap_missed(
         # Published while b reconnects: live copies (if any) and the replay never double up.
         await publisher.publish("log", 1)
         await publisher.publish("log", 2)
-        event = await sub.get(3)
+        event = await sub.get(DEFAULT_DEADLINE)
         assert isinstance(event, Reconnected)
         assert event.may_have_missed is False and event.replayed == 2
         await b.publish("log", 3)
@@ -341,7 +341,7 @@ async def test_history_trimmed_past_last_id_is_reported(make: BroadcasterFactory
     for n in range(1, 400):
         await b.publish("log", n)
     async with b.subscribe("log", last_ids={"log": str(first)}) as sub:
-        event = await sub.get(1)
+        event = await sub.get(DEFAULT_DEADLINE)
         assert isinstance(event, Reconnected) and event.may_have_missed
         assert event.replayed >= 3
         rest = [await next_message(sub) for _ in range(event.replayed)]
@@ -368,7 +368,7 @@ async def test_aclose_drains_queued_messages_then_ends(make: BroadcasterFactory)
             await b.publish("a", 1)
             await b.publish("a", 2)
             await eventually(lambda: sub.pending == 2)
-            await asyncio.sleep(0.05)
+            await eventually(lambda: b.stats()["state"] == "closed", "aclose() to begin")
             async for event in sub:
                 assert isinstance(event, Message)
                 received.append(event.data)
@@ -376,7 +376,7 @@ async def test_aclose_drains_queued_messages_then_ends(make: BroadcasterFactory)
     task = asyncio.create_task(consume())
     await eventually(lambda: b.stats()["delivered"] == 2)
     await b.aclose()
-    await asyncio.wait_for(task, 1)
+    await asyncio.wait_for(task, DEFAULT_DEADLINE)
     assert received == [1, 2]
     assert b.stats()["state"] == "closed"
     with pytest.raises(RuntimeError, match="closed"):
@@ -396,7 +396,7 @@ async def test_aclose_is_bounded_by_drain_timeout(make: BroadcasterFactory) -> N
 
     task = asyncio.create_task(stubborn())
     await entered.wait()
-    await asyncio.wait_for(b.aclose(drain_timeout=0.1), 2)
+    await asyncio.wait_for(b.aclose(drain_timeout=0.1), DEFAULT_DEADLINE)
     release.set()
     await task
 
@@ -452,12 +452,12 @@ class AsgiCall:
         self.inbox.put_nowait(first)
         self.task = asyncio.create_task(app(scope, self.inbox.get, self.outbox.put))
 
-    async def sent(self, timeout: float = 2.0) -> dict[str, Any]:
+    async def sent(self, timeout: float = DEFAULT_DEADLINE) -> dict[str, Any]:
         return await asyncio.wait_for(self.outbox.get(), timeout)
 
     async def finish(self, message: dict[str, Any]) -> None:
         self.inbox.put_nowait(message)
-        await asyncio.wait_for(self.task, 2)
+        await asyncio.wait_for(self.task, DEFAULT_DEADLINE)
 
 
 def _scope(kind: str, path: str, headers: Iterator[tuple[bytes, bytes]] = iter(())) -> Any:
@@ -587,7 +587,7 @@ async def test_websocket_helper_closes_a_slow_socket_with_1013(make: Broadcaster
         assert [(await next_message(healthy)).data for _ in range(10)] == list(range(10))
     await eventually(lambda: b.stats()["overflow_disconnects"] == 1)
     gate.set()
-    await asyncio.wait_for(task, 2)
+    await asyncio.wait_for(task, DEFAULT_DEADLINE)
     assert sent[-1]["type"] == "websocket.close" and sent[-1]["code"] == 1013
 
 
@@ -604,4 +604,4 @@ async def test_sse_answers_503_problem_when_redis_is_down(
     assert dict(start["headers"])[b"content-type"] == b"application/problem+json"
     body = orjson.loads((await call.sent())["body"])
     assert body["status"] == 503 and body["instance"] == "/sse/room"
-    await asyncio.wait_for(call.task, 2)
+    await asyncio.wait_for(call.task, DEFAULT_DEADLINE)

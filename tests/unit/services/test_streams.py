@@ -21,6 +21,7 @@ from app.services.streams import (
     trim_stream,
 )
 from app.testing.slots import slot_checking_fake_redis
+from app.testing.waiting import DEFAULT_DEADLINE, eventually
 from app.worker import load_handler, serve
 
 Seen = list[tuple[str, Any, int]]
@@ -304,7 +305,7 @@ async def test_renewal_never_takes_back_an_entry_another_consumer_claimed(redis:
 
     async def handler(message: StreamMessage[Any]) -> None:
         await redis.xclaim(key, "group", "thief", 0, [message.id])
-        await asyncio.sleep(0.15)  # several renewals
+        await eventually(lambda: c.counters.lost_claims >= 1, "a renewal to find the entry gone")
         [row] = await redis.xpending_range(key, "group", "-", "+", 1)
         owners.append(_text(row["consumer"]))
 
@@ -410,19 +411,13 @@ async def test_janitor_removes_only_idle_consumers_with_nothing_pending(redis: A
 # -- run() and stop() ---------------------------------------------------------------
 
 
-async def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.01)
-
-
 async def test_run_consumes_until_stop(redis: Any) -> None:
     producer = StreamProducer(redis, "events")
     seen: Seen = []
     c = consumer(redis, recorder(seen), block=0.2)
     task = asyncio.create_task(c.run())
     await producer.add_many(range(20))
-    await wait_for(lambda: len(seen) == 20)
+    await eventually(lambda: len(seen) == 20, "20 entries handled")
     assert c.running
     await c.stop()
     await task
@@ -435,7 +430,7 @@ async def test_run_retries_failures_and_dead_letters(redis: Any) -> None:
     seen: Seen = []
     c = consumer(redis, recorder(seen, fail=lambda m: True), max_deliveries=3, block=0.1)
     task = asyncio.create_task(c.run())
-    await wait_for(lambda: c.counters.dead_lettered == 1)
+    await eventually(lambda: c.counters.dead_lettered == 1, "an entry dead-lettered")
     await c.stop()
     await task
     assert [n for _, _, n in seen] == [1, 2, 3]
@@ -445,7 +440,7 @@ async def test_run_retries_failures_and_dead_letters(redis: Any) -> None:
 async def test_run_cannot_start_twice(redis: Any) -> None:
     c = consumer(redis, recorder([]), block=0.1)
     task = asyncio.create_task(c.run())
-    await wait_for(lambda: c.running)
+    await eventually(lambda: c.running, "the consumer running")
     with pytest.raises(StreamError):
         await c.run()
     with pytest.raises(StreamError):
@@ -507,9 +502,9 @@ async def test_serve_stops_consumers_gracefully_on_a_signal(redis: Any) -> None:
     [entry_id] = await StreamProducer(redis, "events").add_many(["job"])
     c = consumer(redis, slow, block=0.1)
     served = asyncio.create_task(serve([c], signals=(signal.SIGUSR1,)))
-    await asyncio.wait_for(started.wait(), 5)
+    await asyncio.wait_for(started.wait(), DEFAULT_DEADLINE)
     signal.raise_signal(signal.SIGUSR1)
-    await asyncio.wait_for(served, 5)
+    await asyncio.wait_for(served, DEFAULT_DEADLINE)
     assert finished == [entry_id]
     assert await pending(redis) == 0
 
@@ -524,12 +519,12 @@ async def test_a_second_signal_cancels_in_flight_handlers(redis: Any) -> None:
     await StreamProducer(redis, "events").add("job")
     c = consumer(redis, stuck, block=0.1, shutdown_timeout=30)
     served = asyncio.create_task(serve([c], signals=(signal.SIGUSR1,)))
-    await asyncio.wait_for(started.wait(), 5)
+    await asyncio.wait_for(started.wait(), DEFAULT_DEADLINE)
     signal.raise_signal(signal.SIGUSR1)  # graceful: would wait up to 30 s
     await asyncio.sleep(0.05)
     assert not served.done()
     signal.raise_signal(signal.SIGUSR1)  # impatient: cancel now
-    await asyncio.wait_for(served, 5)
+    await asyncio.wait_for(served, DEFAULT_DEADLINE)
     assert (c.counters.abandoned, c.in_flight, c.running) == (1, 0, False)
     assert await pending(redis) == 1  # left for another consumer
 
@@ -544,7 +539,7 @@ async def test_cancelling_run_cancels_handlers_and_leaves_entries_pending(redis:
     await StreamProducer(redis, "events").add("job")
     c = consumer(redis, stuck, block=0.1)
     task = asyncio.create_task(c.run())
-    await asyncio.wait_for(started.wait(), 5)
+    await asyncio.wait_for(started.wait(), DEFAULT_DEADLINE)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
@@ -567,12 +562,14 @@ async def test_demo_routes_produce_consume_and_report(app_client: Any) -> None:
     assert created.status_code == 201
     body = created.json()
     assert body["stream"] == "events" and len(body["ids"]) == 3
-    async with asyncio.timeout(5):
-        while True:
-            stats = (await app_client.get("/streams/stats")).json()
-            if stats["counters"]["acked"] == 3:
-                break
-            await asyncio.sleep(0.02)
+    stats: dict[str, Any] = {}
+
+    async def all_acked() -> bool:
+        nonlocal stats
+        stats = (await app_client.get("/streams/stats")).json()
+        return bool(stats["counters"]["acked"] == 3)
+
+    await eventually(all_acked, "the demo consumer to ack the 3 entries")
     assert stats["length"] == 3 and stats["pending"] == 0 and stats["lag"] == 0
     assert stats["worker"]["running"] is True
     assert (await app_client.get("/streams/dead-letters")).json() == []
