@@ -398,13 +398,18 @@ async def test_a_stampede_runs_the_factory_once_and_the_write_wakes_every_waiter
     """80 callers on one key: 8 services (each one Redis-level contender) over two clients."""
     second = twin(topology_redis, decode_responses=decode_responses)
     clients = [await ready(topology_redis), await ready(second)]
-    services = [CacheService(clients[i % 2]) for i in range(8)]
+    # Leases and waits far longer than any loaded machine needs: the factory returns only
+    # once the 7 other services are all waiting on it.
+    services = [CacheService(clients[i % 2], lease=60, wait_timeout=60) for i in range(8)]
     calls = 0
+
+    def waiting() -> int:
+        return sum(int(svc.stats()["stampede_waits"]) for svc in services)
 
     async def slow() -> dict[str, int]:
         nonlocal calls
         calls += 1
-        await asyncio.sleep(0.3)
+        await eventually(lambda: waiting() == 7, "the 7 other services to wait on the lease")
         return {"computed": calls}
 
     try:
