@@ -367,7 +367,10 @@ async def test_ten_thousand_tasks_wait_for_slots_and_memory_stays_bounded(
 ) -> None:
     await seed(redis_server.url, 10_000)
     client = await make_client(
-        redis_server.url, redis_autopipeline_links=2, redis_autopipeline_max_in_flight=64
+        redis_server.url,
+        redis_autopipeline_links=2,
+        redis_autopipeline_max_in_flight=64,
+        redis_pool_timeout=120,  # the last of 10,000 FIFO waiters may wait long on a loaded box
     )
     values = await asyncio.gather(*(client.get(f"own:{i}") for i in range(10_000)))
     assert values == [f"value-{i}".encode() for i in range(10_000)]
