@@ -246,12 +246,18 @@ async def test_one_round_trip_per_check_for_any_number_of_policies(
 
 @ON_TOPOLOGIES
 async def test_sub_second_windows_use_the_server_clock(topo: Any) -> None:
+    # A window may end between two hits (a loaded machine stretches the gaps), so the test
+    # hits until refused, within three windows' worth, rather than counting on the 5th hit.
     for algorithm in ALL:
         limiter = RateLimiter(topo, policies="4/200ms", algorithm=algorithm)
-        assert [await limiter.is_allowed(algorithm) for _ in range(5)][-1] is False
-        wait = (await limiter.peek(algorithm)).retry_after
-        assert 0 < wait <= 0.4, algorithm
-        await asyncio.sleep(wait + 0.01)
+        hits = 0
+        while (result := await limiter.hit(algorithm)).allowed:
+            hits += 1
+            assert hits <= 12, f"{algorithm}: never refused"
+        assert hits >= 4, algorithm
+        wait = result.retry_after
+        assert 0 < wait <= 0.4, algorithm  # the window is sub-second on the server's clock
+        await asyncio.sleep(wait + 0.01)  # the wait the limiter asked for is enough
         assert await limiter.is_allowed(algorithm), algorithm
 
 
