@@ -33,7 +33,7 @@ so the original stays in ``__cause__``::
     └── SubscriberOverflow            a pub/sub subscriber fell behind and was disconnected
 
 Each class carries an HTTP ``status_code``, a stable ``problem_type`` slug and a
-``title``; ``app.api.problems`` turns any of them into an RFC 9457
+``title``; ``app.http.problems`` turns any of them into an RFC 9457
 ``application/problem+json`` response. Errors carry their facts as attributes
 (``retry_after``, ``lock_name``, ...) so handlers never parse messages.
 """

@@ -60,7 +60,6 @@ from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.api.problems import PROBLEM_CONTENT_TYPE, send_problem
 from app.core.config import FailureMode, Settings, check_secret_keys, get_settings
 from app.core.errors import (
     ConfigurationError,
@@ -76,6 +75,7 @@ from app.core.errors import (
 )
 from app.core.redis import AnyRedis, get_redis
 from app.http.caller import Caller, caller_resolver, resolve_caller
+from app.http.problems import PROBLEM_CONTENT_TYPE, send_problem
 from app.middleware._order import enter_layer, pass_lifespan, session_replaced
 from app.services.idempotency import Heartbeat, IdempotencyService
 

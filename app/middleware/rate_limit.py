@@ -69,12 +69,12 @@ from starlette.requests import HTTPConnection
 from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.api.problems import send_problem
 from app.core.config import FailureMode
 from app.core.errors import ConfigurationError, RateLimitExceeded, RedisUnavailable
 from app.core.keys import digest
 from app.core.redis import AnyRedis, get_redis
 from app.http.client_ip import ClientIP
+from app.http.problems import send_problem
 from app.services.rate_limit import (
     Algorithm,
     ConcurrencyLimiter,

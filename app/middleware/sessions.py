@@ -63,10 +63,10 @@ from starlette.datastructures import MutableHeaders
 from starlette.requests import HTTPConnection, cookie_parser
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.api.problems import send_problem
 from app.core.config import FailureMode, check_secret_keys, get_settings
 from app.core.errors import ConfigurationError, RedisUnavailable, SessionNotFound, ToolkitError
 from app.core.redis import AnyRedis, get_redis
+from app.http.problems import send_problem
 from app.middleware._order import REPLACED_KEY, enter_layer, pass_lifespan
 from app.services.sessions import (
     DEFAULT_ABSOLUTE_TTL,
