@@ -45,8 +45,13 @@ What makes it correct by construction:
   compare-and-delete with its token, so a ``SET`` that reached the server
   before the cancellation leaves no key; a cancelled ``release`` still
   completes; cancelling the body of ``async with`` releases the lock.
-* **Waiting without polling storms.** A release pushes a marker to a
-  per-lock wake list (``LPUSH``, trimmed to one, short TTL). In each process
+* **A fast path when nobody waits.** A non-fair acquire is ``SET NX PX`` plus
+  the fencing counter in one short script; a release is a compare-and-delete
+  that touches the queue and the wake list only when a waiter left its mark
+  (a failed non-fair attempt sets ``{name}:waiting`` for a few seconds; fair
+  waiters are in ``{name}:queue``).
+* **Waiting without polling storms.** A release that finds a waiter pushes a
+  marker to a per-lock wake list (``LPUSH``, trimmed to one, short TTL). In each process
   one waiter per lock blocks on it with ``BLPOP`` (bounded below the client's
   ``socket_timeout``, and at most 16 such waits per client, since each holds a
   pooled connection); the others park in memory and are woken by releases in
@@ -161,6 +166,7 @@ _LOCK_ATTRS = {"toolkit.lock.name": "name", "toolkit.lock.kind": "_kind"}  # spa
 _TAKEN = {True: "acquired", False: "timeout"}
 _RELEASED = {True: "released", False: "not_owned"}
 _ACQUIRE = Script.from_package("app.services", "lua/lock_acquire.lua")
+_ACQUIRE_FAST = Script.from_package("app.services", "lua/lock_acquire_fast.lua")
 _RELEASE = Script.from_package("app.services", "lua/lock_release.lua")
 _EXTEND = Script.from_package("app.services", "lua/lock_extend.lua")
 _FENCED_WRITE = Script.from_package("app.services", "lua/lock_fenced_write.lua")
@@ -928,7 +934,8 @@ class RedisLock(_Lease):
 
     Keys (one hash tag per name): ``<prefix>:lock:{name}`` (owner token, PX
     lease), ``...:fence``, ``...:wake``, ``...:queue``, ``...:queue-heartbeats``,
-    ``...:released`` (the last release's token, 10 s).
+    ``...:released`` (the last release's token, 10 s), ``...:waiting`` (set
+    for a few seconds by a non-fair acquirer that found the lock held).
     """
 
     def __init__(
@@ -965,10 +972,27 @@ class RedisLock(_Lease):
         fence_ms = max(_ms(as_seconds(fence_ttl, "fence_ttl")), self._lease_ms)
         queue, heartbeats = key + ":queue", key + ":queue-heartbeats"
         self._wake_key = key + ":wake"
-        self._acquire_keys = (key, key + ":fence", queue, heartbeats)
-        self._acquire_args = ("1" if fair else "0", _WAITER_TTL_MS)
+        # Non-fair acquirers take the fast script (SET NX PX and the fence; a failed attempt
+        # sets the waiter flag); fair ones queue. A release skips the queue and the wake list
+        # unless the waiter flag or the queue exists.
+        self._acquire_script = _ACQUIRE if fair else _ACQUIRE_FAST
+        self._acquire_keys: tuple[str, ...] = (
+            (key, key + ":fence", queue, heartbeats)
+            if fair
+            else (key, key + ":fence", key + ":waiting")
+        )
+        self._acquire_args: tuple[ScriptArg, ...] = (
+            ("1", _WAITER_TTL_MS) if fair else (_WAITER_TTL_MS,)
+        )
         self._acquire_head = (self._lease_ms, fence_ms)
-        self._release_keys = (self.key, self._wake_key, queue, heartbeats, key + ":released")
+        self._release_keys = (
+            self.key,
+            self._wake_key,
+            queue,
+            heartbeats,
+            key + ":released",
+            key + ":waiting",
+        )
         self._breaker = breaker_for(redis)
         self._gate = asyncio.Lock()
         self._fence: int | None = None
@@ -997,7 +1021,9 @@ class RedisLock(_Lease):
 
     async def _attempt(self, token: str) -> list[int]:
         reply: list[int] = await self._eval(
-            _ACQUIRE, self._acquire_keys, (token, *self._acquire_head, *self._acquire_args)
+            self._acquire_script,
+            self._acquire_keys,
+            (token, *self._acquire_head, *self._acquire_args),
         )
         return reply
 
