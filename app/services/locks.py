@@ -102,7 +102,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from datetime import timedelta
 from functools import lru_cache
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final, Protocol, TypeAlias, TypeVar
+from typing import TYPE_CHECKING, Any, Final, NamedTuple, Protocol, TypeAlias, TypeVar
 
 from redis.exceptions import RedisError
 
@@ -267,6 +267,31 @@ def _keyspace(prefix: str, service: str) -> KeySpace:
 
 def _space(key_prefix: str | None, service: str) -> KeySpace:
     return _keyspace(key_prefix or get_settings().redis_key_prefix, service)
+
+
+class _LockKeys(NamedTuple):
+    """The keys of one lock name (one hash tag), in the orders its scripts take them."""
+
+    key: str
+    wake: str
+    fast: tuple[str, ...]  # lock_acquire_fast.lua
+    fair: tuple[str, ...]  # lock_acquire.lua
+    release: tuple[str, ...]  # lock_release.lua
+
+
+@lru_cache(maxsize=4096)
+def _lock_keys(prefix: str, name: str) -> _LockKeys:
+    """Built once per name: lock objects are made per request, for the same few names."""
+    key = _keyspace(prefix, "lock").tagged(name)
+    fence, wake, waiting = key + ":fence", key + ":wake", key + ":waiting"
+    queue, heartbeats = key + ":queue", key + ":queue-heartbeats"
+    return _LockKeys(
+        key,
+        wake,
+        (key, fence, waiting),
+        (key, fence, queue, heartbeats),
+        (key, wake, queue, heartbeats, key + ":released", waiting),
+    )
 
 
 def _block_cap(client: Any) -> float:
@@ -968,31 +993,20 @@ class RedisLock(_Lease):
             else as_seconds(blocking_timeout, "blocking_timeout", allow_zero=True)
         )
         self.fair = fair
-        self.key = key = _space(key_prefix, "lock").tagged(name)
+        keys = _lock_keys(key_prefix or get_settings().redis_key_prefix, name)
+        self.key = keys.key
+        self._wake_key = keys.wake
         fence_ms = max(_ms(as_seconds(fence_ttl, "fence_ttl")), self._lease_ms)
-        queue, heartbeats = key + ":queue", key + ":queue-heartbeats"
-        self._wake_key = key + ":wake"
         # Non-fair acquirers take the fast script (SET NX PX and the fence; a failed attempt
         # sets the waiter flag); fair ones queue. A release skips the queue and the wake list
         # unless the waiter flag or the queue exists.
         self._acquire_script = _ACQUIRE if fair else _ACQUIRE_FAST
-        self._acquire_keys: tuple[str, ...] = (
-            (key, key + ":fence", queue, heartbeats)
-            if fair
-            else (key, key + ":fence", key + ":waiting")
-        )
+        self._acquire_keys = keys.fair if fair else keys.fast
         self._acquire_args: tuple[ScriptArg, ...] = (
             ("1", _WAITER_TTL_MS) if fair else (_WAITER_TTL_MS,)
         )
         self._acquire_head = (self._lease_ms, fence_ms)
-        self._release_keys = (
-            self.key,
-            self._wake_key,
-            queue,
-            heartbeats,
-            key + ":released",
-            key + ":waiting",
-        )
+        self._release_keys = keys.release
         self._breaker = breaker_for(redis)
         self._gate = asyncio.Lock()
         self._fence: int | None = None
