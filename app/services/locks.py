@@ -45,8 +45,13 @@ What makes it correct by construction:
   compare-and-delete with its token, so a ``SET`` that reached the server
   before the cancellation leaves no key; a cancelled ``release`` still
   completes; cancelling the body of ``async with`` releases the lock.
-* **Waiting without polling storms.** A release pushes a marker to a
-  per-lock wake list (``LPUSH``, trimmed to one, short TTL). In each process
+* **A fast path when nobody waits.** A non-fair acquire is ``SET NX PX`` plus
+  the fencing counter in one short script; a release is a compare-and-delete
+  that touches the queue and the wake list only when a waiter left its mark
+  (a failed non-fair attempt sets ``{name}:waiting`` for a few seconds; fair
+  waiters are in ``{name}:queue``).
+* **Waiting without polling storms.** A release that finds a waiter pushes a
+  marker to a per-lock wake list (``LPUSH``, trimmed to one, short TTL). In each process
   one waiter per lock blocks on it with ``BLPOP`` (bounded below the client's
   ``socket_timeout``, and at most 16 such waits per client, since each holds a
   pooled connection); the others park in memory and are woken by releases in
@@ -97,7 +102,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from datetime import timedelta
 from functools import lru_cache
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final, Protocol, TypeAlias, TypeVar
+from typing import TYPE_CHECKING, Any, Final, NamedTuple, Protocol, TypeAlias, TypeVar
 
 from redis.exceptions import RedisError
 
@@ -161,6 +166,7 @@ _LOCK_ATTRS = {"toolkit.lock.name": "name", "toolkit.lock.kind": "_kind"}  # spa
 _TAKEN = {True: "acquired", False: "timeout"}
 _RELEASED = {True: "released", False: "not_owned"}
 _ACQUIRE = Script.from_package("app.services", "lua/lock_acquire.lua")
+_ACQUIRE_FAST = Script.from_package("app.services", "lua/lock_acquire_fast.lua")
 _RELEASE = Script.from_package("app.services", "lua/lock_release.lua")
 _EXTEND = Script.from_package("app.services", "lua/lock_extend.lua")
 _FENCED_WRITE = Script.from_package("app.services", "lua/lock_fenced_write.lua")
@@ -261,6 +267,31 @@ def _keyspace(prefix: str, service: str) -> KeySpace:
 
 def _space(key_prefix: str | None, service: str) -> KeySpace:
     return _keyspace(key_prefix or get_settings().redis_key_prefix, service)
+
+
+class _LockKeys(NamedTuple):
+    """The keys of one lock name (one hash tag), in the orders its scripts take them."""
+
+    key: str
+    wake: str
+    fast: tuple[str, ...]  # lock_acquire_fast.lua
+    fair: tuple[str, ...]  # lock_acquire.lua
+    release: tuple[str, ...]  # lock_release.lua
+
+
+@lru_cache(maxsize=4096)
+def _lock_keys(prefix: str, name: str) -> _LockKeys:
+    """Built once per name: lock objects are made per request, for the same few names."""
+    key = _keyspace(prefix, "lock").tagged(name)
+    fence, wake, waiting = key + ":fence", key + ":wake", key + ":waiting"
+    queue, heartbeats = key + ":queue", key + ":queue-heartbeats"
+    return _LockKeys(
+        key,
+        wake,
+        (key, fence, waiting),
+        (key, fence, queue, heartbeats),
+        (key, wake, queue, heartbeats, key + ":released", waiting),
+    )
 
 
 def _block_cap(client: Any) -> float:
@@ -928,7 +959,8 @@ class RedisLock(_Lease):
 
     Keys (one hash tag per name): ``<prefix>:lock:{name}`` (owner token, PX
     lease), ``...:fence``, ``...:wake``, ``...:queue``, ``...:queue-heartbeats``,
-    ``...:released`` (the last release's token, 10 s).
+    ``...:released`` (the last release's token, 10 s), ``...:waiting`` (set
+    for a few seconds by a non-fair acquirer that found the lock held).
     """
 
     def __init__(
@@ -961,14 +993,20 @@ class RedisLock(_Lease):
             else as_seconds(blocking_timeout, "blocking_timeout", allow_zero=True)
         )
         self.fair = fair
-        self.key = key = _space(key_prefix, "lock").tagged(name)
+        keys = _lock_keys(key_prefix or get_settings().redis_key_prefix, name)
+        self.key = keys.key
+        self._wake_key = keys.wake
         fence_ms = max(_ms(as_seconds(fence_ttl, "fence_ttl")), self._lease_ms)
-        queue, heartbeats = key + ":queue", key + ":queue-heartbeats"
-        self._wake_key = key + ":wake"
-        self._acquire_keys = (key, key + ":fence", queue, heartbeats)
-        self._acquire_args = ("1" if fair else "0", _WAITER_TTL_MS)
+        # Non-fair acquirers take the fast script (SET NX PX and the fence; a failed attempt
+        # sets the waiter flag); fair ones queue. A release skips the queue and the wake list
+        # unless the waiter flag or the queue exists.
+        self._acquire_script = _ACQUIRE if fair else _ACQUIRE_FAST
+        self._acquire_keys = keys.fair if fair else keys.fast
+        self._acquire_args: tuple[ScriptArg, ...] = (
+            ("1", _WAITER_TTL_MS) if fair else (_WAITER_TTL_MS,)
+        )
         self._acquire_head = (self._lease_ms, fence_ms)
-        self._release_keys = (self.key, self._wake_key, queue, heartbeats, key + ":released")
+        self._release_keys = keys.release
         self._breaker = breaker_for(redis)
         self._gate = asyncio.Lock()
         self._fence: int | None = None
@@ -997,7 +1035,9 @@ class RedisLock(_Lease):
 
     async def _attempt(self, token: str) -> list[int]:
         reply: list[int] = await self._eval(
-            _ACQUIRE, self._acquire_keys, (token, *self._acquire_head, *self._acquire_args)
+            self._acquire_script,
+            self._acquire_keys,
+            (token, *self._acquire_head, *self._acquire_args),
         )
         return reply
 

@@ -74,7 +74,7 @@ Algorithm = Literal["gcra", "sliding_counter", "sliding_log", "fixed_window"]
 
 _SERVICE = "ratelimit"
 _US = 1_000_000.0
-_CHARGE, _PEEK, _RELEASE = b"1", b"0", b"-1"
+_CHARGE, _PEEK, _RELEASE, _CHARGE_BRIEF = b"1", b"0", b"-1", b"2"
 _COSTS = tuple(str(i).encode() for i in range(65))
 
 
@@ -349,14 +349,11 @@ class _Limiter:
             )
         return _COSTS[cost] if cost < len(_COSTS) else str(cost).encode()
 
-    async def _run(
-        self, script: Script, keys: list[str], args: Sequence[ScriptArg]
-    ) -> list[int] | None:
-        """Run *script*; None when Redis is unavailable and the mode is fail-open."""
+    async def _run(self, script: Script, keys: list[str], args: Sequence[ScriptArg]) -> Any:
+        """Run *script*; its reply, or None when Redis is unavailable and the mode is fail-open."""
         try:
             with self._breaker:
-                reply: list[int] = await script(self.redis, keys, args)
-                return reply
+                return await script(self.redis, keys, args)
         except RedisUnavailable as exc:
             if self._fail_open:
                 outcome("degraded", exc)
@@ -447,7 +444,7 @@ class RateLimiter(_Limiter):
     decision (GCRA: when its quota is full again; windows: after their window).
     """
 
-    __slots__ = ("_args", "_script", "algorithm")
+    __slots__ = ("_args", "_check_args", "_script", "algorithm")
 
     def __init__(
         self,
@@ -464,21 +461,22 @@ class RateLimiter(_Limiter):
         super().__init__(redis, resolved, algorithm, failure_mode)
         self.algorithm = algorithm
         self._script = ALGORITHMS[algorithm].script
-        self._args = args
+        # Encoded once per limiter, not per call; is_allowed's whole argument list is constant.
+        self._args = tuple(str(n).encode() for n in args)
+        self._check_args = (b"1", _CHARGE_BRIEF, *self._args)
 
     @traced("ratelimit.check", attrs=_span_attrs, result=_span_outcome)
     async def is_allowed(self, identifier: str | bytes | int) -> bool:
         """Count one hit of *identifier* if every policy admits it; True when admitted.
 
-        A refused hit is not counted anywhere. One ``EVALSHA``; atomic across
-        policies and concurrent callers. Cancelled mid-call, the hit may or
-        may not have been counted (at most once). Redis down: True in
-        fail-open mode, ``RedisUnavailable`` in fail-closed mode.
+        A refused hit is not counted anywhere. One ``EVALSHA`` whose reply is
+        one integer (the script skips the per-policy figures ``hit`` reports);
+        atomic across policies and concurrent callers. Cancelled mid-call, the
+        hit may or may not have been counted (at most once). Redis down: True
+        in fail-open mode, ``RedisUnavailable`` in fail-closed mode.
         """
-        reply = await self._run(
-            self._script, self.keys_for(identifier), (b"1", _CHARGE, *self._args)
-        )
-        return reply is None or reply[0] == 1
+        reply = await self._run(self._script, self.keys_for(identifier), self._check_args)
+        return reply is None or reply == 1
 
     @traced("ratelimit.check", attrs=_span_attrs, result=_span_outcome)
     async def hit(self, identifier: str | bytes | int, cost: int = 1) -> RateLimitDecision:

@@ -3,6 +3,9 @@
 -- KEYS[3] FIFO wait queue (zset)
 -- KEYS[4] waiter heartbeats (zset)
 -- KEYS[5] release receipt (optional): the token of the last release, kept ARGV[3] ms
+-- KEYS[6] waiter flag (optional, set by lock_acquire_fast.lua while non-fair acquirers wait):
+--         when given, a release that finds neither it nor a fair queue (KEYS[3]) stops after
+--         the compare-and-delete: nobody waits, so there is nobody to wake or dequeue
 -- ARGV[1] owner token
 -- ARGV[2] wake marker TTL, milliseconds
 -- ARGV[3] release receipt TTL, milliseconds (with KEYS[5])
@@ -18,6 +21,9 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
   end
 elseif KEYS[5] and redis.call('GET', KEYS[5]) == ARGV[1] then
   return 1
+end
+if KEYS[6] and redis.call('EXISTS', KEYS[6], KEYS[3]) == 0 then
+  return released
 end
 local left = redis.call('ZREM', KEYS[3], ARGV[1])
 redis.call('ZREM', KEYS[4], ARGV[1])

@@ -1,10 +1,11 @@
 -- Fixed window over N policies, all-or-nothing. A window opens at the first hit and lasts its length.
 -- KEYS[i]    counter of policy i (expires when its window closes); all KEYS share one hash tag
 -- ARGV[1]    cost: units asked for (integer >= 0)
--- ARGV[2]    1 to charge, 0 to only look (peek)
+-- ARGV[2]    1 to charge, 0 to only look (peek), 2 to charge and reply with `allowed` alone
 -- ARGV[1+2i] policy i: limit
 -- ARGV[2+2i] policy i: window in milliseconds
--- returns {allowed, then for each policy: fits, remaining, reset_us, retry_us}
+-- returns {allowed, then for each policy: fits, remaining, reset_us, retry_us}; `allowed` alone
+--   (an integer, not a list) when ARGV[2] is 2
 --   allowed    1 when every policy admits the cost (all were charged), else 0 (none was)
 --   fits       1 when this policy alone would admit the cost
 --   remaining  units left in the current window after this call
@@ -12,7 +13,8 @@
 --   retry_us   microseconds until this policy would admit the cost (0 when it fits)
 -- Clock: the server's key expiry (PTTL), never the client's.
 local cost = tonumber(ARGV[1])
-local charge = ARGV[2] == '1'
+local charge = ARGV[2] ~= '0'
+local brief = ARGV[2] == '2' -- is_allowed: the one integer is the whole reply
 local n = #KEYS
 
 local counts, ttls, allowed = {}, {}, 1
@@ -57,4 +59,5 @@ for i = 1, n do
   out[#out + 1] = ttl * 1000
   out[#out + 1] = retry
 end
+if brief then return allowed end
 return out

@@ -4,10 +4,11 @@
 -- KEYS[i]    hash of policy i: s = current window start (us), c = current count, p = previous count
 --            (expires when its current count stops mattering); all KEYS share one hash tag
 -- ARGV[1]    cost: units asked for (integer >= 0)
--- ARGV[2]    1 to charge, 0 to only look (peek)
+-- ARGV[2]    1 to charge, 0 to only look (peek), 2 to charge and reply with `allowed` alone
 -- ARGV[1+2i] policy i: limit
 -- ARGV[2+2i] policy i: window in microseconds
--- returns {allowed, then for each policy: fits, remaining, reset_us, retry_us}
+-- returns {allowed, then for each policy: fits, remaining, reset_us, retry_us}; `allowed` alone
+--   (an integer, not a list) when ARGV[2] is 2
 --   allowed    1 when every policy admits the cost (all were charged), else 0 (none was)
 --   fits       1 when this policy alone would admit the cost
 --   remaining  whole units left after this call
@@ -17,7 +18,8 @@
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
 local cost = tonumber(ARGV[1])
-local charge = ARGV[2] == '1'
+local charge = ARGV[2] ~= '0'
+local brief = ARGV[2] == '2' -- is_allowed: the one integer is the whole reply
 local n = #KEYS
 local eps = 1e-9
 
@@ -61,7 +63,7 @@ for i = 1, n do
   local fits, retry = 1, 0
   if est + cost > limit + eps then
     fits = 0
-    retry = wait_until(limit - cost, est, prev, cur, elapsed, window)
+    if not brief then retry = wait_until(limit - cost, est, prev, cur, elapsed, window) end
   end
   if allowed == 1 and charge and cost > 0 then
     cur = cur + cost
@@ -72,7 +74,7 @@ for i = 1, n do
   local remaining = math.floor(limit - est + eps)
   if remaining < 0 then remaining = 0 end
   local reset = 0
-  if remaining < limit then
+  if remaining < limit and not brief then
     reset = wait_until(limit - remaining - 1, est, prev, cur, elapsed, window)
   end
   out[#out + 1] = fits
@@ -80,4 +82,5 @@ for i = 1, n do
   out[#out + 1] = reset
   out[#out + 1] = retry
 end
+if brief then return allowed end
 return out

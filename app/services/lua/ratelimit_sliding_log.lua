@@ -3,10 +3,11 @@
 -- KEYS[i]    sorted set of policy i: member "<time>:<seq>", score = admission time (us);
 --            expires one window after its newest entry; all KEYS share one hash tag
 -- ARGV[1]    cost: units asked for (integer >= 0)
--- ARGV[2]    1 to charge, 0 to only look (peek)
+-- ARGV[2]    1 to charge, 0 to only look (peek), 2 to charge and reply with `allowed` alone
 -- ARGV[1+2i] policy i: limit
 -- ARGV[2+2i] policy i: window in microseconds
--- returns {allowed, then for each policy: fits, remaining, reset_us, retry_us}
+-- returns {allowed, then for each policy: fits, remaining, reset_us, retry_us}; `allowed` alone
+--   (an integer, not a list) when ARGV[2] is 2
 --   allowed    1 when every policy admits the cost (all were charged), else 0 (none was)
 --   fits       1 when this policy alone would admit the cost
 --   remaining  units left after this call
@@ -16,7 +17,8 @@
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
 local cost = tonumber(ARGV[1])
-local charge = ARGV[2] == '1'
+local charge = ARGV[2] ~= '0'
+local brief = ARGV[2] == '2' -- is_allowed: the one integer is the whole reply
 local n = #KEYS
 
 local counts, allowed = {}, 1
@@ -46,7 +48,7 @@ for i = 1, n do
   local fits, retry = 1, 0
   if count + cost > limit then
     fits = 0
-    retry = expiry_of(KEYS[i], count + cost - limit - 1, window)
+    if not brief then retry = expiry_of(KEYS[i], count + cost - limit - 1, window) end
   end
   if allowed == 1 and charge and cost > 0 then
     local args = {}
@@ -61,10 +63,11 @@ for i = 1, n do
   local remaining = limit - count
   if remaining < 0 then remaining = 0 end
   local reset = 0
-  if count > 0 then reset = expiry_of(KEYS[i], 0, window) end
+  if count > 0 and not brief then reset = expiry_of(KEYS[i], 0, window) end
   out[#out + 1] = fits
   out[#out + 1] = remaining
   out[#out + 1] = reset
   out[#out + 1] = retry
 end
+if brief then return allowed end
 return out

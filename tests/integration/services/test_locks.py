@@ -331,6 +331,58 @@ async def test_a_release_pushes_to_the_fair_queue_heads_own_wake_list(redis: Any
     assert await queued._give_up("head-token")  # released with the token it was taken with
 
 
+@ON_TOPOLOGIES
+async def test_an_uncontended_hold_writes_no_wake_marker_and_no_queue(redis: Any) -> None:
+    """Nobody waits: the release is a compare-and-delete; no wake list or queue appears."""
+    lock = RedisLock(redis, "jobs:1", timeout=30)
+    assert await lock.acquire()
+    await lock.release()
+    leftovers = [lock.key + s for s in (":wake", ":waiting", ":queue", ":queue-heartbeats")]
+    assert await redis.exists(*leftovers) == 0
+    assert not await lock.locked()
+
+
+@ON_TOPOLOGIES
+async def test_a_waiter_arriving_on_a_fast_hold_is_woken_by_its_release(redis: Any) -> None:
+    holder = RedisLock(redis, "jobs:1", timeout=30)
+    assert await holder.acquire()
+    waiter = RedisLock(redis, "jobs:1", timeout=30)
+    reply = await waiter._attempt("waiter-token")  # one failed attempt leaves its mark
+    assert reply[0] == 0 and 0 < reply[1] <= 30_000
+    await holder.release()
+    # The release saw the waiter and pushed a wake marker (same slot as the lock's key).
+    assert await redis.blpop([holder.key + ":wake"], timeout=1) is not None
+    assert await waiter._attempt("waiter-token") == [1, (holder.fence or 0) + 1]
+    assert await waiter._give_up("waiter-token")
+
+
+@ON_TOPOLOGIES
+async def test_a_fast_release_wakes_the_head_of_a_fair_queue(redis: Any) -> None:
+    """A non-fair holder's release with a fair waiter queued wakes that waiter's own list."""
+    holder = RedisLock(redis, "jobs:1", timeout=30)
+    assert await holder.acquire()
+    queued = RedisLock(redis, "jobs:1", timeout=30, fair=True)
+    reply = await queued._attempt("head-token")
+    assert (reply[0], reply[2]) == (0, 1)
+    await holder.release()
+    assert await redis.blpop([holder.key + ":wake:head-token"], timeout=1) is not None
+    assert await queued._attempt("head-token") == [1, (holder.fence or 0) + 1]
+    assert await queued._give_up("head-token")
+
+
+@ON_TOPOLOGIES
+async def test_fences_of_fast_and_fair_acquires_increase_together(redis: Any) -> None:
+    """The fence is there right after acquire, whichever path took the lock."""
+    fences: list[int] = []
+    for fair in (False, True, False, False, True):
+        lock = RedisLock(redis, "jobs:1", timeout=30, fair=fair)
+        assert await lock.acquire()
+        assert lock.fence is not None
+        fences.append(lock.fence)
+        await lock.release()
+    assert fences == sorted(set(fences))  # strictly increasing, one per acquisition
+
+
 # -- extend ------------------------------------------------------------------------------------
 
 

@@ -24,7 +24,7 @@ from tests.integration.topology._support import ON_TOPOLOGIES, ready, topology_u
 ALL: tuple[Algorithm, ...] = get_args(Algorithm)
 ROOT = Path(__file__).resolve().parents[3]
 SCRIPT_COMMANDS = {
-    "time", "get", "set", "pttl", "incrby", "pexpire", "hmget", "hset",
+    "time", "get", "mget", "set", "pttl", "incrby", "pexpire", "hmget", "hset",
     "zremrangebyscore", "zcard", "zrange", "zadd", "zrem",
 }  # fmt: skip
 
@@ -169,6 +169,18 @@ async def test_a_refusal_by_the_per_second_policy_leaves_the_daily_count_unchang
         assert refused.results[1].remaining == 998
     assert await topo.dump(day_key) == stored
     assert (await limiter.peek("u")).results[1].remaining == 998
+
+
+@ON_TOPOLOGIES
+@pytest.mark.parametrize("algorithm", ALL)
+async def test_is_allowed_charges_every_policy_and_its_refusals_none(
+    topo: Any, algorithm: Algorithm
+) -> None:
+    """The one-integer ``is_allowed`` reply counts exactly what ``hit`` reports, on every topology."""
+    limiter = RateLimiter(topo, policies="minute=3/minute;day=5/day", algorithm=algorithm)
+    assert [await limiter.is_allowed("u") for _ in range(5)] == [True, True, True, False, False]
+    minute, day = (await limiter.peek("u")).results
+    assert (minute.remaining, day.remaining) == (0, 2)
 
 
 @ON_TOPOLOGIES

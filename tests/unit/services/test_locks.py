@@ -332,6 +332,61 @@ async def test_a_fair_waiter_that_gives_up_leaves_the_queue(redis: Any) -> None:
     assert await RedisLock(redis, "jobs:1", timeout=5, fair=True).acquire()
 
 
+# -- the fast path (nobody waits) and its transitions ----------------------------------------------
+
+_WAIT_KEYS = (":wake", ":waiting", ":queue", ":queue-heartbeats")
+
+
+async def test_an_uncontended_hold_leaves_no_wake_marker_and_no_queue(redis: Any) -> None:
+    lock = RedisLock(redis, "jobs:1", timeout=30)
+    assert await lock.acquire()
+    await lock.release()
+    assert await redis.exists(*(lock.key + s for s in _WAIT_KEYS)) == 0
+
+
+@pytest.mark.parametrize("fair", [False, True], ids=["plain-waiter", "fair-waiter"])
+async def test_a_release_with_a_waiter_present_wakes_it(redis: Any, fair: bool) -> None:
+    """A waiter that arrives on a fast-path hold is woken: a plain one through the shared
+    wake list, a fair one (first in the queue) through its own."""
+    holder = RedisLock(redis, "jobs:1", timeout=30)
+    assert await holder.acquire()
+    waiter = RedisLock(_peer(redis), "jobs:1", timeout=30, fair=fair)
+    reply = await waiter._attempt("waiter-token")
+    assert reply[0] == 0 and 0 < reply[1] <= 30_000
+    await holder.release()
+    wake_list = holder.key + (":wake:waiter-token" if fair else ":wake")
+    assert await redis.blpop([wake_list], timeout=1) is not None
+    assert await waiter._attempt("waiter-token") == [1, (holder.fence or 0) + 1]
+    assert await waiter._give_up("waiter-token")
+    await waiter.redis.aclose()
+
+
+async def test_a_blocked_waiter_on_a_fast_hold_gets_it_after_the_release(redis: Any) -> None:
+    holder = RedisLock(redis, "jobs:1", timeout=60)
+    assert await holder.acquire()
+    other = _peer(redis)
+    waiter = asyncio.create_task(
+        RedisLock(other, "jobs:1", timeout=5).acquire(blocking=True, blocking_timeout=5)
+    )
+    await eventually(
+        lambda: redis.exists(holder.key + ":waiting"), "the waiter left its mark", timeout=5
+    )
+    await holder.release()
+    assert await waiter
+    await other.aclose()
+
+
+async def test_fences_of_fast_and_fair_acquires_increase_together(redis: Any) -> None:
+    fences: list[int] = []
+    for fair in (False, True, False, False, True):
+        lock = RedisLock(redis, "jobs:1", timeout=30, fair=fair)
+        assert await lock.acquire()
+        assert lock.fence is not None  # there at once, with no further call
+        fences.append(lock.fence)
+        await lock.release()
+    assert fences == sorted(set(fences))
+
+
 # -- cancellation ------------------------------------------------------------------------------
 
 

@@ -112,6 +112,21 @@ async def test_stacked_policies_are_all_or_nothing(
 
 
 @pytest.mark.parametrize("algorithm", ALL)
+async def test_is_allowed_counts_exactly_what_hit_reports(
+    redis: CountingRedis, algorithm: Algorithm
+) -> None:
+    """``is_allowed`` (a one-integer reply) charges every policy, and its refusals nothing."""
+    limiter = RateLimiter(redis, policies="burst=3/minute;daily=5/day", algorithm=algorithm)
+    assert [await limiter.is_allowed("u") for _ in range(5)] == [True, True, True, False, False]
+    burst, daily = (await limiter.peek("u")).results
+    assert (burst.remaining, daily.remaining) == (0, 2)
+    daily_only = RateLimiter(redis, policies="daily=5/day", algorithm=algorithm)
+    assert daily_only.keys_for("u")[0] == limiter.keys_for("u")[1]  # the same counter
+    assert [await daily_only.is_allowed("u") for _ in range(3)] == [True, True, False]
+    assert (await limiter.hit("u")).results[1].remaining == 0
+
+
+@pytest.mark.parametrize("algorithm", ALL)
 async def test_cost_charges_several_units_and_zero_charges_none(
     redis: CountingRedis, algorithm: Algorithm
 ) -> None:
