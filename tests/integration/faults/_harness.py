@@ -57,6 +57,7 @@ __all__ = [
     "new_client",
     "on_every_node",
     "service_app",
+    "topology_connections",
 ]
 
 FAULT_SETTINGS: dict[str, Any] = {
@@ -211,6 +212,16 @@ async def on_every_node(target: FaultTarget, command: Callable[[Redis], Awaitabl
         finally:
             await node.aclose()
     return answers
+
+
+def topology_connections(target: FaultTarget) -> int:
+    """Connections a healthy client may hold to one node beyond its pool.
+
+    On Cluster, redis-py refreshes the slot map through its startup nodes, which
+    keep ``ClusterNode`` objects (and a connection) of their own beside the ones
+    commands use: one more connection to whichever node answered the refresh.
+    """
+    return 1 if target.kind == "cluster" else 0
 
 
 async def connected_clients(target: FaultTarget) -> int:
