@@ -23,7 +23,7 @@ from app.api.routes import (
     streams,
 )
 from app.services.pubsub import Broadcaster, Message
-from tests.integration.faults._harness import Probe, is_problem, is_unavailable
+from tests.integration.faults._harness import FAULT_SETTINGS, Probe, is_problem, is_unavailable
 
 __all__ = [
     "CACHE",
@@ -160,10 +160,18 @@ async def _user_quota(client: httpx.AsyncClient, state: dict[str, Any]) -> httpx
 
 
 def _counted(response: httpx.Response) -> bool:
+    """Allowed and counted once; or twice when Redis's reply came after the socket timeout.
+
+    A reply later than the socket timeout (a loaded machine is enough) makes the client
+    retry the script, which counts the request again: the documented at-least-once
+    outcome (``test_lost_replies.py``). A second count without that wait is still bad.
+    """
     if response.status_code != 200:
         return False
     body = response.json()
-    return body["degraded"] is False and body["policies"][0]["remaining"] == 4
+    remaining = body["policies"][0]["remaining"]
+    retried = response.elapsed.total_seconds() >= FAULT_SETTINGS["redis_socket_timeout"]
+    return body["degraded"] is False and (remaining == 4 or (remaining == 3 and retried))
 
 
 async def _rate_limit_works(client: httpx.AsyncClient, app: FastAPI) -> None:
