@@ -103,7 +103,7 @@ $(BENCH_STAMP): pyproject.toml uv.lock | $(UV)
 bench: $(BENCH_STAMP)
 	@command -v wrk >/dev/null 2>&1 || (apt-get update -q && apt-get install -y -q wrk) || echo "wrk unavailable: the HTTP group is skipped"
 	$(BENCH_VENV)/bin/python -m bench $(BENCH_ARGS)
-	$(BENCH_VENV)/bin/python scripts/bench_page.py bench/results/latest.json docs/benchmarks.md
+	$(BENCH_VENV)/bin/python -m bench.page bench/results/latest.json docs/benchmarks.md
 
 SOAK_SECONDS ?= 60
 

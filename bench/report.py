@@ -18,10 +18,13 @@ def fmt_rate(value: float) -> str:
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]], align: str) -> str:
-    """A markdown table; *align* has one character per column: ``l`` or ``r``."""
+    """A markdown table; *align* has one character per column: ``l`` or ``r``.
+
+    A ``|`` inside a cell (an error message, a command) is escaped so it stays in its cell.
+    """
     lines = ["| " + " | ".join(header) + " |"]
     lines.append("|" + "|".join("---:" if a == "r" else "---" for a in align) + "|")
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
     return "\n".join(lines)
 
 
