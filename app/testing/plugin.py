@@ -29,6 +29,7 @@ server) and ``slow``.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
 import os
@@ -80,6 +81,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=False,
         help="Run the garbage collector after each integration test, so an unclosed "
         "connection or transport fails the test that leaked it rather than a later one",
+    )
+    parser.addini(
+        "fail_on_leftover_tasks",
+        type="bool",
+        default=False,
+        help="Fail an async test that leaves asyncio tasks running after its fixtures are "
+        "torn down: such a task may reconnect a client the test already closed",
     )
     parser.addini(
         "redis_strict_slots",
@@ -196,6 +204,59 @@ def settings_override(monkeypatch: pytest.MonkeyPatch) -> Callable[..., None]:
         _clear_caches()
 
     return apply
+
+
+LEFTOVER_GRACE = 2.0  # seconds a task may take to finish after the test's fixtures closed
+
+
+@pytest.fixture(autouse=True)
+def _leftover_tasks_gate(request: pytest.FixtureRequest) -> None:
+    """Check async tests for leftover tasks when ``fail_on_leftover_tasks`` is on.
+
+    A gate so that sync tests do not pay for an event loop they never use.
+    """
+    if request.config.getini("fail_on_leftover_tasks") and request.node.get_closest_marker(
+        "asyncio"
+    ):
+        request.getfixturevalue("_no_leftover_tasks")
+
+
+@pytest_asyncio.fixture
+async def _no_leftover_tasks() -> AsyncIterator[None]:
+    """Fail the test if tasks it started still run once its other fixtures are torn down.
+
+    Requested first (through the gate), so it is torn down after every other fixture
+    of the test and before the test's event loop closes. A task still running then
+    was neither awaited nor cancelled by the test; closing the loop would cancel it,
+    and its cleanup (``finally: await lock.release()``) would reconnect a client the
+    test already closed, leaving an unclosed connection that warns in a later test.
+    Tasks get ``LEFTOVER_GRACE`` seconds to finish on their own (a cancellation the
+    code under test requested may need a few loop turns).
+    """
+    before = asyncio.all_tasks()
+    yield
+    current = asyncio.current_task()
+    leftover = {t for t in asyncio.all_tasks() - before if t is not current and not t.done()}
+    if not leftover:
+        return
+    _, pending = await asyncio.wait(leftover, timeout=LEFTOVER_GRACE)
+    if not pending:
+        return
+    names = sorted(_describe_task(t) for t in pending)
+    for task in pending:
+        task.cancel()
+    await asyncio.wait(pending, timeout=LEFTOVER_GRACE)
+    pytest.fail(
+        f"{len(pending)} task(s) still running {LEFTOVER_GRACE:.0f}s after the test's "
+        f"fixtures were torn down (await or cancel them in the test): {', '.join(names)}",
+        pytrace=False,
+    )
+
+
+def _describe_task(task: asyncio.Task[Any]) -> str:
+    coro = task.get_coro()
+    where = getattr(coro, "__qualname__", None) or repr(coro)
+    return f"{task.get_name()} ({where})"
 
 
 def _clear_caches() -> None:
