@@ -55,6 +55,7 @@ __all__ = [
     "is_unavailable",
     "lose_one_reply",
     "new_client",
+    "no_connection_left",
     "on_every_node",
     "service_app",
     "topology_connections",
@@ -237,6 +238,19 @@ async def connected_clients(target: FaultTarget) -> int:
         )
 
     return max(await on_every_node(target, app_connections))
+
+
+async def no_connection_left(target: FaultTarget) -> None:
+    """Wait until no app connection is left on any data node (after the app shut down).
+
+    Exact where a count under load can only be bounded: a connection that no pool
+    owns any more (leaked across a restart, say) is not closed by the shutdown.
+    """
+
+    async def none_left() -> bool:
+        return await connected_clients(target) == 0
+
+    await eventually(none_left, "every app connection closed after the app shut down")
 
 
 async def lose_one_reply(

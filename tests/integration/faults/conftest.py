@@ -14,7 +14,7 @@ nodes get their own (``private_target``).
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AsyncExitStack
 
 import pytest
@@ -27,7 +27,25 @@ from app.testing.fault_targets import KINDS, FaultTarget, Kind
 from app.testing.topologies import topology_binaries_missing
 from tests.integration.faults._harness import FAULT_SETTINGS
 
-StartApp = Callable[..., Awaitable[ASGIApp]]
+
+class StartApp:
+    """``app = await start_app(app, url)`` runs *app*'s lifespan against Redis at *url*;
+    ``await start_app.stop()`` shuts every started app down before the test ends."""
+
+    def __init__(self, settings_override: Callable[..., None]) -> None:
+        self._settings_override = settings_override
+        self._stack = AsyncExitStack()
+
+    async def __call__(self, app: ASGIApp, url: str, **settings: object) -> ASGIApp:
+        self._settings_override(redis_url=url, **{**FAULT_SETTINGS, **settings})
+        core_redis.redis_client = core_redis._owned_client = None
+        manager = await self._stack.enter_async_context(
+            LifespanManager(app, startup_timeout=30, shutdown_timeout=30)
+        )
+        return manager.app
+
+    async def stop(self) -> None:
+        await self._stack.aclose()
 
 
 def _start(kind: Kind, *, proxied: bool) -> FaultTarget:
@@ -77,20 +95,13 @@ async def start_app(
     """``app = await start_app(app, url)``: run *app*'s lifespan against Redis at *url*.
 
     The lifespan builds the global client from settings (``FAULT_SETTINGS``), as
-    production does; it is closed when the test ends.
+    production does; it is closed when the test ends (or at ``start_app.stop()``).
     """
-    stack = AsyncExitStack()
-
-    async def start(app: ASGIApp, url: str, **settings: object) -> ASGIApp:
-        settings_override(redis_url=url, **{**FAULT_SETTINGS, **settings})
-        core_redis.redis_client = core_redis._owned_client = None
-        manager = await stack.enter_async_context(
-            LifespanManager(app, startup_timeout=30, shutdown_timeout=30)
-        )
-        return manager.app
-
-    async with stack:
-        yield start
+    runner = StartApp(settings_override)
+    try:
+        yield runner
+    finally:
+        await runner.stop()
 
 
 @pytest.fixture(autouse=True)

@@ -32,6 +32,7 @@ from tests.integration.faults._harness import (
     is_problem,
     is_unavailable,
     new_client,
+    no_connection_left,
     service_app,
     topology_connections,
 )
@@ -65,10 +66,12 @@ async def test_kill_and_restart_mid_workload(
     load.assert_outage_answers("down")
     async with new_client(app) as client:
         await probe.works(client, web)
-    # No stuck or leaked connections: the pool holds about one per concurrent request.
+    # No stuck connections: the pool holds about one per concurrent request.
     assert await connected_clients(private_target) <= WORKERS + 2 + topology_connections(
         private_target
     )
+    await start_app.stop()
+    await no_connection_left(private_target)  # and none leaked: the shutdown closed them all
 
 
 async def test_every_service_recovers_together_after_two_restarts(
@@ -87,9 +90,15 @@ async def test_every_service_recovers_together_after_two_restarts(
     async with new_client(app) as client:
         for probe in probes:
             await probe.works(client, web)
-    assert await connected_clients(private_target) <= 2 * len(probes) + 4 + topology_connections(
+    # No stuck connections. Under CPU contention requests overlap more, and one request
+    # may hold two connections at once (its command and a heartbeat or watchdog renewal
+    # of the same request), so the bound is two per concurrent request, plus background.
+    concurrent = 2 * len(probes)  # Workload(workers=2) per probe
+    assert await connected_clients(private_target) <= 2 * concurrent + 4 + topology_connections(
         private_target
     )
+    await start_app.stop()
+    await no_connection_left(private_target)  # and none leaked: the shutdown closed them all
 
 
 async def test_a_subscriber_open_across_a_restart_is_resubscribed(
