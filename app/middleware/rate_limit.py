@@ -78,12 +78,14 @@ from app.http.problems import send_problem
 from app.services.rate_limit import (
     Algorithm,
     ConcurrencyLimiter,
+    Policy,
+    PolicyLike,
     RateLimitDecision,
     RateLimiter,
     RateLimitResult,
+    as_policies,
     validate_policies,
 )
-from app.services.rate_limit_policy import Policy, PolicyLike, as_policies
 
 __all__ = [
     "APIKey",

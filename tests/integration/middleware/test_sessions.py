@@ -39,7 +39,7 @@ async def _client(make: AppClientFactory, redis: Any, hooks: Hooks | None = None
 def _record_key(redis: Redis, cookie: str) -> str:
     """The Redis key of the session record a (signed) session cookie names."""
     family, token = cookie.rpartition(".")[0].split(".")
-    return SessionStore(redis)._record_key(family, token)
+    return SessionStore(redis)._keys.record(family, token)
 
 
 async def _ttl_below(redis: Redis, key: str, ms: int) -> None:

@@ -33,7 +33,7 @@ async def client(topology_redis: Any, decode_responses: bool) -> AsyncIterator[A
 
 def _key(store: SessionStore, session_id: str) -> str:
     family, token = session_id.split(".")
-    return store._record_key(family, token)
+    return store._keys.record(family, token)
 
 
 async def _ttl_below(client: Any, key: str, ms: int) -> None:
@@ -197,7 +197,7 @@ async def test_a_fixated_id_is_worthless_after_the_victim_logs_in(client: Any) -
 async def test_tombstone_and_index_expire(client: Any) -> None:
     store = SessionStore(client, tombstone_ttl=0.3, absolute_ttl=5)
     rec = await store.create(data={"user": "alice"})
-    index = store._index_key("alice")
+    index = store._keys.index("alice")
     assert 5_000 < await client.pttl(index) <= 65_000  # absolute lifetime + margin
     await store.delete(rec.id)
     with pytest.raises(SessionNotFound, match="deleted"):

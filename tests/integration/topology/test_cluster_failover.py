@@ -89,7 +89,7 @@ async def test_services_survive_the_failover_of_a_primary(
     limiter = RateLimiter(client, max_requests=1000, window_seconds=3600)
     session = await store.create(data={"user": "alice"})
     family = session.id.split(".")[0]
-    victim_node = client.get_node_from_key(store._record_key(family, "x"))
+    victim_node = client.get_node_from_key(store._keys.record(family, "x"))
     [victim] = [s for s in cluster.servers if s.port == victim_node.port]
     broadcaster = Broadcaster(
         client, ping_interval=0.2, ping_timeout=0.5, connect_timeout=0.5, backoff_cap=0.2
@@ -164,6 +164,6 @@ async def test_services_survive_the_failover_of_a_primary(
             )
     finally:
         await broadcaster.aclose(drain_timeout=0.5)
-    new_owner = client.get_node_from_key(store._record_key(family, "x"))
+    new_owner = client.get_node_from_key(store._keys.record(family, "x"))
     assert new_owner.port != victim.port
     assert (await store.get(session.id)) is not None  # replicated before the crash

@@ -20,7 +20,7 @@ from app.core.errors import IdempotencyKeyInvalid
 from app.core.redis import lifespan
 from app.middleware.idempotency import parse_idempotency_key
 from app.middleware.sessions import SessionMiddleware
-from app.services.rate_limit_policy import Policy, parse_policies
+from app.services.rate_limit import Policy, parse_policies
 from app.services.sessions import new_session_id
 from app.testing.slots import slot_checking_fake_redis
 from tests.unit.fuzz._asgi import running_app

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from app.services.rate_limit_policy import Policy, as_policies, parse_policies
+from app.services.rate_limit import Policy, as_policies, parse_policies
 
 
 @pytest.mark.parametrize(

@@ -322,7 +322,7 @@ async def test_a_session_that_changed_subject_is_not_revoked_with_the_old_one(
     # The index is written before the record, so a crash can leave extra ids, never missing
     # ones; simulate the leftover: the id is still listed under alice.
     await store.merge(rec.id, base_version=1, changes={"user": "bob"})
-    await store._add_to_index("alice", rec.id)
+    await store._index.add("alice", rec.id)
     assert await store.delete_all_for("alice") == 0
     assert await store.get(rec.id) is not None
 
@@ -332,7 +332,7 @@ async def test_touch_restarts_the_idle_timeout_within_the_absolute_bound(
 ) -> None:
     store = SessionStore(client, idle_ttl=100, absolute_ttl=1000)
     rec = await store.create(data={})
-    key = store._record_key(*rec.id.split("."))
+    key = store._keys.record(*rec.id.split("."))
     assert 0 < await client.pttl(key) <= 100_000
     await client.pexpire(key, 5_000)
     assert await store.touch(rec.id) is True
@@ -340,7 +340,7 @@ async def test_touch_restarts_the_idle_timeout_within_the_absolute_bound(
     short = SessionStore(client, idle_ttl=1000, absolute_ttl=100)
     rec2 = await short.create(data={})
     assert await short.touch(rec2.id) is True
-    assert await client.pttl(short._record_key(*rec2.id.split("."))) <= 100_000
+    assert await client.pttl(short._keys.record(*rec2.id.split("."))) <= 100_000
 
 
 async def test_every_key_has_a_ttl_and_one_script_keeps_to_one_hash_tag(
@@ -388,9 +388,11 @@ async def test_bad_ttls_are_refused(client: Any) -> None:
 
 def test_fast_key_builders_match_the_key_space(store: SessionStore) -> None:
     family, token = new_session_id().split(".")
-    assert store._record_key(family, token) == KeySpace("app", "session").tagged(family, token)
-    assert store._moved_key(family, token) == KeySpace("app", "session.moved").tagged(family, token)
-    assert store._gone_key(family, token) == KeySpace("app", "session.gone").tagged(family, token)
+    assert store._keys.record(family, token) == KeySpace("app", "session").tagged(family, token)
+    assert store._keys.moved(family, token) == KeySpace("app", "session.moved").tagged(
+        family, token
+    )
+    assert store._keys.gone(family, token) == KeySpace("app", "session.gone").tagged(family, token)
 
 
 class LostReplyRedis(SlotCheckingRedis):
@@ -489,6 +491,6 @@ async def test_the_write_nonces_kept_on_a_record_are_bounded(client: Any) -> Non
     rec = await store.create(data={})
     for i in range(20):
         await store.merge(rec.id, base_version=0, changes={"n": i})
-    fields = await client.hkeys(store._record_key(*rec.id.split(".")))
+    fields = await client.hkeys(store._keys.record(*rec.id.split(".")))
     names = [f.decode() if isinstance(f, bytes) else f for f in fields]
     assert len([n for n in names if n.startswith("w:")]) == 4

@@ -1,23 +1,6 @@
-"""Rate-limit policies: how many units, per how long, under which name.
+"""Rate-limit policies: ``Policy``, parsed from text or built in code.
 
-A ``Policy`` is a quota (``limit``) over a ``window`` in seconds, with a name
-that HTTP headers and ``violated-policies`` report. Policies come from code
-(``Policy(100, 60, name="burst")``) or from text::
-
-    "10/second"            10 requests per second        name "10-per-second"
-    "100/minute"           100 per minute                name "100-per-minute"
-    "5 per 10 seconds"     5 per 10 s                    name "5-per-10s"
-    "20/500ms"             20 per half second            name "20-per-500ms"
-    "burst=10/second"      a named policy                name "burst"
-    "10/second;1000/day"   two policies, checked together (all-or-nothing)
-    "4 concurrent"         at most 4 requests in flight  name "4-concurrent"
-
-Units: ``ms``/``millisecond``, ``s``/``sec``/``second``, ``m``/``min``/``minute``,
-``h``/``hr``/``hour``, ``d``/``day``, ``week`` (plural ``s`` accepted).
-Separators between policies: ``;`` or ``,``.
-
-A policy's storage key is derived from its name, limit, window and burst, so
-changing any of them starts a fresh count instead of misreading old state.
+The text syntax is documented in the package docstring (``app.services.rate_limit``).
 """
 
 from __future__ import annotations

@@ -1,43 +1,15 @@
-"""Idempotency keys in Redis: remember that a request was seen, and what it returned.
+"""``IdempotencyService``: one Redis hash per key, claimed, completed or released by Lua.
 
-Two layers over one record per key (a Redis hash that expires):
-
-* The DESIGN.md contract for plain code: ``is_duplicate(key)`` (atomically marks
-  the key as seen and says whether it already was), ``store_request(key, result)``
-  and ``get_result(key)``.
-* The primitives the HTTP middleware is built on: ``claim`` answers *new*,
-  *in flight*, *completed* (with the stored result) or *mismatch* (the key was
-  used with another fingerprint) in one Lua round trip, and hands the caller
-  of a new claim an owner token. ``complete`` and ``release`` succeed only with
-  that token, so a slow worker whose claim expired cannot overwrite or delete a
-  newer claim. While the work runs, a ``heartbeat`` renews a short in-flight
-  lease; a crashed worker's key becomes claimable once the lease runs out,
-  not after the 24 h result TTL.
-
-Record lifecycle::
-
-    (absent) --claim--> in flight (lease, renewed by the heartbeat)
-        in flight --complete(token)--> completed (kept for ttl)
-        in flight --release(token) / lease expiry--> (absent)
-
-Waiters (``claim(..., wait=5)``) park on a per-key list with ``BLPOP``; the
-owner's ``complete`` or ``release`` pushes one element per waiter, so they
-wake at once instead of polling. Every key of one record shares a hash tag
-(Redis Cluster). Redis down: every method raises ``RedisUnavailable`` (the
-service fails closed; the middleware turns that into 503).
+See the package docstring for the record lifecycle and the waiters' wake-up list.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
-import logging
 import secrets
 from collections.abc import Sequence
-from dataclasses import dataclass
-from types import TracebackType
-from typing import Any, Final, Literal
+from typing import Any, Final
 
 from app.core.codec import Codec, default_codec
 from app.core.config import get_settings
@@ -46,24 +18,16 @@ from app.core.keys import KeySpace
 from app.core.redis import AnyRedis, breaker_for, client_decodes_responses
 from app.core.scripts import Script
 from app.core.telemetry import traced
+from app.services.idempotency._claim import OUTCOMES, STATUS, Claim
+from app.services.idempotency._heartbeat import Heartbeat
 
-__all__ = ["Claim", "ClaimStatus", "Heartbeat", "IdempotencyService"]
+__all__ = ["IdempotencyService"]
 
-log = logging.getLogger("app.idempotency")
+_CLAIM = Script.from_package("app.services.idempotency", "lua/idempotency_claim.lua")
+_COMPLETE = Script.from_package("app.services.idempotency", "lua/idempotency_complete.lua")
+_RELEASE = Script.from_package("app.services.idempotency", "lua/idempotency_release.lua")
+_RENEW = Script.from_package("app.services.idempotency", "lua/idempotency_renew.lua")
 
-ClaimStatus = Literal["new", "in_flight", "completed", "mismatch"]
-
-_CLAIM = Script.from_package("app.services", "lua/idempotency_claim.lua")
-_COMPLETE = Script.from_package("app.services", "lua/idempotency_complete.lua")
-_RELEASE = Script.from_package("app.services", "lua/idempotency_release.lua")
-_RENEW = Script.from_package("app.services", "lua/idempotency_renew.lua")
-
-_STATUS: Final[dict[int, ClaimStatus]] = {
-    0: "new",
-    1: "in_flight",
-    2: "completed",
-    3: "mismatch",
-}
 _MAX_BLOCK: Final = 1.0  # longest single BLPOP while waiting; the loop re-checks the lease
 _NOTIFY_TTL_MS: Final = 60_000
 _ABSENT: Final = 4  # the claim script's answer for a fallback record that does not exist
@@ -83,31 +47,6 @@ def _look(name: str, key: str) -> bytes:
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
-
-
-_OUTCOMES = {"new": "new", "completed": "replay", "in_flight": "conflict", "mismatch": "mismatch"}
-
-
-@dataclass(frozen=True, slots=True)
-class Claim:
-    """What ``claim`` found.
-
-    ``status`` is ``"new"`` (you own the key: do the work, then ``complete`` or
-    ``release`` with ``token``), ``"in_flight"`` (someone else is doing it;
-    ``lease_remaining`` seconds are left on their lease), ``"completed"``
-    (``result`` is what they stored) or ``"mismatch"`` (the key was used with
-    another fingerprint).
-    """
-
-    status: ClaimStatus
-    key: str
-    token: str | None = None
-    result: Any = None
-    lease_remaining: float | None = None
-
-    @property
-    def is_new(self) -> bool:
-        return self.status == "new"
 
 
 class IdempotencyService:
@@ -211,7 +150,7 @@ class IdempotencyService:
 
     # -- primitives ----------------------------------------------------------
 
-    @traced("idempotency.claim", result=lambda claim: _OUTCOMES[claim.status])
+    @traced("idempotency.claim", result=lambda claim: OUTCOMES[claim.status])
     async def claim(
         self,
         key: str,
@@ -260,7 +199,7 @@ class IdempotencyService:
                     )
                 if int(code) != _ABSENT:
                     break
-            status = _STATUS[int(code)]
+            status = STATUS[int(code)]
             if status == "new":
                 return Claim("new", name, token=token)
             if status == "completed":
@@ -338,70 +277,3 @@ class IdempotencyService:
         renewal finds the claim gone; the heartbeat then stops.
         """
         return Heartbeat(self, key, token, interval=interval or self.lease / 3)
-
-
-class Heartbeat:
-    """Renews one in-flight claim in the background until stopped (see ``heartbeat``).
-
-    A renewal that fails because Redis is unreachable is logged and retried at
-    the next tick (the lease may survive a short outage); a renewal that finds
-    the claim taken or gone sets ``lost`` and ends the task.
-    """
-
-    __slots__ = ("_service", "_task", "interval", "key", "lost", "renewals", "token")
-
-    def __init__(
-        self, service: IdempotencyService, key: str, token: str, *, interval: float
-    ) -> None:
-        if not interval > 0:
-            raise ConfigurationError(f"heartbeat interval must be positive, got {interval!r}")
-        self._service = service
-        self.key = key
-        self.token = token
-        self.interval = interval
-        self.lost = False
-        self.renewals = 0
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> Heartbeat:
-        """Start renewing (idempotent)."""
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name=f"idempotency-heartbeat:{self.key}")
-        return self
-
-    async def stop(self) -> None:
-        """Stop renewing and wait for the task to end (safe to call twice)."""
-        task, self._task = self._task, None
-        if task is not None and not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval)
-            try:
-                renewed = await self._service.renew(self.key, self.token)
-            except Exception as exc:  # Redis down or erroring: the lease may still survive
-                log.warning("idempotency lease renewal failed (retrying next tick): %s", exc)
-                continue
-            if not renewed:
-                self.lost = True
-                log.warning(
-                    "idempotency claim %s lost its lease while the request was still running; "
-                    "a retry may run it again (raise the lease or check Redis latency)",
-                    self.key,
-                )
-                return
-            self.renewals += 1
-
-    async def __aenter__(self) -> Heartbeat:
-        return self.start()
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()

@@ -1,0 +1,86 @@
+"""The background task that renews an in-flight idempotency claim while its request runs."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from types import TracebackType
+from typing import Protocol
+
+from app.core.errors import ConfigurationError
+
+__all__ = ["Heartbeat", "Renewer"]
+
+log = logging.getLogger("app.idempotency")
+
+
+class Renewer(Protocol):
+    """What a heartbeat needs of the service: ``IdempotencyService.renew``."""
+
+    async def renew(self, key: str, token: str) -> bool: ...
+
+
+class Heartbeat:
+    """Renews one in-flight claim in the background until stopped (see ``heartbeat``).
+
+    A renewal that fails because Redis is unreachable is logged and retried at
+    the next tick (the lease may survive a short outage); a renewal that finds
+    the claim taken or gone sets ``lost`` and ends the task.
+    """
+
+    __slots__ = ("_service", "_task", "interval", "key", "lost", "renewals", "token")
+
+    def __init__(self, service: Renewer, key: str, token: str, *, interval: float) -> None:
+        if not interval > 0:
+            raise ConfigurationError(f"heartbeat interval must be positive, got {interval!r}")
+        self._service = service
+        self.key = key
+        self.token = token
+        self.interval = interval
+        self.lost = False
+        self.renewals = 0
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> Heartbeat:
+        """Start renewing (idempotent)."""
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name=f"idempotency-heartbeat:{self.key}")
+        return self
+
+    async def stop(self) -> None:
+        """Stop renewing and wait for the task to end (safe to call twice)."""
+        task, self._task = self._task, None
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                renewed = await self._service.renew(self.key, self.token)
+            except Exception as exc:  # Redis down or erroring: the lease may still survive
+                log.warning("idempotency lease renewal failed (retrying next tick): %s", exc)
+                continue
+            if not renewed:
+                self.lost = True
+                log.warning(
+                    "idempotency claim %s lost its lease while the request was still running; "
+                    "a retry may run it again (raise the lease or check Redis latency)",
+                    self.key,
+                )
+                return
+            self.renewals += 1
+
+    async def __aenter__(self) -> Heartbeat:
+        return self.start()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
