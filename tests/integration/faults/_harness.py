@@ -113,7 +113,7 @@ class Probe:
     degraded: Callable[[httpx.Response], bool]
     works: Callable[[httpx.AsyncClient, FastAPI], Awaitable[None]]
     script: str | None = None
-    """The Lua script (a file under ``app/services/lua``) that ``send`` runs once warm."""
+    """The Lua script (a file in a ``lua/`` folder under ``app/services``) that ``send`` runs once warm."""
     settings: Mapping[str, object] = field(default_factory=dict)
     """Settings this probe runs with (e.g. a failure mode)."""
 

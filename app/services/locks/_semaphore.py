@@ -44,7 +44,7 @@ from app.core.errors import ConfigurationError, LockError, LockNotAcquired
 from app.core.redis import AnyRedis, breaker_for
 from app.core.scripts import Script, ScriptArg
 from app.core.telemetry import from_self, traced
-from app.services.locks import (
+from app.services.locks._lock import (
     _LOCK_ATTRS,
     _RECEIPT_TTL_MS,
     _TAKEN,
@@ -66,10 +66,10 @@ from app.services.locks import (
 
 __all__ = ["Permit", "Semaphore"]
 
-_ACQUIRE = Script.from_package("app.services", "lua/lock_semaphore_acquire.lua")
-_RELEASE = Script.from_package("app.services", "lua/lock_semaphore_release.lua")
-_EXTEND = Script.from_package("app.services", "lua/lock_semaphore_extend.lua")
-_COUNT = Script.from_package("app.services", "lua/lock_semaphore_count.lua")
+_ACQUIRE = Script.from_package("app.services.locks", "lua/lock_semaphore_acquire.lua")
+_RELEASE = Script.from_package("app.services.locks", "lua/lock_semaphore_release.lua")
+_EXTEND = Script.from_package("app.services.locks", "lua/lock_semaphore_extend.lua")
+_COUNT = Script.from_package("app.services.locks", "lua/lock_semaphore_count.lua")
 
 _entered: ContextVar[tuple[Permit, ...]] = ContextVar("app_semaphore_entered", default=())
 """Permits taken by ``async with semaphore`` in the current task, innermost last."""

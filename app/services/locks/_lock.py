@@ -102,7 +102,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from datetime import timedelta
 from functools import lru_cache
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final, NamedTuple, Protocol, TypeAlias, TypeVar
+from typing import Any, Final, NamedTuple, Protocol, TypeAlias, TypeVar
 
 from redis.exceptions import RedisError
 
@@ -120,18 +120,11 @@ from app.core.redis import AnyRedis, CircuitBreaker, breaker_for
 from app.core.scripts import Script, ScriptArg
 from app.core.telemetry import from_self, traced
 
-if TYPE_CHECKING:
-    from app.services.redlock import Redlock
-    from app.services.semaphore import Permit, Semaphore
-
 __all__ = [
     "DEFAULT_FENCE_TTL",
     "LostCallback",
-    "Permit",
     "RedisLock",
-    "Redlock",
     "Seconds",
-    "Semaphore",
     "as_seconds",
     "fenced_write",
     "lease_drift",
@@ -165,24 +158,11 @@ _MAX_BLOCKED_PER_CLIENT: Final = 16  # BLPOPs in flight per client (each holds a
 _LOCK_ATTRS = {"toolkit.lock.name": "name", "toolkit.lock.kind": "_kind"}  # span attr -> attr
 _TAKEN = {True: "acquired", False: "timeout"}
 _RELEASED = {True: "released", False: "not_owned"}
-_ACQUIRE = Script.from_package("app.services", "lua/lock_acquire.lua")
-_ACQUIRE_FAST = Script.from_package("app.services", "lua/lock_acquire_fast.lua")
-_RELEASE = Script.from_package("app.services", "lua/lock_release.lua")
-_EXTEND = Script.from_package("app.services", "lua/lock_extend.lua")
-_FENCED_WRITE = Script.from_package("app.services", "lua/lock_fenced_write.lua")
-
-
-def __getattr__(name: str) -> Any:
-    # Semaphore and Redlock live in their own modules (which import this one).
-    if name in ("Semaphore", "Permit"):
-        from app.services import semaphore
-
-        return getattr(semaphore, name)
-    if name == "Redlock":
-        from app.services.redlock import Redlock
-
-        return Redlock
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+_ACQUIRE = Script.from_package("app.services.locks", "lua/lock_acquire.lua")
+_ACQUIRE_FAST = Script.from_package("app.services.locks", "lua/lock_acquire_fast.lua")
+_RELEASE = Script.from_package("app.services.locks", "lua/lock_release.lua")
+_EXTEND = Script.from_package("app.services.locks", "lua/lock_extend.lua")
+_FENCED_WRITE = Script.from_package("app.services.locks", "lua/lock_fenced_write.lua")
 
 
 # -- small helpers --------------------------------------------------------------

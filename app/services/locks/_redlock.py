@@ -49,7 +49,7 @@ from typing import Any
 from app.core.errors import ConfigurationError, LockNotAcquired, RedisUnavailable, ToolkitError
 from app.core.redis import AnyRedis, breaker_for
 from app.core.telemetry import from_self, traced
-from app.services.locks import (
+from app.services.locks._lock import (
     _EXTEND,
     _LOCK_ATTRS,
     _RELEASE,
