@@ -28,9 +28,8 @@ from app.middleware.rate_limit import rate_limit
 from app.middleware.sessions import Session, load_session
 from app.services.cache import CacheService, get_cache
 from app.services.http_cache import HttpResponseCache
-from app.services.locks import RedisLock, Seconds, as_seconds, lease_drift
+from app.services.locks import Permit, RedisLock, Seconds, Semaphore, as_seconds, lease_drift
 from app.services.pubsub import Broadcaster
-from app.services.semaphore import Permit, Semaphore
 from app.services.sessions import SessionStore
 from app.services.streams import StreamProducer
 

@@ -34,7 +34,7 @@ _REPLAY = Script.from_package("app.console", "lua/console_replay.lua")
 # The lock's own release script (compare-and-delete, then wake one waiter), called with the
 # holder's token the operator confirmed and without the release receipt (KEYS[5]): the
 # evicted holder's own release() must still report that it no longer owned the lock.
-_RELEASE = Script.from_package("app.services", "lua/lock_release.lua")
+_RELEASE = Script.from_package("app.services.locks", "lua/lock_release.lua")
 _WAKE_TTL_MS = 10_000
 
 

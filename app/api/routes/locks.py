@@ -18,8 +18,7 @@ from fastapi import APIRouter, FastAPI, Query
 
 from app.api.deps import LOCK_RESPONSES, RedisDep, request_lock, request_semaphore
 from app.core.redis import Lifespan
-from app.services.locks import RedisLock
-from app.services.semaphore import Permit
+from app.services.locks import Permit, RedisLock
 
 __all__ = ["EXPORT_LIMIT", "lifespan", "router", "setup"]
 

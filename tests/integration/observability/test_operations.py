@@ -17,10 +17,9 @@ from app.core.errors import LockNotOwned, SessionConflict
 from app.observability.testing import Capture
 from app.services.cache import CacheService
 from app.services.idempotency import IdempotencyService
-from app.services.locks import RedisLock
+from app.services.locks import RedisLock, Semaphore
 from app.services.pubsub import Broadcaster
 from app.services.rate_limit import RateLimiter
-from app.services.semaphore import Semaphore
 from app.services.sessions import SessionStore
 from app.services.streams import StreamConsumer, StreamMessage, StreamProducer
 from app.testing.waiting import eventually

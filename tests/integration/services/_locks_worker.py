@@ -17,8 +17,7 @@ import sys
 from redis.asyncio import Redis
 
 from app.core.redis import build_client
-from app.services.locks import RedisLock
-from app.services.semaphore import Semaphore
+from app.services.locks import RedisLock, Semaphore
 from app.testing.waiting import pop_signal
 
 COUNTER_KEY = "locks-test:counter"

@@ -14,8 +14,7 @@ from app.api.deps import request_lock, request_semaphore
 from app.api.problems import install_problem_handlers
 from app.api.routes import locks as lock_routes
 from app.core.errors import ConfigurationError
-from app.services.locks import RedisLock
-from app.services.semaphore import Semaphore
+from app.services.locks import RedisLock, Semaphore
 from app.testing.plugin import AppClientFactory
 from app.testing.waiting import eventually
 

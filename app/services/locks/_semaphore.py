@@ -1,35 +1,7 @@
-"""A distributed counting semaphore: at most ``limit`` holders, each permit with its own lease.
+"""A distributed counting semaphore (``Semaphore``) and its held ``Permit``.
 
-::
-
-    exports = Semaphore(redis, "exports", limit=3, timeout=30)
-
-    async with exports as permit:          # each entering task gets its own permit
-        ...                                # at most 3 run at once, across processes
-
-    permit = await exports.acquire()       # non-blocking -> Permit | None
-    if permit is not None:
-        try:
-            ...
-        finally:
-            await permit.release()
-
-Holders live in one sorted set, scored by the server time at which each
-permit's lease ends. The acquire script drops expired permits first, so a
-holder that crashed (or stalled past its lease) gives its permit back after
-its lease, without any janitor. Release, extend and the watchdog work per
-permit exactly as for ``RedisLock``: compare-and-act scripts keyed by the
-permit's own token, ``auto_renew=True`` renews every ``timeout/3`` and cancels
-the ``async with`` block with ``LockLost`` if the permit is lost or no renewal
-is confirmed by ``permit.deadline`` (the lease counted from when its last
-acquire/renewal was sent, minus ``drift``), and a cancelled acquire leaves no
-permit behind. Waiters are woken by releases
-(``BLPOP`` on a wake list, in-process wake-ups, jittered polling as the
-fallback); ``fair=True`` serves fair waiters in FIFO order.
-
-``limit`` is not stored in Redis: every user of one name must pass the same
-limit (a smaller one only restricts that user). When Redis is down every
-operation raises ``RedisUnavailable``.
+A ``Permit`` is a ``Lease`` (its own token, lease and watchdog), as a ``RedisLock`` is;
+``Semaphore``'s docstring says how holders, waiters and leases work.
 """
 
 from __future__ import annotations
@@ -44,38 +16,38 @@ from app.core.errors import ConfigurationError, LockError, LockNotAcquired
 from app.core.redis import AnyRedis, breaker_for
 from app.core.scripts import Script, ScriptArg
 from app.core.telemetry import from_self, traced
-from app.services.locks import (
-    _LOCK_ATTRS,
-    _RECEIPT_TTL_MS,
-    _TAKEN,
-    _WAITER_TTL_MS,
-    _WAKE_TTL_MS,
+from app.services.locks._common import (
+    LOCK_ATTRS,
+    RECEIPT_TTL_MS,
+    TAKEN,
+    WAITER_TTL_MS,
+    WAKE_TTL_MS,
     LostCallback,
     Seconds,
-    _contend,
-    _guarded,
-    _Lease,
-    _ms,
-    _notify_local,
-    _space,
-    _waited,
     as_seconds,
+    guarded,
+    keyspace,
     lease_drift,
+    to_ms,
     wait_bound,
+    waited,
 )
+from app.services.locks._lease import Lease
+from app.services.locks._scripts import (
+    SEMAPHORE_ACQUIRE,
+    SEMAPHORE_COUNT,
+    SEMAPHORE_EXTEND,
+    SEMAPHORE_RELEASE,
+)
+from app.services.locks._waiting import contend, notify_local
 
 __all__ = ["Permit", "Semaphore"]
-
-_ACQUIRE = Script.from_package("app.services", "lua/lock_semaphore_acquire.lua")
-_RELEASE = Script.from_package("app.services", "lua/lock_semaphore_release.lua")
-_EXTEND = Script.from_package("app.services", "lua/lock_semaphore_extend.lua")
-_COUNT = Script.from_package("app.services", "lua/lock_semaphore_count.lua")
 
 _entered: ContextVar[tuple[Permit, ...]] = ContextVar("app_semaphore_entered", default=())
 """Permits taken by ``async with semaphore`` in the current task, innermost last."""
 
 
-class Permit(_Lease):
+class Permit(Lease):
     """One held permit of a ``Semaphore``: its own token, lease and watchdog.
 
     A handle: pass it to another task if that task should release it.
@@ -144,6 +116,37 @@ class Permit(_Lease):
 class Semaphore:
     """At most *limit* concurrent holders of *name*, across processes and machines.
 
+    ::
+
+        exports = Semaphore(redis, "exports", limit=3, timeout=30)
+
+        async with exports as permit:          # each entering task gets its own permit
+            ...                                # at most 3 run at once, across processes
+
+        permit = await exports.acquire()       # non-blocking -> Permit | None
+        if permit is not None:
+            try:
+                ...
+            finally:
+                await permit.release()
+
+    Holders live in one sorted set, scored by the server time at which each
+    permit's lease ends. The acquire script drops expired permits first, so a
+    holder that crashed (or stalled past its lease) gives its permit back after
+    its lease, without any janitor. Release, extend and the watchdog work per
+    permit exactly as for ``RedisLock``: compare-and-act scripts keyed by the
+    permit's own token, ``auto_renew=True`` renews every ``timeout/3`` and cancels
+    the ``async with`` block with ``LockLost`` if the permit is lost or no renewal
+    is confirmed by ``permit.deadline`` (the lease counted from when its last
+    acquire/renewal was sent, minus ``drift``), and a cancelled acquire leaves no
+    permit behind. Waiters are woken by releases
+    (``BLPOP`` on a wake list, in-process wake-ups, jittered polling as the
+    fallback); ``fair=True`` serves fair waiters in FIFO order.
+
+    ``limit`` is not stored in Redis: every user of one name must pass the same
+    limit (a smaller one only restricts that user). When Redis is down every
+    operation raises ``RedisUnavailable``.
+
     Args:
         redis: any ``redis.asyncio`` client, ``RedisCluster`` or fakeredis.
         name: what is limited, e.g. ``"exports"`` (escaped into the key).
@@ -209,11 +212,11 @@ class Semaphore:
         self.auto_renew = auto_renew
         self.on_lost = on_lost
         self.fair = fair
-        self.key = key = _space(key_prefix, "semaphore").tagged(name)
+        self.key = key = keyspace(key_prefix, "semaphore").tagged(name)
         self._wake_key = key + ":wake"
         queue, heartbeats = key + ":queue", key + ":queue-heartbeats"
         self._acquire_keys = (self.key, queue, heartbeats)
-        self._acquire_args = (limit, _ms(self.timeout), "1" if fair else "0", _WAITER_TTL_MS)
+        self._acquire_args = (limit, to_ms(self.timeout), "1" if fair else "0", WAITER_TTL_MS)
         self._release_keys = (self.key, self._wake_key, queue, heartbeats, key + ":released")
         self._breaker = breaker_for(redis)
 
@@ -223,7 +226,7 @@ class Semaphore:
     async def _eval(
         self, script: Script, keys: Sequence[ScriptArg], args: Sequence[ScriptArg]
     ) -> Any:
-        return await _guarded(
+        return await guarded(
             lambda: script(self.redis, keys, args),
             self._breaker,
             "semaphore",
@@ -233,26 +236,28 @@ class Semaphore:
 
     async def _attempt(self, token: str) -> list[int]:
         reply: list[int] = await self._eval(
-            _ACQUIRE, self._acquire_keys, (token, *self._acquire_args)
+            SEMAPHORE_ACQUIRE, self._acquire_keys, (token, *self._acquire_args)
         )
         return reply
 
     async def _release_token(self, token: str) -> bool:
         released = await self._eval(
-            _RELEASE, self._release_keys, (token, _WAKE_TTL_MS, self.limit, _RECEIPT_TTL_MS)
+            SEMAPHORE_RELEASE, self._release_keys, (token, WAKE_TTL_MS, self.limit, RECEIPT_TTL_MS)
         )
         if released:
-            _notify_local(self.redis, self._wake_key)
+            notify_local(self.redis, self._wake_key)
         return bool(released)
 
     async def _give_up(self, token: str) -> bool:
         return await self._release_token(token)
 
     async def _extend(self, token: str, ms: int, replace: bool) -> int:
-        return int(await self._eval(_EXTEND, (self.key,), (token, ms, "1" if replace else "0")))
+        return int(
+            await self._eval(SEMAPHORE_EXTEND, (self.key,), (token, ms, "1" if replace else "0"))
+        )
 
     async def _count(self, token: str = "") -> tuple[int, int]:
-        live, left = await self._eval(_COUNT, (self.key,), (token,))
+        live, left = await self._eval(SEMAPHORE_COUNT, (self.key,), (token,))
         return int(live), int(left)
 
     async def acquire(
@@ -272,10 +277,10 @@ class Semaphore:
         )
         return permit
 
-    @traced("lock.acquire", attrs=from_self(_LOCK_ATTRS), result=lambda r: _TAKEN[bool(r[0])])
+    @traced("lock.acquire", attrs=from_self(LOCK_ATTRS), result=lambda r: TAKEN[bool(r[0])])
     async def _acquire(self, wait: float) -> tuple[Permit | None, float]:
         loop = asyncio.get_running_loop()
-        token, reply, sent = await _contend(self, loop.time() + wait)
+        token, reply, sent = await contend(self, loop.time() + wait)
         if token is None:
             return None, reply[1] / 1000
         return Permit(self, token, sent + self.timeout, int(reply[1])), 0.0
@@ -299,7 +304,7 @@ class Semaphore:
         if permit is None:
             raise LockNotAcquired(
                 f"all {self.limit} permits of semaphore {self.name!r} are taken"
-                f"{_waited(self.blocking_timeout)}. Retry after {hint:.1f} s, or raise "
+                f"{waited(self.blocking_timeout)}. Retry after {hint:.1f} s, or raise "
                 "blocking_timeout.",
                 lock_name=self.name,
                 retry_after=max(hint, 0.001),

@@ -1,46 +1,12 @@
 """Redlock: one lock over several independent Redis masters (quorum of N).
 
-::
-
-    lock = Redlock([r1, r2, r3], "billing:run", timeout=10)
-    async with lock:                       # needs 2 of 3 within the validity time
-        ...
-
-Algorithm (the Redis documentation's "Redlock"): with a fresh random token,
-``SET key token NX PX ttl`` on every master at once, each call bounded by
-``node_timeout`` so a dead master costs milliseconds. The lock is held if a
-majority (``N//2 + 1``) said yes and the time left, ``validity = ttl - elapsed
-- drift`` with ``drift = ttl * drift_factor + 2 ms``, is positive. Otherwise
-the keys are deleted on every master (also those whose reply was lost) and
-the attempt is retried after a random delay until ``blocking_timeout``.
-Release and extend are the same compare-and-act scripts as ``RedisLock``, sent
-to every master; an extension counts only if a majority confirms it.
-
-Timing assumptions, stated plainly. Redlock is safe only if (1) the holder
-finishes before its validity runs out, i.e. no process pause (GC, swap, a
-blocked event loop) or network delay eats the margin, (2) the masters'
-clocks advance at about the same rate (``drift_factor`` bounds the
-difference; a clock jump on one master shortens its lease), and (3) a
-master that restarts either persists every write (``appendfsync always``)
-or stays down for longer than the longest lease, otherwise it forgets the
-key and a second majority can form. None of these is checked.
-
-Fencing: Redlock cannot issue safe fencing tokens, because no single counter
-sees every acquisition (the largest of N per-node counters does not grow
-monotonically across majorities). If correctness, not just efficiency,
-depends on mutual exclusion, protect the resource with a fencing token from
-one linearizable source: ``RedisLock.fence`` on a single Redis, or a
-database sequence checked by the resource (``UPDATE ... WHERE fence <=
-:fence``), or use a consensus system (etcd, ZooKeeper).
-
-When fewer than a quorum of masters answer, ``acquire`` raises
-``RedisUnavailable`` (a busy lock returns False: the two are never confused).
+``Redlock``'s docstring states the algorithm, its timing assumptions and why it has
+no fencing tokens.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import random
 from collections.abc import Awaitable, Callable, Sequence
 from types import TracebackType
@@ -49,34 +15,68 @@ from typing import Any
 from app.core.errors import ConfigurationError, LockNotAcquired, RedisUnavailable, ToolkitError
 from app.core.redis import AnyRedis, breaker_for
 from app.core.telemetry import from_self, traced
-from app.services.locks import (
-    _EXTEND,
-    _LOCK_ATTRS,
-    _RELEASE,
-    _TAKEN,
-    _WAKE_TTL_MS,
+from app.services.locks._common import (
+    LOCK_ATTRS,
+    TAKEN,
+    WAKE_TTL_MS,
     LostCallback,
     Seconds,
-    _Lease,
-    _new_token,
-    _settle,
-    _space,
-    _take_gate,
-    _text,
-    _waited,
     as_seconds,
+    as_text,
+    keyspace,
+    log,
+    new_token,
     wait_bound,
+    waited,
 )
+from app.services.locks._lease import Lease
+from app.services.locks._scripts import LOCK_EXTEND, LOCK_RELEASE
+from app.services.locks._tasks import settle
+from app.services.locks._waiting import take_gate
 
 __all__ = ["Redlock"]
-
-log = logging.getLogger("app.locks")
 
 _Outcome = Any  # a node's reply, or the exception it raised
 
 
-class Redlock(_Lease):
+class Redlock(Lease):
     """A lock held on a majority of independent Redis masters.
+
+    ::
+
+        lock = Redlock([r1, r2, r3], "billing:run", timeout=10)
+        async with lock:                       # needs 2 of 3 within the validity time
+            ...
+
+    Algorithm (the Redis documentation's "Redlock"): with a fresh random token,
+    ``SET key token NX PX ttl`` on every master at once, each call bounded by
+    ``node_timeout`` so a dead master costs milliseconds. The lock is held if a
+    majority (``N//2 + 1``) said yes and the time left, ``validity = ttl - elapsed
+    - drift`` with ``drift = ttl * drift_factor + 2 ms``, is positive. Otherwise
+    the keys are deleted on every master (also those whose reply was lost) and
+    the attempt is retried after a random delay until ``blocking_timeout``.
+    Release and extend are the same compare-and-act scripts as ``RedisLock``, sent
+    to every master; an extension counts only if a majority confirms it.
+
+    Timing assumptions, stated plainly. Redlock is safe only if (1) the holder
+    finishes before its validity runs out, i.e. no process pause (GC, swap, a
+    blocked event loop) or network delay eats the margin, (2) the masters'
+    clocks advance at about the same rate (``drift_factor`` bounds the
+    difference; a clock jump on one master shortens its lease), and (3) a
+    master that restarts either persists every write (``appendfsync always``)
+    or stays down for longer than the longest lease, otherwise it forgets the
+    key and a second majority can form. None of these is checked.
+
+    Fencing: Redlock cannot issue safe fencing tokens, because no single counter
+    sees every acquisition (the largest of N per-node counters does not grow
+    monotonically across majorities). If correctness, not just efficiency,
+    depends on mutual exclusion, protect the resource with a fencing token from
+    one linearizable source: ``RedisLock.fence`` on a single Redis, or a
+    database sequence checked by the resource (``UPDATE ... WHERE fence <=
+    :fence``), or use a consensus system (etcd, ZooKeeper).
+
+    When fewer than a quorum of masters answer, ``acquire`` raises
+    ``RedisUnavailable`` (a busy lock returns False: the two are never confused).
 
     Args:
         clients: one client per master (3 or 5 independent servers; not
@@ -96,9 +96,6 @@ class Redlock(_Lease):
             lease, between 50 and 250 ms).
         retry_delay: upper bound of the random pause between attempts.
         key_prefix: default ``settings.redis_key_prefix``.
-
-    See the module docstring for the timing assumptions and why Redlock has
-    no fencing tokens.
     """
 
     def __init__(
@@ -143,7 +140,7 @@ class Redlock(_Lease):
             else as_seconds(node_timeout, "node_timeout")
         )
         self.retry_delay = as_seconds(retry_delay, "retry_delay")
-        self.key = key = _space(key_prefix, "lock").tagged(name)
+        self.key = key = keyspace(key_prefix, "lock").tagged(name)
         self._release_keys = (key, key + ":wake", key + ":queue", key + ":queue-heartbeats")
         self._breakers = [breaker_for(c) for c in self.clients]
         self._gate = asyncio.Lock()
@@ -176,7 +173,9 @@ class Redlock(_Lease):
         )
 
     async def _release_all(self, token: str) -> list[_Outcome]:
-        return await self._on_all(lambda c: _RELEASE(c, self._release_keys, (token, _WAKE_TTL_MS)))
+        return await self._on_all(
+            lambda c: LOCK_RELEASE(c, self._release_keys, (token, WAKE_TTL_MS))
+        )
 
     async def _remote_release(self, token: str) -> bool:
         outcomes = await self._release_all(token)
@@ -192,7 +191,7 @@ class Redlock(_Lease):
         loop = asyncio.get_running_loop()
         start = loop.time()
         outcomes = await self._on_all(
-            lambda c: _EXTEND(c, (self.key,), (token, ms, "1" if replace else "0"))
+            lambda c: LOCK_EXTEND(c, (self.key,), (token, ms, "1" if replace else "0"))
         )
         answered = [int(o) for o in outcomes if not isinstance(o, BaseException)]
         extended = sorted((o for o in answered if o >= 0), reverse=True)
@@ -224,11 +223,11 @@ class Redlock(_Lease):
         )
         return taken
 
-    @traced("lock.acquire", attrs=from_self(_LOCK_ATTRS), result=lambda r: _TAKEN[bool(r[0])])
+    @traced("lock.acquire", attrs=from_self(LOCK_ATTRS), result=lambda r: TAKEN[bool(r[0])])
     async def _acquire(self, wait: float) -> tuple[bool, float]:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
-        if not await _take_gate(self._gate, wait):
+        if not await take_gate(self._gate, wait):
             return False, max(0.0, self._valid_until - loop.time())
         try:
             while True:
@@ -250,13 +249,13 @@ class Redlock(_Lease):
     async def _round(self) -> str | RedisUnavailable | None:
         """One attempt: the token if held, else the reason (None: busy)."""
         loop = asyncio.get_running_loop()
-        token = _new_token()
+        token = new_token()
         ms = self._lease_ms
         start = loop.time()
         try:
             outcomes = await self._on_all(lambda c: c.set(self.key, token, nx=True, px=ms))
         except asyncio.CancelledError:
-            await _settle(self._release_all(token))
+            await settle(self._release_all(token))
             raise
         elapsed = loop.time() - start
         granted = sum(o is True for o in outcomes)
@@ -266,7 +265,7 @@ class Redlock(_Lease):
             # deadline = start + timeout - drift = now + validity
             self._hold(token, start + self.timeout)
             return token
-        await _settle(self._release_all(token))  # undo a minority (or a late majority)
+        await settle(self._release_all(token))  # undo a minority (or a late majority)
         answered = sum(not isinstance(o, BaseException) for o in outcomes)
         if answered < self.quorum:
             return self._unreachable(outcomes, "acquire")
@@ -306,14 +305,14 @@ class Redlock(_Lease):
         answered = [o for o in outcomes if not isinstance(o, BaseException)]
         if len(answered) < self.quorum:
             raise self._unreachable(outcomes, "check")
-        return sum(_text(o) == token for o in answered) >= self.quorum
+        return sum(as_text(o) == token for o in answered) >= self.quorum
 
     async def __aenter__(self) -> Redlock:
         """Wait up to ``blocking_timeout``; raise ``LockNotAcquired`` if still held elsewhere."""
         taken, hint = await self._acquire(self.blocking_timeout)
         if not taken:
             raise LockNotAcquired(
-                f"Redlock {self.name!r} is held by another owner{_waited(self.blocking_timeout)}. "
+                f"Redlock {self.name!r} is held by another owner{waited(self.blocking_timeout)}. "
                 "Retry later, or raise blocking_timeout.",
                 lock_name=self.name,
                 retry_after=max(hint, 0.001),

@@ -1,0 +1,386 @@
+"""One held lease (a lock, a permit): ownership token, renewal watchdog, loss detection."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections.abc import Awaitable
+from typing import Any
+
+from app.core.errors import ConfigurationError, LockError, LockLost, LockNotOwned, RedisUnavailable
+from app.core.telemetry import from_self, traced
+from app.services.locks._common import (
+    LOCK_ATTRS,
+    LostCallback,
+    Seconds,
+    as_seconds,
+    lease_drift,
+    log,
+    to_ms,
+)
+from app.services.locks._tasks import in_background, shielded
+
+__all__ = ["Lease"]
+
+_RELEASED = {True: "released", False: "not_owned"}
+
+
+async def _await(awaitable: Awaitable[Any]) -> None:
+    await awaitable
+
+
+class Lease:
+    """A held lease (a lock, a permit): token, renewal watchdog, loss detection.
+
+    Subclasses supply ``_remote_extend`` and ``_remote_release``.
+    """
+
+    _kind = "lock"
+
+    def __init__(
+        self,
+        name: str,
+        timeout: Seconds,
+        *,
+        auto_renew: bool,
+        renew_interval: Seconds | None,
+        on_lost: LostCallback | None,
+        drift: Seconds | None = None,
+    ) -> None:
+        if not isinstance(name, str) or not name:
+            raise ConfigurationError(
+                f"a {self._kind} name must be a non-empty string, got {name!r}"
+            )
+        self.name = name
+        self.timeout = as_seconds(timeout, "timeout (the lease)")
+        self.auto_renew = auto_renew
+        self.renew_interval = (
+            self.timeout / 3
+            if renew_interval is None
+            else as_seconds(renew_interval, "renew_interval")
+        )
+        if self.renew_interval >= self.timeout:
+            raise ConfigurationError(
+                f"renew_interval ({self.renew_interval:g} s) must be shorter than the lease "
+                f"({self.timeout:g} s); the default is timeout/3"
+            )
+        self.drift = lease_drift(
+            self.timeout, drift, renew_interval=self.renew_interval if auto_renew else None
+        )
+        """The drift margin: a held lease counts as ended this long before it can end in Redis."""
+        self.on_lost = on_lost
+        self._lease_ms = to_ms(self.timeout)
+        self._token: str | None = None
+        # Loop time at which the lease may end in Redis at the earliest: when the
+        # acquire/extend that set it was sent, plus its length.
+        self._valid_until = 0.0
+        self._watchdog: asyncio.Task[None] | None = None
+        self._deadline_timer: asyncio.TimerHandle | None = None
+        self._lost: LockLost | None = None
+        self._body: asyncio.Task[Any] | None = None
+        self._body_token: str | None = None
+        self._body_cancelling = 0
+        self._cancelled_body = False
+        self._exiting = False
+
+    # subclass hooks
+    async def _remote_extend(self, token: str, ms: int, replace: bool) -> int:
+        raise NotImplementedError
+
+    async def _remote_release(self, token: str) -> bool:
+        raise NotImplementedError
+
+    def _after_release(self) -> None:
+        """Local bookkeeping once a hold ends (runs even if the caller is cancelled)."""
+
+    @property
+    def token(self) -> str | None:
+        """The owner token of the current hold (None when not held)."""
+        return self._token
+
+    @property
+    def lost(self) -> LockLost | None:
+        """The error the watchdog recorded if the current (or last) hold was lost."""
+        return self._lost
+
+    @property
+    def deadline(self) -> float | None:
+        """Loop time (``loop.time()``) at which this holder stops counting on the lease.
+
+        The lease's end as this process can know it without asking Redis: the
+        time the acquire (or last confirmed renewal/extend) was *sent* plus its
+        length, minus the drift margin. None when not held. With
+        ``auto_renew=True`` the block is cancelled at this time unless a renewal
+        was confirmed before it.
+        """
+        if self._token is None:
+            return None
+        return self._valid_until - self.drift
+
+    def _hold(self, token: str, valid_until: float) -> None:
+        self._token = token
+        self._valid_until = valid_until
+        self._lost = None
+        if self.auto_renew:
+            self._watchdog = asyncio.get_running_loop().create_task(
+                self._watch(token), name=f"{self._kind}-watchdog:{self.name}"
+            )
+            self._arm_deadline(token)
+
+    def _arm_deadline(self, token: str) -> None:
+        """(Re)start the timer that ends the hold at ``deadline`` (auto-renew only)."""
+        if self._deadline_timer is not None:
+            self._deadline_timer.cancel()
+        self._deadline_timer = asyncio.get_running_loop().call_at(
+            self._valid_until - self.drift, self._deadline_passed, token
+        )
+
+    def _deadline_passed(self, token: str) -> None:
+        # A loop timer, not the watchdog task: the watchdog may be stuck in a renewal
+        # call that only a socket timeout (times the client's retries) would end.
+        self._deadline_timer = None
+        if self._token != token or self._lost is not None:
+            return
+        self._declare_lost(
+            f"no renewal was confirmed before its lease ended ({self.timeout:g} s lease, "
+            f"counted from when the last acquire/renewal was sent, minus a {self.drift:g} s "
+            "drift margin): Redis is slow or unreachable",
+            None,
+        )
+        watchdog = self._watchdog
+        if watchdog is not None and not watchdog.done():
+            watchdog.cancel()
+
+    def _stop_watchdog(self) -> None:
+        task, self._watchdog = self._watchdog, None
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+        timer, self._deadline_timer = self._deadline_timer, None
+        if timer is not None:
+            timer.cancel()
+
+    async def _watch(self, token: str) -> None:
+        loop = asyncio.get_running_loop()
+        retry = max(0.01, self.renew_interval / 4)
+        next_at = loop.time() + self.renew_interval
+        while True:
+            await asyncio.sleep(max(0.0, next_at - loop.time()))
+            if self._token != token or self._lost is not None:
+                return
+            deadline = self._valid_until - self.drift
+            sent = loop.time()
+            try:
+                # Bounded by the lease: a renewal answered later is of no use.
+                async with asyncio.timeout_at(deadline):
+                    left = await self._remote_extend(token, self._lease_ms, True)
+            except Exception as exc:
+                if self._token != token or self._lost is not None:
+                    return
+                if loop.time() + retry >= deadline:
+                    reason = (
+                        "no renewal was confirmed before its lease ended"
+                        if isinstance(exc, TimeoutError)
+                        else f"the renewal failed until the lease ran out ({exc})"
+                    )
+                    self._declare_lost(reason, exc)
+                    return
+                log.warning("%s %r: renewal failed, retrying: %s", self._kind, self.name, exc)
+                next_at = loop.time() + retry
+                continue
+            if self._token != token or self._lost is not None:
+                return
+            if left < 0:
+                self._declare_lost("its key expired or another owner took it", None)
+                return
+            self._valid_until = sent + left / 1000
+            self._arm_deadline(token)
+            next_at = sent + self.renew_interval
+
+    @traced("lock.lost", attrs=from_self(LOCK_ATTRS), result=lambda _: "lost")
+    def _declare_lost(self, reason: str, cause: BaseException | None) -> None:
+        if self._lost is not None:
+            return  # the deadline timer and the watchdog may both find it
+        body = self._body
+        cancel = body is not None and not self._exiting and not body.done()
+        err = LockLost(
+            f"{self._kind} {self.name!r} was lost while held: {reason}"
+            + ("; the block under it was cancelled" if cancel else "")
+            + ". Another owner may have run concurrently: use fencing tokens to protect "
+            "the resource, or a longer timeout.",
+            lock_name=self.name,
+        )
+        err.__cause__ = cause
+        self._lost = err
+        if cancel and body is not None:
+            self._cancelled_body = True
+            body.cancel(f"{self._kind} {self.name!r} lost")
+        if self.on_lost is not None:
+            try:
+                result = self.on_lost(err)
+                if inspect.isawaitable(result):
+                    in_background(_await(result))
+            except Exception:
+                log.exception("%s %r: on_lost callback failed", self._kind, self.name)
+
+    async def extend(self, additional_time: Seconds, *, replace: bool = False) -> float:
+        """Lengthen the lease by *additional_time*, or set it to that with ``replace=True``.
+
+        One compare-and-extend script: only a lease still held with this
+        owner's token is touched. Returns the new remaining lease in seconds.
+        Raises ``LockNotOwned`` when the lease already expired or another owner
+        holds it, ``RedisUnavailable`` when Redis is down. Cancelling it leaves
+        the lease either extended or not, never shortened.
+        """
+        token = self._token
+        if token is None:
+            raise LockNotOwned(
+                f"{self._kind} {self.name!r} is not held by this owner; acquire it before extend()",
+                lock_name=self.name,
+            )
+        seconds = as_seconds(additional_time, "additional_time")
+        sent = asyncio.get_running_loop().time()
+        left = await self._remote_extend(token, to_ms(seconds), replace)
+        if left < 0:
+            raise LockNotOwned(
+                f"{self._kind} {self.name!r} expired or was taken by another owner before "
+                f"extend(); acquire it again (and consider auto_renew=True)",
+                lock_name=self.name,
+            )
+        if self._token == token and self._lost is None:
+            self._valid_until = sent + left / 1000
+            if self._deadline_timer is not None:
+                self._arm_deadline(token)
+        return left / 1000
+
+    @traced("lock.release", attrs=from_self(LOCK_ATTRS), result=lambda ok: _RELEASED[ok])
+    async def _release_hold(self) -> bool:
+        """End the current hold: compare-and-delete, completed even if the caller is cancelled."""
+        token = self._token
+        if token is None:
+            raise LockNotOwned(
+                f"{self._kind} {self.name!r} is not held by this owner (never acquired or "
+                "already released)",
+                lock_name=self.name,
+            )
+        self._token = None
+        self._stop_watchdog()
+        try:
+            # Shielded: a cancellation of the caller is delivered at once (never lost
+            # inside the client), while the release itself runs to completion.
+            return await shielded(self._remote_release(token))
+        finally:
+            self._after_release()
+
+    def _release_in_background(self) -> None:
+        """End a hold known to be lost: compare-and-delete without waiting for it."""
+        token = self._token
+        if token is None:
+            return
+        self._token = None
+        self._stop_watchdog()
+        try:
+            in_background(self._remote_release(token))
+        finally:
+            self._after_release()
+
+    async def _release_lost_hold(self) -> None:
+        """End a hold known to be lost, waiting for it no later than the deadline.
+
+        The compare-and-delete is awaited only until ``deadline`` (a loss that
+        the deadline itself declared does not wait); past that it finishes in the
+        background, so a slow or stalled link cannot hold up ``LockLost``.
+        """
+        token = self._token
+        if token is None:
+            return
+        self._token = None
+        self._stop_watchdog()
+        try:
+            task = in_background(self._remote_release(token))
+            left = self._valid_until - self.drift - asyncio.get_running_loop().time()
+            if left > 0:
+                await asyncio.wait({task}, timeout=left)
+        finally:
+            self._after_release()
+
+    def _not_owned_on_release(self) -> LockNotOwned:
+        return LockNotOwned(
+            f"{self._kind} {self.name!r} expired or was taken by another owner before release() "
+            f"(lease {self.timeout:g} s): the work under it may have overlapped with another "
+            "owner's. Use auto_renew=True or a longer timeout, and fencing tokens.",
+            lock_name=self.name,
+        )
+
+    def _arm_body(self) -> None:
+        """Make the current task the guarded block (``__aenter__``).
+
+        Raises ``LockLost`` instead, without entering, when the watchdog's
+        deadline already passed: the acquire was confirmed too late to be of use.
+        """
+        token = self._token
+        late = asyncio.get_running_loop().time() >= self._valid_until - self.drift
+        if token is not None and self._deadline_timer is not None and late:
+            self._deadline_passed(token)  # the timer would fire only at the block's first await
+        if token is not None and self._lost is not None:
+            lost = self._lost
+            self._release_in_background()
+            raise lost
+        task = asyncio.current_task()
+        self._body = task
+        self._body_token = self._token
+        self._body_cancelling = task.cancelling() if task is not None else 0
+        self._cancelled_body = False
+
+    def _lost_at_exit(self) -> LockLost:
+        return LockLost(
+            f"{self._kind} {self.name!r} expired or was taken by another owner before the block "
+            f"finished (lease {self.timeout:g} s): the block may have overlapped with another "
+            "owner's. Use auto_renew=True or a longer timeout, and fencing tokens.",
+            lock_name=self.name,
+        )
+
+    async def _exit_body(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None
+    ) -> None:
+        """``__aexit__``: release, and raise ``LockLost`` if exclusivity was not kept."""
+        body, body_token, cancelled_by_us = self._body, self._body_token, self._cancelled_body
+        self._body, self._body_token, self._cancelled_body = None, None, False
+        self._stop_watchdog()
+        ours = False  # the exception in flight is the cancellation the watchdog sent
+        if cancelled_by_us and body is not None:
+            ours = (
+                body.uncancel() <= self._body_cancelling
+                and exc_type is not None
+                and issubclass(exc_type, asyncio.CancelledError)
+            )
+        # An outside cancellation or a KeyboardInterrupt is never replaced by our errors.
+        keep_theirs = exc_type is not None and not issubclass(exc_type, Exception) and not ours
+        self._exiting = True
+        try:
+            if self._token is not None and self._token == body_token:
+                if self._lost is None:
+                    released = await self._release_hold()
+                else:
+                    await self._release_lost_hold()
+                    released = False
+            else:
+                released = True  # released by hand inside the block
+        except (LockError, RedisUnavailable) as err:
+            if keep_theirs:
+                log.warning("%s %r: release failed while unwinding: %s", self._kind, self.name, err)
+                return None
+            if self._lost is not None:
+                raise self._lost from err
+            raise
+        finally:
+            self._exiting = False
+        if keep_theirs:
+            return None
+        lost = self._lost
+        if ours and lost is not None:
+            if lost.__cause__ is None:
+                raise lost from exc
+            raise lost
+        if lost is not None or not released:
+            raise lost or self._lost_at_exit()
+        return None

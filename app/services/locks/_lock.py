@@ -1,0 +1,326 @@
+"""``RedisLock`` (a mutex on one Redis, with fencing tokens) and ``fenced_write``.
+
+The package docstring (``app.services.locks``) describes what makes it correct.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from datetime import timedelta
+from functools import lru_cache
+from types import TracebackType
+from typing import Any, Final, NamedTuple
+
+from redis.exceptions import RedisError
+
+from app.core.config import get_settings
+from app.core.errors import LockError, LockNotAcquired, RedisUnavailable
+from app.core.redis import AnyRedis, breaker_for
+from app.core.scripts import Script, ScriptArg
+from app.core.telemetry import from_self, traced
+from app.services.locks._common import (
+    LOCK_ATTRS,
+    RECEIPT_TTL_MS,
+    TAKEN,
+    WAITER_TTL_MS,
+    WAKE_TTL_MS,
+    LostCallback,
+    Seconds,
+    as_seconds,
+    as_text,
+    guarded,
+    keyspace,
+    to_ms,
+    wait_bound,
+    waited,
+)
+from app.services.locks._lease import Lease
+from app.services.locks._scripts import (
+    FENCED_WRITE,
+    LOCK_ACQUIRE,
+    LOCK_ACQUIRE_FAST,
+    LOCK_EXTEND,
+    LOCK_RELEASE,
+)
+from app.services.locks._waiting import contend, notify_local, take_gate
+
+__all__ = ["DEFAULT_FENCE_TTL", "RedisLock", "fenced_write"]
+
+DEFAULT_FENCE_TTL: Final = timedelta(days=7)
+"""How long an idle lock's fence counter is kept (it restarts above old tokens after)."""
+
+
+class _LockKeys(NamedTuple):
+    """The keys of one lock name (one hash tag), in the orders its scripts take them."""
+
+    key: str
+    wake: str
+    fast: tuple[str, ...]  # lock_acquire_fast.lua
+    fair: tuple[str, ...]  # lock_acquire.lua
+    release: tuple[str, ...]  # lock_release.lua
+
+
+@lru_cache(maxsize=4096)
+def _lock_keys(prefix: str, name: str) -> _LockKeys:
+    """Built once per name: lock objects are made per request, for the same few names."""
+    key = keyspace(prefix, "lock").tagged(name)
+    fence, wake, waiting = key + ":fence", key + ":wake", key + ":waiting"
+    queue, heartbeats = key + ":queue", key + ":queue-heartbeats"
+    return _LockKeys(
+        key,
+        wake,
+        (key, fence, waiting),
+        (key, fence, queue, heartbeats),
+        (key, wake, queue, heartbeats, key + ":released", waiting),
+    )
+
+
+class RedisLock(Lease):
+    """A distributed mutex on one Redis (standalone, Sentinel or Cluster).
+
+    Args:
+        redis: any ``redis.asyncio`` client (``decode_responses`` either way),
+            ``RedisCluster`` or fakeredis.
+        name: what is locked, e.g. ``"jobs:42"`` (escaped into the key, so any
+            text is safe).
+        timeout: the lease in seconds (or ``timedelta``); required: a holder
+            that dies frees the lock after it.
+        blocking_timeout: how long blocking acquires (and ``async with``) wait;
+            default: the lease.
+        auto_renew: run a watchdog while held that renews the lease every
+            ``renew_interval`` (default ``timeout/3``). The lease is tracked
+            locally from when each acquire/renewal was *sent*: if no renewal is
+            confirmed by ``deadline`` (that time plus the lease, minus
+            ``drift``), or a renewal finds the lock gone, the ``async with``
+            block is cancelled at once and ``LockLost`` raised, however long the
+            pending network call would still take. Each renewal is bounded by
+            the time left.
+        on_lost: called with the ``LockLost`` error when the watchdog loses the
+            lock (a plain function or a coroutine function).
+        fair: FIFO order among ``fair=True`` waiters (others may still barge in).
+        fence_ttl: how long an idle lock's fencing counter is kept.
+        key_prefix: default ``settings.redis_key_prefix``.
+        drift: the drift margin (seconds or ``timedelta``): the holder gives the
+            lease up this long before it can end in Redis. Default: 1 % of the
+            lease plus 2 ms.
+
+    Keys (one hash tag per name): ``<prefix>:lock:{name}`` (owner token, PX
+    lease), ``...:fence``, ``...:wake``, ``...:queue``, ``...:queue-heartbeats``,
+    ``...:released`` (the last release's token, 10 s), ``...:waiting`` (set
+    for a few seconds by a non-fair acquirer that found the lock held).
+    """
+
+    def __init__(
+        self,
+        redis: AnyRedis,
+        name: str,
+        timeout: Seconds,
+        *,
+        blocking_timeout: Seconds | None = None,
+        auto_renew: bool = False,
+        renew_interval: Seconds | None = None,
+        on_lost: LostCallback | None = None,
+        fair: bool = False,
+        fence_ttl: Seconds = DEFAULT_FENCE_TTL,
+        key_prefix: str | None = None,
+        drift: Seconds | None = None,
+    ) -> None:
+        super().__init__(
+            name,
+            timeout,
+            auto_renew=auto_renew,
+            renew_interval=renew_interval,
+            on_lost=on_lost,
+            drift=drift,
+        )
+        self.redis = redis
+        self.blocking_timeout = (
+            self.timeout
+            if blocking_timeout is None
+            else as_seconds(blocking_timeout, "blocking_timeout", allow_zero=True)
+        )
+        self.fair = fair
+        keys = _lock_keys(key_prefix or get_settings().redis_key_prefix, name)
+        self.key = keys.key
+        self._wake_key = keys.wake
+        fence_ms = max(to_ms(as_seconds(fence_ttl, "fence_ttl")), self._lease_ms)
+        # Non-fair acquirers take the fast script (SET NX PX and the fence; a failed attempt
+        # sets the waiter flag); fair ones queue. A release skips the queue and the wake list
+        # unless the waiter flag or the queue exists.
+        self._acquire_script = LOCK_ACQUIRE if fair else LOCK_ACQUIRE_FAST
+        self._acquire_keys = keys.fair if fair else keys.fast
+        self._acquire_args: tuple[ScriptArg, ...] = (
+            ("1", WAITER_TTL_MS) if fair else (WAITER_TTL_MS,)
+        )
+        self._acquire_head = (self._lease_ms, fence_ms)
+        self._release_keys = keys.release
+        self._breaker = breaker_for(redis)
+        self._gate = asyncio.Lock()
+        self._fence: int | None = None
+
+    def __repr__(self) -> str:
+        state = "held" if self._token else "free"
+        return f"RedisLock({self.name!r}, timeout={self.timeout:g}, {state}, fence={self._fence})"
+
+    @property
+    def fence(self) -> int | None:
+        """The fencing token of the latest acquisition (None before the first).
+
+        Strictly larger than every token issued for this name before it.
+        Send it with every write to the protected resource, and make the
+        resource refuse a token smaller than the largest it has accepted
+        (``fenced_write`` for Redis; ``UPDATE ... WHERE fence <= :fence`` in SQL).
+        """
+        return self._fence
+
+    async def _eval(
+        self, script: Script, keys: Sequence[ScriptArg], args: Sequence[ScriptArg]
+    ) -> Any:
+        return await guarded(
+            lambda: script(self.redis, keys, args), self._breaker, "lock", self.name, self.timeout
+        )
+
+    async def _attempt(self, token: str) -> list[int]:
+        reply: list[int] = await self._eval(
+            self._acquire_script,
+            self._acquire_keys,
+            (token, *self._acquire_head, *self._acquire_args),
+        )
+        return reply
+
+    async def _give_up(self, token: str) -> bool:
+        return await self._remote_release(token)
+
+    async def _remote_release(self, token: str) -> bool:
+        released = await self._eval(
+            LOCK_RELEASE, self._release_keys, (token, WAKE_TTL_MS, RECEIPT_TTL_MS)
+        )
+        if released:
+            notify_local(self.redis, self._wake_key)
+        return bool(released)
+
+    async def _remote_extend(self, token: str, ms: int, replace: bool) -> int:
+        return int(await self._eval(LOCK_EXTEND, (self.key,), (token, ms, "1" if replace else "0")))
+
+    def _after_release(self) -> None:
+        if self._gate.locked():
+            self._gate.release()
+
+    async def acquire(
+        self, blocking: bool = False, blocking_timeout: Seconds | None = None
+    ) -> bool:
+        """Take the lock; True if taken.
+
+        Non-blocking by default: one script call that sets the key with its
+        lease (``SET NX PX``) and issues the fencing token, then returns. With
+        ``blocking=True`` it waits up to *blocking_timeout* (default: the
+        instance's ``blocking_timeout``), woken by releases.
+
+        Cancelling it is safe: if the attempt reached Redis, a shielded
+        compare-and-delete with this call's token removes the key. Raises
+        ``RedisUnavailable`` when Redis is down (never returns False for that).
+        """
+        taken, _ = await self._acquire(
+            wait_bound(blocking, blocking_timeout, self.blocking_timeout)
+        )
+        return taken
+
+    @traced("lock.acquire", attrs=from_self(LOCK_ATTRS), result=lambda r: TAKEN[r[0]])
+    async def _acquire(self, wait: float) -> tuple[bool, float]:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        if not await take_gate(self._gate, wait):
+            return False, max(0.0, self._valid_until - loop.time())
+        try:
+            token, reply, sent = await contend(self, deadline)
+        except BaseException:
+            self._gate.release()
+            raise
+        if token is None:
+            self._gate.release()
+            return False, reply[1] / 1000
+        self._fence = int(reply[1])
+        self._hold(token, sent + self.timeout)
+        return True, 0.0
+
+    async def release(self) -> None:
+        """Release the lock if this owner still holds it (compare-and-delete in one script).
+
+        Wakes one waiter (in any process). Raises ``LockNotOwned`` when it was
+        not held by this object, or when its lease expired / another owner took
+        it meanwhile (the key of the new owner is left alone). A release whose
+        reply was lost and that the client retried still counts as released.
+        Cancelling it does not stop the release: it completes in the background.
+        """
+        if not await self._release_hold():
+            raise self._not_owned_on_release()
+
+    async def locked(self) -> bool:
+        """Is the lock held by anyone right now? (one ``EXISTS``)."""
+        exists = await guarded(
+            lambda: self.redis.exists(self.key), self._breaker, "lock", self.name, self.timeout
+        )
+        return bool(exists)
+
+    async def owned(self) -> bool:
+        """Does this object hold the lock right now? (one ``GET``, compared with its token)."""
+        token = self._token
+        if token is None:
+            return False
+        value = await guarded(
+            lambda: self.redis.get(self.key), self._breaker, "lock", self.name, self.timeout
+        )
+        return as_text(value) == token
+
+    async def __aenter__(self) -> RedisLock:
+        """Wait up to ``blocking_timeout``; raise ``LockNotAcquired`` (with ``retry_after``) if still held."""
+        taken, hint = await self._acquire(self.blocking_timeout)
+        if not taken:
+            raise LockNotAcquired(
+                f"lock {self.name!r} is held by another owner{waited(self.blocking_timeout)}. "
+                f"Retry after {hint:.1f} s, or raise blocking_timeout.",
+                lock_name=self.name,
+                retry_after=max(hint, 0.001),
+            )
+        self._arm_body()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Release; raise ``LockLost`` if the lock expired or was taken during the block."""
+        await self._exit_body(exc_type, exc)
+
+
+# -- checking the fence at the resource ---------------------------------------------------
+
+
+async def fenced_write(
+    redis: AnyRedis,
+    key: str,
+    value: str | bytes,
+    fence: int,
+    *,
+    ttl: Seconds | None = None,
+) -> bool:
+    """Write *value* to the hash *key* unless a holder with a larger fence wrote first.
+
+    The resource side of fencing, for a resource that lives in Redis: one
+    script compares *fence* with the largest token the hash has accepted and
+    writes ``value`` and ``fence`` only when ``fence`` is not smaller. False
+    means this writer's lock was lost and a newer holder already wrote: stop.
+    *ttl* (seconds) sets the key's expiry on each write (None keeps it).
+    """
+    ms = 0 if ttl is None else to_ms(as_seconds(ttl, "ttl"))
+    try:
+        with breaker_for(redis):
+            written = await FENCED_WRITE(redis, (key,), (int(fence), value, ms))
+    except RedisUnavailable as exc:
+        raise RedisUnavailable(f"fenced write to {key!r}: Redis is unreachable ({exc})") from exc
+    except RedisError as exc:
+        raise LockError(f"fenced write to {key!r} failed: {exc}", lock_name=key) from exc
+    return bool(written)

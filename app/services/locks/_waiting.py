@@ -1,0 +1,233 @@
+"""Waiting for a release: wake lists, in-process parking, back-off polling.
+
+``contend`` is the acquire loop shared by ``RedisLock`` and ``Semaphore``:
+attempt, then wait (woken by releases) until the deadline, and never leave a
+key behind when cancelled. ``take_gate`` is the in-process "one object, one
+owner" gate of a lock object.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import random
+import weakref
+from typing import Any, Final, Protocol
+
+from app.core.redis import CircuitBreaker
+from app.services.locks._common import guarded, new_token
+from app.services.locks._tasks import in_background, settle
+
+__all__ = ["Contender", "contend", "notify_local", "take_gate"]
+
+_MAX_STEP: Final = 1.0  # longest single wait before a waiter re-checks the lock
+_MIN_BLOCK: Final = 0.02  # shorter waits poll instead of BLPOP
+_POLL_FIRST: Final = 0.1  # wake-ups do the work; polling is the safety net
+_POLL_MAX: Final = 0.5
+_MAX_BLOCKED_PER_CLIENT: Final = 16  # BLPOPs in flight per client (each holds a connection)
+
+
+def _block_cap(client: Any) -> float:
+    """The longest BLPOP on *client* that cannot trip its ``socket_timeout``."""
+    kwargs = getattr(client, "connection_kwargs", None)  # RedisCluster
+    if not isinstance(kwargs, dict):
+        kwargs = getattr(getattr(client, "connection_pool", None), "connection_kwargs", None)
+    timeout = kwargs.get("socket_timeout") if isinstance(kwargs, dict) else None
+    if isinstance(timeout, (int, float)) and timeout > 0:
+        return min(_MAX_STEP, timeout - max(0.05, timeout * 0.25))
+    return _MAX_STEP
+
+
+class _Room:
+    """Blocked acquirers of one wake list in this process: one leader, the rest parked."""
+
+    __slots__ = ("leader", "parked")
+
+    def __init__(self) -> None:
+        self.leader = False
+        self.parked: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    def wake_one(self) -> None:
+        while self.parked:
+            fut = self.parked.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                return
+
+
+_rooms: weakref.WeakKeyDictionary[Any, dict[str, _Room]] = weakref.WeakKeyDictionary()
+_blocked: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+
+
+def notify_local(client: Any, wake_key: str) -> None:
+    """Wake one waiter of *wake_key* parked in this process (a release happened here)."""
+    rooms = _rooms.get(client)
+    room = rooms.get(wake_key) if rooms is not None else None
+    if room is not None:
+        room.wake_one()
+
+
+class Contender(Protocol):
+    """What ``contend`` needs from a lock or semaphore."""
+
+    redis: Any
+    name: str
+    fair: bool
+    timeout: float
+    _breaker: CircuitBreaker
+    _wake_key: str
+    _kind: str
+
+    async def _attempt(self, token: str) -> list[int]: ...
+
+    async def _give_up(self, token: str) -> bool: ...
+
+
+class _Waiter:
+    """How one blocked acquire call waits between attempts.
+
+    Fair waiters BLPOP their own wake list (a release pushes to the queue
+    head's). Otherwise one waiter per wake list and process (the leader)
+    BLPOPs the shared list, and the others park on an in-memory future that a
+    release in this process resolves, or that times out after a jittered,
+    growing poll interval. A BLPOP never outlasts the client's socket timeout,
+    and at most ``_MAX_BLOCKED_PER_CLIENT`` run per client (a fair queue head
+    may exceed it); past that, waiters poll.
+    """
+
+    __slots__ = ("_block_cap", "_c", "_delay")
+
+    def __init__(self, contender: Contender) -> None:
+        self._c = contender
+        self._block_cap = _block_cap(contender.redis)
+        self._delay = _POLL_FIRST
+
+    def _take_slot(self) -> bool:
+        client = self._c.redis
+        used = _blocked.get(client, 0)
+        if used >= _MAX_BLOCKED_PER_CLIENT:
+            return False
+        _blocked[client] = used + 1
+        return True
+
+    def _free_slot(self) -> None:
+        client = self._c.redis
+        _blocked[client] = max(0, _blocked.get(client, 1) - 1)
+
+    async def _blpop(self, key: str, seconds: float) -> None:
+        c = self._c
+        await guarded(
+            lambda: c.redis.blpop([key], timeout=round(seconds, 3)),
+            c._breaker,
+            c._kind,
+            c.name,
+            c.timeout,
+        )
+
+    async def wait(self, step: float, own_key: str | None, *, head: bool = False) -> None:
+        """Wait at most *step* seconds for a release.
+
+        *own_key*: this fair waiter's own wake list (a release wakes the queue
+        head through it); *head*: it is first in the queue, so it blocks even
+        when the per-client cap on blocked connections is reached.
+        """
+        block = min(step, self._block_cap)
+        if own_key is not None and block >= _MIN_BLOCK:
+            slot = self._take_slot()
+            if slot or head:
+                try:
+                    await self._blpop(own_key, block)
+                finally:
+                    if slot:
+                        self._free_slot()
+                return
+        c = self._c
+        rooms = _rooms.get(c.redis)
+        if rooms is None:
+            rooms = _rooms[c.redis] = {}
+        room = rooms.get(c._wake_key)
+        if room is None:
+            room = rooms[c._wake_key] = _Room()
+        try:
+            if own_key is None and not room.leader and block >= _MIN_BLOCK and self._take_slot():
+                room.leader = True
+                try:
+                    await self._blpop(c._wake_key, block)
+                finally:
+                    room.leader = False
+                    self._free_slot()
+                return
+            await self._park(room, min(step, random.uniform(0.5, 1.0) * self._delay))
+            self._delay = min(self._delay * 2, _POLL_MAX)
+        finally:
+            if not room.leader and not room.parked and rooms.get(c._wake_key) is room:
+                del rooms[c._wake_key]
+
+    @staticmethod
+    async def _park(room: _Room, seconds: float) -> None:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        room.parked.append(fut)
+        used = False
+        try:
+            async with asyncio.timeout(seconds):
+                await fut
+            used = True
+        except TimeoutError:
+            pass
+        finally:
+            if fut.done() and not fut.cancelled() and not used:
+                room.wake_one()  # a wake-up this waiter can no longer use goes to the next
+            fut.cancel()
+            with contextlib.suppress(ValueError):
+                room.parked.remove(fut)
+
+
+async def contend(c: Contender, deadline: float) -> tuple[str | None, list[int], float]:
+    """Attempt, then wait for releases until *deadline* (loop time).
+
+    Returns ``(token, reply, sent_at)``: the token is None when the wait ran
+    out. Cancellation (or an error) after an attempt may have reached Redis
+    runs the compare-and-delete for this call's token, so no key is orphaned.
+    """
+    loop = asyncio.get_running_loop()
+    token = new_token()
+    waiter: _Waiter | None = None
+    try:
+        while True:
+            sent = loop.time()
+            reply = await c._attempt(token)
+            if reply[0] == 1:
+                return token, reply, sent
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                if c.fair:
+                    await settle(c._give_up(token))  # leave the FIFO queue now
+                return None, reply, sent
+            if waiter is None:
+                waiter = _Waiter(c)
+            hint = reply[1] / 1000
+            own = f"{c._wake_key}:{token}" if c.fair else None
+            step = min(remaining, hint + 0.002) if hint > 0 else remaining
+            await waiter.wait(step, own, head=c.fair and reply[2] == 1)
+    except asyncio.CancelledError:
+        await settle(c._give_up(token))
+        raise
+    except BaseException:
+        in_background(c._give_up(token))
+        raise
+
+
+async def take_gate(gate: asyncio.Lock, wait: float) -> bool:
+    """The in-process side of "one object, one owner" (asyncio.Lock semantics)."""
+    if not gate.locked():
+        await gate.acquire()  # free: returns without suspending
+        return True
+    if wait <= 0:
+        return False
+    try:
+        async with asyncio.timeout(wait):
+            await gate.acquire()
+    except TimeoutError:
+        return False
+    return True
