@@ -1,47 +1,4 @@
-"""``@cached``: cache an async function's results in a ``CacheService``.
-
-::
-
-    @cached(ttl=60, tags=["users", "user:{user_id}"])
-    async def load_user(user_id: int) -> User: ...
-
-    await load_user(1)                 # computed, then served from Redis (a User again)
-    await load_user.invalidate(1)      # drops exactly that entry
-    await load_user.refresh(1)         # recompute and store, skipping the read
-    await load_user.bypass(1)          # call the function, no cache at all
-
-* **Signature kept**: ``CachedFunction[P, R]`` is generic in the function's
-  ``ParamSpec`` and return type, so type checkers see the same parameters,
-  and ``inspect.signature`` / FastAPI see the original function.
-* **Stable keys across processes**: ``<module>.<qualname>:<sha256 of the
-  arguments as canonical JSON>`` (never ``hash()``, never ``repr()``).
-  Arguments are bound to the signature first, so ``f(1)``, ``f(x=1)`` and a
-  defaulted call share a key. Arguments are keyed by their JSON value (a
-  tuple, a list and a set of the same items are one key; a model by its
-  fields). An argument without a canonical JSON form (an arbitrary object, a
-  dict with non-str keys) raises ``TypeError`` naming it: pass ``key=`` or
-  exclude it.
-* **Skipped arguments**: ``self``/``cls``, anything annotated as a Starlette
-  ``Request``/``WebSocket``/``Response``/``BackgroundTasks`` and the names in
-  ``exclude``. Nothing else is left out silently.
-* **Dependencies are part of the key**: a parameter filled by FastAPI's
-  ``Depends``/``Security`` (a default or ``Annotated[..., Depends()]``) is
-  keyed by its value like any argument, so a route whose result depends on
-  ``user = Depends(current_user)`` caches one entry per user, never one for
-  everyone. A dependency whose result does not change the answer (a database
-  session, a client) must be named in ``exclude=[...]`` (or the decoration
-  gives ``key=``); left in the key, a value without a canonical JSON form
-  raises ``ConfigurationError`` naming the parameter on the first call,
-  before the function runs.
-* **Typed results**: hits are decoded to the return annotation (pydantic
-  models come back as models, ``list[Item]`` as a list of ``Item``).
-* ``key=`` may be a template (``"user:{user_id}"``, fields escaped, so the
-  entry is shared with ``cache.get("user:1")``) or a callable with the
-  function's parameters; ``tags=`` templates or a callable likewise.
-
-Everything else (TTLs, stale-while-revalidate, early refresh, stampede
-control, fail-open when Redis is down) is ``CacheService.get_or_set``.
-"""
+"""``@cached``: cache an async function's results in a ``CacheService`` (see ``cached``)."""
 
 from __future__ import annotations
 
@@ -54,7 +11,6 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import timedelta
 from decimal import Decimal
 from typing import (
-    TYPE_CHECKING,
     Any,
     Concatenate,
     Final,
@@ -76,9 +32,8 @@ from starlette.responses import Response
 from app.core.errors import CodecError, ConfigurationError, RedisUnavailable
 from app.core.keys import digest, escape
 from app.core.redis import get_redis
-
-if TYPE_CHECKING:
-    from app.services.cache import TTL, CachePolicy, CacheService
+from app.services.cache import _service
+from app.services.cache._service import TTL, CachePolicy, CacheService, get_cache
 
 __all__ = ["BoundCachedFunction", "CachedFunction", "cached"]
 
@@ -124,17 +79,6 @@ class _EscapingFormatter(string.Formatter):
 _FORMATTER: Final = _EscapingFormatter()
 _ERRORS: Final = (RedisUnavailable, RedisError)
 _KEY_MEMO_SIZE: Final = 1024
-_module: Any = None
-
-
-def _cache_module() -> Any:
-    """``app.services.cache`` (imported on first use: it imports this module)."""
-    global _module
-    if _module is None:
-        from app.services import cache
-
-        _module = cache
-    return _module
 
 
 def _is_dependency(param: inspect.Parameter, annotation: Any) -> bool:
@@ -255,7 +199,7 @@ TagsArg = Sequence[str] | Callable[..., Iterable[str]]
 
 
 class CachedFunction(Generic[P, R]):
-    """An async function whose results are cached; see the module docstring."""
+    """An async function whose results are cached; see ``cached``."""
 
     __name__: str
     __qualname__: str
@@ -289,9 +233,7 @@ class CachedFunction(Generic[P, R]):
         self._tags = tags
         self.namespace = namespace
         self._cache = cache
-        self._fixed: CacheService | None = (
-            cache if isinstance(cache, _cache_module().CacheService) else None
-        )
+        self._fixed: CacheService | None = cache if isinstance(cache, CacheService) else None
         self._options: dict[str, Any] = {
             "stale_ttl": stale_ttl,
             "early_refresh": early_refresh,
@@ -321,11 +263,10 @@ class CachedFunction(Generic[P, R]):
         configured = self._cache
         if configured is None:
             client = get_redis()
-            module = _module or _cache_module()
-            if client is self._client and module._registry_version == self._registry:
+            if client is self._client and _service._registry_version == self._registry:
                 return self._service, self._policy  # type: ignore[return-value]
-            service = module.get_cache(self.namespace, redis=client)
-            self._client, self._registry = client, module._registry_version
+            service = get_cache(self.namespace, redis=client)
+            self._client, self._registry = client, _service._registry_version
         elif self._fixed is not None:
             service = self._fixed
         else:
@@ -423,7 +364,7 @@ class CachedFunction(Generic[P, R]):
             and (
                 self._cache is not None  # a callable: asked on every call
                 or get_redis() is not self._client
-                or _module._registry_version != self._registry
+                or _service._registry_version != self._registry
             )
         ):
             service, _ = self._resolve()
@@ -581,7 +522,49 @@ def cached(
     lease: float | None = None,
     wait_timeout: float | None = None,
 ) -> Any:
-    """Cache an async function's results (see the module docstring).
+    """Cache an async function's results.
+
+    ::
+
+        @cached(ttl=60, tags=["users", "user:{user_id}"])
+        async def load_user(user_id: int) -> User: ...
+
+        await load_user(1)                 # computed, then served from Redis (a User again)
+        await load_user.invalidate(1)      # drops exactly that entry
+        await load_user.refresh(1)         # recompute and store, skipping the read
+        await load_user.bypass(1)          # call the function, no cache at all
+
+    * **Signature kept**: ``CachedFunction[P, R]`` is generic in the function's
+      ``ParamSpec`` and return type, so type checkers see the same parameters,
+      and ``inspect.signature`` / FastAPI see the original function.
+    * **Stable keys across processes**: ``<module>.<qualname>:<sha256 of the
+      arguments as canonical JSON>`` (never ``hash()``, never ``repr()``).
+      Arguments are bound to the signature first, so ``f(1)``, ``f(x=1)`` and a
+      defaulted call share a key. Arguments are keyed by their JSON value (a
+      tuple, a list and a set of the same items are one key; a model by its
+      fields). An argument without a canonical JSON form (an arbitrary object, a
+      dict with non-str keys) raises ``TypeError`` naming it: pass ``key=`` or
+      exclude it.
+    * **Skipped arguments**: ``self``/``cls``, anything annotated as a Starlette
+      ``Request``/``WebSocket``/``Response``/``BackgroundTasks`` and the names in
+      ``exclude``. Nothing else is left out silently.
+    * **Dependencies are part of the key**: a parameter filled by FastAPI's
+      ``Depends``/``Security`` (a default or ``Annotated[..., Depends()]``) is
+      keyed by its value like any argument, so a route whose result depends on
+      ``user = Depends(current_user)`` caches one entry per user, never one for
+      everyone. A dependency whose result does not change the answer (a database
+      session, a client) must be named in ``exclude=[...]`` (or the decoration
+      gives ``key=``); left in the key, a value without a canonical JSON form
+      raises ``ConfigurationError`` naming the parameter on the first call,
+      before the function runs.
+    * **Typed results**: hits are decoded to the return annotation (pydantic
+      models come back as models, ``list[Item]`` as a list of ``Item``).
+    * ``key=`` may be a template (``"user:{user_id}"``, fields escaped, so the
+      entry is shared with ``cache.get("user:1")``) or a callable with the
+      function's parameters; ``tags=`` templates or a callable likewise.
+
+    Everything else (TTLs, stale-while-revalidate, early refresh, stampede
+    control, fail-open when Redis is down) is ``CacheService.get_or_set``.
 
     Args:
         ttl: fresh lifetime (``None``: the service's ``default_ttl``).
