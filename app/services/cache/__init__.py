@@ -82,18 +82,12 @@ Failure (``cache_failure_mode``, default ``open``)
     ``RedisUnavailable`` instead.
 """
 
+from app.services.cache._core import CacheStats
 from app.services.cache._decorator import BoundCachedFunction, CachedFunction, cached
+from app.services.cache._entries import MISSING
 from app.services.cache._local import LocalCache, LocalEntry
-from app.services.cache._service import (
-    MISSING,
-    NO_EXPIRY,
-    TTL,
-    CachePolicy,
-    CacheService,
-    CacheStats,
-    get_cache,
-    set_default_cache,
-)
+from app.services.cache._policy import NO_EXPIRY, TTL, CachePolicy
+from app.services.cache._service import CacheService, get_cache, set_default_cache
 
 __all__ = [
     "MISSING",
