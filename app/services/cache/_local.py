@@ -14,7 +14,14 @@ from typing import Any, Final
 from app.core.keys import star_glob_matcher
 from app.core.redis import is_cluster
 
-__all__ = ["InvalidationListener", "LocalCache", "LocalEntry", "cancel_and_wait"]
+__all__ = [
+    "InvalidationListener",
+    "LocalCache",
+    "LocalEntry",
+    "cancel_and_wait",
+    "encode_message",
+    "pattern_predicate",
+]
 
 log = logging.getLogger("app.cache")
 
