@@ -91,7 +91,7 @@ def test_invalidation_by_key_tag_pattern_and_flush() -> None:
     assert tier.get("app:cache:{cache.1}:user:1") is not None
     assert tier.invalidate_keys(["app:cache:{cache.1}:user:1", "absent"]) == 1
     put(tier, "app:cache:{cache.1}:user:1")
-    from app.services.cache_local import pattern_predicate
+    from app.services.cache._local import pattern_predicate
 
     assert tier.invalidate_matching(pattern_predicate("user:*")) == 1
     assert tier.get("app:cache:{cache.3}:post:1") is not None

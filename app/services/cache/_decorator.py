@@ -1,60 +1,12 @@
-"""``@cached``: cache an async function's results in a ``CacheService``.
-
-::
-
-    @cached(ttl=60, tags=["users", "user:{user_id}"])
-    async def load_user(user_id: int) -> User: ...
-
-    await load_user(1)                 # computed, then served from Redis (a User again)
-    await load_user.invalidate(1)      # drops exactly that entry
-    await load_user.refresh(1)         # recompute and store, skipping the read
-    await load_user.bypass(1)          # call the function, no cache at all
-
-* **Signature kept**: ``CachedFunction[P, R]`` is generic in the function's
-  ``ParamSpec`` and return type, so type checkers see the same parameters,
-  and ``inspect.signature`` / FastAPI see the original function.
-* **Stable keys across processes**: ``<module>.<qualname>:<sha256 of the
-  arguments as canonical JSON>`` (never ``hash()``, never ``repr()``).
-  Arguments are bound to the signature first, so ``f(1)``, ``f(x=1)`` and a
-  defaulted call share a key. Arguments are keyed by their JSON value (a
-  tuple, a list and a set of the same items are one key; a model by its
-  fields). An argument without a canonical JSON form (an arbitrary object, a
-  dict with non-str keys) raises ``TypeError`` naming it: pass ``key=`` or
-  exclude it.
-* **Skipped arguments**: ``self``/``cls``, anything annotated as a Starlette
-  ``Request``/``WebSocket``/``Response``/``BackgroundTasks`` and the names in
-  ``exclude``. Nothing else is left out silently.
-* **Dependencies are part of the key**: a parameter filled by FastAPI's
-  ``Depends``/``Security`` (a default or ``Annotated[..., Depends()]``) is
-  keyed by its value like any argument, so a route whose result depends on
-  ``user = Depends(current_user)`` caches one entry per user, never one for
-  everyone. A dependency whose result does not change the answer (a database
-  session, a client) must be named in ``exclude=[...]`` (or the decoration
-  gives ``key=``); left in the key, a value without a canonical JSON form
-  raises ``ConfigurationError`` naming the parameter on the first call,
-  before the function runs.
-* **Typed results**: hits are decoded to the return annotation (pydantic
-  models come back as models, ``list[Item]`` as a list of ``Item``).
-* ``key=`` may be a template (``"user:{user_id}"``, fields escaped, so the
-  entry is shared with ``cache.get("user:1")``) or a callable with the
-  function's parameters; ``tags=`` templates or a callable likewise.
-
-Everything else (TTLs, stale-while-revalidate, early refresh, stampede
-control, fail-open when Redis is down) is ``CacheService.get_or_set``.
-"""
+"""``@cached``: cache an async function's results in a ``CacheService`` (see ``cached``)."""
 
 from __future__ import annotations
 
-import base64
 import functools
 import inspect
-import string
-import typing
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import timedelta
-from decimal import Decimal
 from typing import (
-    TYPE_CHECKING,
     Any,
     Concatenate,
     Final,
@@ -65,20 +17,14 @@ from typing import (
     overload,
 )
 
-import orjson
-from fastapi import params as fastapi_params
-from pydantic import BaseModel
-from redis.exceptions import RedisError
-from starlette.background import BackgroundTasks
-from starlette.requests import HTTPConnection
-from starlette.responses import Response
-
-from app.core.errors import CodecError, ConfigurationError, RedisUnavailable
-from app.core.keys import digest, escape
+from app.core.errors import CodecError, ConfigurationError
+from app.core.keys import digest
 from app.core.redis import get_redis
-
-if TYPE_CHECKING:
-    from app.services.cache import TTL, CachePolicy, CacheService
+from app.services.cache import _registry
+from app.services.cache._arguments import Binder, EscapingFormatter, canonical
+from app.services.cache._core import REDIS_ERRORS
+from app.services.cache._policy import TTL, CachePolicy
+from app.services.cache._service import CacheService, get_cache
 
 __all__ = ["BoundCachedFunction", "CachedFunction", "cached"]
 
@@ -87,167 +33,8 @@ P2 = ParamSpec("P2")
 R = TypeVar("R")
 S = TypeVar("S")
 
-_EMPTY: Final = inspect.Parameter.empty
-_SKIPPED_TYPES: Final = (HTTPConnection, Response, BackgroundTasks)
-_SIMPLE_KINDS: Final = (
-    inspect.Parameter.POSITIONAL_ONLY,
-    inspect.Parameter.POSITIONAL_OR_KEYWORD,
-)
-
-
-def _key_default(obj: Any) -> Any:
-    """Canonical JSON for argument types orjson does not serialize natively."""
-    if isinstance(obj, BaseModel):
-        return obj.model_dump(mode="json")
-    if isinstance(obj, set | frozenset):
-        return [v for _, v in sorted(((_canonical(v), v) for v in obj), key=lambda p: p[0])]
-    if isinstance(obj, bytes | bytearray | memoryview):
-        return {"__bytes__": base64.b64encode(bytes(obj)).decode("ascii")}
-    if isinstance(obj, Decimal):
-        return {"__decimal__": str(obj)}
-    if isinstance(obj, timedelta):
-        return {"__timedelta__": obj.total_seconds()}
-    raise TypeError(type(obj).__name__)
-
-
-def _canonical(value: Any) -> bytes:
-    return orjson.dumps(value, default=_key_default, option=orjson.OPT_SORT_KEYS)
-
-
-class _EscapingFormatter(string.Formatter):
-    """``str.format`` whose substituted fields are escaped (a value cannot add ``:`` parts)."""
-
-    def format_field(self, value: Any, format_spec: str) -> str:
-        return escape(format(value, format_spec))
-
-
-_FORMATTER: Final = _EscapingFormatter()
-_ERRORS: Final = (RedisUnavailable, RedisError)
+_FORMATTER: Final = EscapingFormatter()
 _KEY_MEMO_SIZE: Final = 1024
-_module: Any = None
-
-
-def _cache_module() -> Any:
-    """``app.services.cache`` (imported on first use: it imports this module)."""
-    global _module
-    if _module is None:
-        from app.services import cache
-
-        _module = cache
-    return _module
-
-
-def _is_dependency(param: inspect.Parameter, annotation: Any) -> bool:
-    """True for a parameter FastAPI fills through ``Depends``/``Security`` (default or Annotated)."""
-    if isinstance(param.default, fastapi_params.Depends):  # Security subclasses Depends
-        return True
-    return typing.get_origin(annotation) is typing.Annotated and any(
-        isinstance(m, fastapi_params.Depends) for m in annotation.__metadata__
-    )
-
-
-def _is_skipped(annotation: Any) -> bool:
-    """True for framework objects (request, response, background tasks): never keyed."""
-    if typing.get_origin(annotation) is typing.Annotated:
-        annotation = typing.get_args(annotation)[0]
-    return isinstance(annotation, type) and issubclass(annotation, _SKIPPED_TYPES)
-
-
-def _type_hints(func: Callable[..., Any]) -> dict[str, Any]:
-    """Resolved annotations; one unresolvable annotation does not hide the others."""
-    try:
-        return typing.get_type_hints(func, include_extras=True)
-    except Exception:
-        pass
-    namespace = getattr(func, "__globals__", {})
-    hints: dict[str, Any] = {}
-    for name, annotation in getattr(func, "__annotations__", {}).items():
-        if isinstance(annotation, str):
-            try:
-                annotation = eval(annotation, namespace)  # the developer's own annotation text
-            except Exception:
-                continue
-        hints[name] = annotation
-    return hints
-
-
-class _Binder:
-    """Binds call arguments to the signature quickly, the way the call itself would."""
-
-    def __init__(self, func: Callable[..., Any], exclude: Iterable[str]) -> None:
-        self.signature = inspect.signature(func)
-        hints = _type_hints(func)
-        params = list(self.signature.parameters.values())
-        excluded = set(exclude)
-        unknown = excluded - {p.name for p in params}
-        if unknown:
-            raise TypeError(f"@cached exclude names unknown parameters: {sorted(unknown)}")
-        skip: set[str] = set(excluded)
-        if params and params[0].name in ("self", "cls") and params[0].kind in _SIMPLE_KINDS:
-            skip.add(params[0].name)
-        dependencies: set[str] = set()
-        for p in params:
-            annotation = hints.get(p.name, p.annotation)
-            if _is_skipped(annotation):
-                skip.add(p.name)
-            elif _is_dependency(p, annotation) and p.name not in excluded:
-                dependencies.add(p.name)
-        self.skip = frozenset(skip)
-        self.dependencies = frozenset(dependencies)  # keyed by value, named in key errors
-        self.simple = all(p.kind in _SIMPLE_KINDS for p in params)
-        self.spec = [(p.name, p.default, p.name in self.skip) for p in params]
-        skipped_positions = [i for i, (_, _, skipped) in enumerate(self.spec) if skipped]
-        self.leading: int | None = (
-            len(skipped_positions)
-            if self.simple and skipped_positions == list(range(len(skipped_positions)))
-            else None
-        )  # the key is args[leading:] when only leading parameters (self) are skipped
-        self.index = {p.name: i for i, p in enumerate(params)}
-        self.positional_only = frozenset(
-            p.name for p in params if p.kind is inspect.Parameter.POSITIONAL_ONLY
-        )
-        self.return_type = hints.get("return", self.signature.return_annotation)
-        if self.return_type in (_EMPTY, Any):
-            self.return_type = None
-
-    def values(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Sequence[Any]:
-        """Values of the key arguments in signature order (defaults applied)."""
-        if not kwargs and len(args) == len(self.spec) and self.leading is not None:
-            return args[self.leading :]  # every argument given positionally: the common call
-        if not self.simple:
-            bound = self.signature.bind(*args, **kwargs)
-            bound.apply_defaults()
-            return [
-                [name, value] for name, value in bound.arguments.items() if name not in self.skip
-            ]
-        count = len(args)
-        if count > len(self.spec):
-            raise TypeError(f"takes {len(self.spec)} positional arguments but {count} were given")
-        for name in kwargs:
-            position = self.index.get(name)
-            if position is None or name in self.positional_only:
-                raise TypeError(f"got an unexpected keyword argument {name!r}")
-            if position < count:
-                raise TypeError(f"got multiple values for argument {name!r}")
-        out: list[Any] = []
-        for position, (name, default, skipped) in enumerate(self.spec):
-            if position < count:
-                value = args[position]
-            elif name in kwargs:
-                value = kwargs[name]
-            elif default is not _EMPTY:
-                value = default
-            else:
-                raise TypeError(f"missing a required argument: {name!r}")
-            if not skipped:
-                out.append(value)
-        return out
-
-    def mapping(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> dict[str, Any]:
-        """Every argument by name (for key and tag templates)."""
-        bound = self.signature.bind(*args, **kwargs)
-        bound.apply_defaults()
-        return dict(bound.arguments)
 
 
 KeyArg = str | Callable[..., str] | None
@@ -255,7 +42,7 @@ TagsArg = Sequence[str] | Callable[..., Iterable[str]]
 
 
 class CachedFunction(Generic[P, R]):
-    """An async function whose results are cached; see the module docstring."""
+    """An async function whose results are cached; see ``cached``."""
 
     __name__: str
     __qualname__: str
@@ -282,16 +69,14 @@ class CachedFunction(Generic[P, R]):
         self.__globals__ = getattr(func, "__globals__", {})
         self.__wrapped__ = func
         self._func = func
-        self._binder = _Binder(func, exclude)
+        self._binder = Binder(func, exclude)
         name = f"{func.__module__}.{func.__qualname__}"
         self.name = name if version is None else f"{name}:v{version}"
         self._key = key
         self._tags = tags
         self.namespace = namespace
         self._cache = cache
-        self._fixed: CacheService | None = (
-            cache if isinstance(cache, _cache_module().CacheService) else None
-        )
+        self._fixed: CacheService | None = cache if isinstance(cache, CacheService) else None
         self._options: dict[str, Any] = {
             "stale_ttl": stale_ttl,
             "early_refresh": early_refresh,
@@ -321,11 +106,10 @@ class CachedFunction(Generic[P, R]):
         configured = self._cache
         if configured is None:
             client = get_redis()
-            module = _module or _cache_module()
-            if client is self._client and module._registry_version == self._registry:
+            if client is self._client and _registry.version == self._registry:
                 return self._service, self._policy  # type: ignore[return-value]
-            service = module.get_cache(self.namespace, redis=client)
-            self._client, self._registry = client, module._registry_version
+            service = get_cache(self.namespace, redis=client)
+            self._client, self._registry = client, _registry.version
         elif self._fixed is not None:
             service = self._fixed
         else:
@@ -347,7 +131,7 @@ class CachedFunction(Generic[P, R]):
         if template is None:
             values = self._binder.values(args, kwargs)
             try:
-                blob = _canonical(values)
+                blob = canonical(values)
             except TypeError as exc:
                 self._refuse_dependency(args, kwargs)
                 raise TypeError(
@@ -378,7 +162,7 @@ class CachedFunction(Generic[P, R]):
         for name in sorted(self._binder.dependencies):
             value = mapping.get(name)
             try:
-                _canonical(value)
+                canonical(value)
             except TypeError:
                 raise ConfigurationError(
                     f"@cached {self.name}: the dependency parameter {name!r} (a "
@@ -406,7 +190,7 @@ class CachedFunction(Generic[P, R]):
         if self._key is not None:
             return service.redis_key(self._make_key(args, kwargs))
         try:
-            blob = _canonical(self._binder.values(args, kwargs))
+            blob = canonical(self._binder.values(args, kwargs))
         except TypeError:
             return service.redis_key(self._make_key(args, kwargs))  # raises the helpful error
         found = self._rkeys.get(blob)
@@ -423,20 +207,20 @@ class CachedFunction(Generic[P, R]):
             and (
                 self._cache is not None  # a callable: asked on every call
                 or get_redis() is not self._client
-                or _module._registry_version != self._registry
+                or _registry.version != self._registry
             )
         ):
             service, _ = self._resolve()
         rkey = self._redis_key(service, args, kwargs)
         policy = cast("CachePolicy", self._policy)
         if policy.simple and service.local is None:
-            # CacheService._get_or_set's plain-hit read, inlined (same package) so a
-            # hit costs one coroutine frame less; everything else is the service's.
+            # Flights.get_or_set's plain-hit read, inlined (same package) so a hit
+            # costs one coroutine frame less; everything else is the service's.
             try:
                 with service._breaker:
                     data = await service._redis.get(rkey)
-            except _ERRORS as exc:  # fail open (or raise in closed mode), as the service does
-                return await service._single_flight(  # type: ignore[no-any-return]
+            except REDIS_ERRORS as exc:  # fail open (or raise in closed mode), as the service does
+                return await service._flights.single_flight(  # type: ignore[no-any-return]
                     rkey, self._factory(args, kwargs), policy, self._tags_for(args, kwargs),
                     self.return_type, exc,
                 )  # fmt: skip
@@ -449,11 +233,11 @@ class CachedFunction(Generic[P, R]):
                     else:
                         service._stats.hits += 1
                         return value
-                return await service._after_read(  # type: ignore[no-any-return]
+                return await service._flights.after_read(  # type: ignore[no-any-return]
                     rkey, data, self._factory(args, kwargs), policy, self._tags_for(args, kwargs),
                     self.return_type,
                 )  # fmt: skip
-        result: R = await service._get_or_set(
+        result: R = await service._flights.get_or_set(
             rkey, self._factory(args, kwargs), policy, self._tags_for(args, kwargs),
             self.return_type,
         )  # fmt: skip
@@ -581,7 +365,49 @@ def cached(
     lease: float | None = None,
     wait_timeout: float | None = None,
 ) -> Any:
-    """Cache an async function's results (see the module docstring).
+    """Cache an async function's results.
+
+    ::
+
+        @cached(ttl=60, tags=["users", "user:{user_id}"])
+        async def load_user(user_id: int) -> User: ...
+
+        await load_user(1)                 # computed, then served from Redis (a User again)
+        await load_user.invalidate(1)      # drops exactly that entry
+        await load_user.refresh(1)         # recompute and store, skipping the read
+        await load_user.bypass(1)          # call the function, no cache at all
+
+    * **Signature kept**: ``CachedFunction[P, R]`` is generic in the function's
+      ``ParamSpec`` and return type, so type checkers see the same parameters,
+      and ``inspect.signature`` / FastAPI see the original function.
+    * **Stable keys across processes**: ``<module>.<qualname>:<sha256 of the
+      arguments as canonical JSON>`` (never ``hash()``, never ``repr()``).
+      Arguments are bound to the signature first, so ``f(1)``, ``f(x=1)`` and a
+      defaulted call share a key. Arguments are keyed by their JSON value (a
+      tuple, a list and a set of the same items are one key; a model by its
+      fields). An argument without a canonical JSON form (an arbitrary object, a
+      dict with non-str keys) raises ``TypeError`` naming it: pass ``key=`` or
+      exclude it.
+    * **Skipped arguments**: ``self``/``cls``, anything annotated as a Starlette
+      ``Request``/``WebSocket``/``Response``/``BackgroundTasks`` and the names in
+      ``exclude``. Nothing else is left out silently.
+    * **Dependencies are part of the key**: a parameter filled by FastAPI's
+      ``Depends``/``Security`` (a default or ``Annotated[..., Depends()]``) is
+      keyed by its value like any argument, so a route whose result depends on
+      ``user = Depends(current_user)`` caches one entry per user, never one for
+      everyone. A dependency whose result does not change the answer (a database
+      session, a client) must be named in ``exclude=[...]`` (or the decoration
+      gives ``key=``); left in the key, a value without a canonical JSON form
+      raises ``ConfigurationError`` naming the parameter on the first call,
+      before the function runs.
+    * **Typed results**: hits are decoded to the return annotation (pydantic
+      models come back as models, ``list[Item]`` as a list of ``Item``).
+    * ``key=`` may be a template (``"user:{user_id}"``, fields escaped, so the
+      entry is shared with ``cache.get("user:1")``) or a callable with the
+      function's parameters; ``tags=`` templates or a callable likewise.
+
+    Everything else (TTLs, stale-while-revalidate, early refresh, stampede
+    control, fail-open when Redis is down) is ``CacheService.get_or_set``.
 
     Args:
         ttl: fresh lifetime (``None``: the service's ``default_ttl``).

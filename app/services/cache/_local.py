@@ -1,49 +1,4 @@
-"""The in-process tier of the cache and the listener that keeps it coherent.
-
-``LocalCache`` is a bounded LRU (by entry count *and* bytes) of the raw
-payloads a ``CacheService`` read from or wrote to Redis. Entries live for a
-short ``ttl`` (and never past the moment the Redis entry stops being fresh),
-so a process answers hot keys without a network round trip.
-
-Coherence across processes: pub/sub, not RESP3 client tracking
-----------------------------------------------------------------
-Every write, delete, expire and invalidation of a namespace publishes a small
-message on the namespace's invalidation channel (from inside the same Lua
-script as the write where there is one, so the message cannot be lost between
-the write and the publish). ``InvalidationListener`` holds one subscriber
-connection per ``CacheService`` and evicts the named keys, tags or patterns
-from its ``LocalCache`` as messages arrive, typically well under a
-millisecond after the write.
-
-Why not RESP3 client-side tracking (``CLIENT TRACKING ... BCAST``)? redis-py's
-asyncio client does not implement it (redis/redis-py#3916; the attempt in
-#4220 was closed unmerged), tracking needs a redirect connection per node on
-Cluster plus Redis >= 7.4 for the redis-py sync support, fakeredis does not
-emulate it, and BCAST would push every key change under the prefix (including
-lock and bookkeeping keys) to every process. Our own channel carries exactly
-what the local tier needs: keys, whole tags (one message for any number of
-keys) and patterns, works on every topology and on fakeredis, and costs one
-``PUBLISH`` per write.
-
-On a Cluster the listener subscribes on one primary with classic (not
-sharded) pub/sub: Redis forwards a ``PUBLISH`` to every node over the
-cluster bus, so the namespace's one channel reaches it from the scripts of
-every shard. Sharded pub/sub would not do: ``SPUBLISH`` from a script must
-name a channel in the script's slot, and a namespace spans 16 slots.
-
-Never serving stale data after a missed message
------------------------------------------------
-* The tier serves nothing until the listener's subscription is confirmed.
-* Every confirmation of the subscription (the first one *and* every silent
-  reconnect redis-py performs, which re-subscribes and makes Redis confirm
-  again) flushes the tier: messages published while the connection was down
-  are lost, so everything cached before is dropped.
-* When the listener fails, the tier is switched off (entries are kept only as
-  a *stale-if-error* fallback, see ``peek_stale``) until it is subscribed again.
-* A fill that raced with an invalidation is discarded: readers note the tier's
-  ``epoch`` before asking Redis and ``put`` refuses the result if any
-  invalidation arrived in between.
-"""
+"""The in-process tier of the cache (``LocalCache``) and the listener that keeps it coherent."""
 
 from __future__ import annotations
 
@@ -59,7 +14,14 @@ from typing import Any, Final
 from app.core.keys import star_glob_matcher
 from app.core.redis import is_cluster
 
-__all__ = ["InvalidationListener", "LocalCache", "LocalEntry", "cancel_and_wait"]
+__all__ = [
+    "InvalidationListener",
+    "LocalCache",
+    "LocalEntry",
+    "cancel_and_wait",
+    "encode_message",
+    "pattern_predicate",
+]
 
 log = logging.getLogger("app.cache")
 
@@ -88,6 +50,49 @@ class LocalEntry:
 
 class LocalCache:
     """A bounded LRU of payloads in front of Redis (one per ``CacheService``).
+
+    It keeps (bounded by entry count *and* bytes) the raw payloads a
+    ``CacheService`` read from or wrote to Redis. Entries live for a
+    short ``ttl`` (and never past the moment the Redis entry stops being fresh),
+    so a process answers hot keys without a network round trip.
+
+    **Coherence across processes: pub/sub, not RESP3 client tracking.**
+    Every write, delete, expire and invalidation of a namespace publishes a small
+    message on the namespace's invalidation channel (from inside the same Lua
+    script as the write where there is one, so the message cannot be lost between
+    the write and the publish). ``InvalidationListener`` holds one subscriber
+    connection per ``CacheService`` and evicts the named keys, tags or patterns
+    from its ``LocalCache`` as messages arrive, typically well under a
+    millisecond after the write.
+
+    Why not RESP3 client-side tracking (``CLIENT TRACKING ... BCAST``)? redis-py's
+    asyncio client does not implement it (redis/redis-py#3916; the attempt in
+    #4220 was closed unmerged), tracking needs a redirect connection per node on
+    Cluster plus Redis >= 7.4 for the redis-py sync support, fakeredis does not
+    emulate it, and BCAST would push every key change under the prefix (including
+    lock and bookkeeping keys) to every process. Our own channel carries exactly
+    what the local tier needs: keys, whole tags (one message for any number of
+    keys) and patterns, works on every topology and on fakeredis, and costs one
+    ``PUBLISH`` per write.
+
+    On a Cluster the listener subscribes on one primary with classic (not
+    sharded) pub/sub: Redis forwards a ``PUBLISH`` to every node over the
+    cluster bus, so the namespace's one channel reaches it from the scripts of
+    every shard. Sharded pub/sub would not do: ``SPUBLISH`` from a script must
+    name a channel in the script's slot, and a namespace spans 16 slots.
+
+    **Never serving stale data after a missed message.**
+
+    * The tier serves nothing until the listener's subscription is confirmed.
+    * Every confirmation of the subscription (the first one *and* every silent
+      reconnect redis-py performs, which re-subscribes and makes Redis confirm
+      again) flushes the tier: messages published while the connection was down
+      are lost, so everything cached before is dropped.
+    * When the listener fails, the tier is switched off (entries are kept only as
+      a *stale-if-error* fallback, see ``peek_stale``) until it is subscribed again.
+    * A fill that raced with an invalidation is discarded: readers note the tier's
+      ``epoch`` before asking Redis and ``put`` refuses the result if any
+      invalidation arrived in between.
 
     Args:
         max_entries: most entries kept; the least recently used go first.

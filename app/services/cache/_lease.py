@@ -1,0 +1,33 @@
+"""The lease of the caller computing a value: kept while it computes, released after."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from app.services.cache._core import REDIS_ERRORS, CacheCore
+from app.services.cache._keys import lease_keys
+from app.services.cache._scripts import S_RELEASE
+
+__all__ = ["keep_lease", "release"]
+
+
+def keep_lease(core: CacheCore, rkey: str, token: str, lease_ms: int) -> asyncio.Task[None]:
+    """A task extending the lease every third of it until cancelled or the lease is lost."""
+
+    async def extend() -> None:
+        while True:
+            await asyncio.sleep(lease_ms / 3000)
+            with contextlib.suppress(*REDIS_ERRORS):
+                with core.breaker:
+                    owned = await S_RELEASE(core.redis, lease_keys(rkey), (token, lease_ms))
+                if not int(owned):
+                    return
+
+    return asyncio.get_running_loop().create_task(extend())
+
+
+async def release(core: CacheCore, rkey: str, token: str, keep_ms: int) -> None:
+    """Release the lease and wake the waiters (*keep_ms* 0), or hold it *keep_ms* longer."""
+    with contextlib.suppress(*REDIS_ERRORS), core.breaker:
+        await asyncio.shield(S_RELEASE(core.redis, lease_keys(rkey), (token, keep_ms)))

@@ -1,0 +1,103 @@
+"""Lifetimes: TTL values, their conversion to milliseconds, and ``CachePolicy``."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from datetime import timedelta
+from typing import Final, TypeAlias
+
+__all__ = [
+    "DEFAULT_TTL",
+    "NO_EXPIRY",
+    "TTL",
+    "CachePolicy",
+    "TagsArg",
+    "fresh_ms",
+    "lifetimes",
+    "make_policy",
+    "ms",
+    "to_seconds",
+]
+
+TTL: TypeAlias = "int | float | timedelta"
+"""Seconds (int or float) or a ``timedelta``."""
+
+NO_EXPIRY: Final[float] = math.inf
+"""Pass as ``ttl`` to store an entry that never expires (the only way to get one)."""
+
+DEFAULT_TTL: Final = 3600.0
+
+TagsArg: TypeAlias = "Iterable[str] | Callable[[], Iterable[str]]"
+
+
+def to_seconds(ttl: TTL) -> float:
+    seconds = ttl.total_seconds() if isinstance(ttl, timedelta) else float(ttl)
+    if math.isnan(seconds) or seconds <= 0:
+        raise ValueError(f"a cache TTL must be positive seconds or NO_EXPIRY, got {ttl!r}")
+    return seconds
+
+
+def ms(seconds: float) -> int:
+    return 0 if math.isinf(seconds) else max(1, math.ceil(seconds * 1000))
+
+
+def fresh_ms(pttl: int, stale_ms: int) -> float:
+    """Milliseconds an entry stays fresh given its PTTL (-1: forever) and stale window."""
+    if pttl == -1:
+        return math.inf
+    if pttl < 0:
+        return 0.0
+    return float(pttl - stale_ms)
+
+
+def lifetimes(default_ttl: float, ttl: TTL | None, stale_ttl: TTL | None) -> tuple[int, int]:
+    """(physical lifetime ms (0: persistent), stale window ms)."""
+    fresh = default_ttl if ttl is None else to_seconds(ttl)
+    if stale_ttl is None:
+        return ms(fresh), 0
+    total = to_seconds(stale_ttl)
+    if total < fresh:
+        raise ValueError(f"stale_ttl ({total}s) must be >= ttl ({fresh}s)")
+    if math.isinf(total):
+        raise ValueError("stale_ttl must be finite (use ttl=NO_EXPIRY for a persistent entry)")
+    return ms(total), ms(total) - ms(fresh)
+
+
+class CachePolicy:
+    """Precomputed lifetimes of ``get_or_set`` calls (from ``CacheService.policy``)."""
+
+    __slots__ = ("beta", "lease_ms", "life_ms", "simple", "stale_ms", "wait_timeout")
+
+    def __init__(
+        self, life_ms: int, stale_ms: int, beta: float, lease_ms: int, wait_timeout: float
+    ) -> None:
+        self.life_ms = life_ms
+        self.stale_ms = stale_ms
+        self.beta = beta
+        self.lease_ms = lease_ms
+        self.wait_timeout = wait_timeout
+        self.simple = not stale_ms and not beta
+
+
+def make_policy(
+    default_ttl: float,
+    default_lease_ms: int,
+    default_wait_timeout: float,
+    ttl: TTL | None,
+    stale_ttl: TTL | None,
+    early_refresh: float,
+    lease: float | None,
+    wait_timeout: float | None,
+) -> CachePolicy:
+    """The policy of these options, the service's defaults filling those left None."""
+    if early_refresh < 0:
+        raise ValueError("early_refresh (XFetch beta) must be >= 0")
+    life_ms, stale_ms = lifetimes(default_ttl, ttl, stale_ttl)
+    return CachePolicy(
+        life_ms,
+        stale_ms,
+        float(early_refresh),
+        default_lease_ms if lease is None else ms(to_seconds(lease)),
+        default_wait_timeout if wait_timeout is None else float(wait_timeout),
+    )
