@@ -92,11 +92,11 @@ T = TypeVar("T")
 PAYLOAD_FIELD: Final = "payload"
 """The stream field that holds the codec envelope of a payload written by ``StreamProducer``."""
 
-_CLAIM = Script.from_package("app.services", "lua/streams_claim.lua")
-_AUTOCLAIM = Script.from_package("app.services", "lua/streams_autoclaim.lua")
-_DEAD_LETTER = Script.from_package("app.services", "lua/streams_dead_letter.lua")
-_JANITOR = Script.from_package("app.services", "lua/streams_janitor.lua")
-_TRIM = Script.from_package("app.services", "lua/streams_trim.lua")
+_CLAIM = Script.from_package("app.services.streams", "lua/streams_claim.lua")
+_AUTOCLAIM = Script.from_package("app.services.streams", "lua/streams_autoclaim.lua")
+_DEAD_LETTER = Script.from_package("app.services.streams", "lua/streams_dead_letter.lua")
+_JANITOR = Script.from_package("app.services.streams", "lua/streams_janitor.lua")
+_TRIM = Script.from_package("app.services.streams", "lua/streams_trim.lua")
 
 _SOCKET_MARGIN: Final = (0.25, 0.15)  # a blocking read ends this share (at least s) early
 _IDS_PER_SCRIPT: Final = 500  # ids per claim/renew script call (bounded Lua stack and run time)
