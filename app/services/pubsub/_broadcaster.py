@@ -94,7 +94,7 @@ OverflowPolicy = Literal["drop_oldest", "disconnect"]
 """What happens when a subscriber's queue is full: drop its oldest message (counted)
 or end the subscription with ``SubscriberOverflow``."""
 
-_PUBLISH = Script.from_package("app.services", "lua/pubsub_publish.lua")
+_PUBLISH = Script.from_package("app.services.pubsub", "lua/pubsub_publish.lua")
 
 _CHANNEL: Final = 0  # SUBSCRIBE / PUBLISH
 _PATTERN: Final = 1  # PSUBSCRIBE
