@@ -20,6 +20,7 @@ import app.services
 from app.api.routes import streams
 from app.core.scripts import Script
 from app.services.pubsub import Broadcaster
+from app.services.pubsub._broadcaster import _PUBLISH
 from app.services.streams import stream_keys
 from app.testing.fault_targets import FaultTarget
 from tests.integration.faults._harness import (
@@ -103,7 +104,7 @@ async def test_a_lost_publish_reply_publishes_twice(
         assert (await client.post("/publish/twice", json={"n": 0})).status_code == 200
         await next_message(subscription)
         response = await lose_one_reply(
-            target.proxy, _sha("pubsub_publish.lua"), client.post("/publish/twice", json={"n": 1})
+            target.proxy, _PUBLISH.sha.encode(), client.post("/publish/twice", json={"n": 1})
         )
         assert response.status_code == 200
         first, second = await next_message(subscription), await next_message(subscription)
