@@ -144,13 +144,25 @@ class CircuitBreaker:
             log.warning("circuit breaker %r closed: Redis answers again", self.name)
         self._state = state
 
+    def release_trial(self) -> None:
+        """Forget an admitted trial call without an outcome (a cancelled call proves nothing)."""
+        self._trial_in_flight = False
+
+    def open_error(self, subject: str = "", hint: str = "") -> RedisUnavailable:
+        """The error for a call this open breaker refused; ``retry_after`` is ``reset_timeout``.
+
+        *subject* starts the message (``"cache 'users': "``), *hint* ends it.
+        """
+        wait = max(0.0, self.reset_timeout - (self._clock() - self._opened_at))
+        return RedisUnavailable(
+            f"{subject}circuit breaker {self.name!r} is open after repeated Redis failures; "
+            f"next trial in {wait:.1f}s{hint}",
+            retry_after=self.reset_timeout,
+        )
+
     def __enter__(self) -> CircuitBreaker:
         if not self.allow():
-            raise RedisUnavailable(
-                f"circuit breaker {self.name!r} is open after repeated Redis failures; "
-                f"next trial in {max(0.0, self.reset_timeout - (self._clock() - self._opened_at)):.1f}s",
-                retry_after=self.reset_timeout,
-            )
+            raise self.open_error()
         return self
 
     def __exit__(
@@ -172,7 +184,7 @@ class CircuitBreaker:
             self.record_success()  # the server answered: no reason to stop trying
             raise RedisUnavailable(f"Redis refused the call for now: {exc}") from exc
         if isinstance(exc, asyncio.CancelledError):
-            self._trial_in_flight = False  # a cancelled trial proves nothing either way
+            self.release_trial()  # a cancelled trial proves nothing either way
             return
         self.record_success()
 
