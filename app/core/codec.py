@@ -362,6 +362,16 @@ class Codec:
             )
         if not raw or raw[0] != _MAGIC:
             return self._from_json(raw, type_, tagged=False)
+        fmt, payload = self._open_envelope(raw)
+        kind = fmt.lower()
+        if kind == b"j":
+            return self._from_json(payload, type_, tagged=False)
+        if kind == b"t":
+            return self._from_json(payload, type_, tagged=True)
+        return self._decode_binary(fmt, payload, type_)
+
+    def _open_envelope(self, raw: bytes) -> tuple[bytes, bytes]:
+        """The format letter and the plain payload of an envelope (base64 and zlib undone)."""
         if len(raw) < 3:
             raise CodecError("stored payload is truncated (no envelope body)")
         fmt, comp, payload = raw[1:2], raw[2:3], raw[3:]
@@ -374,11 +384,11 @@ class Codec:
                 raise CodecError(f"unknown compression {comp!r} in stored payload")
         except binascii.Error as exc:
             raise CodecError("stored payload has a corrupted base64 body") from exc
+        return fmt, payload
+
+    def _decode_binary(self, fmt: bytes, payload: bytes, type_: Any) -> Any:
+        """Decode the non-JSON formats: raw bytes, msgpack and signed pickle."""
         kind = fmt.lower()
-        if kind == b"j":
-            return self._from_json(payload, type_, tagged=False)
-        if kind == b"t":
-            return self._from_json(payload, type_, tagged=True)
         if kind == b"b":
             return self._validate(payload, type_)
         if kind == b"m":

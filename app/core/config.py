@@ -17,6 +17,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.core.errors import ConfigurationError
+from app.core.urls import parse_redis_url
 
 __all__ = [
     "LENIENT_ENVS",
@@ -333,9 +334,6 @@ class Settings(BaseSettings):
 
 def _url_kind(url: str) -> str:
     """The target kind of *url* as the client builder reads it (scheme case ignored)."""
-    # app.core.redis imports this module at its top, so the parser is imported when called.
-    from app.core.redis import parse_redis_url
-
     return parse_redis_url(url).kind
 
 

@@ -5,8 +5,11 @@ Redis client errors never leak raw, they are wrapped with ``raise ... from exc``
 so the original stays in ``__cause__``::
 
     ToolkitError
-    ├── ConfigurationError            bad or unsafe settings
+    ├── ConfigurationError            bad or unsafe settings or arguments (also a ValueError)
+    ├── UsageError                    called the wrong way: a wrong type (also a TypeError)
+    ├── StateError                    used in a state that forbids it (also a RuntimeError)
     ├── RedisUnavailable              Redis cannot be reached (or the breaker is open)
+    ├── RedisCommandError             Redis answered a command with an error
     ├── CodecError                    a value cannot be encoded or a stored payload decoded
     │   ├── EncodeError               the caller's value cannot be encoded (422)
     │   ├── PayloadTooLarge           over a size cap (e.g. decompression bomb)
@@ -31,6 +34,12 @@ so the original stays in ``__cause__``::
     ├── StreamError                   consumer-group / stream misuse
     ├── RouteDisabled                 a route this deployment switched off (403)
     └── SubscriberOverflow            a pub/sub subscriber fell behind and was disconnected
+
+Errors that are programming mistakes rather than runtime conditions also
+derive from the built-in exception a Python caller would expect
+(``ConfigurationError`` and ``InvalidKey`` from ``ValueError``, ``UsageError``
+from ``TypeError``, ``StateError`` from ``RuntimeError``), so ``except
+ValueError`` around a toolkit call keeps working.
 
 Each class carries an HTTP ``status_code``, a stable ``problem_type`` slug and a
 ``title``; ``app.http.problems`` turns any of them into an RFC 9457
@@ -63,15 +72,18 @@ __all__ = [
     "PatternTooComplex",
     "PayloadTooLarge",
     "RateLimitExceeded",
+    "RedisCommandError",
     "RedisUnavailable",
     "RouteDisabled",
     "SessionConflict",
     "SessionError",
     "SessionNotFound",
     "SignatureError",
+    "StateError",
     "StreamError",
     "SubscriberOverflow",
     "ToolkitError",
+    "UsageError",
 ]
 
 
@@ -108,10 +120,36 @@ class ToolkitError(Exception):
 
 
 class ConfigurationError(ToolkitError, ValueError):
-    """Settings are invalid or unsafe for the environment."""
+    """Settings or arguments are invalid, or unsafe for the environment.
+
+    A deployment or programming error: a negative TTL, a NaN lease, an
+    unknown algorithm, ``memory://`` in production. Also a ``ValueError``.
+    """
 
     problem_type = "configuration-error"
     title = "Configuration error"
+
+
+class UsageError(ToolkitError, TypeError):
+    """The toolkit was called the wrong way: a value of the wrong type, a sync function
+    where an async one is needed, an argument name the function does not have.
+
+    A programming error. Also a ``TypeError``.
+    """
+
+    problem_type = "usage-error"
+    title = "Toolkit used incorrectly"
+
+
+class StateError(ToolkitError, RuntimeError):
+    """An object was used in a state that does not allow it: a closed ``Broadcaster``,
+    a check that runs after the response started.
+
+    A programming error. Also a ``RuntimeError``.
+    """
+
+    problem_type = "state-error"
+    title = "Toolkit used in the wrong state"
 
 
 class RedisUnavailable(ToolkitError, ConnectionError):
@@ -131,6 +169,17 @@ class RedisUnavailable(ToolkitError, ConnectionError):
     def detail(self) -> str:
         # The URL (even masked) is operator information, not client information.
         return "A backing store is temporarily unavailable; retry later."
+
+
+class RedisCommandError(ToolkitError):
+    """Redis answered a command with an error: a key of the wrong type, a failing script,
+    a command the server does not know.
+
+    The server is up (a circuit breaker counts this as a success), so retrying
+    the same call gives the same answer. The message names the operation, never
+    the Redis error text (which may quote script source or key names); that text
+    stays in ``__cause__`` for the logs. Answers 500 like any unexpected error.
+    """
 
 
 class CodecError(ToolkitError, ValueError):
