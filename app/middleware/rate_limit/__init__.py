@@ -1,0 +1,41 @@
+"""Pure ASGI rate limiting with the IETF ``RateLimit`` header fields."""
+
+from app.middleware.rate_limit._middleware import (
+    APIKey,
+    ClientIP,
+    KeyFunc,
+    KeyValidator,
+    LimiterCache,
+    PolicyResolver,
+    Principal,
+    RateLimitHeadersMiddleware,
+    RateLimitMiddleware,
+    RateLimitRule,
+    attach_decision,
+    first_of,
+    identify,
+    rate_limit,
+    rate_limit_headers,
+    rejection,
+    retry_after_seconds,
+)
+
+__all__ = [
+    "APIKey",
+    "ClientIP",
+    "KeyFunc",
+    "KeyValidator",
+    "LimiterCache",
+    "PolicyResolver",
+    "Principal",
+    "RateLimitHeadersMiddleware",
+    "RateLimitMiddleware",
+    "RateLimitRule",
+    "attach_decision",
+    "first_of",
+    "identify",
+    "rate_limit",
+    "rate_limit_headers",
+    "rejection",
+    "retry_after_seconds",
+]
