@@ -1,8 +1,9 @@
 """``python -m app.worker``: run stream consumers until SIGTERM or SIGINT, then stop gracefully.
 
 Without options it runs the demo consumer (stream ``events``, group ``demo``, the handler of
-``app.api.routes.streams``). Point it at your own work with ``--handler package.module:func``
-(an ``async def func(message)``), ``--stream`` and ``--group``::
+``app.api.jobs``, which imports nothing of FastAPI). Point it at your own work with
+``--handler package.module:func`` (an ``async def func(message)``), ``--stream`` and
+``--group``::
 
     REDIS_URL=redis://localhost:6379/0 python -m app.worker --consumers 2 \\
         --handler myapp.jobs:send_email --stream emails --group mailers
@@ -27,6 +28,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from app.api.jobs import DEMO_GROUP, DEMO_STREAM, demo_handler
 from app.core.config import get_settings
 from app.core.errors import ConfigurationError
 from app.core.redis import close_redis, init_redis
@@ -112,8 +114,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _build(args: argparse.Namespace, redis: Any) -> list[StreamConsumer[Any]]:
-    from app.api.routes.streams import DEMO_GROUP, DEMO_STREAM, demo_handler
-
     handler = load_handler(args.handler) if args.handler else demo_handler
     stream = args.stream or DEMO_STREAM
     group = args.group or DEMO_GROUP

@@ -71,8 +71,22 @@ def _decision_rows(decision: RateLimitDecision) -> list[dict[str, Any]]:
 def add_routes(app: FastAPI, console: Console) -> None:
     """Register every page and action of *console* on *app*."""
     operator_dep: Any = Depends(console.resolve)
+    _login_routes(app, console, operator_dep)
+    _overview_routes(app, console, operator_dep)
+    _stream_routes(app, console, operator_dep)
+    _lock_routes(app, console, operator_dep)
+    _limit_routes(app, console, operator_dep)
+    _cache_routes(app, console, operator_dep)
+    _session_routes(app, console, operator_dep)
+    _pubsub_routes(app, console, operator_dep)
 
-    # -- login -------------------------------------------------------------------
+    @app.exception_handler(ToolkitError)
+    async def _toolkit(request: Request, exc: ToolkitError) -> Response:
+        return console.refusal(request, Refused(exc.status_code, exc.detail))
+
+
+def _login_routes(app: FastAPI, console: Console, operator_dep: Any) -> None:
+    """Log in with the console token, log out."""
 
     @app.get("/login")
     async def login_form(request: Request, next: str = "/") -> Response:
@@ -126,7 +140,9 @@ def add_routes(app: FastAPI, console: Console) -> None:
         response.delete_cookie(COOKIE, path=cookie_path(request))
         return response
 
-    # -- overview ------------------------------------------------------------------
+
+def _overview_routes(app: FastAPI, console: Console, operator_dep: Any) -> None:
+    """The overview, its live counters and the audit log."""
 
     @app.get("/")
     async def overview(request: Request, op: Operator = operator_dep) -> Response:
@@ -163,7 +179,9 @@ def add_routes(app: FastAPI, console: Console) -> None:
             return Response(orjson.dumps([asdict(r) for r in rows]), media_type="application/json")
         return console.render(request, op, "audit.html", title="Audit", rows=rows)
 
-    # -- streams -------------------------------------------------------------------
+
+def _stream_routes(app: FastAPI, console: Console, operator_dep: Any) -> None:
+    """Streams, their dead letters, and replaying, deleting or trimming them."""
 
     @app.get("/streams")
     async def streams(
@@ -226,7 +244,9 @@ def add_routes(app: FastAPI, console: Console) -> None:
     async def trim(request: Request, op: Operator = operator_dep) -> Response:
         return await _stream_action(request, op, "trim")
 
-    # -- locks ---------------------------------------------------------------------
+
+def _lock_routes(app: FastAPI, console: Console, operator_dep: Any) -> None:
+    """Locks and semaphores, and force-releasing one."""
 
     @app.get("/locks")
     async def locks(
@@ -253,7 +273,9 @@ def add_routes(app: FastAPI, console: Console) -> None:
         outcome = await act.force_release_lock(console.redis(), console.prefix, name, token)
         return await console.done(request, op, "lock.force_release", name, outcome, "/locks")
 
-    # -- rate limits -----------------------------------------------------------------
+
+def _limit_routes(app: FastAPI, console: Console, operator_dep: Any) -> None:
+    """The configured limiters, an identity's state, resetting it."""
 
     def _limiter(name: str | None) -> Any:
         found = console.limiters.get(name or "")
@@ -310,7 +332,9 @@ def add_routes(app: FastAPI, console: Console) -> None:
             request, op, "ratelimit.reset", f"{chosen.name} {identity}", outcome, back
         )
 
-    # -- cache ---------------------------------------------------------------------
+
+def _cache_routes(app: FastAPI, console: Console, operator_dep: Any) -> None:
+    """Cache namespaces, keys and tags, and invalidating them."""
 
     def _namespace(value: str | None) -> str:
         name = value or console.cache_namespaces[0]
@@ -371,7 +395,9 @@ def add_routes(app: FastAPI, console: Console) -> None:
     async def delete_key(request: Request, op: Operator = operator_dep) -> Response:
         return await _cache_action(request, op, "key")
 
-    # -- sessions ------------------------------------------------------------------
+
+def _session_routes(app: FastAPI, console: Console, operator_dep: Any) -> None:
+    """A user's or an id's sessions, and revoking them."""
 
     @app.get("/sessions")
     async def sessions(
@@ -416,13 +442,11 @@ def add_routes(app: FastAPI, console: Console) -> None:
         back = f"/sessions?user={quote(user, safe='')}" if user else "/sessions"
         return await console.done(request, op, "session.revoke", target, outcome, back)
 
-    # -- pub/sub -------------------------------------------------------------------
+
+def _pubsub_routes(app: FastAPI, console: Console, operator_dep: Any) -> None:
+    """Channels and their subscribers."""
 
     @app.get("/pubsub")
     async def pubsub(request: Request, op: Operator = operator_dep) -> Response:
         rows = await views.pubsub_view(console.redis(), console.prefix)
         return console.render(request, op, "pubsub.html", title="Pub/sub", rows=rows)
-
-    @app.exception_handler(ToolkitError)
-    async def _toolkit(request: Request, exc: ToolkitError) -> Response:
-        return console.refusal(request, Refused(exc.status_code, exc.detail))

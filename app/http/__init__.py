@@ -1,4 +1,10 @@
-"""HTTP-level pieces shared by middleware and routes: who is calling, client addresses."""
+"""HTTP-level pieces shared by middleware and routes.
+
+Who is calling and the client address (re-exported here), plus the modules
+``app.http.problems`` (RFC 9457 answers, ``send_problem``), ``app.http.asgi``
+(sending through a raw ASGI ``send``, the request target) and
+``app.http.headers`` (structured field values).
+"""
 
 from app.http.caller import (
     Caller,

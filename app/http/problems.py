@@ -37,6 +37,7 @@ from redis import exceptions as redis_exc
 from starlette.types import Send
 
 from app.core.errors import RedisUnavailable, ToolkitError
+from app.http.asgi import send_response
 
 __all__ = [
     "PROBLEM_CONTENT_TYPE",
@@ -148,8 +149,7 @@ async def send_problem(
         *((k.lower().encode(), v.encode()) for k, v in exc.headers().items()),
         *(extra_headers or []),
     ]
-    await send({"type": "http.response.start", "status": exc.status_code, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+    await send_response(send, exc.status_code, headers, body)
 
 
 async def _handle_toolkit_error(request: Request, exc: Exception) -> Response:

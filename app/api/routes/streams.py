@@ -7,15 +7,15 @@ in its own process (set ``STREAMS_DEMO_WORKER=off`` to leave consuming to such w
 ``eager`` to start it with the app). ``GET /streams/stats`` shows ``stats()``;
 ``GET /streams/dead-letters`` lists entries that failed ``max_deliveries`` times.
 
-A payload ``{"fail": true}`` makes the demo handler raise (watch the retries, then the
-dead-letter entry); ``{"sleep": 2}`` keeps it busy for two seconds.
+The stream, the group and the handler live in ``app.api.jobs``: a payload
+``{"fail": true}`` makes the demo handler raise (watch the retries, then the dead-letter
+entry); ``{"sleep": 2}`` keeps it busy for two seconds.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
@@ -24,48 +24,16 @@ from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from pydantic import BaseModel, Field
 
 from app.api.deps import stream_producer
+from app.api.jobs import DEMO_GROUP, DEMO_STREAM, demo_consumer
 from app.core.config import get_settings
-from app.core.redis import AnyRedis, Lifespan, get_redis
-from app.services.streams import StreamConsumer, StreamMessage, StreamProducer
+from app.core.redis import Lifespan, get_redis
+from app.services.streams import StreamConsumer, StreamProducer
 
-__all__ = [
-    "DEMO_GROUP",
-    "DEMO_STREAM",
-    "demo_consumer",
-    "demo_handler",
-    "lifespan",
-    "router",
-    "setup",
-]
-
-log = logging.getLogger("app.streams.demo")
-
-DEMO_STREAM = "events"
-DEMO_GROUP = "demo"
+__all__ = ["DEMO_GROUP", "DEMO_STREAM", "lifespan", "router", "setup"]
 
 router = APIRouter(prefix="/streams", tags=["streams"])
 
 EventsProducer = Annotated[StreamProducer, Depends(stream_producer(DEMO_STREAM, maxlen=10_000))]
-
-
-async def demo_handler(message: StreamMessage[Any]) -> None:
-    """The demo's work: log the event; ``sleep`` seconds (at most 30) and ``fail`` on request."""
-    payload = message.payload if isinstance(message.payload, dict) else {}
-    seconds = payload.get("sleep")
-    if isinstance(seconds, int | float) and seconds > 0:
-        await asyncio.sleep(min(float(seconds), 30.0))
-    if payload.get("fail"):
-        raise RuntimeError("the payload asked this delivery to fail")
-    log.info("event %s handled (delivery %d): %s", message.id, message.deliveries, payload)
-
-
-def demo_consumer(
-    redis: AnyRedis, consumer: str | None = None, **options: Any
-) -> StreamConsumer[Any]:
-    """The demo consumer of ``events`` in group ``demo`` (3 deliveries, then dead letter)."""
-    settings: dict[str, Any] = {"max_deliveries": 3, "retry_backoff": 0.5, "claim_idle": 15.0}
-    settings.update(options)
-    return StreamConsumer(redis, DEMO_STREAM, DEMO_GROUP, consumer, demo_handler, **settings)
 
 
 def _worker_mode() -> Literal["lazy", "eager", "off"]:

@@ -10,7 +10,7 @@ import pytest
 from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 from redis.asyncio import Redis
 
-from app.api.routes.streams import DEMO_STREAM, demo_consumer
+from app.api.jobs import DEMO_STREAM, demo_consumer
 from app.main import create_app
 from app.observability.testing import Capture
 from app.services.pubsub import Broadcaster, Message, Reconnected

@@ -15,7 +15,7 @@ from asgi_lifespan import LifespanManager
 from pydantic import BaseModel
 from starlette.websockets import WebSocket
 
-from app.api.routes.pubsub import EventStreamResponse, serve_websocket
+from app.api.streaming import EventStreamResponse, serve_websocket
 from app.core import redis as core_redis
 from app.core.errors import (
     ConfigurationError,

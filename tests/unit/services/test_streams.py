@@ -548,13 +548,13 @@ async def test_cancelling_run_cancels_handlers_and_leaves_entries_pending(redis:
 
 
 def test_load_handler_imports_module_function() -> None:
-    from app.api.routes.streams import demo_handler
+    from app.api.jobs import demo_handler
 
-    assert load_handler("app.api.routes.streams:demo_handler") is demo_handler
+    assert load_handler("app.api.jobs:demo_handler") is demo_handler
     with pytest.raises(ConfigurationError):
         load_handler("no-colon")
     with pytest.raises(ConfigurationError):
-        load_handler("app.api.routes.streams:missing")
+        load_handler("app.api.jobs:missing")
 
 
 async def test_demo_routes_produce_consume_and_report(app_client: Any) -> None:

@@ -1,0 +1,141 @@
+"""The session cookie: its name and attributes, and the signed session id it carries."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import logging
+from collections.abc import Sequence
+
+from starlette.requests import cookie_parser
+from starlette.types import Scope
+
+from app.core.config import Settings
+from app.core.errors import ConfigurationError
+from app.services.sessions import is_session_id
+
+__all__ = ["SessionCookie", "signing_keys"]
+
+log = logging.getLogger("app.sessions")
+
+_CONTEXT = b"app.sessions.cookie.v1\x00"  # domain separation from other uses of the secret
+_SIG_LEN = 43  # base64url of a SHA-256 MAC, unpadded
+_EXPIRED = "Max-Age=0; Expires=Thu, 01 Jan 1970 00:00:00 GMT"
+
+
+def signing_keys(
+    secret_key: str | bytes | Sequence[str | bytes] | None, settings: Settings
+) -> list[bytes]:
+    """The keys to sign with (the first) and verify against (all); default the settings'."""
+    if secret_key is None:
+        return settings.signing_keys()
+    items = [secret_key] if isinstance(secret_key, str | bytes) else list(secret_key)
+    keys = [k.encode("utf-8") if isinstance(k, str) else bytes(k) for k in items]
+    if not keys or not all(keys):
+        raise ConfigurationError("SessionMiddleware needs at least one non-empty secret key")
+    return keys
+
+
+def _cookie_name(
+    settings: Settings,
+    cookie_name: str | None,
+    host_prefix: bool | None,
+    *,
+    secure: bool,
+    path: str,
+    domain: str | None,
+) -> str:
+    """The name the cookie is sent under, ``__Host-`` prefixed when it may and should be."""
+    name = cookie_name or settings.session_cookie_name or "session"
+    if name.startswith("__Host-"):
+        name, host_prefix = name.removeprefix("__Host-"), True
+    if host_prefix is None:
+        strict = settings.app_env not in ("development", "test")
+        host_prefix = strict and secure and path == "/" and domain is None
+        if strict and not host_prefix:
+            log.warning(
+                "session cookie %r is sent without the __Host- prefix because it is not "
+                "Secure with Path=/ and no Domain; a sibling subdomain can plant one",
+                name,
+            )
+    if host_prefix and (not secure or path != "/" or domain is not None):
+        raise ConfigurationError(
+            "a __Host- cookie must be Secure with Path=/ and no Domain: "
+            "set https_only=True, path='/' and domain=None"
+        )
+    return f"__Host-{name}" if host_prefix else name
+
+
+class SessionCookie:
+    """The cookie of ``SessionMiddleware``: ``<id>.<HMAC-SHA256>`` and its attributes.
+
+    Signed with the first key, verified against each (a cookie verified by an
+    older key is reported so it can be re-signed). See ``SessionMiddleware``
+    for the options; ``max_age`` None makes a browser-session cookie.
+    """
+
+    __slots__ = ("_expire_suffix", "_set_suffix", "_signers", "name")
+
+    def __init__(
+        self,
+        keys: list[bytes],
+        settings: Settings,
+        *,
+        cookie_name: str | None,
+        https_only: bool | None,
+        same_site: str,
+        path: str,
+        domain: str | None,
+        host_prefix: bool | None,
+        max_age: int | None,
+    ) -> None:
+        self._signers = [hmac.new(key, _CONTEXT, hashlib.sha256) for key in keys]
+        secure = settings.app_env != "development" if https_only is None else https_only
+        if same_site not in ("lax", "strict", "none"):
+            raise ConfigurationError(f"same_site must be lax, strict or none, got {same_site!r}")
+        if same_site == "none" and not secure:
+            raise ConfigurationError("SameSite=None cookies must be Secure: set https_only=True")
+        self.name = _cookie_name(
+            settings, cookie_name, host_prefix, secure=secure, path=path, domain=domain
+        )
+        flags = f"; Path={path}" + (f"; Domain={domain}" if domain else "") + "; HttpOnly"
+        flags += ("; Secure" if secure else "") + f"; SameSite={same_site.capitalize()}"
+        self._set_suffix = (f"; Max-Age={max_age}" if max_age is not None else "") + flags
+        self._expire_suffix = f"; {_EXPIRED}" + flags
+
+    def _mac(self, signer: hmac.HMAC, session_id: str) -> str:
+        mac = signer.copy()
+        mac.update(session_id.encode("ascii"))
+        return base64.urlsafe_b64encode(mac.digest()).rstrip(b"=").decode("ascii")
+
+    def sign(self, session_id: str) -> str:
+        """The cookie value for *session_id*, signed with the current key."""
+        return f"{session_id}.{self._mac(self._signers[0], session_id)}"
+
+    def verify(self, value: str) -> tuple[str, int] | None:
+        """The session id in a cookie value and the index of the key that signed it, or None."""
+        session_id, dot, sig = value.rpartition(".")
+        if not dot or len(sig) != _SIG_LEN or not sig.isascii() or not is_session_id(session_id):
+            return None
+        for index, signer in enumerate(self._signers):
+            if hmac.compare_digest(self._mac(signer, session_id), sig):
+                return session_id, index
+        return None
+
+    def read(self, scope: Scope) -> str | None:
+        """The cookie's value in the request, if any."""
+        for name, value in scope.get("headers", ()):
+            if name == b"cookie":
+                found = cookie_parser(value.decode("latin-1")).get(self.name)
+                if found:
+                    return found
+        return None
+
+    def set(self, session_id: str) -> str:
+        """The ``Set-Cookie`` value that gives the client *session_id*."""
+        return f"{self.name}={self.sign(session_id)}{self._set_suffix}"
+
+    def expired(self) -> str:
+        """The ``Set-Cookie`` value that clears the cookie."""
+        return f"{self.name}={self._expire_suffix}"
