@@ -26,6 +26,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from app.core.config import get_settings
 from app.core.errors import InvalidKey, PatternTooComplex
 
 __all__ = [
@@ -213,6 +214,17 @@ class KeySpace:
         before putting it in. The namespace part is always literal.
         """
         return escape_glob(self.root) + glob
+
+    @classmethod
+    def of(cls, service: str, prefix: str | None = None) -> KeySpace:
+        """The space of *service* under *prefix*, or under the settings' ``redis_key_prefix``.
+
+        The one way a service finds its keys: ``KeySpace.of(namespace)``. The prefix is
+        read when the service is built, so a test's ``settings_override`` applies.
+        """
+        if prefix is None:
+            prefix = get_settings().redis_key_prefix
+        return cls(prefix, service)
 
     def child(self, service: str) -> KeySpace:
         """A sibling space under the same prefix (e.g. ``cache`` -> ``cache.tags``)."""
