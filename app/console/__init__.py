@@ -14,6 +14,7 @@ is refused in read-only mode and is written to the audit stream
 """
 
 from app.console._access import Audit, AuditEntry, Operator
-from app.console._app import ConsoleLimiter, create_console
+from app.console._app import ConsoleLimiter
+from app.console._create import create_console
 
 __all__ = ["Audit", "AuditEntry", "ConsoleLimiter", "Operator", "create_console"]

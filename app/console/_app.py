@@ -1,8 +1,7 @@
-"""``create_console()``: the console as a FastAPI app to mount at a path of your choice.
+"""The console's access machinery per request and its page rendering.
 
-This module holds the access machinery per request (who is calling, CSRF,
-read-only, the answers for refused requests) and page rendering; the routes
-themselves are in ``_routes``.
+Who is calling, CSRF, read-only, the answers for refused requests, and the
+security headers. The routes are in ``_routes``; ``_create`` puts the app together.
 """
 
 from __future__ import annotations
@@ -16,23 +15,19 @@ from typing import Any
 from urllib.parse import parse_qsl, quote, unquote
 
 import orjson
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from jinja2 import Environment, PackageLoader, select_autoescape
-from redis.exceptions import RedisError
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.console._access import Audit, Operator, Signer, token_matches
-from app.core.config import Settings, get_settings
-from app.core.errors import ConfigurationError, RedisUnavailable
-from app.core.redis import AnyRedis, get_redis
+from app.core.config import Settings
+from app.core.redis import AnyRedis
 from app.http.caller import caller_resolver
 from app.services.rate_limit import ConcurrencyLimiter, RateLimiter
 from app.services.sessions import SessionStore
 
-__all__ = ["Console", "ConsoleLimiter", "Refused", "create_console"]
+__all__ = ["AuthDependency", "Console", "ConsoleLimiter", "Refused", "SecurityHeaders"]
 
 log = logging.getLogger("app.console")
 
@@ -85,7 +80,7 @@ AuthDependency = Callable[..., Any]
 """A FastAPI dependency returning the operator's name, or None/False to refuse (401)."""
 
 
-class _SecurityHeaders:
+class SecurityHeaders:
     """Pure ASGI: no caching, no framing, a strict CSP on every console response."""
 
     def __init__(self, app: ASGIApp) -> None:
@@ -338,81 +333,3 @@ def base(request: Request) -> str:
 
 def cookie_path(request: Request) -> str:
     return base(request) or "/"
-
-
-def create_console(
-    *,
-    auth: AuthDependency | None = None,
-    token: str | None = None,
-    read_only: bool | None = None,
-    limiters: Sequence[ConsoleLimiter] = (),
-    cache_namespaces: Sequence[str] = ("cache",),
-    sessions: Callable[[AnyRedis], SessionStore] | None = None,
-    redis: Callable[[], AnyRedis] = get_redis,
-    settings: Settings | None = None,
-) -> FastAPI:
-    """The operator console, to mount with ``app.mount("/console", create_console(...))``.
-
-    Args:
-        auth: a FastAPI dependency that returns the operator's name (None or
-            False: 401). When given, it is the only way in.
-        token: the access token (default ``CONSOLE_TOKEN``); checked like a
-            secret (32+ characters, constant-time compare). With neither *auth*
-            nor a token, every console URL answers 404.
-        read_only: refuse every action with 403 (default ``CONSOLE_READ_ONLY``).
-        limiters: the rate limiters the Rate limits page can inspect and reset.
-        cache_namespaces: ``CacheService`` namespaces the Cache page shows
-            (through ``get_cache``, so this worker's registered services and stats).
-        sessions: builds the ``SessionStore`` the app's session middleware uses
-            (default ``SessionStore(client)``: namespace ``session``, subject ``user``).
-        redis: where the client comes from (default ``get_redis``, per request).
-        settings: default ``get_settings()``.
-
-    The console makes Redis calls only when a page is opened or an action
-    posted, each bounded (SCAN/XRANGE pages, fixed round trips); the live
-    overview makes two calls every 2 s per open page, at most 4 pages per process.
-    """
-    from app.console._routes import add_routes
-
-    settings = settings or get_settings()
-    if token is None and settings.console_token is not None:
-        token = settings.console_token.get_secret_value()
-    if token is not None:
-        Settings.model_validate({"console_token": token})  # the same strength rules
-    if not all(cache_namespaces):
-        raise ConfigurationError("cache_namespaces must be non-empty names")
-    console = Console(
-        settings=settings,
-        auth=auth,
-        token=token,
-        read_only=settings.console_read_only if read_only is None else read_only,
-        limiters=limiters,
-        cache_namespaces=cache_namespaces,
-        sessions=sessions,
-        redis=redis,
-    )
-    app = FastAPI(title="Operator console", docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.console = console
-
-    @app.exception_handler(Refused)
-    async def _refused(request: Request, exc: Refused) -> Response:
-        return console.refusal(request, exc)
-
-    @app.exception_handler(RedisUnavailable)
-    async def _unavailable(request: Request, exc: RedisUnavailable) -> Response:
-        return console.refusal(request, Refused(503, "Redis is unavailable; try again shortly"))
-
-    @app.exception_handler(RedisError)
-    async def _redis_error(request: Request, exc: RedisError) -> Response:
-        log.warning("console: Redis refused a command: %s", exc)
-        return console.refusal(request, Refused(503, "Redis refused the request; see the logs"))
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
-        return console.refusal(request, Refused(exc.status_code, str(exc.detail)))
-
-    if console.enabled:
-        app.mount("/static", StaticFiles(packages=[("app.console", "static")]), name="static")
-    add_routes(app, console)
-    app.add_middleware(_SecurityHeaders)
-    return app
