@@ -38,11 +38,34 @@ def redis_server_binary() -> str | None:
     return shutil.which("redis-server")
 
 
+# Port blocks: pytest-xdist workers (``PYTEST_XDIST_WORKER=gw<n>``) draw from blocks of
+# their own, so two workers never start servers on the same port, and a worker's ping
+# can never reach another worker's server. The blocks sit below the kernel's ephemeral
+# range (32768+), where outgoing connections take their local ports.
+_BLOCK = 1000
+_BLOCKS = 10
+_PLAIN_BASE = 10000  # plain servers, sentinels: 10000-19999
+_CLUSTER_BASE = 20000  # cluster nodes: 20000-29999 (their bus ports: +10000)
+
+
+def _worker_block() -> int:
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    digits = worker.removeprefix("gw")
+    return int(digits) % _BLOCKS if digits.isdigit() else 0
+
+
+def _free_in_block(base: int, *, with_bus: bool = False) -> int:
+    start = base + _worker_block() * _BLOCK
+    for _ in range(1000):
+        port = random.randrange(start, start + _BLOCK)
+        if _bindable(port) and (not with_bus or _bindable(port + 10000)):
+            return port
+    raise RuntimeError(f"no free port in {start}-{start + _BLOCK - 1}")
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A TCP port on 127.0.0.1 that was free a moment ago (in this worker's block)."""
+    return _free_in_block(_PLAIN_BASE)
 
 
 def _bindable(port: int) -> bool:
@@ -55,12 +78,8 @@ def _bindable(port: int) -> bool:
 
 
 def free_cluster_port() -> int:
-    """A free port <= 55535 whose cluster bus port (+10000) is free too."""
-    for _ in range(1000):
-        port = random.randrange(20000, 30000)
-        if _bindable(port) and _bindable(port + 10000):
-            return port
-    raise RuntimeError("no free port pair for a cluster node")
+    """A free port whose cluster bus port (+10000) is free too (in this worker's block)."""
+    return _free_in_block(_CLUSTER_BASE, with_bus=True)
 
 
 def ping(host: str, port: int, timeout: float = 0.5) -> bool:
