@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 from redis.exceptions import RedisError
 
-from app.core.errors import RedisUnavailable
+from app.core.errors import ConfigurationError, RedisUnavailable
 from app.core.keys import KeySpace
 from app.core.redis import AnyRedis
 
@@ -80,7 +80,7 @@ class Signer:
 
     def __init__(self, keys: Sequence[bytes], ttl: float, token: str | None) -> None:
         if not keys or not all(keys):
-            raise ValueError("the console needs at least one non-empty signing key")
+            raise ConfigurationError("the console needs at least one non-empty signing key")
         self._keys = list(keys)
         self.ttl = ttl
         self._binding = _digest(token or "")

@@ -85,6 +85,8 @@ from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection, ConnectionPool
 from redis.client import EMPTY_RESPONSE, NEVER_DECODE
 
+from app.core.errors import ConfigurationError
+
 __all__ = [
     "POOLED_COMMANDS",
     "MultiplexedRedis",
@@ -341,7 +343,7 @@ class NodeMultiplexer:
         slot_timeout: float | None = 5.0,
     ) -> None:
         if links < 1 or max_in_flight < 1:
-            raise ValueError("links and max_in_flight must be at least 1")
+            raise ConfigurationError("links and max_in_flight must be at least 1")
         self.pool = pool
         self.size = links
         self.max_in_flight = max_in_flight

@@ -26,6 +26,8 @@ from typing import Any
 
 from redis.exceptions import NoScriptError
 
+from app.core.errors import ConfigurationError
+
 __all__ = ["Script", "ScriptArg"]
 
 ScriptArg = str | bytes | int | float
@@ -46,7 +48,9 @@ class Script:
         """Load ``filename`` shipped inside *package* (e.g. ``"app.services", "lua/x.lua"``)."""
         text = resources.files(package).joinpath(filename).read_text(encoding="utf-8")
         if not text.lstrip().startswith("--"):
-            raise ValueError(f"{filename}: a script must open with its KEYS/ARGV/returns contract")
+            raise ConfigurationError(
+                f"{filename}: a script must open with its KEYS/ARGV/returns contract"
+            )
         return cls(text, name=filename.rsplit("/", 1)[-1].removesuffix(".lua"))
 
     async def __call__(

@@ -59,6 +59,7 @@ from starlette.requests import HTTPConnection, cookie_parser
 from starlette.types import Scope
 
 from app.core.config import Settings, get_settings
+from app.core.errors import ConfigurationError
 from app.http.client_ip import ClientIP
 
 __all__ = [
@@ -169,7 +170,7 @@ class CallerResolver:
         session_cookie: str | None = "session",
     ) -> None:
         if not keys or not all(keys):
-            raise ValueError("CallerResolver needs at least one non-empty key")
+            raise ConfigurationError("CallerResolver needs at least one non-empty key")
         self.keys = tuple(keys)
         self._headers = frozenset(h.strip().lower().encode("latin-1") for h in credential_headers)
         self._client_ip = ClientIP(trusted_proxies)
@@ -316,7 +317,7 @@ def set_principal(conn: HTTPConnection | Scope, principal: str | int | bytes) ->
     principal is refused: it would make every caller the same one.
     """
     if principal is None or principal == "" or principal == b"":
-        raise ValueError("set_principal() needs a non-empty principal (a user or account id)")
+        raise ConfigurationError("set_principal() needs a non-empty principal (a user or account id)")
     scope = _scope_of(conn)
     scope[PRINCIPAL_KEY] = principal
     scope.pop(CALLER_KEY, None)

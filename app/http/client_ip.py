@@ -14,6 +14,8 @@ from collections.abc import Iterable
 from starlette.requests import HTTPConnection
 from starlette.types import Scope
 
+from app.core.errors import ConfigurationError
+
 __all__ = ["ClientIP", "parse_ip"]
 
 
@@ -63,7 +65,7 @@ class ClientIP:
         self._networks = tuple(ipaddress.ip_network(c, strict=False) for c in trusted_proxies)
         self._header = header.lower().encode("latin-1")
         if not 1 <= ipv6_prefix <= 128:
-            raise ValueError("ipv6_prefix must be between 1 and 128")
+            raise ConfigurationError("ipv6_prefix must be between 1 and 128")
         self._prefix = ipv6_prefix
 
     def _trusted(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
