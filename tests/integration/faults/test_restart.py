@@ -184,20 +184,26 @@ async def test_a_lock_held_across_a_restart_is_lost_and_its_holder_learns_it(
     async with new_client(asgi) as client:
         first = asyncio.create_task(client.post("/held/j1", params={"wait": True}))
         renewed = asyncio.create_task(client.post("/watched/j1"))
-        async with asyncio.timeout(5):
-            while await admin.exists(*keys) < 2:
-                await asyncio.sleep(0.01)
-        first_fence = int(await admin.get(keys[0] + ":fence") or 0)
-        await admin.aclose()
-        await asyncio.to_thread(private_target.restart)  # every key is gone
-        async with asyncio.timeout(10):  # a second holder gets the lock the first still "holds"
-            while (second := await client.post("/held/j1", params={"wait": False})).is_error:
-                assert is_unavailable(second), second.text  # the breaker may need a trial first
-                await asyncio.sleep(0.05)
-        assert second.json()["fence"] > first_fence  # fences restart above every old token
-        lost_while_working = await asyncio.wait_for(renewed, REQUEST_BOUND)
-        assert _lock_lost(lost_while_working), lost_while_working.text
-        assert finished == []  # the watchdog cancelled the handler
-        finish.set()
-        lost_at_exit = await asyncio.wait_for(first, REQUEST_BOUND)
-        assert _lock_lost(lost_at_exit), lost_at_exit.text
+        try:
+            async with asyncio.timeout(5):
+                while await admin.exists(*keys) < 2:
+                    await asyncio.sleep(0.01)
+            first_fence = int(await admin.get(keys[0] + ":fence") or 0)
+            await admin.aclose()
+            await asyncio.to_thread(private_target.restart)  # every key is gone
+            async with asyncio.timeout(10):  # a second holder gets the lock the first still "holds"
+                while (second := await client.post("/held/j1", params={"wait": False})).is_error:
+                    assert is_unavailable(second), second.text  # the breaker may need a trial first
+                    await asyncio.sleep(0.05)
+            assert second.json()["fence"] > first_fence  # fences restart above every old token
+            lost_while_working = await asyncio.wait_for(renewed, REQUEST_BOUND)
+            assert _lock_lost(lost_while_working), lost_while_working.text
+            assert finished == []  # the watchdog cancelled the handler
+            finish.set()
+            lost_at_exit = await asyncio.wait_for(first, REQUEST_BOUND)
+            assert _lock_lost(lost_at_exit), lost_at_exit.text
+        finally:  # a failed assertion must not leave requests running past the test
+            finish.set()
+            for task in (first, renewed):
+                task.cancel()
+            await asyncio.gather(first, renewed, return_exceptions=True)
