@@ -151,13 +151,17 @@ async def test_a_stalled_majority_ends_the_redlock_hold_within_its_validity(
     links = [_Link(server=s) for s in servers]
     peers = [SlotCheckingRedis(server=s) for s in servers]
     try:
-        # each master may take 2 s to answer: longer than the lease
-        lock = Redlock(links, "billing", timeout=0.6, auto_renew=True, node_timeout=2)
+        # each master may take 2 s to answer: longer than the lease. The drift margin is
+        # 0.24 s, not the default 8 ms: the hold ends that long before the lease ends in
+        # Redis, and the check below must run inside that margin on a loaded machine.
+        lock = Redlock(
+            links, "billing", timeout=0.6, auto_renew=True, node_timeout=2, drift_factor=0.4
+        )
         progress, error = await _run_until_stopped(lock, _Both(*links))
         assert sum([await p.pttl(lock.key) > 0 for p in peers]) >= 2  # a majority still holds
         assert progress == ["entered"]
         assert "no renewal was confirmed" in str(error)
-        assert lock.drift == pytest.approx(0.6 * 0.01 + 0.002)
+        assert lock.drift == pytest.approx(0.6 * 0.4 + 0.002)
     finally:
         for link in links:
             link.resume()

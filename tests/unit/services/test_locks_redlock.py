@@ -133,6 +133,12 @@ async def test_cancelled_acquire_leaves_no_key_on_any_master(masters: list[Any])
             await lock.release()
 
 
+async def test_the_default_drift_margin_is_one_percent_of_the_lease_plus_2_ms(
+    masters: list[Any],
+) -> None:
+    assert Redlock(masters, "billing", timeout=0.6).drift == pytest.approx(0.6 * 0.01 + 0.002)
+
+
 async def test_arguments_are_checked(masters: list[Any]) -> None:
     with pytest.raises(ConfigurationError):
         Redlock([], "billing", timeout=5)
