@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import httpx
 import pytest
 from fastapi import FastAPI
 from starlette.types import ASGIApp
@@ -95,11 +96,24 @@ async def test_stalled_link_opens_the_breaker_then_closes_it(
         await probe.works(client, web)
 
 
+async def _healthy_burst(probe: Probe, client: httpx.AsyncClient, states: list[Any]) -> bool:
+    verdicts = await burst(probe, client, states)
+    assert verdicts <= {"healthy", "degraded"}, verdicts
+    return verdicts == {"healthy"}
+
+
 @pytest.mark.parametrize("probe", PROBES, ids=probe_ids)
 async def test_cut_connections_are_replaced(
     probe: Probe, target: FaultTarget, start_app: StartApp
 ) -> None:
     """Every pooled connection reset between bursts: the next commands reconnect and succeed.
+
+    Standalone and Sentinel: the very next burst is healthy (each command's retry
+    reconnects its own connection). Cluster: redis-py answers a connection error on
+    one node by closing the whole client and reloading the topology, which also
+    drops the fresh connection a *concurrent* command's single retry just opened;
+    so on a loaded machine that first burst may be partly degraded (the documented
+    outage answer, never a 500 or a hang), and the burst after it is healthy.
 
     (A cut that lands while a command is in flight can lose a reply after the
     server ran the command; ``test_lost_replies.py`` pins down what each service
@@ -113,6 +127,14 @@ async def test_cut_connections_are_replaced(
         for _ in range(3):
             accepted = proxy.connections_accepted
             await asyncio.to_thread(proxy.cut)
-            assert await burst(probe, client, states) == {"healthy"}
+            verdicts = await burst(probe, client, states)
+            if target.kind == "cluster" and verdicts != {"healthy"}:
+                assert verdicts <= {"healthy", "degraded"}, verdicts
+                # (the breaker may have opened on those failures: its window passes first)
+                await eventually(
+                    lambda: _healthy_burst(probe, client, states), "a healthy burst after the cut"
+                )
+            else:
+                assert verdicts == {"healthy"}
             assert proxy.connections_accepted > accepted  # the pool reconnected
         await probe.works(client, web)
