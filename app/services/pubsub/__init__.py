@@ -21,6 +21,9 @@ loss the connection is re-made with capped, jittered exponential backoff,
 every channel and pattern is subscribed again, and each subscriber that was
 live receives a ``Reconnected`` event carrying the gap. Errors are logged
 (logger ``app.pubsub``) and counted in ``stats()``; nothing dies silently.
+``publish`` and the history reads go through the client's circuit breaker
+(``app.core.guard.Guard``): ``RedisUnavailable`` when Redis cannot be reached
+or the breaker is open, ``RedisCommandError`` when Redis refuses a command.
 
 Optional catch-up (``history``): a channel can be backed by a capped stream.
 ``publish`` then runs one script that appends to the stream

@@ -15,19 +15,11 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, TypeVar, overload
 from urllib.parse import unquote_to_bytes
 
-from redis.exceptions import RedisError
-
 from app.core.codec import Codec, default_codec
-from app.core.config import get_settings
-from app.core.errors import ConfigurationError, RedisUnavailable, ToolkitError
+from app.core.errors import ConfigurationError, RedisCommandError, RedisUnavailable, StateError
+from app.core.guard import Duration, Guard, as_seconds, as_text, to_ms
 from app.core.keys import KeySpace, bound_pattern, escape, escape_glob
-from app.core.redis import (
-    REFUSED_FOR_NOW,
-    AnyRedis,
-    breaker_for,
-    client_decodes_responses,
-    is_cluster,
-)
+from app.core.redis import AnyRedis, client_decodes_responses, is_cluster
 from app.core.scripts import Script
 from app.core.telemetry import traced
 from app.services.pubsub._dispatch import _Dispatcher
@@ -35,7 +27,7 @@ from app.services.pubsub._history import _History
 from app.services.pubsub._routing import _Router
 from app.services.pubsub._subscription import Subscription, _Topic
 from app.services.pubsub._types import OverflowPolicy, Published, _check_overflow, _Counters
-from app.services.pubsub._wire import _CHANNEL, _PATTERN, _SHARD, _Key, _text, _with_trace
+from app.services.pubsub._wire import _CHANNEL, _PATTERN, _SHARD, _Key, _with_trace
 
 __all__ = ["Broadcaster"]
 
@@ -69,6 +61,8 @@ class Broadcaster:
             ``[0, min(cap, base * 2**attempt)]`` (full jitter).
         subscribe_timeout: how long ``subscribe`` waits for Redis to confirm
             before raising ``RedisUnavailable``.
+        (Every duration is seconds or a ``timedelta``; a negative, NaN or infinite one, or
+        zero where a wait must be positive, raises ``ConfigurationError``.)
         history: approximate stream length kept per channel for catch-up, as an
             int for every channel or a function of the logical channel name
             (0: plain pub/sub, the default).
@@ -86,25 +80,29 @@ class Broadcaster:
         codec: Codec | None = None,
         queue_size: int = 1000,
         overflow: OverflowPolicy = "drop_oldest",
-        ping_interval: float = 5.0,
-        ping_timeout: float = 3.0,
-        connect_timeout: float = 5.0,
-        backoff_base: float = 0.1,
-        backoff_cap: float = 5.0,
-        subscribe_timeout: float = 10.0,
+        ping_interval: Duration = 5.0,
+        ping_timeout: Duration = 3.0,
+        connect_timeout: Duration = 5.0,
+        backoff_base: Duration = 0.1,
+        backoff_cap: Duration = 5.0,
+        subscribe_timeout: Duration = 10.0,
         history: int | Callable[[str], int] = 0,
-        history_ttl: float = 3600.0,
+        history_ttl: Duration = 3600.0,
         sharded: bool | None = None,
-        drain_timeout: float = 5.0,
+        drain_timeout: Duration = 5.0,
         key_prefix: str | None = None,
     ) -> None:
         _check_overflow(overflow)
         if queue_size < 1:
             raise ConfigurationError("queue_size must be at least 1")
-        if ping_interval <= 0 or ping_timeout <= 0:
-            raise ConfigurationError("ping_interval and ping_timeout must be positive")
-        if history_ttl <= 0:
-            raise ConfigurationError("history_ttl must be positive (history streams expire)")
+        self.ping_interval = as_seconds(ping_interval, "ping_interval")
+        self.ping_timeout = as_seconds(ping_timeout, "ping_timeout")
+        self.connect_timeout = as_seconds(connect_timeout, "connect_timeout")
+        self.backoff_base = as_seconds(backoff_base, "backoff_base", allow_zero=True)
+        self.backoff_cap = as_seconds(backoff_cap, "backoff_cap", allow_zero=True)
+        self.subscribe_timeout = as_seconds(subscribe_timeout, "subscribe_timeout")
+        self.history_ttl_ms = to_ms(as_seconds(history_ttl, "history_ttl"))  # streams expire
+        self.drain_timeout = as_seconds(drain_timeout, "drain_timeout", allow_zero=True)
         self.client = client
         self._cluster = is_cluster(client)
         self.sharded = self._cluster if sharded is None else sharded
@@ -114,16 +112,12 @@ class Broadcaster:
         self.codec = base_codec.with_text_safe(client_decodes_responses(client))
         self.queue_size = queue_size
         self.overflow: OverflowPolicy = overflow
-        self.ping_interval = ping_interval
-        self.ping_timeout = ping_timeout
-        self.connect_timeout = connect_timeout
-        self.backoff_base = backoff_base
-        self.backoff_cap = backoff_cap
-        self.subscribe_timeout = subscribe_timeout
         self.history = history
-        self.history_ttl_ms = int(history_ttl * 1000)
-        self.drain_timeout = drain_timeout
-        self.keys = KeySpace(key_prefix or get_settings().redis_key_prefix, "pubsub")
+        self.keys = KeySpace.of("pubsub", key_prefix or None)
+        # Publishing and history reads go through the client's breaker; the subscriber
+        # links are dedicated connections supervised by _Link (reconnect with backoff).
+        self._guard = Guard(client, "pub/sub publish")
+        self._history_guard = Guard(client, "pub/sub history")
         self._root = (self.keys.root + "{").encode()
         self._pattern_root = escape_glob(self.keys.root) + "{"
         self._kind = _SHARD if self.sharded else _CHANNEL
@@ -146,26 +140,30 @@ class Broadcaster:
         with backoff while Redis is down.
         """
         if self._closing:
-            raise RuntimeError("this Broadcaster is closed; build a new one")
+            raise StateError("this Broadcaster is closed; build a new one")
         self._started = True
         if not self.sharded:
             self._router.main_link().start()
         return self
 
-    async def aclose(self, drain_timeout: float | None = None) -> None:
+    async def aclose(self, drain_timeout: Duration | None = None) -> None:
         """Stop: end every subscription, wait for subscribers to finish, close the connections.
 
-        New ``subscribe`` calls raise ``RuntimeError``. Each subscriber's
+        New ``subscribe`` calls raise ``StateError`` (a ``RuntimeError``). Each subscriber's
         iteration yields what is already queued, then ends. After
         *drain_timeout* seconds (default: the constructor's) the connections
         are closed regardless. ``publish`` keeps working (it uses the client).
         """
+        bound = (
+            self.drain_timeout
+            if drain_timeout is None
+            else as_seconds(drain_timeout, "drain_timeout", allow_zero=True)
+        )
         self._closing = True
         for sub in list(self._subs):
             sub._close("shutdown")
         if self._subs:
             self._drained = asyncio.Event()
-            bound = self.drain_timeout if drain_timeout is None else drain_timeout
             try:
                 async with asyncio.timeout(bound):
                     await self._drained.wait()
@@ -237,35 +235,33 @@ class Broadcaster:
         misses the message (its subscribers get ``Reconnected``; history
         channels replay it). Cancelled mid-flight, the message may or may not
         have been published. Raises ``RedisUnavailable`` when Redis is down
-        (or its circuit breaker is open), ``CodecError`` for unencodable values.
+        (or its circuit breaker is open, or refuses writes for now: OOM,
+        READONLY), ``RedisCommandError`` when Redis refuses the command (its
+        text is in ``__cause__``), ``CodecError`` for unencodable values. Both
+        Redis failures count in ``stats()["publish_errors"]``.
         """
         raw = self.channel_name(channel)
         payload = _with_trace(self.codec.encode(message))
         maxlen = self.history_length(channel)
         try:
-            with breaker_for(self.client):
+            with self._guard:
                 if maxlen > 0:
                     reply = await _PUBLISH(
                         self.client,
                         keys=[self.history_key(channel)],
                         args=[raw, payload, maxlen, self.history_ttl_ms, int(self.sharded)],
                     )
-                    result = Published(int(reply[1]), _text(reply[0]))
                 elif self.sharded:
-                    result = Published(int(await self.client.spublish(raw, payload)), None)
+                    reply = await self.client.spublish(raw, payload)
                 else:
-                    result = Published(int(await self.client.publish(raw, payload)), None)
-        except RedisUnavailable:
+                    reply = await self.client.publish(raw, payload)
+        except (RedisUnavailable, RedisCommandError):
             self._counters.publish_errors += 1
             raise
-        except REFUSED_FOR_NOW as exc:  # refused for now: 503, like an outage
-            self._counters.publish_errors += 1
-            raise RedisUnavailable(f"publishing to {channel!r} was refused: {exc}") from exc
-        except RedisError as exc:
-            self._counters.publish_errors += 1
-            raise ToolkitError(f"publishing to {channel!r} failed: {exc}") from exc
         self._counters.published += 1
-        return result
+        if maxlen > 0:
+            return Published(int(reply[1]), as_text(reply[0]))
+        return Published(int(reply), None)
 
     # -- subscribe ----------------------------------------------------------
 
@@ -349,7 +345,7 @@ class Broadcaster:
         overflow: OverflowPolicy,
     ) -> AsyncIterator[Subscription[Any]]:
         if self._closing:
-            raise RuntimeError("this Broadcaster is closed; build a new one")
+            raise StateError("this Broadcaster is closed; build a new one")
         keys = [(self._kind, self.channel_name(c).encode(), c) for c in channels]
         keys += [(_PATTERN, self.pattern_name(p).encode(), p) for p in patterns]
         if self._cluster:

@@ -9,20 +9,21 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from app.core.errors import RedisUnavailable
-from app.core.redis import CONNECTION_ERRORS, breaker_for
+from app.core.guard import as_text
 from app.services.pubsub._types import Message, Reconnected
-from app.services.pubsub._wire import _ZERO_ID, _parse_id, _text, _untrace, _valid_id
+from app.services.pubsub._wire import _ZERO_ID, _parse_id, _untrace, _valid_id
 
 if TYPE_CHECKING:
     from app.services.pubsub._broadcaster import Broadcaster
     from app.services.pubsub._subscription import Subscription
 
-_REDIS_DOWN: tuple[type[BaseException], ...] = (RedisUnavailable, *CONNECTION_ERRORS)
-
 
 class _History:
-    """History reads of one broadcaster (two pipelined round trips at most per call)."""
+    """History reads of one broadcaster (two pipelined round trips at most per call).
+
+    Through the broadcaster's history guard: ``RedisUnavailable`` when Redis cannot be
+    reached (or the breaker is open), ``RedisCommandError`` when it refuses.
+    """
 
     def __init__(self, owner: Broadcaster) -> None:
         self.owner = owner
@@ -35,14 +36,11 @@ class _History:
             return
         resume = {c: last_ids[c] for c in channels if _valid_id(last_ids.get(c))}
         fresh = [c for c in channels if c not in resume]
-        try:
-            with breaker_for(owner.client):
-                pipe = owner.client.pipeline(transaction=False)
-                for channel in fresh:
-                    pipe.xrevrange(owner.history_key(channel), count=1)
-                baselines = await pipe.execute() if fresh else []
-        except _REDIS_DOWN as exc:
-            raise RedisUnavailable(f"cannot read pub/sub history: {exc}") from exc
+        with owner._history_guard:
+            pipe = owner.client.pipeline(transaction=False)
+            for channel in fresh:
+                pipe.xrevrange(owner.history_key(channel), count=1)
+            baselines = await pipe.execute() if fresh else []
         # Live messages may already be queued: they are delivered even if older than
         # the baseline, which only says where a replay starts if none was seen yet.
         for channel, entries in zip(fresh, baselines, strict=True):
@@ -72,17 +70,14 @@ class _History:
         """Messages after *since* per channel, and whether nothing can be missing."""
         owner = self.owner
         channels = list(since)
-        try:
-            with breaker_for(owner.client):
-                pipe = owner.client.pipeline(transaction=False)
-                for channel in channels:
-                    key = owner.history_key(channel)
-                    ms, seq = since[channel]
-                    pipe.xrange(key, min=f"({ms}-{seq}", max="+")
-                    pipe.exists(key)
-                replies = await pipe.execute()
-        except _REDIS_DOWN as exc:
-            raise RedisUnavailable(f"cannot read pub/sub history: {exc}") from exc
+        with owner._history_guard:
+            pipe = owner.client.pipeline(transaction=False)
+            for channel in channels:
+                key = owner.history_key(channel)
+                ms, seq = since[channel]
+                pipe.xrange(key, min=f"({ms}-{seq}", max="+")
+                pipe.exists(key)
+            replies = await pipe.execute()
         messages: list[Message[Any]] = []
         complete = True
         for index, channel in enumerate(channels):
@@ -99,7 +94,7 @@ class _History:
                     continue
                 trace, data = _untrace(data)
                 message = owner._dispatcher.decode(
-                    channel, data, sub._type, None, _text(entry_id), trace
+                    channel, data, sub._type, None, as_text(entry_id), trace
                 )
                 if message is not None:
                     messages.append(message)

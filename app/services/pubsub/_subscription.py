@@ -8,8 +8,7 @@ import collections
 import logging
 from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar
 
-from app.core.errors import SubscriberOverflow
-from app.services.pubsub._history import _REDIS_DOWN
+from app.core.errors import RedisUnavailable, SubscriberOverflow
 from app.services.pubsub._types import Message, OverflowPolicy, Reconnected
 from app.services.pubsub._wire import _ZERO_ID, _Key, _parse_id
 
@@ -180,7 +179,7 @@ class Subscription(Generic[T]):
             try:
                 replayed, complete = await self._owner._history.replay(self, since)
                 break
-            except _REDIS_DOWN as exc:
+            except RedisUnavailable as exc:
                 # After an outage the client's pooled connections may be stale: retry.
                 if attempt + 1 < _REPLAY_ATTEMPTS:
                     await asyncio.sleep(0.05 * 2**attempt)

@@ -34,10 +34,6 @@ def _valid_id(value: str | None) -> bool:
     return value is not None and _STREAM_ID.match(value) is not None
 
 
-def _text(value: str | bytes) -> str:
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
-
-
 def _with_trace(payload: bytes) -> bytes:
     """*payload* behind a ``_TRACED`` frame carrying the current trace context, if any."""
     trace = carrier()

@@ -33,6 +33,12 @@ taken by another consumer. Blocking reads stay below the client's ``socket_timeo
 ``NOGROUP`` error (Redis restarted or flushed) recreates the group instead of stopping, and
 connection errors are retried with backoff forever, until ``stop()``.
 
+Every Redis call of a producer or consumer goes through the client's circuit breaker
+(``app.core.guard.Guard``): callers get ``RedisUnavailable`` when Redis cannot be reached
+or the breaker is open, and ``StreamError`` when Redis refuses a command (its text stays in
+``__cause__``, for the logs). While the breaker is not closed the consumer's loop reads
+without blocking, so its read never holds the breaker's one trial call.
+
 Keys: the stream is ``<prefix>:stream:{<name>}`` and its dead-letter stream
 ``<prefix>:stream:{<name>}:dlq``: one hash tag, one Cluster slot, so the dead-letter script
 touches both atomically. Streams are durable on purpose and carry no TTL; bound them with

@@ -7,9 +7,8 @@ import contextlib
 import logging
 from typing import TYPE_CHECKING, Any
 
-from redis.exceptions import RedisError
-
-from app.services.streams._common import _is_nogroup
+from app.core.errors import RedisUnavailable, StreamError
+from app.services.streams._common import _is_nogroup, _why
 
 if TYPE_CHECKING:
     from app.services.streams._consumer import StreamConsumer
@@ -40,8 +39,9 @@ class _Acks:
         while self.buffer:
             ids, self.buffer = self.buffer, []
             try:
-                await c.redis.xack(c.keys.stream, c.group, *ids)
-            except (RedisError, OSError) as exc:
+                with c._guard:
+                    await c.redis.xack(c.keys.stream, c.group, *ids)
+            except (RedisUnavailable, StreamError) as exc:
                 if _is_nogroup(exc):
                     self.acking.difference_update(ids)  # the group (and its PEL) is gone
                     continue
@@ -53,7 +53,7 @@ class _Acks:
                         "stream %r: %d acks not confirmed (%s); the entries stay pending",
                         c.stream,
                         len(self.buffer),
-                        exc,
+                        _why(exc),
                     )
                     return
                 await asyncio.sleep(min(1.0, 0.05 * 2**failures))

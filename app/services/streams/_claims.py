@@ -15,9 +15,10 @@ import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Final, cast
 
+from app.core.guard import as_text
 from app.core.scripts import Script
 from app.core.telemetry import traced
-from app.services.streams._common import _consumer_attrs, _pairs, _text
+from app.services.streams._common import _consumer_attrs, _pairs, _why
 from app.services.streams._models import _Entry
 
 if TYPE_CHECKING:
@@ -52,10 +53,11 @@ class _Claims:
         out: list[_Entry] = []
         for chunk_start in range(0, len(ids), _IDS_PER_SCRIPT):
             chunk = ids[chunk_start : chunk_start + _IDS_PER_SCRIPT]
-            claimed, deleted, foreign = await _CLAIM(
-                c.redis, keys=[c.keys.stream], args=[c.group, c.name, "take", *chunk]
-            )
-            out += [_Entry(_text(i), _pairs(f), int(n)) for i, f, n in claimed]
+            with c._guard:
+                claimed, deleted, foreign = await _CLAIM(
+                    c.redis, keys=[c.keys.stream], args=[c.group, c.name, "take", *chunk]
+                )
+            out += [_Entry(as_text(i), _pairs(f), int(n)) for i, f, n in claimed]
             c.counters.deleted += len(deleted)
             c.counters.lost_claims += len(foreign)
         return out
@@ -76,10 +78,11 @@ class _Claims:
     async def recover_own(self, limit: int) -> list[_Entry]:
         c = self.consumer
         held = c._held()
-        rows = await c.redis.xpending_range(
-            c.keys.stream, c.group, "-", "+", limit + len(held), c.name
-        )
-        pending = [_text(cast(bytes | str, r["message_id"])) for r in rows]
+        with c._guard:
+            rows = await c.redis.xpending_range(
+                c.keys.stream, c.group, "-", "+", limit + len(held), c.name
+            )
+        pending = [as_text(cast(bytes | str, r["message_id"])) for r in rows]
         ids = [i for i in pending if i not in held][:limit]
         if not ids:
             self.recover = False
@@ -106,15 +109,16 @@ class _Claims:
         if full_pass:
             self.cursor = "0-0"
         while len(out) < limit:
-            cursor, claimed, deleted = await _AUTOCLAIM(
-                c.redis,
-                keys=[c.keys.stream],
-                args=[c.group, c.name, c._claim_idle_ms, self.cursor, limit - len(out)],
-            )
-            self.cursor = _text(cursor)
+            with c._guard:
+                cursor, claimed, deleted = await _AUTOCLAIM(
+                    c.redis,
+                    keys=[c.keys.stream],
+                    args=[c.group, c.name, c._claim_idle_ms, self.cursor, limit - len(out)],
+                )
+            self.cursor = as_text(cursor)
             c.counters.deleted += len(deleted)
             for raw_id, fields, count in claimed:
-                entry_id = _text(raw_id)
+                entry_id = as_text(raw_id)
                 if entry_id in held:
                     continue  # ours already and being worked on (its lease ran late)
                 out.append(_Entry(entry_id, _pairs(fields), int(count)))
@@ -182,7 +186,7 @@ class _Claims:
                 raise
             except Exception as exc:
                 c.counters.redis_errors += 1
-                log.warning("stream %r: lease renewal failed: %s", c.stream, exc)
+                log.warning("stream %r: lease renewal failed: %s", c.stream, _why(exc))
 
     async def _renew(self) -> None:
         """Reset the idle time of every entry this consumer holds, so nobody claims them."""
@@ -190,9 +194,10 @@ class _Claims:
         ids = sorted(c._held())
         for chunk_start in range(0, len(ids), _IDS_PER_SCRIPT):
             chunk = ids[chunk_start : chunk_start + _IDS_PER_SCRIPT]
-            renewed, deleted, foreign = await _CLAIM(
-                c.redis, keys=[c.keys.stream], args=[c.group, c.name, "renew", *chunk]
-            )
+            with c._guard:
+                renewed, deleted, foreign = await _CLAIM(
+                    c.redis, keys=[c.keys.stream], args=[c.group, c.name, "renew", *chunk]
+                )
             c.counters.deleted += len(deleted)
             c.counters.lost_claims += len(foreign)
             for raw_id in foreign:
@@ -200,10 +205,10 @@ class _Claims:
                     "stream %r: entry %s was claimed by another consumer while %r held it "
                     "(renew_interval too close to claim_idle, or the event loop stalled)",
                     c.stream,
-                    _text(raw_id),
+                    as_text(raw_id),
                     c.name,
                 )
-            kept = {_text(i) for i in renewed}
+            kept = {as_text(i) for i in renewed}
             for entry_id in chunk:
                 if entry_id not in kept:  # deleted, taken, or acked meanwhile: no retry here
                     self.waiting.pop(entry_id, None)

@@ -1,5 +1,5 @@
-"""Small helpers every part of the streams package uses: text, validation, reply shapes,
-error wrapping and span attributes."""
+"""Small helpers every part of the streams package uses: the guard, validation, reply shapes,
+NOGROUP detection and span attributes."""
 
 from __future__ import annotations
 
@@ -8,45 +8,51 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from redis.exceptions import ResponseError
 
-from app.core.errors import ConfigurationError, RedisUnavailable, StreamError
-from app.core.redis import CONNECTION_ERRORS, REFUSED_FOR_NOW
+from app.core.errors import ConfigurationError, StreamError
+from app.core.guard import Guard
 from app.services.streams._models import _Entry
 
 if TYPE_CHECKING:
     from app.services.streams._consumer import StreamConsumer
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
+def _guard(redis: object, stream: str, group: str | None = None) -> Guard:
+    """The guard of a producer (or a consumer of *group*) of *stream*: a refused command is a
+    ``StreamError`` (its Redis text stays in ``__cause__``, where ``_is_nogroup`` reads it)."""
+    subject = f"stream {stream!r}" if group is None else f"stream {stream!r} group {group!r}"
+    return Guard(redis, subject, refused=StreamError)
 
 
 def _is_nogroup(exc: BaseException) -> bool:
-    """NOGROUP, or a blocked read woken because its stream was deleted (FLUSHALL, DEL)."""
-    if not isinstance(exc, ResponseError):
+    """NOGROUP, or a blocked read woken because its stream was deleted (FLUSHALL, DEL).
+
+    *exc* is the guard's ``StreamError``: the reply text that tells is in its ``__cause__``
+    (never in its message), so that is where this looks.
+    """
+    cause = exc.__cause__ if isinstance(exc, StreamError) else exc
+    if not isinstance(cause, ResponseError):
         return False
-    text = str(exc)
+    text = str(cause)
     return "NOGROUP" in text or ("UNBLOCKED" in text and "no longer exists" in text)
 
 
-def _seconds(value: float, name: str, *, allow_zero: bool = False) -> float:
-    seconds = float(value)
-    if seconds < 0 or (seconds == 0 and not allow_zero):
-        raise ConfigurationError(f"{name} must be a positive number of seconds, got {value!r}")
-    return seconds
+def _is_busygroup(exc: ResponseError) -> bool:
+    """``XGROUP CREATE`` of a group that exists: not an error for ``ensure_group``."""
+    return "BUSYGROUP" in str(exc)
+
+
+def _why(exc: BaseException) -> str:
+    """*exc* for a log line: a refused command's Redis text is operator information."""
+    cause = exc.__cause__
+    if isinstance(exc, StreamError) and cause is not None:
+        return f"{exc}: {cause}"
+    return str(exc) or type(exc).__name__
 
 
 def _positive(value: int, name: str) -> int:
     if not isinstance(value, int) or value < 1:
         raise ConfigurationError(f"{name} must be a positive integer, got {value!r}")
     return value
-
-
-def _socket_timeout(client: Any) -> float | None:
-    try:
-        timeout = client.get_connection_kwargs().get("socket_timeout")
-    except AttributeError:
-        return None
-    return float(timeout) if timeout else None
 
 
 def _field_value(value: Any) -> Any:
@@ -70,14 +76,6 @@ def _entries(reply: Any) -> list[tuple[Any, dict[Any, Any]]]:
     if isinstance(reply, dict):
         return [e for entries in reply.values() for e in entries or ()]
     return [e for _stream, entries in reply for e in entries or ()]
-
-
-def _wrap_redis_error(exc: BaseException, action: str) -> Exception:
-    if isinstance(exc, CONNECTION_ERRORS):
-        return RedisUnavailable(f"could not {action}: Redis is unreachable ({exc})")
-    if isinstance(exc, REFUSED_FOR_NOW):  # refused for now: 503, like an outage
-        return RedisUnavailable(f"could not {action}: Redis refused it for now ({exc})")
-    return StreamError(f"could not {action}: {exc}")
 
 
 # -- span attributes of the consumer's traced operations ----------------------

@@ -8,19 +8,20 @@ dead letters), ``_Acks`` (coalesced XACK) and ``_admin`` (stats, janitor, dead-l
 from __future__ import annotations
 
 import logging
-from typing import Any, Final, Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from pydantic import TypeAdapter
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import ResponseError
 
 from app.core.codec import Codec, default_codec
 from app.core.errors import ConfigurationError
+from app.core.guard import Duration, as_seconds, block_cap, to_ms
 from app.core.redis import AnyRedis, client_decodes_responses
 from app.core.telemetry import watch
 from app.services.streams._acks import _Acks
 from app.services.streams._admin import _read_dead_letters, _read_stats, _remove_idle_consumers
 from app.services.streams._claims import _Claims
-from app.services.streams._common import _positive, _seconds, _socket_timeout, _wrap_redis_error
+from app.services.streams._common import _guard, _is_busygroup, _positive
 from app.services.streams._delivery import _Delivery
 from app.services.streams._keys import default_consumer_name, stream_keys
 from app.services.streams._models import (
@@ -37,18 +38,6 @@ __all__ = ["StreamConsumer"]
 log = logging.getLogger("app.streams")
 
 T = TypeVar("T")
-
-_SOCKET_MARGIN: Final = (0.25, 0.15)  # a blocking read ends this share (at least s) early
-
-
-def _clamp_block(requested: float, client: Any) -> float:
-    """*requested* seconds, ended a margin before the client's socket timeout (if any)."""
-    socket_timeout = _socket_timeout(client)
-    if socket_timeout is None:
-        return requested
-    share, least = _SOCKET_MARGIN
-    margin = max(socket_timeout * share, least)
-    return min(requested, max(0.01, socket_timeout - margin))
 
 
 class StreamConsumer(Generic[T]):
@@ -101,18 +90,18 @@ class StreamConsumer(Generic[T]):
         codec: Codec | None = None,
         batch_size: int = 16,
         concurrency: int = 8,
-        block: float = 2.0,
-        claim_idle: float = 30.0,
-        claim_interval: float | None = None,
-        renew_interval: float | None = None,
+        block: Duration = 2.0,
+        claim_idle: Duration = 30.0,
+        claim_interval: Duration | None = None,
+        renew_interval: Duration | None = None,
         max_deliveries: int = 5,
-        retry_backoff: float = 0.5,
-        retry_backoff_max: float = 30.0,
+        retry_backoff: Duration = 0.5,
+        retry_backoff_max: Duration = 30.0,
         dead_letter_maxlen: int | None = 10_000,
         start_id: str = "0",
-        shutdown_timeout: float = 10.0,
-        consumer_idle_timeout: float | None = 3600.0,
-        janitor_interval: float = 60.0,
+        shutdown_timeout: Duration = 10.0,
+        consumer_idle_timeout: Duration | None = 3600.0,
+        janitor_interval: Duration = 60.0,
     ) -> None:
         if not group:
             raise ConfigurationError("a consumer group name must not be empty")
@@ -120,6 +109,7 @@ class StreamConsumer(Generic[T]):
         self.keys = stream_keys(stream)
         self.group = group
         self.name = consumer or default_consumer_name(stream, group)
+        self._guard = _guard(redis, stream, group)
         self.handler = handler
         self._decodes = client_decodes_responses(redis)
         self.codec = (codec or default_codec()).with_text_safe(self._decodes)
@@ -130,12 +120,12 @@ class StreamConsumer(Generic[T]):
         self._payload_field: bytes | str = PAYLOAD_FIELD if self._decodes else b"payload"
         self.batch_size = _positive(batch_size, "batch_size")
         self.concurrency = _positive(concurrency, "concurrency")
-        self.claim_idle = _seconds(claim_idle, "claim_idle")
-        self.claim_interval = _seconds(
+        self.claim_idle = as_seconds(claim_idle, "claim_idle")
+        self.claim_interval = as_seconds(
             claim_interval if claim_interval is not None else self.claim_idle / 2,
             "claim_interval",
         )
-        self.renew_interval = _seconds(
+        self.renew_interval = as_seconds(
             renew_interval if renew_interval is not None else self.claim_idle / 3,
             "renew_interval",
         )
@@ -145,21 +135,21 @@ class StreamConsumer(Generic[T]):
                 f"({self.claim_idle}s), or other consumers take entries still being worked on"
             )
         self.max_deliveries = _positive(max_deliveries, "max_deliveries")
-        self.retry_backoff = _seconds(retry_backoff, "retry_backoff", allow_zero=True)
-        self.retry_backoff_max = _seconds(retry_backoff_max, "retry_backoff_max", allow_zero=True)
+        self.retry_backoff = as_seconds(retry_backoff, "retry_backoff", allow_zero=True)
+        self.retry_backoff_max = as_seconds(retry_backoff_max, "retry_backoff_max", allow_zero=True)
         self.dead_letter_maxlen = (
             0 if dead_letter_maxlen is None else _positive(dead_letter_maxlen, "dead_letter_maxlen")
         )
         self.start_id = start_id
-        self.shutdown_timeout = _seconds(shutdown_timeout, "shutdown_timeout", allow_zero=True)
+        self.shutdown_timeout = as_seconds(shutdown_timeout, "shutdown_timeout", allow_zero=True)
         self.consumer_idle_timeout = (
             None
             if consumer_idle_timeout is None
-            else _seconds(consumer_idle_timeout, "consumer_idle_timeout")
+            else as_seconds(consumer_idle_timeout, "consumer_idle_timeout")
         )
-        self.janitor_interval = _seconds(janitor_interval, "janitor_interval")
-        self.block = _clamp_block(_seconds(block, "block"), redis)
-        self._claim_idle_ms = max(1, round(self.claim_idle * 1000))
+        self.janitor_interval = as_seconds(janitor_interval, "janitor_interval")
+        self.block = block_cap(redis, as_seconds(block, "block"))
+        self._claim_idle_ms = to_ms(self.claim_idle)
         self.counters = ConsumerCounters()
 
         self._group_ready = False
@@ -190,13 +180,10 @@ class StreamConsumer(Generic[T]):
 
         Returns True when it was created, False when it already existed (``BUSYGROUP`` is
         not an error). Idempotent and safe to race from many workers. Raises
-        ``RedisUnavailable`` when Redis cannot be reached, ``StreamError`` when the key
-        holds something else than a stream.
+        ``RedisUnavailable`` when Redis cannot be reached (or the breaker is open),
+        ``StreamError`` when the key holds something else than a stream.
         """
-        try:
-            created = await self._create_group(self.start_id)
-        except RedisError as exc:
-            raise _wrap_redis_error(exc, f"create group {self.group!r}") from exc
+        created = await self._create_group(self.start_id)
         self._group_ready = True
         return created
 
@@ -211,7 +198,7 @@ class StreamConsumer(Generic[T]):
         """
         await self._runner.run()
 
-    async def stop(self, timeout: float | None = None) -> None:
+    async def stop(self, timeout: Duration | None = None) -> None:
         """Stop ``run()`` gracefully and wait until it has returned.
 
         Reading stops at once (a blocking read is abandoned; anything it had been handed
@@ -226,7 +213,7 @@ class StreamConsumer(Generic[T]):
         """
         await self._runner.stop(timeout)
 
-    async def run_once(self, *, block: float | None = None) -> int:
+    async def run_once(self, *, block: Duration | None = None) -> int:
         """Process what is available now, wait for those handlers, and return how many ran.
 
         One round, up to ``batch_size`` entries in this order: retries whose backoff is over,
@@ -250,7 +237,7 @@ class StreamConsumer(Generic[T]):
         """
         return await _read_stats(self)
 
-    async def remove_idle_consumers(self, idle: float | None = None) -> list[str]:
+    async def remove_idle_consumers(self, idle: Duration | None = None) -> list[str]:
         """Delete the group's consumers idle at least *idle* seconds (default
         ``consumer_idle_timeout``, else one hour) that have nothing pending.
 
@@ -258,7 +245,7 @@ class StreamConsumer(Generic[T]):
         was just handed entries is never removed (which would drop them from the PEL). This
         consumer itself is never removed. Returns the removed names.
         """
-        seconds = _seconds(
+        seconds = as_seconds(
             idle if idle is not None else self.consumer_idle_timeout or 3600.0, "idle"
         )
         return await _remove_idle_consumers(self, seconds)
@@ -282,12 +269,15 @@ class StreamConsumer(Generic[T]):
             self._group_ready = True
 
     async def _create_group(self, start_id: str) -> bool:
-        try:
-            await self.redis.xgroup_create(self.keys.stream, self.group, id=start_id, mkstream=True)
-        except ResponseError as exc:
-            if "BUSYGROUP" in str(exc):
-                return False
-            raise
+        with self._guard:
+            try:
+                await self.redis.xgroup_create(
+                    self.keys.stream, self.group, id=start_id, mkstream=True
+                )
+            except ResponseError as exc:  # the reply text, read before the guard wraps it
+                if _is_busygroup(exc):
+                    return False
+                raise
         return True
 
     async def _recreate_group(self) -> None:

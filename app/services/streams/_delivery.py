@@ -10,12 +10,12 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from pydantic import ValidationError
-from redis.exceptions import RedisError
 
-from app.core.errors import CodecError
+from app.core.errors import CodecError, RedisUnavailable, StreamError
+from app.core.guard import as_text
 from app.core.scripts import Script
 from app.core.telemetry import outcome, traced
-from app.services.streams._common import _consumer_attrs, _field_value, _fields, _text
+from app.services.streams._common import _consumer_attrs, _field_value, _fields, _why
 from app.services.streams._models import StreamMessage, _Entry
 
 if TYPE_CHECKING:
@@ -67,7 +67,7 @@ class _Delivery(Generic[T]):
         data = entry.fields.get(c._payload_field)
         if data is not None:
             return c.codec.decode(data, c.payload_type)
-        fields = {_text(k): _field_value(v) for k, v in entry.fields.items()}
+        fields = {as_text(k): _field_value(v) for k, v in entry.fields.items()}
         if c._fields_adapter is None:
             return fields
         try:
@@ -140,20 +140,21 @@ class _Delivery(Generic[T]):
     async def dead_letter(self, entry: _Entry, error: str) -> None:
         c = self.consumer
         try:
-            status, dead_id = await _DEAD_LETTER(
-                c.redis,
-                keys=[c.keys.stream, c.keys.dead_letter],
-                args=[
-                    c.group,
-                    c.name,
-                    entry.id,
-                    error[:4096],
-                    entry.deliveries,
-                    c.dead_letter_maxlen,
-                    c.stream,
-                ],
-            )
-        except (RedisError, OSError) as exc:
+            with c._guard:
+                status, dead_id = await _DEAD_LETTER(
+                    c.redis,
+                    keys=[c.keys.stream, c.keys.dead_letter],
+                    args=[
+                        c.group,
+                        c.name,
+                        entry.id,
+                        error[:4096],
+                        entry.deliveries,
+                        c.dead_letter_maxlen,
+                        c.stream,
+                    ],
+                )
+        except (RedisUnavailable, StreamError) as exc:
             # Still pending: the next delivery (count > max) dead-letters it again.
             c.counters.redis_errors += 1
             outcome("unavailable", exc)
@@ -161,11 +162,11 @@ class _Delivery(Generic[T]):
                 "stream %r: could not dead-letter %s (%s); it stays pending",
                 c.stream,
                 entry.id,
-                exc,
+                _why(exc),
             )
             c._claims.schedule_retry(entry.id, min(c.retry_backoff_max, max(c.retry_backoff, 0.1)))
             return
-        status = _text(status)
+        status = as_text(status)
         outcome(status)  # moved, deleted (gone from the stream) or lost (not ours)
         if status == "moved":
             c.counters.dead_lettered += 1
@@ -173,7 +174,7 @@ class _Delivery(Generic[T]):
                 "stream %r: entry %s dead-lettered as %s after %d deliveries: %s",
                 c.stream,
                 entry.id,
-                _text(dead_id),
+                as_text(dead_id),
                 entry.deliveries,
                 error,
             )

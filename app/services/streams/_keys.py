@@ -6,7 +6,6 @@ import os
 import socket
 from dataclasses import dataclass
 
-from app.core.config import get_settings
 from app.core.keys import KeySpace
 
 __all__ = ["StreamKeys", "default_consumer_name", "stream_keys"]
@@ -26,7 +25,7 @@ def stream_keys(name: str, *, prefix: str | None = None) -> StreamKeys:
 
     *name* is escaped (any text is safe); the prefix defaults to ``REDIS_KEY_PREFIX``.
     """
-    space = KeySpace(prefix or get_settings().redis_key_prefix, "stream")
+    space = KeySpace.of("stream", prefix or None)
     return StreamKeys(name, space.tagged(name), space.tagged(name, "dlq"))
 
 

@@ -5,14 +5,13 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from redis.exceptions import RedisError
-
 from app.core.codec import Codec, default_codec
-from app.core.errors import ConfigurationError, RedisUnavailable
-from app.core.redis import AnyRedis, breaker_for, client_decodes_responses
+from app.core.errors import ConfigurationError
+from app.core.guard import Guard, as_text
+from app.core.redis import AnyRedis, client_decodes_responses
 from app.core.scripts import Script
 from app.core.telemetry import carrier, traced
-from app.services.streams._common import _positive, _text, _wrap_redis_error
+from app.services.streams._common import _guard, _positive
 from app.services.streams._keys import stream_keys
 from app.services.streams._models import PAYLOAD_FIELD
 
@@ -52,6 +51,7 @@ class StreamProducer:
     ) -> None:
         self.redis = redis
         self.keys = stream_keys(stream)
+        self._guard = _guard(redis, stream)
         decodes = client_decodes_responses(redis)
         self.codec = (codec or default_codec()).with_text_safe(decodes)
         self.maxlen = None if maxlen is None else _positive(maxlen, "maxlen")
@@ -72,20 +72,15 @@ class StreamProducer:
         One ``XADD`` round trip (trimming included when ``maxlen`` is set); returns the entry
         id. Raises ``RedisUnavailable`` when Redis cannot be reached (or the circuit breaker
         is open), ``StreamError`` when Redis refuses (e.g. an explicit *id* not above the
-        last one), ``CodecError`` when *payload* cannot be encoded. Cancellation after the
-        command was sent may still leave the entry appended.
+        last one; Redis's text is in its ``__cause__``), ``CodecError`` when *payload* cannot
+        be encoded. Cancellation after the command was sent may still leave the entry appended.
         """
         data = self.codec.encode(payload)
-        try:
-            with breaker_for(self.redis):
-                reply = await self.redis.execute_command(
-                    *self._xadd_head, id, PAYLOAD_FIELD, data, *carrier()
-                )
-        except RedisUnavailable:
-            raise
-        except RedisError as exc:
-            raise _wrap_redis_error(exc, f"append to stream {self.stream!r}") from exc
-        return _text(reply)
+        with self._guard:
+            reply: bytes | str = await self.redis.execute_command(
+                *self._xadd_head, id, PAYLOAD_FIELD, data, *carrier()
+            )
+        return as_text(reply)
 
     @traced("stream.produce", kind="producer", attrs=_producer_attrs)
     async def add_many(self, payloads: Iterable[Any]) -> list[str]:
@@ -98,24 +93,22 @@ class StreamProducer:
         if not encoded:
             return []
         trace = carrier()
-        try:
-            with breaker_for(self.redis):
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    for data in encoded:
-                        pipe.execute_command(*self._xadd_head, "*", PAYLOAD_FIELD, data, *trace)
-                    replies = await pipe.execute()
-        except RedisUnavailable:
-            raise
-        except RedisError as exc:
-            raise _wrap_redis_error(exc, f"append to stream {self.stream!r}") from exc
-        return [_text(r) for r in replies]
+        with self._guard:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for data in encoded:
+                    pipe.execute_command(*self._xadd_head, "*", PAYLOAD_FIELD, data, *trace)
+                replies = await pipe.execute()
+        return [as_text(r) for r in replies]
 
     async def length(self) -> int:
-        """``XLEN``: entries in the stream (acknowledged ones included until trimmed)."""
-        try:
-            return int(await self.redis.xlen(self.keys.stream))
-        except RedisError as exc:
-            raise _wrap_redis_error(exc, f"read the length of stream {self.stream!r}") from exc
+        """``XLEN``: entries in the stream (acknowledged ones included until trimmed).
+
+        Raises ``RedisUnavailable`` when Redis cannot be reached (or the breaker is open),
+        ``StreamError`` when the key holds something else than a stream.
+        """
+        with self._guard:
+            length = await self.redis.xlen(self.keys.stream)
+        return int(length)
 
     async def trim(
         self,
@@ -126,8 +119,9 @@ class StreamProducer:
         approximate: bool = False,
     ) -> int:
         """Trim the stream; see ``trim_stream``. Returns the number of entries removed."""
-        return await trim_stream(
+        return await _trim(
             self.redis,
+            self._guard,
             self.stream,
             maxlen=maxlen,
             minid=minid,
@@ -152,14 +146,37 @@ async def trim_stream(
     any group, and never trims past it (``XTRIM MINID`` at that floor), so the stream may
     stay longer than *maxlen* while consumers lag. Without it this is a plain ``XTRIM``.
     Atomic. The script walks at most the entries it removes, so call it periodically rather
-    than letting millions pile up. Returns the number of entries removed.
+    than letting millions pile up. Returns the number of entries removed. Raises
+    ``ConfigurationError`` for a bad *maxlen* / *minid* pair, ``RedisUnavailable`` when Redis
+    cannot be reached (or the breaker is open), ``StreamError`` when Redis refuses.
     """
+    return await _trim(
+        redis,
+        _guard(redis, stream),
+        stream,
+        maxlen=maxlen,
+        minid=minid,
+        keep_unacknowledged=keep_unacknowledged,
+        approximate=approximate,
+    )
+
+
+async def _trim(
+    redis: AnyRedis,
+    guard: Guard,
+    stream: str,
+    *,
+    maxlen: int | None,
+    minid: str | None,
+    keep_unacknowledged: bool,
+    approximate: bool,
+) -> int:
     if (maxlen is None) == (minid is None):
         raise ConfigurationError("trim needs exactly one of maxlen or minid")
     if maxlen is not None and (not isinstance(maxlen, int) or maxlen < 0):
         raise ConfigurationError(f"maxlen must be a non-negative integer, got {maxlen!r}")
     keys = stream_keys(stream)
-    try:
+    with guard:
         removed = await _TRIM(
             redis,
             keys=[keys.stream],
@@ -170,6 +187,4 @@ async def trim_stream(
                 "1" if approximate else "0",
             ],
         )
-    except RedisError as exc:
-        raise _wrap_redis_error(exc, f"trim stream {stream!r}") from exc
     return int(removed)

@@ -13,9 +13,8 @@ import logging
 import random
 from typing import TYPE_CHECKING, Any, Final
 
-from redis.exceptions import RedisError, ResponseError
-
 from app.core.errors import RedisUnavailable, StreamError
+from app.core.guard import Duration, as_seconds, as_text
 from app.core.telemetry import traced
 from app.services.streams._claims import _Renewer
 from app.services.streams._common import (
@@ -23,9 +22,7 @@ from app.services.streams._common import (
     _entries,
     _is_nogroup,
     _received,
-    _seconds,
-    _text,
-    _wrap_redis_error,
+    _why,
 )
 from app.services.streams._models import _Entry
 
@@ -35,6 +32,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("app.streams")
 
 _ERROR_BACKOFF: Final = (0.05, 2.0)  # loop backoff after a Redis error: base, cap (seconds)
+_REDIS_FAILED = (RedisUnavailable, StreamError)  # what the consumer's guard raises
 
 
 class _Runner:
@@ -79,34 +77,34 @@ class _Runner:
                 self.running = False
                 self.done.set()
 
-    async def stop(self, timeout: float | None) -> None:
+    async def stop(self, timeout: Duration | None) -> None:
         if not self.running:
             self.stop_requested = True
             return
         if timeout is not None:
-            self.stop_timeout = _seconds(timeout, "timeout", allow_zero=True)
+            self.stop_timeout = as_seconds(timeout, "timeout", allow_zero=True)
         self.stopping = True
         self.stop_event.set()
         self.wake.set()
         await self.done.wait()
 
-    async def run_once(self, block: float | None) -> int:
+    async def run_once(self, block: Duration | None) -> int:
         c = self.consumer
         if self.running:
             raise StreamError("run_once() cannot be used while run() is running")
         before = c.counters.handled
-        block_s = None if block is None else min(_seconds(block, "block"), c.block)
-        failure: BaseException | None = None
+        block_s = None if block is None else min(as_seconds(block, "block"), c.block)
+        failure: RedisUnavailable | StreamError | None = None
         try:
             await c._ensure_group_ready()
             try:
                 await self._fetch(c.batch_size, block_s)
-            except ResponseError as exc:
+            except StreamError as exc:
                 if not _is_nogroup(exc):
                     raise
                 await c._recreate_group()
                 await self._fetch(c.batch_size, block_s)
-        except (RedisError, OSError) as exc:
+        except _REDIS_FAILED as exc:
             failure = exc  # still finish (and ack) the handlers already started
         tasks = list(c._delivery.inflight.values())
         if tasks:
@@ -117,7 +115,7 @@ class _Runner:
                 await c._claims.stop_renewer(*renewer)
         await c._acks.flush_now()
         if failure is not None:
-            raise _wrap_redis_error(failure, f"read stream {c.stream!r}") from failure
+            raise failure
         return c.counters.handled - before
 
     # -- the loop -------------------------------------------------------------
@@ -135,7 +133,7 @@ class _Runner:
                 raise
             except Exception as exc:
                 if _is_nogroup(exc):
-                    with contextlib.suppress(RedisError, OSError):
+                    with contextlib.suppress(*_REDIS_FAILED):
                         await c._recreate_group()
                         continue
                 failures += 1
@@ -148,12 +146,12 @@ class _Runner:
         c._claims.recover = True  # a lost XREADGROUP reply may have left entries in our PEL
         base, cap = _ERROR_BACKOFF
         delay: float = min(cap, base * 2 ** min(failures, 10)) * random.uniform(0.5, 1.0)
-        if isinstance(exc, RedisError | OSError):
+        if isinstance(exc, _REDIS_FAILED):
             log.warning(
                 "stream %r consumer %r: Redis error (%s); retrying in %.2fs",
                 c.stream,
                 c.name,
-                exc,
+                _why(exc),
                 delay,
             )
         else:
@@ -192,8 +190,8 @@ class _Runner:
         self.next_janitor = now + c.janitor_interval * random.uniform(0.8, 1.2)
         try:
             removed = await c.remove_idle_consumers(idle)
-        except (RedisUnavailable, StreamError) as exc:
-            log.warning("stream %r: janitor failed: %s", c.stream, exc)
+        except _REDIS_FAILED as exc:
+            log.warning("stream %r: janitor failed: %s", c.stream, _why(exc))
         else:
             if removed:
                 log.info(
@@ -238,10 +236,17 @@ class _Runner:
 
     async def _xreadgroup(self, count: int, block_ms: int | None) -> list[_Entry]:
         c = self.consumer
-        reply = await c.redis.xreadgroup(
-            c.group, c.name, {c.keys.stream: ">"}, count=count, block=block_ms
-        )
-        return [_Entry(_text(i), f, 1) for i, f in _entries(reply) if i is not None]
+        guard = c._guard
+        if block_ms is not None and guard.breaker.state != "closed":
+            # A half-open breaker admits one trial call and holds it until the call ends: a
+            # blocking read as that trial would keep every other caller of the client refused
+            # for its whole wait. Ask without waiting; the next turn blocks again.
+            block_ms = None
+        with guard:
+            reply = await c.redis.xreadgroup(
+                c.group, c.name, {c.keys.stream: ">"}, count=count, block=block_ms
+            )
+        return [_Entry(as_text(i), f, 1) for i, f in _entries(reply) if i is not None]
 
     @traced("stream.consume", kind="client", attrs=_consumer_attrs, result=_received)
     async def _fetch(self, limit: int, block: float | None) -> int:
