@@ -414,6 +414,9 @@ class InvalidationListener:
                         delay = self._backoff[0]
             except asyncio.CancelledError:
                 raise
+            # Not under the service's Guard: a subscription is a connection held open, not
+            # a call (a guard would hold a half-open breaker's one trial for its whole
+            # life), and it has its own retry with backoff; the tier stays off meanwhile.
             except Exception as exc:
                 if self._closing:
                     return  # a cancellation turned into an error by the client library

@@ -13,7 +13,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from app.core.errors import CodecError, RedisUnavailable
-from app.core.guard import Duration, FailOpen, Guard, as_seconds, as_text, to_ms
+from app.core.guard import (
+    REFUSED_FOR_NOW,
+    Duration,
+    FailOpen,
+    Guard,
+    as_seconds,
+    as_text,
+    to_ms,
+)
 from app.core.keys import KeySpace
 from app.core.redis import AnyRedis, client_decodes_responses, unlink_matching
 from app.core.scripts import Script, ScriptArg
@@ -126,7 +134,7 @@ class HttpResponseCache:
         self._window_ms = max(1, to_ms(window))
         self._guard = Guard(redis, f"http cache {namespace!r}")
         # Logs a refused command or an unusable reply once per change (an outage is the
-        # breaker's to log: see _run).
+        # breaker's to log: see _run); never raises (fail-open, lookup and store only).
         self._fail_open = FailOpen(
             self._guard, log, fallback="serving without the cache", catch=(Exception,)
         )
@@ -148,10 +156,13 @@ class HttpResponseCache:
                     return await script(self.redis, keys, args)
                 async with asyncio.timeout(self.timeout):
                     return await script(self.redis, keys, args)
-        except RedisUnavailable:
-            # Counted, not logged: the breaker logs an outage once per transition, and
-            # the middleware's contract is no line of ours per outage (see its tests).
+        except RedisUnavailable as exc:
             self.stats.errors += 1
+            # An outage is counted, not logged: the breaker logs it once per transition
+            # (and the middleware's tests pin no line of ours). A refusal for now (OOM,
+            # READONLY) leaves the breaker closed and silent, so it is ours to log.
+            if isinstance(exc.__cause__, REFUSED_FOR_NOW):
+                self._fail_open.failed(exc)
         except Exception as exc:  # refused (RedisCommandError), or an unreadable reply
             self.stats.errors += 1
             self._fail_open.failed(exc)
