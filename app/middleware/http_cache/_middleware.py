@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import Any, Final, Literal
+from typing import Final, Literal
 from urllib.parse import urljoin, urlsplit
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.core.config import check_secret_keys, get_settings
 from app.core.errors import ToolkitError
+from app.core.guard import Duration, PerClient, as_seconds, to_ms
 from app.core.redis import get_redis
 from app.http.asgi import discard, request_target
 from app.middleware._order import enter_layer, pass_lifespan
@@ -81,7 +83,7 @@ class HttpCacheMiddleware:
         exclude: Sequence[str] = (),
         namespace: str = "httpcache",
         stats: HttpCacheStats | None = None,
-        timeout: float | None = None,
+        timeout: Duration | None = None,
         secret: bytes | None = None,
     ) -> None:
         check_secret_keys(secret, source="HttpCacheMiddleware(secret=...)")
@@ -91,7 +93,7 @@ class HttpCacheMiddleware:
         self.exclude = tuple(exclude)
         self.namespace = namespace
         self.stats = stats if stats is not None else HttpCacheStats()
-        self.timeout = timeout
+        self.timeout = None if timeout is None else as_seconds(timeout, "timeout")
         self._secret = secret
         p = self.policy
         private_headers = (
@@ -102,8 +104,18 @@ class HttpCacheMiddleware:
         self._private = frozenset(h.lower().encode("latin-1") for h in private_headers)
         self._route_level = False  # set by HttpCacheRoute: inside the session layer
         self._stored = stored_header_names(p)
-        self._lease_ms = max(1, int(p.refresh_lease * 1000))
-        self._cache: HttpResponseCache | None = None
+        self._lease_ms = to_ms(p.refresh_lease)
+        # One store per client; the builder holds the options, not this middleware (the
+        # client keeps the builder as long as it lives).
+        self._caches: PerClient[HttpResponseCache] = PerClient(
+            functools.partial(
+                HttpResponseCache,
+                namespace=namespace,
+                timeout=self.timeout,
+                max_body_size=self.policy.max_body_size,
+                stats=self.stats,
+            )
+        )
         self._hints: OrderedDict[str, str] = OrderedDict()
         self._last_spec = ""
         self._tasks: set[asyncio.Task[None]] = set()
@@ -141,18 +153,6 @@ class HttpCacheMiddleware:
         if len(self._hints) > _HINTS_MAX:
             self._hints.popitem(last=False)
 
-    def _cache_for(self, client: Any) -> HttpResponseCache:
-        cache = self._cache
-        if cache is None or cache.redis is not client:
-            cache = self._cache = HttpResponseCache(
-                client,
-                namespace=self.namespace,
-                timeout=self.timeout,
-                max_body_size=self.policy.max_body_size,
-                stats=self.stats,
-            )
-        return cache
-
     # -- ASGI ---------------------------------------------------------------
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -186,7 +186,7 @@ class HttpCacheMiddleware:
         revalidate = self.policy.request_no_cache == "revalidate" and (
             "no-cache" in cc or req.pragma_no_cache or cc.seconds("max-age") == 0
         )
-        cache = self._cache_for(get_redis())
+        cache = self._caches(get_redis())
         lease_ms = 0 if revalidate else self._lease_ms
         found = await cache.lookup(
             req.url, lambda spec: variant_of(req, spec), self._hint(req.url), lease_ms=lease_ms
@@ -304,7 +304,7 @@ class HttpCacheMiddleware:
                 ) == normalize_host(scheme, host):
                     target = normalize_path((parts.path or "/").encode(), remove_dots=True)
                     digests.add(url_digest(scheme, host, target or b"/", parts.query.encode()))
-        cache = self._cache_for(get_redis())
+        cache = self._caches(get_redis())
         for digest in digests:
             try:
                 await cache.invalidate_digest(digest)

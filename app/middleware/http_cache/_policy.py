@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Final, Literal
 
+from app.core.errors import ConfigurationError
+from app.core.guard import as_seconds
 from app.services.http_cache import DEFAULT_MAX_BODY_SIZE
 
 __all__ = ["DEFAULT_STORED_HEADERS", "NEVER_STORED", "HttpCachePolicy", "stored_header_names"]
@@ -53,7 +56,7 @@ class HttpCachePolicy:
         s_maxage: ``s-maxage`` for CDNs in the generated header (shared entries only).
         stale_while_revalidate / stale_if_error: stale windows used when the
             origin's ``Cache-Control`` does not name them (also generated).
-        max_ttl: upper bound on any window read from the origin.
+        max_ttl: upper bound on any window read from the origin (``math.inf``: none).
         cacheable_statuses: statuses that may be stored (2xx by default).
         max_body_size: larger bodies pass through unbuffered and unstored.
         stored_headers: response header names kept in the entry.
@@ -92,15 +95,22 @@ class HttpCachePolicy:
     invalidate_on_unsafe: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("ttl", "stale_while_revalidate", "stale_if_error", "max_ttl"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"HttpCachePolicy.{name} must be >= 0")
-        if self.max_body_size < 0 or self.refresh_lease <= 0:
-            raise ValueError("HttpCachePolicy: max_body_size >= 0 and refresh_lease > 0 required")
+        """Refuse a bad value with ``ConfigurationError`` (a ``ValueError``) naming the field."""
+        for name in ("ttl", "max_age", "s_maxage", "stale_while_revalidate", "stale_if_error"):
+            value = getattr(self, name)
+            if value is not None:
+                as_seconds(value, f"HttpCachePolicy.{name}", allow_zero=True)
+        if self.max_ttl != math.inf:  # no cap
+            as_seconds(self.max_ttl, "HttpCachePolicy.max_ttl", allow_zero=True)
+        as_seconds(self.refresh_lease, "HttpCachePolicy.refresh_lease")
+        if self.max_body_size < 0:
+            raise ConfigurationError("HttpCachePolicy.max_body_size must be >= 0")
         if self.credentials not in ("private", "bypass"):
-            raise ValueError("HttpCachePolicy.credentials must be 'private' or 'bypass'")
+            raise ConfigurationError("HttpCachePolicy.credentials must be 'private' or 'bypass'")
         if self.request_no_cache not in ("revalidate", "ignore"):
-            raise ValueError("HttpCachePolicy.request_no_cache must be 'revalidate' or 'ignore'")
+            raise ConfigurationError(
+                "HttpCachePolicy.request_no_cache must be 'revalidate' or 'ignore'"
+            )
 
 
 def stored_header_names(policy: HttpCachePolicy) -> frozenset[bytes]:

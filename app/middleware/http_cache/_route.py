@@ -10,6 +10,7 @@ from typing import Any, Final, TypeVar
 from fastapi.routing import APIRoute
 from starlette.types import Receive, Scope, Send
 
+from app.core.guard import Duration
 from app.middleware.http_cache._middleware import HttpCacheMiddleware
 from app.middleware.http_cache._policy import HttpCachePolicy
 from app.services.http_cache import HttpCacheStats
@@ -26,7 +27,7 @@ class _RouteCache:
     policy: HttpCachePolicy
     namespace: str
     stats: HttpCacheStats | None
-    timeout: float | None
+    timeout: Duration | None
 
 
 def cache_response(
@@ -35,7 +36,7 @@ def cache_response(
     policy: HttpCachePolicy | None = None,
     namespace: str = "httpcache",
     stats: HttpCacheStats | None = None,
-    timeout: float | None = None,
+    timeout: Duration | None = None,
 ) -> Callable[[F], F]:
     """Mark an endpoint of an ``HttpCacheRoute`` router for response caching.
 

@@ -74,12 +74,15 @@ Stampede protection (``get_or_set``)
     its release wakes the waiters so one of them takes over at once.
 
 Failure (``cache_failure_mode``, default ``open``)
-    When Redis is unreachable or the core circuit breaker is open, reads
-    miss, writes are skipped and ``get_or_set`` runs the factory (still
-    coalesced per process; a stale local copy is served if the factory
-    fails too). The first error after each breaker transition is logged,
-    not every request. With ``failure_mode="closed"`` the methods raise
-    ``RedisUnavailable`` instead.
+    When Redis is unreachable, the core circuit breaker is open, or Redis
+    answers a command with an error, reads miss, writes are skipped and
+    ``get_or_set`` runs the factory (still coalesced per process; a stale
+    local copy is served if the factory fails too). Every call goes through
+    the service's ``app.core.guard.Guard``; a warning is logged when the
+    situation changes (a breaker transition, another kind of error), at most
+    once a minute, never per request. With ``failure_mode="closed"`` the
+    methods raise ``RedisUnavailable`` instead. Bad options (a NaN TTL, a
+    negative lease) raise ``ConfigurationError`` (a ``ValueError``).
 """
 
 from app.services.cache._core import CacheStats

@@ -24,6 +24,7 @@ from starlette.background import BackgroundTasks
 from starlette.requests import HTTPConnection
 from starlette.responses import Response
 
+from app.core.errors import UsageError
 from app.core.keys import escape
 
 __all__ = ["Binder", "EscapingFormatter", "canonical"]
@@ -48,7 +49,7 @@ def _key_default(obj: Any) -> Any:
         return {"__decimal__": str(obj)}
     if isinstance(obj, timedelta):
         return {"__timedelta__": obj.total_seconds()}
-    raise TypeError(type(obj).__name__)
+    raise UsageError(type(obj).__name__)  # orjson turns it into its TypeError
 
 
 def canonical(value: Any) -> bytes:
@@ -109,7 +110,7 @@ class Binder:
         excluded = set(exclude)
         unknown = excluded - {p.name for p in params}
         if unknown:
-            raise TypeError(f"@cached exclude names unknown parameters: {sorted(unknown)}")
+            raise UsageError(f"@cached exclude names unknown parameters: {sorted(unknown)}")
         skip: set[str] = set(excluded)
         if params and params[0].name in ("self", "cls") and params[0].kind in _SIMPLE_KINDS:
             skip.add(params[0].name)
@@ -150,13 +151,13 @@ class Binder:
             ]
         count = len(args)
         if count > len(self.spec):
-            raise TypeError(f"takes {len(self.spec)} positional arguments but {count} were given")
+            raise UsageError(f"takes {len(self.spec)} positional arguments but {count} were given")
         for name in kwargs:
             position = self.index.get(name)
             if position is None or name in self.positional_only:
-                raise TypeError(f"got an unexpected keyword argument {name!r}")
+                raise UsageError(f"got an unexpected keyword argument {name!r}")
             if position < count:
-                raise TypeError(f"got multiple values for argument {name!r}")
+                raise UsageError(f"got multiple values for argument {name!r}")
         out: list[Any] = []
         for position, (name, default, skipped) in enumerate(self.spec):
             if position < count:
@@ -166,7 +167,7 @@ class Binder:
             elif default is not _EMPTY:
                 value = default
             else:
-                raise TypeError(f"missing a required argument: {name!r}")
+                raise UsageError(f"missing a required argument: {name!r}")
             if not skipped:
                 out.append(value)
         return out

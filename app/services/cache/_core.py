@@ -1,34 +1,33 @@
 """The parts of one ``CacheService`` that all its concerns share, and how a call fails.
 
-``CacheCore`` holds the client, the breaker, the key layout, the entry format,
+``CacheCore`` holds the client, the guard, the key layout, the entry format,
 the local tier and the counters; the readers, writers, invalidation and
 stampede control of a service each hold the same core.
+
+Every Redis call of the cache runs inside ``core.guard`` and, when it fails,
+goes to ``core.failed``: the cache fails open on any Redis error (a refused
+command included: the guard is built with ``refused=RedisUnavailable``), so
+the parts catch ``RedisUnavailable`` only.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, fields
-from typing import Any, Final
-
-from redis.exceptions import RedisError
+from typing import Any
 
 from app.core.errors import CodecError, RedisUnavailable
-from app.core.redis import CircuitBreaker
+from app.core.guard import FailOpen, Guard, block_cap
 from app.core.telemetry import outcome
 from app.services.cache._entries import MISSING, Entry, EntryFormat
 from app.services.cache._keys import KeyLayout
 from app.services.cache._local import InvalidationListener, LocalCache, encode_message
 
-__all__ = ["REDIS_ERRORS", "CacheCore", "CacheStats", "max_block"]
+__all__ = ["CacheCore", "CacheStats"]
 
 log = logging.getLogger("app.cache")
-
-REDIS_ERRORS: Final = (RedisUnavailable, RedisError)
-"""What a Redis call of the cache fails with (the breaker raises ``RedisUnavailable``)."""
 
 
 @dataclass(slots=True)
@@ -58,29 +57,15 @@ class CacheStats:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-def max_block(client: Any) -> float:
-    """Longest single BLPOP wait that stays under the client's socket timeout."""
-    timeout: Any = None
-    with contextlib.suppress(AttributeError):
-        timeout = client.connection_pool.connection_kwargs.get("socket_timeout")
-    if timeout is None:
-        with contextlib.suppress(AttributeError):
-            timeout = client.connection_kwargs.get("socket_timeout")
-    if not timeout:
-        return 1.0
-    return max(0.05, min(1.0, float(timeout) / 2))
-
-
 class CacheCore:
     """What every part of one service works with; built once by ``CacheService``."""
 
     __slots__ = (
-        "_logged_transition",
-        "breaker",
         "channel",
         "cluster",
         "entries",
         "fail_open",
+        "guard",
         "layout",
         "listener",
         "local",
@@ -96,7 +81,6 @@ class CacheCore:
         redis: Any,
         *,
         namespace: str,
-        breaker: CircuitBreaker,
         layout: KeyLayout,
         entries: EntryFormat,
         fail_open: bool,
@@ -107,16 +91,18 @@ class CacheCore:
     ) -> None:
         self.redis = redis
         self.namespace = namespace
-        self.breaker = breaker
+        # Any Redis error fails open like an outage (a refused command included).
+        self.guard = Guard(redis, f"cache {namespace!r}", refused=RedisUnavailable)
+        self.fail_open = FailOpen(
+            self.guard, log, enabled=fail_open, fallback="failing open (misses, skipped writes)"
+        )
         self.layout = layout
         self.entries = entries
-        self.fail_open = fail_open
         self.cluster = cluster
         self.channel = channel
         self.sender = sender
-        self.max_block = max_block(redis)
+        self.max_block = block_cap(redis)
         self.stats = CacheStats()
-        self._logged_transition = -1
         self.local = local
         self.listener: InvalidationListener | None = None
         if local is not None:
@@ -124,23 +110,11 @@ class CacheCore:
 
     # -- failure handling ------------------------------------------------------------
 
-    def redis_failed(self, exc: BaseException) -> None:
-        """Count an error; log the first one after each breaker transition; raise if closed."""
+    def failed(self, exc: RedisUnavailable) -> None:
+        """Count a failed Redis call, then ``FailOpen``: log once per change; raise if closed."""
         self.stats.errors += 1
         outcome("unavailable", exc)
-        transition = self.breaker.transitions
-        if transition != self._logged_transition:
-            self._logged_transition = transition
-            log.warning(
-                "cache %r: Redis call failed (%s); %s until Redis answers again",
-                self.namespace,
-                exc,
-                "failing open (misses, skipped writes)" if self.fail_open else "raising 503",
-            )
-        if not self.fail_open:
-            if isinstance(exc, RedisUnavailable):
-                raise exc
-            raise RedisUnavailable(f"cache {self.namespace!r}: Redis call failed: {exc}") from exc
+        self.fail_open.failed(exc)
 
     # -- counters --------------------------------------------------------------------
 
@@ -157,7 +131,7 @@ class CacheCore:
         if self.listener is not None and out["local"] is not None:
             out["local"]["subscriptions"] = self.listener.subscriptions
             out["local"]["messages"] = self.listener.messages
-        out["breaker"] = self.breaker.state
+        out["breaker"] = self.guard.breaker.state
         return out
 
     def reset_stats(self) -> None:

@@ -17,12 +17,12 @@ from typing import (
     overload,
 )
 
-from app.core.errors import CodecError, ConfigurationError
+from app.core.errors import CodecError, ConfigurationError, RedisUnavailable, UsageError
+from app.core.guard import Duration
 from app.core.keys import digest
 from app.core.redis import get_redis
 from app.services.cache import _registry
 from app.services.cache._arguments import Binder, EscapingFormatter, canonical
-from app.services.cache._core import REDIS_ERRORS
 from app.services.cache._policy import TTL, CachePolicy
 from app.services.cache._service import CacheService, get_cache
 
@@ -60,11 +60,11 @@ class CachedFunction(Generic[P, R]):
         cache: CacheService | Callable[[], CacheService] | None,
         exclude: Iterable[str],
         version: str | int | None,
-        lease: float | None,
-        wait_timeout: float | None,
+        lease: Duration | None,
+        wait_timeout: Duration | None,
     ) -> None:
         if not inspect.iscoroutinefunction(func):
-            raise TypeError(f"@cached needs an async function; {func!r} is not one")
+            raise UsageError(f"@cached needs an async function; {func!r} is not one")
         functools.update_wrapper(self, func)
         self.__globals__ = getattr(func, "__globals__", {})
         self.__wrapped__ = func
@@ -134,7 +134,7 @@ class CachedFunction(Generic[P, R]):
                 blob = canonical(values)
             except TypeError as exc:
                 self._refuse_dependency(args, kwargs)
-                raise TypeError(
+                raise UsageError(
                     f"@cached {self.name}: cannot build a stable cache key from an argument of "
                     f"type {exc}; pass key=..., exclude=[...] or make it JSON-serializable "
                     "(pydantic models, dataclasses, str/int/float/bool/None, lists, dicts with "
@@ -217,9 +217,11 @@ class CachedFunction(Generic[P, R]):
             # Flights.get_or_set's plain-hit read, inlined (same package) so a hit
             # costs one coroutine frame less; everything else is the service's.
             try:
-                with service._breaker:
+                with service._guard:
                     data = await service._redis.get(rkey)
-            except REDIS_ERRORS as exc:  # fail open (or raise in closed mode), as the service does
+            except (
+                RedisUnavailable
+            ) as exc:  # fail open (or raise in closed mode), as the service does
                 return await service._flights.single_flight(  # type: ignore[no-any-return]
                     rkey, self._factory(args, kwargs), policy, self._tags_for(args, kwargs),
                     self.return_type, exc,
@@ -279,7 +281,7 @@ class CachedFunction(Generic[P, R]):
     async def invalidate_all(self) -> int:
         """Delete every entry of this function (auto keys only); returns how many."""
         if self._key is not None:
-            raise TypeError(
+            raise UsageError(
                 f"@cached {self.name} uses a custom key; invalidate its entries by pattern or tag"
             )
         service, _ = self._resolve()
@@ -346,8 +348,8 @@ def cached(
     cache: CacheService | Callable[[], CacheService] | None = None,
     exclude: Iterable[str] = (),
     version: str | int | None = None,
-    lease: float | None = None,
-    wait_timeout: float | None = None,
+    lease: Duration | None = None,
+    wait_timeout: Duration | None = None,
 ) -> Callable[[Callable[P, Awaitable[R]]], CachedFunction[P, R]]: ...
 
 
@@ -362,8 +364,8 @@ def cached(
     cache: CacheService | Callable[[], CacheService] | None = None,
     exclude: Iterable[str] = (),
     version: str | int | None = None,
-    lease: float | None = None,
-    wait_timeout: float | None = None,
+    lease: Duration | None = None,
+    wait_timeout: Duration | None = None,
 ) -> Any:
     """Cache an async function's results.
 
@@ -386,8 +388,8 @@ def cached(
       defaulted call share a key. Arguments are keyed by their JSON value (a
       tuple, a list and a set of the same items are one key; a model by its
       fields). An argument without a canonical JSON form (an arbitrary object, a
-      dict with non-str keys) raises ``TypeError`` naming it: pass ``key=`` or
-      exclude it.
+      dict with non-str keys) raises ``UsageError`` (a ``TypeError``) naming it:
+      pass ``key=`` or exclude it.
     * **Skipped arguments**: ``self``/``cls``, anything annotated as a Starlette
       ``Request``/``WebSocket``/``Response``/``BackgroundTasks`` and the names in
       ``exclude``. Nothing else is left out silently.

@@ -17,6 +17,7 @@ from pydantic_core import SchemaValidator
 
 from app.core.codec import Codec
 from app.core.errors import CodecError
+from app.core.guard import as_text
 
 __all__ = ["MISSING", "Entry", "EntryFormat", "json_validator"]
 
@@ -88,7 +89,7 @@ class EntryFormat:
             stale_ms, delta_ms = int(stale), int(delta)
         except ValueError as exc:
             raise CodecError("stored cache entry has a corrupted header") from exc
-        text = tags.decode() if isinstance(tags, bytes) else tags
+        text = as_text(tags)
         return Entry(payload, stale_ms, delta_ms, tuple(text.split(" ")) if text else ())
 
     def decode(self, payload: bytes | str, type_: Any) -> Any:

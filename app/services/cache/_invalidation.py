@@ -6,9 +6,11 @@ import asyncio
 from collections.abc import Callable, Iterable, Mapping
 from typing import Final
 
+from app.core.errors import RedisUnavailable
+from app.core.guard import as_text
 from app.core.keys import bound_pattern, escape, escape_glob
 from app.core.redis import scan_keys
-from app.services.cache._core import REDIS_ERRORS, CacheCore
+from app.services.cache._core import CacheCore
 from app.services.cache._keys import glob_to_escaped, tag_key
 from app.services.cache._local import encode_message, pattern_predicate
 from app.services.cache._scripts import S_TAGS
@@ -37,7 +39,7 @@ class CacheInvalidation:
             keys = [tag_key(root, t) for t in etags]
             removed = 0
             while True:
-                with core.breaker:
+                with core.guard:
                     done, left = await S_TAGS(core.redis, keys, (_TAG_BUDGET, *[root] * len(keys)))
                 removed += int(done)
                 if not int(left):
@@ -48,8 +50,8 @@ class CacheInvalidation:
             counts = await asyncio.gather(*[drain(root) for root in core.layout.shard_roots])
             removed = sum(counts)
             await self._broadcast("t", etags)
-        except REDIS_ERRORS as exc:
-            core.redis_failed(exc)
+        except RedisUnavailable as exc:
+            core.failed(exc)
         if core.local is not None:
             core.local.invalidate_tags(etags)
         core.stats.invalidations += 1
@@ -67,11 +69,11 @@ class CacheInvalidation:
         match = f"{escape_glob(core.layout.root)}{{*}}:{server_glob}"
         removed = 0
         try:
-            with core.breaker:
+            with core.guard:
                 removed = await self._unlink_scanned(match, entries_only=True, keep=keep)
             await self._broadcast("p", (glob,))
-        except REDIS_ERRORS as exc:
-            core.redis_failed(exc)
+        except RedisUnavailable as exc:
+            core.failed(exc)
         if core.local is not None:
             core.local.invalidate_matching(pattern_predicate(glob))
         core.stats.invalidations += 1
@@ -82,13 +84,13 @@ class CacheInvalidation:
         core = self._core
         removed = 0
         try:
-            with core.breaker:
+            with core.guard:
                 removed = await self._unlink_scanned(
                     escape_glob(core.layout.root) + "*", entries_only=False
                 )
             await self._broadcast("f", ())
-        except REDIS_ERRORS as exc:
-            core.redis_failed(exc)
+        except RedisUnavailable as exc:
+            core.failed(exc)
         if core.local is not None:
             core.local.flush()
         core.stats.invalidations += 1
@@ -105,7 +107,7 @@ class CacheInvalidation:
         batch: dict[str, list[bytes | str]] = {}
         pending = 0
         async for found in scan_keys(self._core.redis, match):
-            name = found.decode() if isinstance(found, bytes) else found
+            name = as_text(found)
             cut = name.find("}")
             if cut < 0:
                 continue  # not a key this service wrote
@@ -130,5 +132,5 @@ class CacheInvalidation:
     async def _broadcast(self, op: str, items: Iterable[str]) -> None:
         core = self._core
         if core.channel:
-            with core.breaker:
+            with core.guard:
                 await core.redis.publish(core.channel, encode_message(core.sender, op, items))

@@ -15,7 +15,7 @@ import re
 import zlib
 from typing import Final
 
-from app.core.errors import InvalidKey
+from app.core.errors import ConfigurationError, InvalidKey
 from app.core.keys import escape
 
 __all__ = ["KeyLayout", "escape_key", "glob_to_escaped", "lease_keys", "shard_root", "tag_key"]
@@ -73,7 +73,7 @@ class KeyLayout:
 
     def __init__(self, root: str, namespace: str, shards: int) -> None:
         if not 1 <= shards <= 1024:
-            raise ValueError("shards must be between 1 and 1024")
+            raise ConfigurationError("shards must be between 1 and 1024")
         self.root = root
         self.shards = shards
         self.shard_roots = [f"{root}{{{namespace}.{i}}}" for i in range(shards)]

@@ -11,6 +11,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any, Final
 
+from app.core.errors import ConfigurationError
+from app.core.guard import Duration, as_seconds, as_text
 from app.core.keys import star_glob_matcher
 from app.core.redis import is_cluster
 
@@ -113,17 +115,15 @@ class LocalCache:
         *,
         max_entries: int = 1024,
         max_bytes: int = 16 * 1024 * 1024,
-        ttl: float = 1.0,
+        ttl: Duration = 1.0,
         max_item_bytes: int | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if max_entries < 1 or max_bytes < 1:
-            raise ValueError("max_entries and max_bytes must be positive")
-        if ttl <= 0:
-            raise ValueError("the local tier needs a positive ttl (seconds)")
+            raise ConfigurationError("max_entries and max_bytes must be positive")
         self.max_entries = max_entries
         self.max_bytes = max_bytes
-        self.ttl = float(ttl)
+        self.ttl = as_seconds(ttl, "the local tier's ttl")
         self.max_item_bytes = max_item_bytes if max_item_bytes is not None else max_bytes // 16
         self.clock = clock
         self._entries: OrderedDict[str, LocalEntry] = OrderedDict()
@@ -414,6 +414,9 @@ class InvalidationListener:
                         delay = self._backoff[0]
             except asyncio.CancelledError:
                 raise
+            # Not under the service's Guard: a subscription is a connection held open, not
+            # a call (a guard would hold a half-open breaker's one trial for its whole
+            # life), and it has its own retry with backoff; the tier stays off meanwhile.
             except Exception as exc:
                 if self._closing:
                     return  # a cancellation turned into an error by the client library
@@ -446,7 +449,7 @@ class InvalidationListener:
         if kind != "message":
             return
         data = message.get("data")
-        text = data.decode("utf-8", "replace") if isinstance(data, bytes) else str(data)
+        text = as_text(data) or ""
         sender, _, rest = text.partition("|")
         op, _, body = rest.partition("|")
         self.messages += 1

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from datetime import timedelta
 from typing import Final, TypeAlias
+
+from app.core.errors import ConfigurationError
+from app.core.guard import Duration, as_seconds, to_ms
 
 __all__ = [
     "DEFAULT_TTL",
@@ -20,8 +22,8 @@ __all__ = [
     "to_seconds",
 ]
 
-TTL: TypeAlias = "int | float | timedelta"
-"""Seconds (int or float) or a ``timedelta``."""
+TTL: TypeAlias = Duration
+"""Seconds (int or float) or a ``timedelta`` (the toolkit's ``Duration``)."""
 
 NO_EXPIRY: Final[float] = math.inf
 """Pass as ``ttl`` to store an entry that never expires (the only way to get one)."""
@@ -31,15 +33,20 @@ DEFAULT_TTL: Final = 3600.0
 TagsArg: TypeAlias = "Iterable[str] | Callable[[], Iterable[str]]"
 
 
-def to_seconds(ttl: TTL) -> float:
-    seconds = ttl.total_seconds() if isinstance(ttl, timedelta) else float(ttl)
-    if math.isnan(seconds) or seconds <= 0:
-        raise ValueError(f"a cache TTL must be positive seconds or NO_EXPIRY, got {ttl!r}")
-    return seconds
+def to_seconds(ttl: TTL, what: str = "ttl") -> float:
+    """*ttl* as seconds: ``NO_EXPIRY`` as is, anything else validated by ``as_seconds``.
+
+    ``ConfigurationError`` (a ``ValueError``) for zero, a negative, NaN, ``-inf``,
+    a ``bool`` or a non-number.
+    """
+    if isinstance(ttl, float) and ttl == NO_EXPIRY:
+        return NO_EXPIRY
+    return as_seconds(ttl, what)
 
 
 def ms(seconds: float) -> int:
-    return 0 if math.isinf(seconds) else max(1, math.ceil(seconds * 1000))
+    """*seconds* in whole milliseconds, rounded up (``to_ms``); 0 for ``NO_EXPIRY`` (persist)."""
+    return 0 if math.isinf(seconds) else to_ms(seconds)
 
 
 def fresh_ms(pttl: int, stale_ms: int) -> float:
@@ -56,11 +63,13 @@ def lifetimes(default_ttl: float, ttl: TTL | None, stale_ttl: TTL | None) -> tup
     fresh = default_ttl if ttl is None else to_seconds(ttl)
     if stale_ttl is None:
         return ms(fresh), 0
-    total = to_seconds(stale_ttl)
+    total = to_seconds(stale_ttl, "stale_ttl")
     if total < fresh:
-        raise ValueError(f"stale_ttl ({total}s) must be >= ttl ({fresh}s)")
+        raise ConfigurationError(f"stale_ttl ({total}s) must be >= ttl ({fresh}s)")
     if math.isinf(total):
-        raise ValueError("stale_ttl must be finite (use ttl=NO_EXPIRY for a persistent entry)")
+        raise ConfigurationError(
+            "stale_ttl must be finite (use ttl=NO_EXPIRY for a persistent entry)"
+        )
     return ms(total), ms(total) - ms(fresh)
 
 
@@ -87,17 +96,22 @@ def make_policy(
     ttl: TTL | None,
     stale_ttl: TTL | None,
     early_refresh: float,
-    lease: float | None,
-    wait_timeout: float | None,
+    lease: Duration | None,
+    wait_timeout: Duration | None,
 ) -> CachePolicy:
-    """The policy of these options, the service's defaults filling those left None."""
+    """The policy of these options, the service's defaults filling those left None.
+
+    ``ConfigurationError`` for a bad TTL, lease, wait or ``early_refresh``.
+    """
     if early_refresh < 0:
-        raise ValueError("early_refresh (XFetch beta) must be >= 0")
+        raise ConfigurationError("early_refresh (XFetch beta) must be >= 0")
     life_ms, stale_ms = lifetimes(default_ttl, ttl, stale_ttl)
     return CachePolicy(
         life_ms,
         stale_ms,
         float(early_refresh),
-        default_lease_ms if lease is None else ms(to_seconds(lease)),
-        default_wait_timeout if wait_timeout is None else float(wait_timeout),
+        default_lease_ms if lease is None else to_ms(as_seconds(lease, "lease")),
+        default_wait_timeout
+        if wait_timeout is None
+        else as_seconds(wait_timeout, "wait_timeout", allow_zero=True),
     )

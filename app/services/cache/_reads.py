@@ -7,8 +7,8 @@ import contextlib
 from collections.abc import Iterable
 from typing import Any, cast
 
-from app.core.errors import CodecError
-from app.services.cache._core import REDIS_ERRORS, CacheCore
+from app.core.errors import CodecError, RedisUnavailable
+from app.services.cache._core import CacheCore
 from app.services.cache._entries import MISSING
 from app.services.cache._keys import shard_root
 from app.services.cache._local import LocalCache
@@ -34,7 +34,7 @@ class CacheReads:
         try:
             entry = core.entries.split(data)
             if entry.stale_ms and not allow_stale:
-                with core.breaker:
+                with core.guard:
                     pttl = int(await core.redis.pttl(rkey))
                 if 0 <= pttl <= entry.stale_ms:
                     core.stats.misses += 1
@@ -44,8 +44,8 @@ class CacheReads:
             core.stats.decode_errors += 1
             core.stats.misses += 1
             return default
-        except REDIS_ERRORS as exc:
-            core.redis_failed(exc)
+        except RedisUnavailable as exc:
+            core.failed(exc)
             return default
         core.stats.hits += 1
         return value
@@ -59,10 +59,10 @@ class CacheReads:
             return value
         epoch = local.epoch
         try:
-            with core.breaker:
+            with core.guard:
                 data, pttl = await S_READ(core.redis, (rkey,))
-        except REDIS_ERRORS as exc:
-            core.redis_failed(exc)
+        except RedisUnavailable as exc:
+            core.failed(exc)
             return default
         if data is None:
             core.stats.misses += 1
@@ -93,8 +93,8 @@ class CacheReads:
             by_shard.setdefault(shard_root(rkey), []).append(rkey)
         try:
             fetched = await self._fetch(by_shard)
-        except REDIS_ERRORS as exc:
-            core.redis_failed(exc)
+        except RedisUnavailable as exc:
+            core.failed(exc)
             return found
         for key, rkey in pending:
             data = fetched[rkey]
@@ -131,7 +131,7 @@ class CacheReads:
         """``MGET`` the keys of every shard: one call, or one per slot (pipelined or concurrent)."""
         core = self._core
         fetched: dict[str, Any] = {}
-        with core.breaker:
+        with core.guard:
             if len(by_shard) == 1:
                 (rkeys,) = by_shard.values()
                 fetched.update(zip(rkeys, await core.redis.mget(rkeys), strict=True))
@@ -152,19 +152,19 @@ class CacheReads:
     async def exists(self, key: str) -> bool:
         core = self._core
         try:
-            with core.breaker:
+            with core.guard:
                 return bool(await core.redis.exists(core.layout.redis_key(key)))
-        except REDIS_ERRORS as exc:
-            core.redis_failed(exc)
+        except RedisUnavailable as exc:
+            core.failed(exc)
             return False
 
     async def ttl(self, key: str) -> float | None:
         core = self._core
         try:
-            with core.breaker:
+            with core.guard:
                 pttl, stale_ms = await S_TTL(core.redis, (core.layout.redis_key(key),))
-        except REDIS_ERRORS as exc:
-            core.redis_failed(exc)
+        except RedisUnavailable as exc:
+            core.failed(exc)
             return None
         pttl = int(pttl)
         if pttl == -2:

@@ -14,8 +14,9 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from app.core.errors import RedisUnavailable
 from app.core.keys import escape
-from app.services.cache._core import REDIS_ERRORS, CacheCore
+from app.services.cache._core import CacheCore
 from app.services.cache._keys import lease_keys
 from app.services.cache._lease import keep_lease, release
 from app.services.cache._local import cancel_and_wait
@@ -79,10 +80,10 @@ class Refresher:
         token = os.urandom(8).hex()
         keys = (rkey, *lease_keys(rkey))
         try:
-            with core.breaker:
+            with core.guard:
                 reply = await S_LOCK(core.redis, keys, (token, policy.lease_ms, "0"))
-        except REDIS_ERRORS as exc:
-            core.redis_failed(exc)
+        except RedisUnavailable as exc:
+            core.failed(exc)
             return
         if int(reply[0]) != LOCKED:
             return  # another caller (maybe in another process) is refreshing
@@ -128,5 +129,5 @@ class Refresher:
         )
         try:
             await self._writes.write(rkey, stored, policy.life_ms, etags, token)
-        except REDIS_ERRORS as exc:
-            core.redis_failed(exc)
+        except RedisUnavailable as exc:
+            core.failed(exc)

@@ -7,11 +7,14 @@ service it resolved and notice when it must ask again.
 
 from __future__ import annotations
 
-from typing import Any, Final, cast
+from typing import Any, Final
+
+from app.core.guard import PerClient
 
 __all__ = ["forget", "register", "services", "version"]
 
-_ATTR: Final = "_toolkit_cache_services"
+_DEFAULTS: Final[PerClient[dict[str, Any]]] = PerClient(lambda client: {})
+"""Per client: its default services by namespace (gone with the client)."""
 
 version = 0
 """Bumped whenever a default service is registered or unregistered (``@cached`` memoizes)."""
@@ -19,24 +22,20 @@ version = 0
 
 def services(client: Any, *, create: bool) -> dict[str, Any] | None:
     """The default services of *client* by namespace (made on first use when *create*)."""
-    found: dict[str, Any] | None = getattr(client, _ATTR, None)
-    if found is None and create:
-        found = {}
-        setattr(client, _ATTR, found)
-    return found
+    return _DEFAULTS(client) if create else _DEFAULTS.get(client)
 
 
 def register(client: Any, namespace: str, service: object) -> None:
     """Make *service* the default of *namespace* on *client*."""
     global version
-    cast(dict[str, Any], services(client, create=True))[namespace] = service
+    _DEFAULTS(client)[namespace] = service
     version += 1
 
 
 def forget(client: Any, namespace: str, service: object) -> None:
     """Unregister *service* if it is the default of *namespace* on *client*."""
     global version
-    found = services(client, create=False)
+    found = _DEFAULTS.get(client)
     if found is not None and found.get(namespace) is service:
         del found[namespace]
         version += 1

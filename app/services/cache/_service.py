@@ -15,12 +15,13 @@ from typing import Any, Final, Literal, TypeVar, cast, overload
 
 from app.core.codec import Codec, default_codec
 from app.core.config import Settings, get_settings
-from app.core.errors import CodecError
+from app.core.errors import CodecError, ConfigurationError, RedisUnavailable
+from app.core.guard import Duration, as_seconds, to_ms
 from app.core.keys import KeySpace
-from app.core.redis import AnyRedis, breaker_for, client_decodes_responses, get_redis, is_cluster
+from app.core.redis import AnyRedis, client_decodes_responses, get_redis, is_cluster
 from app.core.telemetry import from_self, hit_or_miss, traced
 from app.services.cache import _registry
-from app.services.cache._core import REDIS_ERRORS, CacheCore
+from app.services.cache._core import CacheCore
 from app.services.cache._entries import EntryFormat
 from app.services.cache._invalidation import CacheInvalidation
 from app.services.cache._keys import KeyLayout
@@ -32,7 +33,6 @@ from app.services.cache._policy import (
     TagsArg,
     lifetimes,
     make_policy,
-    ms,
     to_seconds,
 )
 from app.services.cache._reads import CacheReads
@@ -54,7 +54,7 @@ def _codec(
     """The service's codec, always text-safe (binary payloads base64'd) whatever the client,
     so clients with and without decode_responses can share a namespace."""
     if codec is not None and compress_threshold is not None:
-        raise ValueError("pass either codec or compress_threshold, not both")
+        raise ConfigurationError("pass either codec or compress_threshold, not both")
     if codec is None:
         codec = (
             default_codec(decodes)
@@ -90,7 +90,10 @@ class CacheService:
             then one atomic script), 16 on Cluster.
         lease: seconds a computing caller holds its lease (extended while it runs).
         wait_timeout: seconds a caller waits for another's computation before
-            computing itself.
+            computing itself (0: never waits).
+
+    Durations are seconds or a ``timedelta``; a bad one (zero, negative, NaN,
+    not a number) raises ``ConfigurationError`` here, not on the first call.
     """
 
     def __init__(
@@ -105,36 +108,36 @@ class CacheService:
         failure_mode: Literal["open", "closed"] | None = None,
         broadcast: bool = True,
         shards: int | None = None,
-        lease: float = 10.0,
-        wait_timeout: float = 10.0,
+        lease: Duration = 10.0,
+        wait_timeout: Duration = 10.0,
     ) -> None:
         settings = get_settings()
         self.redis = redis
         self._redis: Any = redis
-        self.keys = KeySpace(settings.redis_key_prefix, namespace)
+        self.keys = KeySpace.of(namespace)
         self.namespace = namespace
         decodes = client_decodes_responses(redis)
         self.codec = _codec(codec, compress_threshold, decodes, settings)
-        self.default_ttl = DEFAULT_TTL if default_ttl is None else to_seconds(default_ttl)
+        self.default_ttl = (
+            DEFAULT_TTL if default_ttl is None else to_seconds(default_ttl, "default_ttl")
+        )
         mode = failure_mode or settings.cache_failure_mode
         if mode not in ("open", "closed"):
-            raise ValueError(f"failure_mode must be 'open' or 'closed', got {mode!r}")
+            raise ConfigurationError(f"failure_mode must be 'open' or 'closed', got {mode!r}")
         self.failure_mode = mode
         cluster = is_cluster(redis)
         root = self.keys.root
         layout = KeyLayout(root, namespace, (16 if cluster else 1) if shards is None else shards)
-        self._lease_ms = ms(to_seconds(lease))
-        self.wait_timeout = float(wait_timeout)
-        self._breaker = breaker_for(redis)
+        self._lease_ms = to_ms(as_seconds(lease, "lease"))
+        self.wait_timeout = as_seconds(wait_timeout, "wait_timeout", allow_zero=True)
         self._policies: dict[tuple[Any, ...], CachePolicy] = {}
         self.local = local
         if local is not None and not broadcast:
-            raise ValueError("a local tier needs broadcast=True to stay coherent")
+            raise ConfigurationError("a local tier needs broadcast=True to stay coherent")
         entries = EntryFormat(self.codec, decodes)
         core = self._core = CacheCore(
             redis,
             namespace=namespace,
-            breaker=self._breaker,
             layout=layout,
             entries=entries,
             fail_open=mode == "open",
@@ -145,6 +148,7 @@ class CacheService:
         )
         self._listener = core.listener
         # The plain-hit path (``get`` and ``@cached``) reads these without a detour.
+        self._guard = core.guard
         self._stats = core.stats
         self._memo = layout.memo
         self._marker = entries.marker
@@ -207,8 +211,8 @@ class CacheService:
         *,
         stale_ttl: TTL | None = None,
         early_refresh: float = 0.0,
-        lease: float | None = None,
-        wait_timeout: float | None = None,
+        lease: Duration | None = None,
+        wait_timeout: Duration | None = None,
     ) -> CachePolicy:
         """The precomputed policy for these options (cached per distinct options)."""
         memo_key = (ttl, stale_ttl, early_refresh, lease, wait_timeout)
@@ -254,10 +258,10 @@ class CacheService:
         if self.local is not None:
             return await self._reads.get_local(rkey, default, type_, allow_stale)
         try:
-            with self._breaker:
+            with self._guard:
                 data = await self._redis.get(rkey)
-        except REDIS_ERRORS as exc:
-            self._core.redis_failed(exc)
+        except RedisUnavailable as exc:
+            self._core.failed(exc)
             return default
         if data is None:
             self._stats.misses += 1
@@ -412,8 +416,8 @@ class CacheService:
         early_refresh: float = 0.0,
         tags: TagsArg = (),
         type_: Any = None,
-        lease: float | None = None,
-        wait_timeout: float | None = None,
+        lease: Duration | None = None,
+        wait_timeout: Duration | None = None,
     ) -> T:
         """The cached value of *key*, computing it with ``await factory()`` on a miss.
 

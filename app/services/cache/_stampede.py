@@ -18,10 +18,10 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from app.core.errors import CodecError
+from app.core.errors import CodecError, RedisUnavailable
 from app.core.keys import escape
 from app.core.telemetry import outcome
-from app.services.cache._core import REDIS_ERRORS, CacheCore
+from app.services.cache._core import CacheCore
 from app.services.cache._entries import MISSING
 from app.services.cache._keys import lease_keys
 from app.services.cache._lease import keep_lease, release
@@ -60,9 +60,9 @@ class Flights:
         local = core.local
         if local is None and policy.simple:
             try:
-                with core.breaker:
+                with core.guard:
                     data = await core.redis.get(rkey)
-            except REDIS_ERRORS as exc:
+            except RedisUnavailable as exc:
                 return await self.single_flight(rkey, factory, policy, tags, type_, exc)
             if data is not None and data[:1] != core.entries.marker:
                 try:
@@ -79,9 +79,9 @@ class Flights:
                 return value
         epoch = local.epoch if local is not None else 0
         try:
-            with core.breaker:
+            with core.guard:
                 data, pttl = await S_READ(core.redis, (rkey,))
-        except REDIS_ERRORS as exc:
+        except RedisUnavailable as exc:
             return await self.single_flight(rkey, factory, policy, tags, type_, exc)
         if data is not None:
             found = await self.entry_hit(rkey, data, int(pttl), factory, policy, tags, type_, epoch)
@@ -129,10 +129,10 @@ class Flights:
         if entry.stale_ms or policy.beta:
             if pttl is None:
                 try:
-                    with core.breaker:
+                    with core.guard:
                         pttl = int(await core.redis.pttl(rkey))
-                except REDIS_ERRORS as exc:
-                    core.redis_failed(exc)
+                except RedisUnavailable as exc:
+                    core.failed(exc)
                     pttl = -1
             fresh = fresh_ms(pttl, entry.stale_ms)
             if fresh <= 0:
@@ -161,7 +161,7 @@ class Flights:
         policy: CachePolicy,
         tags: TagsArg,
         type_: Any,
-        redis_error: BaseException | None,
+        redis_error: RedisUnavailable | None,
     ) -> Any:
         """One computation per key per process; the others share its result."""
         core = self._core
@@ -202,11 +202,11 @@ class Flights:
         return value
 
     async def _compute_offline(
-        self, rkey: str, factory: Factory, type_: Any, redis_error: BaseException
+        self, rkey: str, factory: Factory, type_: Any, redis_error: RedisUnavailable
     ) -> tuple[bytes | None, Any]:
         """Redis is down: run the factory (fail-open); stale local copy if it fails too."""
         core = self._core
-        core.redis_failed(redis_error)
+        core.failed(redis_error)
         core.stats.fail_open += 1
         core.stats.factory_calls += 1
         try:
@@ -231,9 +231,9 @@ class Flights:
         waited = False
         while True:
             try:
-                with core.breaker:
+                with core.guard:
                     reply = await S_LOCK(core.redis, keys, (token, policy.lease_ms, "1"))
-            except REDIS_ERRORS as exc:
+            except RedisUnavailable as exc:
                 return await self._compute_offline(rkey, factory, type_, exc)
             status = int(reply[0])
             if status == HIT:
@@ -260,9 +260,9 @@ class Flights:
             lease_left = max(int(reply[1]), 10) / 1000
             block = max(0.01, min(remaining, lease_left + 0.01, core.max_block))
             try:
-                with core.breaker:
+                with core.guard:
                     woken = await core.redis.blpop([keys[3]], timeout=block)
-            except REDIS_ERRORS as exc:
+            except RedisUnavailable as exc:
                 return await self._compute_offline(rkey, factory, type_, exc)
             if woken is not None:
                 core.stats.wakeups += 1
@@ -303,6 +303,6 @@ class Flights:
         stored = core.entries.wrap(payload, policy.stale_ms, delta_ms, etags)
         try:
             await self._writes.write(rkey, stored, policy.life_ms, etags, token or "")
-        except REDIS_ERRORS as exc:
-            core.redis_failed(exc)
+        except RedisUnavailable as exc:
+            core.failed(exc)
         return payload, value

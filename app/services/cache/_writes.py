@@ -8,8 +8,10 @@ from typing import Any
 
 from redis.exceptions import NoScriptError
 
+from app.core.errors import RedisUnavailable
+from app.core.guard import as_text
 from app.core.keys import escape
-from app.services.cache._core import REDIS_ERRORS, CacheCore
+from app.services.cache._core import CacheCore
 from app.services.cache._keys import lease_keys, shard_root, tag_key
 from app.services.cache._policy import ms
 from app.services.cache._scripts import S_DELETE, S_EXPIRE, S_SET
@@ -34,8 +36,8 @@ class CacheWrites:
         stored = core.entries.wrap(core.entries.codec.encode(value), stale_ms, 0, etags)
         try:
             await self.write(rkey, stored, life_ms, etags, "")
-        except REDIS_ERRORS as exc:
-            core.redis_failed(exc)
+        except RedisUnavailable as exc:
+            core.failed(exc)
             return False
         return True
 
@@ -49,7 +51,7 @@ class CacheWrites:
         keys = [rkey, *lease_keys(rkey)]
         keys.extend(tag_key(root, t) for t in etags)
         message = core.message("k", (rkey,))
-        with core.breaker:
+        with core.guard:
             await S_SET(
                 core.redis,
                 keys,
@@ -79,13 +81,13 @@ class CacheWrites:
             calls.append((keys, args))
             rkeys.append(rkey)
         try:
-            with core.breaker:
+            with core.guard:
                 if core.cluster:  # cluster pipelines refuse EVALSHA: concurrent calls per node
                     await asyncio.gather(*[S_SET(core.redis, k, a) for k, a in calls])
                 else:
                     await self._pipelined_sets(calls)
-        except REDIS_ERRORS as exc:
-            core.redis_failed(exc)
+        except RedisUnavailable as exc:
+            core.failed(exc)
             return False
         core.stats.sets += len(calls)
         if core.local is not None:
@@ -117,12 +119,12 @@ class CacheWrites:
         try:
             for rkeys in by_shard.values():
                 message = core.message("k", rkeys)
-                with core.breaker:
+                with core.guard:
                     removed += int(await S_DELETE(core.redis, rkeys, (core.channel, message)))
                 if core.local is not None:
                     core.local.invalidate_keys(rkeys)
-        except REDIS_ERRORS as exc:
-            core.redis_failed(exc)
+        except RedisUnavailable as exc:
+            core.failed(exc)
         return removed
 
     async def expire(self, rkey: str, fresh: float) -> bool:
@@ -137,16 +139,16 @@ class CacheWrites:
                 keys = [rkey]
                 if expected:
                     keys.extend(tag_key(root, t) for t in expected.split(" "))
-                with core.breaker:
+                with core.guard:
                     reply = await S_EXPIRE(
                         core.redis, keys, (ms(fresh), expected, core.channel, message, member)
                     )
                 if int(reply[0]) != 2:
                     break
                 found = reply[1]
-                expected = found.decode() if isinstance(found, bytes) else str(found)
-        except REDIS_ERRORS as exc:
-            core.redis_failed(exc)
+                expected = as_text(found)
+        except RedisUnavailable as exc:
+            core.failed(exc)
             return False
         if core.local is not None:
             core.local.invalidate_keys((rkey,))

@@ -40,10 +40,13 @@ expire with their TTL. The store script refuses a response whose lookup saw
 an older generation, so a response computed before an invalidation can never
 be stored after it.
 
-Redis down: ``lookup`` and ``store`` fail open (they return ``None`` and count
-an error; the core circuit breaker logs once per transition and skips Redis
-while open). ``invalidate`` and ``clear`` raise ``RedisUnavailable``: a
-silently failed invalidation would leave stale data in place.
+Every Redis call goes through the store's ``app.core.guard.Guard``. Redis down:
+``lookup`` and ``store`` fail open (they return ``None`` and count an error; the
+core circuit breaker logs once per transition and skips Redis while open; a
+refused command or an unreadable reply is logged once per change, never per
+request). ``invalidate`` and ``clear`` raise ``RedisUnavailable``
+(``RedisCommandError`` when Redis refuses the command): a silently failed
+invalidation would leave stale data in place.
 """
 
 from app.services.http_cache._digests import compute_etag, credential_digest, variant_digest

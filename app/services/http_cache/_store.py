@@ -8,17 +8,22 @@ import binascii
 import dataclasses
 import logging
 import secrets
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from redis.exceptions import RedisError
-
-from app.core.config import get_settings
-from app.core.errors import CodecError, RedisUnavailable, ToolkitError
+from app.core.errors import CodecError, RedisUnavailable
+from app.core.guard import (
+    REFUSED_FOR_NOW,
+    Duration,
+    FailOpen,
+    Guard,
+    as_seconds,
+    as_text,
+    to_ms,
+)
 from app.core.keys import KeySpace
-from app.core.redis import AnyRedis, breaker_for, client_decodes_responses, unlink_matching
+from app.core.redis import AnyRedis, client_decodes_responses, unlink_matching
 from app.core.scripts import Script, ScriptArg
 from app.services.http_cache._entry import (
     BLOB_MAGIC,
@@ -82,25 +87,6 @@ class StoreResult:
     last_modified: int
 
 
-def _text(value: Any) -> str:
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
-
-
-class _ThrottledLog:
-    """Log unexpected Redis errors at most once per interval and kind (never per request)."""
-
-    def __init__(self, interval: float = 60.0) -> None:
-        self.interval = interval
-        self._last: dict[type[BaseException], float] = {}
-
-    def __call__(self, message: str, exc: BaseException) -> None:
-        now = time.monotonic()
-        kind = type(exc)
-        if now - self._last.get(kind, -self.interval) >= self.interval:
-            self._last[kind] = now
-            log.warning(message, exc)
-
-
 class HttpResponseCache:
     """Stored HTTP responses in Redis: lookup, store, invalidate (see the package docstring).
 
@@ -108,15 +94,21 @@ class HttpResponseCache:
         redis: any ``redis.asyncio`` client (``decode_responses`` True or False;
             with True the blob is stored base64-encoded so values stay UTF-8).
         namespace: the key space service name (``<prefix>:<namespace>:...``).
-        timeout: seconds a lookup, store or invalidation may take before it
-            counts as a Redis failure (None: the client's socket timeout bounds
-            it; a tighter budget costs an event-loop timer per call).
+        timeout: seconds (or a ``timedelta``) a lookup, store or invalidation
+            may take before it counts as a Redis failure (None: the client's
+            socket timeout bounds it; a tighter budget costs an event-loop
+            timer per call).
         compress_threshold: zlib bodies larger than this (0: never).
         max_body_size: largest body stored and inflated.
         invalidation_window: seconds an invalidation is remembered at least, so
             a response computed before it (by a request slower than this at
             most) cannot be stored after it.
         stats: counters to update (shared between instances if given).
+
+    A bad duration raises ``ConfigurationError`` here. Every Redis call goes
+    through one ``Guard`` (the client's breaker): ``lookup`` and ``store``
+    fail open, ``invalidate`` and ``clear`` raise (``RedisUnavailable``, or
+    ``RedisCommandError`` when Redis refuses the command).
     """
 
     def __init__(
@@ -124,23 +116,28 @@ class HttpResponseCache:
         redis: AnyRedis,
         *,
         namespace: str = "httpcache",
-        timeout: float | None = None,
+        timeout: Duration | None = None,
         compress_threshold: int = 8192,
         max_body_size: int = DEFAULT_MAX_BODY_SIZE,
-        invalidation_window: float = 60.0,
+        invalidation_window: Duration = 60.0,
         stats: HttpCacheStats | None = None,
     ) -> None:
         self.redis = redis
-        self.keys = KeySpace(get_settings().redis_key_prefix, namespace)
-        self.timeout = timeout
+        self.keys = KeySpace.of(namespace)
+        self.timeout = None if timeout is None else as_seconds(timeout, "timeout")
         self.compress_threshold = compress_threshold
         self.max_body_size = max_body_size
         self.stats = stats if stats is not None else HttpCacheStats()
         self._root = self.keys.root
         self._text = client_decodes_responses(redis)
-        self._breaker = breaker_for(redis)
-        self._window_ms = max(1, int(invalidation_window * 1000))
-        self._log = _ThrottledLog()
+        window = as_seconds(invalidation_window, "invalidation_window", allow_zero=True)
+        self._window_ms = max(1, to_ms(window))
+        self._guard = Guard(redis, f"http cache {namespace!r}")
+        # Logs a refused command or an unusable reply once per change (an outage is the
+        # breaker's to log: see _run); never raises (fail-open, lookup and store only).
+        self._fail_open = FailOpen(
+            self._guard, log, fallback="serving without the cache", catch=(Exception,)
+        )
 
     def _meta(self, url: str) -> str:
         return f"{self._root}{{{url}}}:m"
@@ -151,22 +148,24 @@ class HttpResponseCache:
     def _lease(self, url: str, variant: str) -> str:
         return f"{self._root}{{{url}}}:r:{variant}"
 
-    async def _call(self, script: Script, keys: list[str], args: list[ScriptArg]) -> Any:
-        """Run *script* under the breaker and the timeout; None when Redis is unavailable."""
+    async def _run(self, script: Script, keys: list[str], args: list[ScriptArg]) -> Any:
+        """Run *script* under the guard and the timeout; None when it failed (fail-open)."""
         try:
-            with self._breaker:
+            with self._guard:
                 if self.timeout is None:
                     return await script(self.redis, keys, args)
                 async with asyncio.timeout(self.timeout):
                     return await script(self.redis, keys, args)
-        except RedisUnavailable:
-            self.stats.errors += 1  # the breaker logs its transitions; nothing per request
-        except RedisError as exc:
+        except RedisUnavailable as exc:
             self.stats.errors += 1
-            self._log("HTTP cache: Redis refused a command (%s); serving without the cache", exc)
-        except Exception as exc:  # e.g. a binary entry read through a decode_responses client
+            # An outage is counted, not logged: the breaker logs it once per transition
+            # (and the middleware's tests pin no line of ours). A refusal for now (OOM,
+            # READONLY) leaves the breaker closed and silent, so it is ours to log.
+            if isinstance(exc.__cause__, REFUSED_FOR_NOW):
+                self._fail_open.failed(exc)
+        except Exception as exc:  # refused (RedisCommandError), or an unreadable reply
             self.stats.errors += 1
-            self._log("HTTP cache: unexpected error (%r); serving without the cache", exc)
+            self._fail_open.failed(exc)
         return None
 
     async def lookup(
@@ -192,7 +191,7 @@ class HttpResponseCache:
         variant = variant_for(spec)
         reply: Any = None
         for _ in range(2):
-            reply = await self._call(
+            reply = await self._run(
                 _LOOKUP,
                 [self._meta(url), self._entry(url, variant), self._lease(url, variant)],
                 [spec, lease_ms],
@@ -201,21 +200,21 @@ class HttpResponseCache:
                 return None
             if len(reply) == 1:
                 return Lookup(int(reply[0]), "", spec, variant)
-            found_spec = _text(reply[1])
+            found_spec = as_text(reply[1])
             if found_spec == spec:
                 break
             spec = found_spec
             variant = variant_for(spec)
         else:  # the URL's Vary changed again between the two lookups: a miss
-            return Lookup(int(reply[0]), _text(reply[2]), spec, variant)
-        now, generation = int(reply[0]), _text(reply[2])
+            return Lookup(int(reply[0]), as_text(reply[2]), spec, variant)
+        now, generation = int(reply[0]), as_text(reply[2])
         if len(reply) < 11:
             return Lookup(now, generation, spec, variant)
         try:
             entry = self._decode(reply)
-        except CodecError as exc:
+        except CodecError as exc:  # a miss: the next store replaces the entry
             self.stats.errors += 1
-            self._log("HTTP cache: unreadable stored response (%s); treated as a miss", exc)
+            self._fail_open.failed(exc)
             return Lookup(now, generation, spec, variant)
         return Lookup(now, generation, spec, variant, entry, bool(int(reply[10])))
 
@@ -232,7 +231,7 @@ class HttpResponseCache:
                 status=status,
                 headers=headers,
                 body=body,
-                etag=_text(reply[4]),
+                etag=as_text(reply[4]),
                 last_modified=int(reply[5]),
                 synthesized_lm=synthesized,
                 stored_at_ms=int(reply[6]),
@@ -284,7 +283,7 @@ class HttpResponseCache:
             log.debug("HTTP cache: response not stored: %s", exc)
             return None
         payload: bytes | str = base64.b64encode(blob).decode("ascii") if self._text else blob
-        reply = await self._call(
+        reply = await self._run(
             _STORE,
             [self._meta(url), self._entry(url, variant), self._lease(url, variant)],
             [
@@ -317,8 +316,8 @@ class HttpResponseCache:
         cancelled call invalidated everything or nothing. The invalidation is
         remembered for ``invalidation_window`` seconds at least (the meta hash's
         TTL). Returns whether a response had been stored since the last
-        invalidation. Raises
-        ``RedisUnavailable`` when Redis cannot be reached: the caller must know
+        invalidation. Raises ``RedisUnavailable`` when Redis cannot be reached
+        (``RedisCommandError`` when it refuses the script): the caller must know
         the old response may still be served.
         """
         return await self.invalidate_digest(url_digest_for(url))
@@ -327,25 +326,20 @@ class HttpResponseCache:
         """``invalidate`` for a ``url_digest`` the caller computed."""
         keys: list[str] = [self._meta(url)]
         args: list[ScriptArg] = [secrets.token_hex(8), self._window_ms]
-        try:
-            with self._breaker:
-                if self.timeout is None:
+        with self._guard:
+            if self.timeout is None:
+                reply = await _INVALIDATE(self.redis, keys, args)
+            else:
+                async with asyncio.timeout(self.timeout):
                     reply = await _INVALIDATE(self.redis, keys, args)
-                else:
-                    async with asyncio.timeout(self.timeout):
-                        reply = await _INVALIDATE(self.redis, keys, args)
-        except RedisError as exc:
-            raise ToolkitError(f"HTTP cache invalidation failed: {exc}") from exc
         return bool(int(reply))
 
     async def clear(self) -> int:
         """Delete every key of this namespace (SCAN + UNLINK on every primary); returns the count.
 
         Not atomic: responses stored during the walk may survive it. Raises
-        ``RedisUnavailable`` when Redis cannot be reached.
+        ``RedisUnavailable`` when Redis cannot be reached (``RedisCommandError``
+        when it refuses a command).
         """
-        try:
-            with self._breaker:
-                return await unlink_matching(self.redis, self.keys.pattern("*"))
-        except RedisError as exc:
-            raise ToolkitError(f"HTTP cache clear failed: {exc}") from exc
+        with self._guard:
+            return await unlink_matching(self.redis, self.keys.pattern("*"))

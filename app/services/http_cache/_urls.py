@@ -6,6 +6,8 @@ import hashlib
 from typing import Final
 from urllib.parse import unquote_plus, urlsplit
 
+from app.core.errors import ConfigurationError
+
 __all__ = ["normalize_host", "normalize_path", "normalize_query", "url_digest", "url_digest_for"]
 
 
@@ -111,9 +113,12 @@ def url_digest(scheme: str, host: str, path: bytes, query: bytes) -> str:
 
 
 def url_digest_for(url: str) -> str:
-    """``url_digest`` of an absolute URL such as ``str(request.url_for(...))``."""
+    """``url_digest`` of an absolute URL such as ``str(request.url_for(...))``.
+
+    ``ConfigurationError`` (a ``ValueError``) when *url* has no scheme or host.
+    """
     parts = urlsplit(str(url))
     if not parts.scheme or not parts.netloc:
-        raise ValueError(f"{url!r} is not an absolute URL (scheme://host/path)")
+        raise ConfigurationError(f"{url!r} is not an absolute URL (scheme://host/path)")
     path = normalize_path((parts.path or "/").encode(), remove_dots=True) or b"/"
     return url_digest(parts.scheme.lower(), parts.netloc, path, parts.query.encode())

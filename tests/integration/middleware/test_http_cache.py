@@ -18,7 +18,7 @@ from redis.asyncio import Redis
 from app.core.errors import RedisUnavailable
 from app.core.redis import build_client
 from app.middleware.http_cache import HttpCachePolicy
-from app.services.http_cache import HttpResponseCache, compute_etag
+from app.services.http_cache import HttpResponseCache, compute_etag, url_digest_for
 from app.testing.plugin import RedisServerInfo
 from app.testing.servers import RedisServer
 from app.testing.waiting import eventually
@@ -238,6 +238,40 @@ async def test_invalidation_reports_an_unreachable_redis(
         with pytest.raises(RedisUnavailable):
             await cache.invalidate("http://t/x")
     finally:
+        await redis.aclose()
+
+
+async def test_a_store_refused_for_now_fails_open_and_is_logged_once(
+    private_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """OOM (maxmemory + noeviction): the breaker stays closed and says nothing, the cache does."""
+    redis = build_client(url=private_server.url)
+    admin = Redis(port=private_server.port)
+    try:
+        cache = HttpResponseCache(redis)
+        url = url_digest_for("http://t/x")
+        await admin.config_set("maxmemory-policy", "noeviction")
+        await admin.config_set("maxmemory", 1)
+        with caplog.at_level(logging.WARNING, logger="app.http_cache"):
+            for _ in range(3):
+                stored = await cache.store(
+                    url, "v", spec="", generation="", status=200, headers=[], body=b"x",
+                    etag='"x"', last_modified=0, fresh_ms=60_000,
+                )  # fmt: skip
+                assert stored is None
+        assert cache.stats.errors == 3 and cache.stats.stores == 0
+        warnings = [r.getMessage() for r in caplog.records if r.name == "app.http_cache"]
+        assert len(warnings) == 1, warnings  # once per change, not per request
+        assert "refused the call for now" in warnings[0]
+        assert cache._guard.breaker.state == "closed"
+        await admin.config_set("maxmemory", 0)
+        stored = await cache.store(
+            url, "v", spec="", generation="", status=200, headers=[], body=b"x",
+            etag='"x"', last_modified=0, fresh_ms=60_000,
+        )  # fmt: skip
+        assert stored is not None and stored.stored
+    finally:
+        await admin.aclose()
         await redis.aclose()
 
 

@@ -19,6 +19,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from app.api.deps import SessionDep
 from app.core import redis as core_redis
+from app.core.errors import ConfigurationError
 from app.middleware.http_cache import (
     HttpCacheMiddleware,
     HttpCachePolicy,
@@ -848,6 +849,46 @@ async def test_unsafe_methods_invalidate_the_target_and_content_location(
     assert (view.json()["version"], view.headers["x-cache"]) == (1, "MISS")
     assert (await client.get("/items/2")).headers["x-cache"] == "HIT"
     assert (await client.put("/forbidden")).status_code == 403
+
+
+async def test_a_refused_invalidation_is_counted_and_the_response_goes_on(
+    make_app_client: MakeClient, fake_redis: Any
+) -> None:
+    client, app = await client_for(make_app_client, fake_redis)
+    await client.get("/items/1")
+    (meta,) = [key async for key in fake_redis.scan_iter(match="*:httpcache:*:m")]
+    await fake_redis.delete(meta)
+    await fake_redis.set(meta, b"not a hash")  # every script on this URL answers WRONGTYPE
+    assert (await client.put("/items/1")).status_code == 200
+    assert cache_layer(app).stats.errors == 1
+    served = await client.get("/items/1")  # the lookup fails open: the origin answers
+    assert (served.status_code, served.headers["x-cache"]) == (200, "MISS")
+    assert served.json()["version"] == 1 and cache_layer(app).stats.errors == 2
+
+
+@pytest.mark.parametrize(
+    ("options", "what"),
+    [
+        ({"ttl": -1}, "HttpCachePolicy.ttl"),
+        ({"ttl": float("inf")}, "HttpCachePolicy.ttl"),
+        ({"max_age": float("nan")}, "HttpCachePolicy.max_age"),
+        ({"s_maxage": -1}, "HttpCachePolicy.s_maxage"),
+        ({"stale_if_error": True}, "HttpCachePolicy.stale_if_error"),
+        ({"max_ttl": -1}, "HttpCachePolicy.max_ttl"),
+        ({"refresh_lease": 0}, "HttpCachePolicy.refresh_lease"),
+        ({"max_body_size": -1}, "HttpCachePolicy.max_body_size"),
+        ({"credentials": "shared"}, "HttpCachePolicy.credentials"),
+    ],
+)
+def test_bad_policy_values_are_configuration_errors(options: dict[str, Any], what: str) -> None:
+    with pytest.raises(ConfigurationError, match=what):
+        HttpCachePolicy(**options)
+
+
+def test_policy_without_a_cap_and_a_bad_middleware_timeout() -> None:
+    assert HttpCachePolicy(max_ttl=float("inf")).max_ttl == float("inf")
+    with pytest.raises(ConfigurationError, match="timeout"):
+        HttpCacheMiddleware(FastAPI(), timeout=-1)
 
 
 async def test_failed_writes_do_not_invalidate(

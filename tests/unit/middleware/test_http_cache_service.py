@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import itertools
+import logging
 from typing import Any
 from urllib.parse import quote_plus, unquote_to_bytes
 
@@ -12,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from app.core.errors import CodecError
+from app.core.errors import CodecError, ConfigurationError, RedisCommandError
 from app.services.http_cache import (
     EntityTag,
     HttpResponseCache,
@@ -536,6 +538,58 @@ async def test_entries_written_by_either_client_kind_never_break_the_other() -> 
     finally:
         await binary.aclose()
         await text.aclose()
+
+
+async def test_a_refused_command_fails_open_and_is_logged_once_without_redis_text(
+    fake_redis: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    cache = HttpResponseCache(fake_redis)
+    url = url_digest_for("http://t/x")
+    await fake_redis.set(cache._meta(url), b"not a hash")  # every script answers WRONGTYPE
+    with caplog.at_level(logging.WARNING, logger="app.http_cache"):
+        for _ in range(3):
+            assert await cache.lookup(url, _variant) is None
+        assert await _store(cache, url, "", b"v") is None
+    assert cache.stats.errors == 4 and cache.stats.stores == 0
+    warnings = [r.getMessage() for r in caplog.records if r.name == "app.http_cache"]
+    assert len(warnings) == 1, warnings  # once per change, not per request
+    assert "http cache 'httpcache'" in warnings[0] and "refused" in warnings[0]
+    assert "WRONGTYPE" not in warnings[0]
+
+
+async def test_a_refused_invalidation_raises_without_redis_text(fake_redis: Any) -> None:
+    cache = HttpResponseCache(fake_redis)
+    await fake_redis.set(cache._meta(url_digest_for("http://t/x")), b"not a hash")
+    with pytest.raises(RedisCommandError) as info:
+        await cache.invalidate("http://t/x")
+    assert str(info.value) == "http cache 'httpcache': Redis refused the command"
+    assert "WRONGTYPE" in str(info.value.__cause__)
+    assert await cache.invalidate("http://t/other") is False  # the server is fine
+
+
+@pytest.mark.parametrize(
+    ("options", "what"),
+    [
+        ({"timeout": 0}, "timeout"),
+        ({"timeout": float("nan")}, "timeout"),
+        ({"timeout": "1"}, "timeout"),
+        ({"invalidation_window": -1}, "invalidation_window"),
+    ],
+)
+async def test_bad_durations_are_refused_when_the_store_is_built(
+    fake_redis: Any, options: dict[str, Any], what: str
+) -> None:
+    with pytest.raises(ConfigurationError, match=what):
+        HttpResponseCache(fake_redis, **options)
+
+
+async def test_durations_may_be_timedeltas(fake_redis: Any) -> None:
+    cache = HttpResponseCache(
+        fake_redis, timeout=dt.timedelta(seconds=2), invalidation_window=dt.timedelta(seconds=30)
+    )
+    assert cache.timeout == 2.0
+    assert await cache.invalidate("http://t/x") is False
+    assert 29_000 < await fake_redis.pttl(cache._meta(url_digest_for("http://t/x"))) <= 30_000
 
 
 _PATH_BYTES = st.lists(

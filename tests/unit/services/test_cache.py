@@ -18,7 +18,7 @@ import pytest
 import pytest_asyncio
 from pydantic import BaseModel
 
-from app.core.errors import InvalidKey, PatternTooComplex, RedisUnavailable
+from app.core.errors import ConfigurationError, InvalidKey, PatternTooComplex, RedisUnavailable
 from app.core.redis import breaker_for, build_client
 from app.services.cache import MISSING, NO_EXPIRY, CacheService, LocalCache
 from app.testing.slots import slot_checking_fake_redis
@@ -674,6 +674,93 @@ async def test_closed_failure_mode_raises(outage: tuple[Any, Any]) -> None:
         await cache.set("k", 1)
     with pytest.raises(RedisUnavailable):
         await cache.get_or_set("k", origin)
+
+
+async def test_a_refused_command_fails_open_like_an_outage(
+    cache_client: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis answering WRONGTYPE (a list where an entry belongs) is a miss, logged once."""
+    cache = CacheService(cache_client)
+    await cache_client.rpush(cache.redis_key("k"), "not an entry")
+
+    async def origin() -> str:
+        return "origin"
+
+    with caplog.at_level(logging.WARNING, logger="app.cache"):
+        assert await cache.get("k", "default") == "default"
+        assert await cache.get_or_set("k", origin, ttl=60) == "origin"
+        assert await cache.exists("k") is True  # EXISTS works on any type
+    stats = cache.stats()
+    assert stats["errors"] == 2 and stats["fail_open"] == 1 and stats["breaker"] == "closed"
+    warnings = [r.getMessage() for r in caplog.records if r.name == "app.cache"]
+    assert len(warnings) == 1, warnings  # once per change, not per call
+    assert "cache 'cache'" in warnings[0] and "refused" in warnings[0]
+    assert "WRONGTYPE" not in warnings[0]  # Redis's text stays in __cause__
+
+
+async def test_closed_mode_raises_a_refused_command_without_redis_text(cache_client: Any) -> None:
+    cache = CacheService(cache_client, failure_mode="closed")
+    await cache_client.rpush(cache.redis_key("k"), "not an entry")
+    with pytest.raises(RedisUnavailable) as info:
+        await cache.get("k")
+    assert str(info.value) == "cache 'cache': Redis refused the command"
+    assert "WRONGTYPE" in str(info.value.__cause__)
+
+
+@pytest.mark.parametrize(
+    ("options", "what"),
+    [
+        ({"default_ttl": 0}, "default_ttl"),
+        ({"default_ttl": "60"}, "default_ttl"),
+        ({"default_ttl": True}, "default_ttl"),
+        ({"lease": float("nan")}, "lease"),
+        ({"lease": float("inf")}, "lease"),
+        ({"lease": 0}, "lease"),
+        ({"wait_timeout": -1}, "wait_timeout"),
+        ({"wait_timeout": None}, "wait_timeout"),
+    ],
+)
+async def test_bad_durations_are_refused_when_the_service_is_built(
+    cache_client: Any, options: dict[str, Any], what: str
+) -> None:
+    with pytest.raises(ConfigurationError, match=what):
+        CacheService(cache_client, **options)
+
+
+async def test_bad_durations_of_a_call_are_configuration_errors(cache_client: Any) -> None:
+    cache = CacheService(cache_client)
+
+    async def factory() -> int:
+        return 1
+
+    with pytest.raises(ConfigurationError, match="ttl"):
+        await cache.set("k", 1, ttl="5")  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="ttl"):
+        await cache.set("k", 1, ttl=-float("inf"))
+    with pytest.raises(ConfigurationError, match="stale_ttl"):
+        await cache.set("k", 1, ttl=10, stale_ttl=float("nan"))
+    with pytest.raises(ConfigurationError, match="lease"):
+        await cache.get_or_set("k", factory, ttl=10, lease=float("nan"))
+    with pytest.raises(ConfigurationError, match="wait_timeout"):
+        await cache.get_or_set("k", factory, ttl=10, wait_timeout=-0.5)
+    with pytest.raises(ConfigurationError, match="early_refresh"):
+        await cache.get_or_set("k", factory, ttl=10, early_refresh=-1)
+    with pytest.raises(ConfigurationError, match="local tier"):
+        LocalCache(ttl=float("nan"))
+    assert await cache.get("k", MISSING) is MISSING  # nothing was written
+
+
+async def test_durations_may_be_timedeltas(cache_client: Any) -> None:
+    cache = CacheService(cache_client, lease=dt.timedelta(seconds=5), wait_timeout=dt.timedelta(0))
+    assert cache.wait_timeout == 0.0
+    policy = cache.policy(lease=dt.timedelta(milliseconds=1500), wait_timeout=dt.timedelta(1))
+    assert policy.lease_ms == 1500 and policy.wait_timeout == 86400.0
+
+    async def factory() -> int:
+        return 1
+
+    assert await cache.get_or_set("k", factory, ttl=dt.timedelta(seconds=1.1)) == 1
+    assert 0.5 < (await cache.ttl("k") or 0) <= 1.1
 
 
 async def test_stale_local_copy_is_served_when_redis_and_origin_fail(
