@@ -90,6 +90,8 @@ def _quotes_a_redis_error(exc: ToolkitError) -> bool:
 def _needs_scrubbing(exc: ToolkitError) -> bool:
     if isinstance(exc, RedisUnavailable):
         return False  # its detail is generic already; the breaker logs the cause once
+    if isinstance(exc.__cause__, redis_exc.ResponseError):
+        return True  # a command Redis refused (a Guard's ``refused`` error): its reply is internal
     return _INTERNAL_TEXT.search(exc.detail) is not None or _quotes_a_redis_error(exc)
 
 

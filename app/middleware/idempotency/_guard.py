@@ -7,11 +7,9 @@ import collections
 import logging
 from typing import Any, Final, Literal, Protocol
 
-from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.types import Message, Scope, Send
 
-from app.core.config import FailureMode
 from app.core.errors import (
     ConfigurationError,
     IdempotencyCallerUnknown,
@@ -22,6 +20,7 @@ from app.core.errors import (
     RedisUnavailable,
     ToolkitError,
 )
+from app.core.guard import FailOpen
 from app.core.redis import AnyRedis, get_redis
 from app.http.asgi import header_values
 from app.http.caller import Caller, caller_resolver, resolve_caller
@@ -49,7 +48,6 @@ class GuardOwner(Protocol):
     store_server_errors: bool
     stats: collections.Counter[str]
     _anonymous: Literal["address", "refuse"]
-    _failure: FailureMode
     _transient: frozenset[int]
 
     def record_names(self, caller: Caller, method: str, route: str, key: str) -> list[str]:
@@ -60,8 +58,8 @@ class GuardOwner(Protocol):
         """Digest of method, path, query string and body."""
         ...
 
-    def _service_for(self, client: AnyRedis) -> IdempotencyService:
-        """The service over *client* (built once per client)."""
+    def _store_for(self, client: AnyRedis) -> tuple[IdempotencyService, FailOpen]:
+        """The service over *client* and its degraded mode (built once per client)."""
         ...
 
 
@@ -153,7 +151,7 @@ class Guard:
         self.key = key
         method: str = scope["method"]
         records = mw.record_names(self.caller(principal), method, route, key)
-        service = mw._service_for(get_redis())
+        service, degraded = mw._store_for(get_redis())
         fingerprint = mw.request_fingerprint(
             method, scope["path"], scope.get("query_string", b""), body
         )
@@ -166,16 +164,12 @@ class Guard:
                 fallbacks=records[1:],
             )
         except RedisUnavailable as exc:
-            if mw._failure == "open":
-                log.warning(
-                    "Redis is unavailable; running %s %s without idempotency protection",
-                    method,
-                    scope["path"],
-                )
-                mw.stats["unprotected"] += 1
-                self.unprotected = True
-                return
-            raise Abort(exc) from None
+            if not degraded.enabled:
+                raise Abort(exc) from None  # fail-closed: 503, the handler does not run
+            degraded.failed(exc)  # fail-open: logged once per change, not per request
+            mw.stats["unprotected"] += 1
+            self.unprotected = True
+            return
         if claim.status == "new":
             assert claim.token is not None
             self._service, self._record, self._token = service, claim.key, claim.token
@@ -288,7 +282,7 @@ class Guard:
         stored = StoredResponse(self._status, self._stored_headers, body)
         try:
             done = await service.complete(self._record, token, stored)
-        except (ToolkitError, RedisError) as exc:  # Redis down or refusing (OOM), or the codec
+        except ToolkitError as exc:  # Redis down or refusing (OOM), or the codec
             log.error(
                 "the response of %s %s was sent but not recorded (%s); its key stays in flight "
                 "until the lease ends (%gs), then a retry runs the handler again",
@@ -331,7 +325,7 @@ class Guard:
         self._mw.stats["released"] += 1
         try:
             await service.release(self._record, token)
-        except (ToolkitError, RedisError) as exc:
+        except ToolkitError as exc:  # the service's guard wraps every Redis error
             log.error(
                 "could not release the idempotency key of %s %s (%s); a retry is refused "
                 "with 409 until the lease ends (%gs)",

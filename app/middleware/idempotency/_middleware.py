@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import collections
+import logging
 from collections.abc import Iterable
 from typing import Final, Literal
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.core.config import FailureMode, Settings, check_secret_keys, get_settings
-from app.core.errors import ConfigurationError, PayloadTooLarge
+from app.core.errors import ConfigurationError, PayloadTooLarge, StateError
+from app.core.guard import Duration, FailOpen, PerClient, as_seconds
 from app.core.redis import AnyRedis
 from app.http.caller import Caller
 from app.middleware._order import enter_layer, pass_lifespan
@@ -26,6 +28,8 @@ from app.services.idempotency import IdempotencyService
 
 __all__ = ["DEFAULT_STORED_HEADERS", "IdempotencyMiddleware"]
 
+log = logging.getLogger("app.idempotency")
+
 DEFAULT_STORED_HEADERS: Final = ("content-type", "location", "etag", "link", "retry-after")
 
 
@@ -40,8 +44,8 @@ class IdempotencyMiddleware:
             (only routes with the ``idempotency_key()`` dependency).
         header_name: the request header carrying the key.
         required: refuse guarded requests without a key (400).
-        ttl: seconds a completed response is replayable (default 24 h).
-        lease: seconds an in-flight claim survives without a heartbeat (default 30);
+        ttl: seconds (or a ``timedelta``) a completed response is replayable (default 24 h).
+        lease: seconds (or a ``timedelta``) an in-flight claim survives without a heartbeat (default 30);
             a crashed worker's key is claimable again after it.
         fingerprint: how the body enters the request fingerprint (``"raw"``,
             ``"json"`` or a callable); method, path and query always do.
@@ -59,7 +63,8 @@ class IdempotencyMiddleware:
         max_request_body: largest request body accepted on a guarded request (413 above).
         store_server_errors: store and replay 5xx responses instead of releasing the key.
         failure_mode: ``"closed"`` (503 when Redis is down) or ``"open"`` (run the
-            handler unprotected); default ``IDEMPOTENCY_FAILURE_MODE``.
+            handler unprotected, logged once per change of the outage, not per
+            request); default ``IDEMPOTENCY_FAILURE_MODE``.
         secret: HMAC key for scopes; default the settings' signing keys (the current
             one stores, the fallbacks are looked up during a rotation).
         namespace: key space of the records (``<prefix>:<namespace>:{scope}``).
@@ -73,15 +78,15 @@ class IdempotencyMiddleware:
         paths: Iterable[str] | None = None,
         header_name: str = DEFAULT_HEADER,
         required: bool = False,
-        ttl: float = 86400,
-        lease: float = 30.0,
+        ttl: Duration = 86400,
+        lease: Duration = 30.0,
         fingerprint: BodyFingerprint = "raw",
         principal: PrincipalFunc | None = None,
         anonymous: Literal["address", "refuse"] | None = None,
         transient_statuses: Iterable[int] | None = None,
         on_conflict: Literal["reject", "wait"] = "reject",
-        wait_timeout: float = 10.0,
-        conflict_retry_after: float = 1.0,
+        wait_timeout: Duration = 10.0,
+        conflict_retry_after: Duration = 1.0,
         stored_headers: Iterable[str] = DEFAULT_STORED_HEADERS,
         max_stored_body: int = 1024 * 1024,
         max_request_body: int = 10 * 1024 * 1024,
@@ -102,10 +107,9 @@ class IdempotencyMiddleware:
             )
         if max_stored_body < 0 or max_request_body < 0:
             raise ConfigurationError("max_stored_body and max_request_body must be >= 0")
-        if wait_timeout < 0 or conflict_retry_after < 0:
-            raise ConfigurationError("wait_timeout and conflict_retry_after must be >= 0")
-        if not ttl > 0 or not lease > 0:
-            raise ConfigurationError("ttl and lease must be positive seconds")
+        wait_seconds = as_seconds(wait_timeout, "wait_timeout", allow_zero=True)
+        retry_after = as_seconds(conflict_retry_after, "conflict_retry_after", allow_zero=True)
+        ttl_seconds, lease_seconds = as_seconds(ttl, "ttl"), as_seconds(lease, "lease")
         if anonymous not in (None, "address", "refuse"):
             raise ConfigurationError(f"anonymous must be 'address' or 'refuse', got {anonymous!r}")
         check_secret_keys(secret, source="IdempotencyMiddleware(secret=...)")
@@ -114,13 +118,13 @@ class IdempotencyMiddleware:
         self.paths = None if paths is None else tuple(p.rstrip("/") or "/" for p in paths)
         self.header_name = header_name
         self.required = required
-        self.ttl = ttl
-        self.lease = lease
+        self.ttl = ttl_seconds
+        self.lease = lease_seconds
         self.fingerprint = fingerprint
         self.principal = principal
         self.on_conflict = on_conflict
-        self.wait_timeout = wait_timeout if on_conflict == "wait" else 0.0
-        self.conflict_retry_after = conflict_retry_after
+        self.wait_timeout = wait_seconds if on_conflict == "wait" else 0.0
+        self.conflict_retry_after = retry_after
         self.stored_headers = frozenset(h.lower().encode("latin-1") for h in stored_headers)
         self.max_stored_body = max_stored_body
         self.max_request_body = max_request_body
@@ -141,8 +145,7 @@ class IdempotencyMiddleware:
         self._anonymous: Literal["address", "refuse"] = "address"
         self._transient: frozenset[int] = frozenset()
         self._failure: FailureMode = "closed"
-        self._client: AnyRedis | None = None
-        self._service: IdempotencyService | None = None
+        self._stores: PerClient[tuple[IdempotencyService, FailOpen]] = PerClient(self._store)
 
     # -- per-process configuration, refreshed when settings are re-read --------
 
@@ -159,16 +162,22 @@ class IdempotencyMiddleware:
                 if self.transient_statuses is None
                 else self.transient_statuses
             )
-            self._client = self._service = None
+            # the services keep the settings' key prefix and failure mode: build them again
+            self._stores = PerClient(self._store)
         return settings
 
-    def _service_for(self, client: AnyRedis) -> IdempotencyService:
-        if client is not self._client or self._service is None:
-            self._service = IdempotencyService(
-                client, self.ttl, lease=self.lease, namespace=self.namespace
-            )
-            self._client = client
-        return self._service
+    def _store(self, client: AnyRedis) -> tuple[IdempotencyService, FailOpen]:
+        service = IdempotencyService(client, self.ttl, lease=self.lease, namespace=self.namespace)
+        degraded = FailOpen(
+            service.guard,
+            log,
+            enabled=self._failure == "open",
+            fallback="running guarded requests without idempotency protection",
+        )
+        return service, degraded
+
+    def _store_for(self, client: AnyRedis) -> tuple[IdempotencyService, FailOpen]:
+        return self._stores(client)
 
     def _guards(self, scope: Scope) -> bool:
         if scope["method"] not in self.methods:
@@ -221,7 +230,7 @@ class IdempotencyMiddleware:
         except Abort as abort:
             await guard.finish()
             if guard.response_started:  # pragma: no cover - a dependency runs before any send
-                raise RuntimeError("idempotency check ran after the response started") from abort
+                raise StateError("idempotency check ran after the response started") from abort
             await abort.respond(send, scope)
             return
         except BaseException:

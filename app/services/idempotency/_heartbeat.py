@@ -8,7 +8,7 @@ import logging
 from types import TracebackType
 from typing import Protocol
 
-from app.core.errors import ConfigurationError
+from app.core.guard import Duration, as_seconds
 
 __all__ = ["Heartbeat", "Renewer"]
 
@@ -31,13 +31,11 @@ class Heartbeat:
 
     __slots__ = ("_service", "_task", "interval", "key", "lost", "renewals", "token")
 
-    def __init__(self, service: Renewer, key: str, token: str, *, interval: float) -> None:
-        if not interval > 0:
-            raise ConfigurationError(f"heartbeat interval must be positive, got {interval!r}")
+    def __init__(self, service: Renewer, key: str, token: str, *, interval: Duration) -> None:
         self._service = service
         self.key = key
         self.token = token
-        self.interval = interval
+        self.interval = as_seconds(interval, "heartbeat interval")  # ConfigurationError if bad
         self.lost = False
         self.renewals = 0
         self._task: asyncio.Task[None] | None = None

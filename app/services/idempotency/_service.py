@@ -6,16 +6,15 @@ See the package docstring for the record lifecycle and the waiters' wake-up list
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import secrets
 from collections.abc import Sequence
 from typing import Any, Final
 
 from app.core.codec import Codec, default_codec
-from app.core.config import get_settings
 from app.core.errors import ConfigurationError
+from app.core.guard import Duration, Guard, as_seconds, as_text, block_cap, to_ms
 from app.core.keys import KeySpace
-from app.core.redis import AnyRedis, breaker_for, client_decodes_responses
+from app.core.redis import AnyRedis, client_decodes_responses
 from app.core.scripts import Script
 from app.core.telemetry import traced
 from app.services.idempotency._claim import OUTCOMES, STATUS, Claim
@@ -34,19 +33,8 @@ _ABSENT: Final = 4  # the claim script's answer for a fallback record that does 
 _UNCLAIMED: Final = ""
 
 
-def _ms(value: float | dt.timedelta, name: str) -> int:
-    seconds = value.total_seconds() if isinstance(value, dt.timedelta) else float(value)
-    if not seconds > 0:
-        raise ConfigurationError(f"{name} must be a positive number of seconds, got {value!r}")
-    return max(1, round(seconds * 1000))
-
-
 def _look(name: str, key: str) -> bytes:
     return b"0" if name == key else b"1"
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 class IdempotencyService:
@@ -59,31 +47,35 @@ class IdempotencyService:
             Keep it short: it is how long a crashed worker blocks its key.
         namespace: the key space service name (``<prefix>:<namespace>:{key}``).
         codec: how results are encoded (default: the settings' JSON codec).
+
+    Durations are validated here (``ConfigurationError`` for zero, a negative,
+    NaN, infinity or a non-number) and kept in whole milliseconds, rounded up.
+    Every Redis call runs under the service's ``guard``: Redis unreachable (or
+    the client's breaker open) raises ``RedisUnavailable``; a command Redis
+    refuses raises ``RedisCommandError`` (Redis's text in ``__cause__``).
     """
 
-    __slots__ = ("_codec", "_keys", "_lease_ms", "_max_block", "_ttl_ms", "redis")
+    __slots__ = ("_codec", "_keys", "_lease_ms", "_max_block", "_ttl_ms", "guard", "redis")
 
     def __init__(
         self,
         redis: AnyRedis,
-        ttl: float | dt.timedelta = 86400,
+        ttl: Duration = 86400,
         *,
-        lease: float | dt.timedelta = 30.0,
+        lease: Duration = 30.0,
         namespace: str = "idempotency",
         codec: Codec | None = None,
     ) -> None:
         self.redis = redis
-        self._ttl_ms = _ms(ttl, "ttl")
-        self._lease_ms = _ms(lease, "lease")
-        self._keys = KeySpace(get_settings().redis_key_prefix, namespace)
+        self._ttl_ms = to_ms(as_seconds(ttl, "ttl"))
+        self._lease_ms = to_ms(as_seconds(lease, "lease"))
+        self._keys = KeySpace.of(namespace)
         text_safe = client_decodes_responses(redis)
         self._codec = (codec or default_codec()).with_text_safe(text_safe)
-        self._max_block = _MAX_BLOCK
-        # get_connection_kwargs(): a RedisCluster has no connection_pool, but the same kwargs
-        kwargs: Any = getattr(redis, "get_connection_kwargs", dict)()
-        socket_timeout = kwargs.get("socket_timeout") if isinstance(kwargs, dict) else None
-        if socket_timeout:  # a BLPOP must return before the socket gives up on it
-            self._max_block = min(_MAX_BLOCK, float(socket_timeout) / 2)
+        # a BLPOP must return before the client's socket timeout gives up on it
+        self._max_block = block_cap(redis, _MAX_BLOCK)
+        self.guard = Guard(redis, f"idempotency {namespace!r}")
+        """The guard every Redis call of this service runs under (the client's breaker)."""
 
     @property
     def ttl(self) -> float:
@@ -116,9 +108,7 @@ class IdempotencyService:
         claim = await self.claim(key)
         return claim.status != "new"
 
-    async def store_request(
-        self, key: str, result: Any, *, ttl: float | dt.timedelta | None = None
-    ) -> None:
+    async def store_request(self, key: str, result: Any, *, ttl: Duration | None = None) -> None:
         """Store *result* as the outcome of *key* for ``ttl`` seconds (default: the service's).
 
         Overwrites whatever the key held (no owner token: use ``complete`` for
@@ -134,9 +124,9 @@ class IdempotencyService:
         *type_* validates and converts the stored value (e.g. a pydantic model).
         One round trip; raises ``RedisUnavailable`` when Redis is down.
         """
-        with breaker_for(self.redis):
+        with self.guard:
             state, blob = await self.redis.hmget(self.record_key(key), ["s", "r"])
-        if state is None or _text(state) != "c" or blob is None:
+        if state is None or as_text(state) != "c" or blob is None:
             return None
         return self._codec.decode(blob, type_)
 
@@ -145,8 +135,9 @@ class IdempotencyService:
 
         An operator tool (and a test helper): the next claim of the key is new.
         """
-        with breaker_for(self.redis):
-            return bool(await self.redis.delete(self.record_key(key), self._notify_key(key)))
+        with self.guard:
+            deleted = await self.redis.delete(self.record_key(key), self._notify_key(key))
+        return bool(deleted)
 
     # -- primitives ----------------------------------------------------------
 
@@ -191,7 +182,7 @@ class IdempotencyService:
             token = secrets.token_hex(16)
             for name in names:
                 record, notify = self.record_key(name), self._notify_key(name)
-                with breaker_for(self.redis):
+                with self.guard:
                     code, payload = await _CLAIM(
                         self.redis,
                         keys=(record, notify),
@@ -211,11 +202,11 @@ class IdempotencyService:
             if remaining <= 0:
                 return Claim("in_flight", name, lease_remaining=lease_left)
             block = min(remaining, self._max_block, max(lease_left, 0.01))
-            with breaker_for(self.redis):
+            with self.guard:
                 await self.redis.blpop([notify], timeout=block)
 
     async def complete(
-        self, key: str, token: str, result: Any, *, ttl: float | dt.timedelta | None = None
+        self, key: str, token: str, result: Any, *, ttl: Duration | None = None
     ) -> bool:
         """Store *result* for the claim *token* owns and keep it ``ttl`` seconds.
 
@@ -225,15 +216,13 @@ class IdempotencyService:
         Redis is down (the claim then stays in flight until its lease ends).
         """
         if not token:
-            raise ValueError("complete() needs the owner token from claim()")
+            raise ConfigurationError("complete() needs the owner token from claim()")
         return await self._complete(key, token, result, ttl)
 
-    async def _complete(
-        self, key: str, token: str, result: Any, ttl: float | dt.timedelta | None
-    ) -> bool:
-        ttl_ms = self._ttl_ms if ttl is None else _ms(ttl, "ttl")
+    async def _complete(self, key: str, token: str, result: Any, ttl: Duration | None) -> bool:
+        ttl_ms = self._ttl_ms if ttl is None else to_ms(as_seconds(ttl, "ttl"))
         blob = self._codec.encode(result)
-        with breaker_for(self.redis):
+        with self.guard:
             done = await _COMPLETE(
                 self.redis,
                 keys=(self.record_key(key), self._notify_key(key)),
@@ -249,7 +238,7 @@ class IdempotencyService:
         every waiter. One round trip; raises ``RedisUnavailable`` when Redis is
         down (the claim then ends with its lease).
         """
-        with breaker_for(self.redis):
+        with self.guard:
             done = await _RELEASE(
                 self.redis,
                 keys=(self.record_key(key), self._notify_key(key)),
@@ -263,13 +252,13 @@ class IdempotencyService:
         Returns False when the claim is not this token's any more. One round
         trip; raises ``RedisUnavailable`` when Redis is down.
         """
-        with breaker_for(self.redis):
+        with self.guard:
             done = await _RENEW(
                 self.redis, keys=(self.record_key(key),), args=(token, self._lease_ms)
             )
         return bool(done)
 
-    def heartbeat(self, key: str, token: str, *, interval: float | None = None) -> Heartbeat:
+    def heartbeat(self, key: str, token: str, *, interval: Duration | None = None) -> Heartbeat:
         """A task that renews the claim every *interval* seconds (default: a third of the lease).
 
         ``async with service.heartbeat(key, token) as hb: ...`` (or

@@ -84,7 +84,9 @@ for resources that check the token.
 
 When Redis is down every operation raises ``RedisUnavailable`` (locks never
 fail open); the lease bounds how long a lock whose release could not be sent
-stays held.
+stays held. A command Redis refuses (a key of the wrong type) raises
+``LockError`` naming the lock; Redis's text stays in ``__cause__``. Every call
+goes through one ``app.core.guard.Guard`` per lock object.
 """
 
 # The parts, in private modules; each imports only modules listed below it, and code
@@ -96,9 +98,10 @@ stays held.
 #   _waiting    the acquire loop: waiting for a release (wake lists, parking, polling)
 #   _tasks      clean-ups that finish even when their caller is cancelled
 #   _scripts    the Lua in lua/
-#   _common     durations, tokens, keys, the guarded Redis call
+#   _common     lease durations, tokens, the lock's Guard (app.core.guard)
 
-from app.services.locks._common import LostCallback, Seconds, as_seconds, lease_drift, wait_bound
+from app.core.guard import as_seconds  # re-exported: the one duration validator
+from app.services.locks._common import LostCallback, Seconds, lease_drift, wait_bound
 from app.services.locks._lock import DEFAULT_FENCE_TTL, RedisLock, fenced_write
 from app.services.locks._redlock import Redlock
 from app.services.locks._semaphore import Permit, Semaphore

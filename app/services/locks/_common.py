@@ -1,4 +1,4 @@
-"""What every part of the locks package shares: durations, tokens, keys, the guarded call.
+"""What every part of the locks package shares: durations, tokens, the guard.
 
 Imports nothing else of the package (every other module here imports it).
 """
@@ -6,19 +6,13 @@ Imports nothing else of the package (every other module here imports it).
 from __future__ import annotations
 
 import logging
-import math
 import os
 from collections.abc import Awaitable, Callable
-from datetime import timedelta
-from functools import lru_cache
-from typing import Any, Final, TypeAlias, TypeVar
+from functools import lru_cache, partial
+from typing import Final, TypeAlias
 
-from redis.exceptions import RedisError
-
-from app.core.config import get_settings
-from app.core.errors import ConfigurationError, LockError, LockLost, RedisUnavailable
-from app.core.keys import KeySpace
-from app.core.redis import CircuitBreaker
+from app.core.errors import ConfigurationError, LockError, LockLost
+from app.core.guard import Duration, Guard, as_seconds
 
 __all__ = [
     "LOCK_ATTRS",
@@ -28,24 +22,18 @@ __all__ = [
     "WAKE_TTL_MS",
     "LostCallback",
     "Seconds",
-    "as_seconds",
-    "as_text",
-    "guarded",
-    "keyspace",
     "lease_drift",
+    "lease_guard",
     "log",
     "new_token",
-    "to_ms",
     "wait_bound",
     "waited",
 ]
 
 log = logging.getLogger("app.locks")
 
-T = TypeVar("T")
-
-Seconds: TypeAlias = "float | int | timedelta"
-"""A duration: seconds as a number, or a ``timedelta``."""
+Seconds: TypeAlias = Duration
+"""A duration: seconds as a number, or a ``timedelta`` (``app.core.guard.Duration``)."""
 
 LostCallback: TypeAlias = "Callable[[LockLost], Awaitable[None] | None]"
 """``on_lost(error)``: called once when the watchdog finds the lock gone (may be async)."""
@@ -74,20 +62,6 @@ def wait_bound(blocking: bool, blocking_timeout: Seconds | None, default: float)
     return as_seconds(blocking_timeout, "blocking_timeout", allow_zero=True)
 
 
-def as_seconds(value: Seconds | None, what: str, *, allow_zero: bool = False) -> float:
-    """*value* as float seconds; refuses negatives, NaN and (unless allowed) zero."""
-    if isinstance(value, timedelta):
-        seconds = value.total_seconds()
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        seconds = float(value)
-    else:
-        raise ConfigurationError(f"{what} must be seconds (int, float or timedelta), got {value!r}")
-    if math.isnan(seconds) or seconds < 0 or (seconds == 0 and not allow_zero):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ConfigurationError(f"{what} must be {bound} seconds, got {value!r}")
-    return seconds
-
-
 def lease_drift(
     lease: float, drift: Seconds | None, *, renew_interval: float | None = None
 ) -> float:
@@ -114,11 +88,6 @@ def lease_drift(
     return seconds
 
 
-def to_ms(seconds: float) -> int:
-    """*seconds* as whole milliseconds for Redis, rounded up, at least 1."""
-    return max(1, math.ceil(seconds * 1000))
-
-
 def waited(seconds: float) -> str:
     """The " (waited N s)" part of an error message; empty when it did not wait."""
     return f" (waited {seconds:g} s)" if seconds > 0 else ""
@@ -129,38 +98,25 @@ def new_token() -> str:
     return os.urandom(16).hex()
 
 
-def as_text(value: Any) -> str | None:
-    """A reply as text, whatever the client's ``decode_responses`` (None stays None)."""
-    if value is None:
-        return None
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
-
-
-@lru_cache(maxsize=64)
-def _keyspace(prefix: str, service: str) -> KeySpace:
-    return KeySpace(prefix, service)
-
-
-def keyspace(key_prefix: str | None, service: str) -> KeySpace:
-    """The ``KeySpace`` of *service* under *key_prefix* (default: the settings' prefix)."""
-    return _keyspace(key_prefix or get_settings().redis_key_prefix, service)
-
-
-def _unavailable(kind: str, name: str, lease: float, exc: BaseException) -> RedisUnavailable:
-    return RedisUnavailable(
-        f"{kind} {name!r}: Redis is unreachable ({exc}); whether it is held is unknown until "
-        f"its lease ({lease:g} s) runs out. Retry when Redis answers again."
+@lru_cache(maxsize=4096)
+def _guard_parts(kind: str, name: str, lease: float) -> tuple[str, Callable[[str], LockError], str]:
+    return (
+        f"{kind} {name!r}",
+        partial(LockError, lock_name=name),
+        f"; whether it is held is unknown until its lease ({lease:g} s) runs out. "
+        "Retry when Redis answers again.",
     )
 
 
-async def guarded(
-    call: Callable[[], Awaitable[T]], breaker: CircuitBreaker, kind: str, name: str, lease: float
-) -> T:
-    """Run one Redis call; errors become ``RedisUnavailable`` or ``LockError``."""
-    try:
-        with breaker:
-            return await call()
-    except RedisUnavailable as exc:
-        raise _unavailable(kind, name, lease, exc) from exc
-    except RedisError as exc:
-        raise LockError(f"{kind} {name!r}: Redis refused the call: {exc}", lock_name=name) from exc
+def lease_guard(client: object, kind: str, name: str, lease: float) -> Guard:
+    """The ``Guard`` of a lock, semaphore or Redlock master: one per object, built in its
+    constructor.
+
+    Redis unreachable (or the breaker open): ``RedisUnavailable`` saying that whether
+    the lock is held stays unknown until its *lease* runs out. Redis refusing a command
+    (a key of the wrong type, a script error): ``LockError`` naming the lock, Redis's
+    text kept in ``__cause__``. Subject, error factory and hint are built once per
+    name and lease (lock objects are made per request, for the same few names).
+    """
+    subject, refused, hint = _guard_parts(kind, name, lease)
+    return Guard(client, subject, refused=refused, hint=hint)

@@ -8,16 +8,9 @@ from collections.abc import Awaitable
 from typing import Any
 
 from app.core.errors import ConfigurationError, LockError, LockLost, LockNotOwned, RedisUnavailable
+from app.core.guard import as_seconds, to_ms
 from app.core.telemetry import from_self, traced
-from app.services.locks._common import (
-    LOCK_ATTRS,
-    LostCallback,
-    Seconds,
-    as_seconds,
-    lease_drift,
-    log,
-    to_ms,
-)
+from app.services.locks._common import LOCK_ATTRS, LostCallback, Seconds, lease_drift, log
 from app.services.locks._tasks import in_background, shielded
 
 __all__ = ["Lease"]

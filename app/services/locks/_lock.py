@@ -8,15 +8,15 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from datetime import timedelta
-from functools import lru_cache
+from functools import lru_cache, partial
 from types import TracebackType
 from typing import Any, Final, NamedTuple
 
-from redis.exceptions import RedisError
-
 from app.core.config import get_settings
-from app.core.errors import LockError, LockNotAcquired, RedisUnavailable
-from app.core.redis import AnyRedis, breaker_for
+from app.core.errors import LockError, LockNotAcquired
+from app.core.guard import Guard, as_seconds, as_text, to_ms
+from app.core.keys import KeySpace
+from app.core.redis import AnyRedis
 from app.core.scripts import Script, ScriptArg
 from app.core.telemetry import from_self, traced
 from app.services.locks._common import (
@@ -27,11 +27,7 @@ from app.services.locks._common import (
     WAKE_TTL_MS,
     LostCallback,
     Seconds,
-    as_seconds,
-    as_text,
-    guarded,
-    keyspace,
-    to_ms,
+    lease_guard,
     wait_bound,
     waited,
 )
@@ -64,7 +60,7 @@ class _LockKeys(NamedTuple):
 @lru_cache(maxsize=4096)
 def _lock_keys(prefix: str, name: str) -> _LockKeys:
     """Built once per name: lock objects are made per request, for the same few names."""
-    key = keyspace(prefix, "lock").tagged(name)
+    key = KeySpace.of("lock", prefix).tagged(name)
     fence, wake, waiting = key + ":fence", key + ":wake", key + ":waiting"
     queue, heartbeats = key + ":queue", key + ":queue-heartbeats"
     return _LockKeys(
@@ -141,6 +137,7 @@ class RedisLock(Lease):
             else as_seconds(blocking_timeout, "blocking_timeout", allow_zero=True)
         )
         self.fair = fair
+        # The prefix is resolved here, not in the cache: a settings change must show.
         keys = _lock_keys(key_prefix or get_settings().redis_key_prefix, name)
         self.key = keys.key
         self._wake_key = keys.wake
@@ -155,7 +152,7 @@ class RedisLock(Lease):
         )
         self._acquire_head = (self._lease_ms, fence_ms)
         self._release_keys = keys.release
-        self._breaker = breaker_for(redis)
+        self._guard = lease_guard(redis, "lock", name, self.timeout)
         self._gate = asyncio.Lock()
         self._fence: int | None = None
 
@@ -177,9 +174,8 @@ class RedisLock(Lease):
     async def _eval(
         self, script: Script, keys: Sequence[ScriptArg], args: Sequence[ScriptArg]
     ) -> Any:
-        return await guarded(
-            lambda: script(self.redis, keys, args), self._breaker, "lock", self.name, self.timeout
-        )
+        with self._guard:
+            return await script(self.redis, keys, args)
 
     async def _attempt(self, token: str) -> list[int]:
         reply: list[int] = await self._eval(
@@ -258,9 +254,8 @@ class RedisLock(Lease):
 
     async def locked(self) -> bool:
         """Is the lock held by anyone right now? (one ``EXISTS``)."""
-        exists = await guarded(
-            lambda: self.redis.exists(self.key), self._breaker, "lock", self.name, self.timeout
-        )
+        with self._guard:
+            exists = await self.redis.exists(self.key)
         return bool(exists)
 
     async def owned(self) -> bool:
@@ -268,9 +263,8 @@ class RedisLock(Lease):
         token = self._token
         if token is None:
             return False
-        value = await guarded(
-            lambda: self.redis.get(self.key), self._breaker, "lock", self.name, self.timeout
-        )
+        with self._guard:
+            value = await self.redis.get(self.key)
         return as_text(value) == token
 
     async def __aenter__(self) -> RedisLock:
@@ -314,13 +308,13 @@ async def fenced_write(
     writes ``value`` and ``fence`` only when ``fence`` is not smaller. False
     means this writer's lock was lost and a newer holder already wrote: stop.
     *ttl* (seconds) sets the key's expiry on each write (None keeps it).
+
+    Raises ``RedisUnavailable`` when Redis is down, and ``LockError`` (naming
+    *key*; Redis's text in ``__cause__``) when Redis refuses the write, e.g. *key*
+    holds something other than a hash.
     """
     ms = 0 if ttl is None else to_ms(as_seconds(ttl, "ttl"))
-    try:
-        with breaker_for(redis):
-            written = await FENCED_WRITE(redis, (key,), (int(fence), value, ms))
-    except RedisUnavailable as exc:
-        raise RedisUnavailable(f"fenced write to {key!r}: Redis is unreachable ({exc})") from exc
-    except RedisError as exc:
-        raise LockError(f"fenced write to {key!r} failed: {exc}", lock_name=key) from exc
+    guard = Guard(redis, f"fenced write to {key!r}", refused=partial(LockError, lock_name=key))
+    with guard:
+        written = await FENCED_WRITE(redis, (key,), (int(fence), value, ms))
     return bool(written)

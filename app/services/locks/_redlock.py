@@ -12,8 +12,10 @@ from collections.abc import Awaitable, Callable, Sequence
 from types import TracebackType
 from typing import Any
 
-from app.core.errors import ConfigurationError, LockNotAcquired, RedisUnavailable, ToolkitError
-from app.core.redis import AnyRedis, breaker_for
+from app.core.errors import ConfigurationError, LockNotAcquired, RedisUnavailable
+from app.core.guard import as_seconds, as_text
+from app.core.keys import KeySpace
+from app.core.redis import AnyRedis
 from app.core.telemetry import from_self, traced
 from app.services.locks._common import (
     LOCK_ATTRS,
@@ -21,9 +23,7 @@ from app.services.locks._common import (
     WAKE_TTL_MS,
     LostCallback,
     Seconds,
-    as_seconds,
-    as_text,
-    keyspace,
+    lease_guard,
     log,
     new_token,
     wait_bound,
@@ -140,9 +140,9 @@ class Redlock(Lease):
             else as_seconds(node_timeout, "node_timeout")
         )
         self.retry_delay = as_seconds(retry_delay, "retry_delay")
-        self.key = key = keyspace(key_prefix, "lock").tagged(name)
+        self.key = key = KeySpace.of("lock", key_prefix or None).tagged(name)
         self._release_keys = (key, key + ":wake", key + ":queue", key + ":queue-heartbeats")
-        self._breakers = [breaker_for(c) for c in self.clients]
+        self._guards = [lease_guard(c, "Redlock", name, self.timeout) for c in self.clients]
         self._gate = asyncio.Lock()
         self.validity: float = 0.0
         """Seconds the lock was valid for when acquired (or last extended)."""
@@ -152,11 +152,18 @@ class Redlock(Lease):
         return f"Redlock({self.name!r}, nodes={len(self.clients)}, quorum={self.quorum}, {state})"
 
     async def _on_all(self, call: Callable[[Any], Awaitable[Any]]) -> list[_Outcome]:
-        """*call* on every master at once, each bounded by ``node_timeout``."""
+        """*call* on every master at once, each bounded by ``node_timeout``.
+
+        Each outcome is the reply or the master's error: ``RedisUnavailable``,
+        ``LockError`` (a refused command) or ``TimeoutError`` (``node_timeout``).
+        """
 
         async def one(index: int) -> Any:
+            # node_timeout is outside the guard: it is this lock's own budget, not a sign
+            # that the client is down, so it must not open the breaker the client's other
+            # users share (the guard sees a cancellation, which counts as neither).
             async with asyncio.timeout(self.node_timeout):
-                with self._breakers[index]:
+                with self._guards[index]:
                     return await call(self.clients[index])
 
         return await asyncio.gather(
@@ -270,7 +277,7 @@ class Redlock(Lease):
         if answered < self.quorum:
             return self._unreachable(outcomes, "acquire")
         for o in outcomes:
-            if isinstance(o, BaseException) and not isinstance(o, (ToolkitError, TimeoutError)):
+            if isinstance(o, BaseException) and not isinstance(o, (RedisUnavailable, TimeoutError)):
                 log.warning("Redlock %r: a master failed: %r", self.name, o)
         return None
 
@@ -305,7 +312,7 @@ class Redlock(Lease):
         answered = [o for o in outcomes if not isinstance(o, BaseException)]
         if len(answered) < self.quorum:
             raise self._unreachable(outcomes, "check")
-        return sum(as_text(o) == token for o in answered) >= self.quorum
+        return sum(1 for o in answered if as_text(o) == token) >= self.quorum
 
     async def __aenter__(self) -> Redlock:
         """Wait up to ``blocking_timeout``; raise ``LockNotAcquired`` if still held elsewhere."""

@@ -9,11 +9,15 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from contextvars import ContextVar
+from functools import lru_cache
 from types import TracebackType
 from typing import Any
 
+from app.core.config import get_settings
 from app.core.errors import ConfigurationError, LockError, LockNotAcquired
-from app.core.redis import AnyRedis, breaker_for
+from app.core.guard import as_seconds, to_ms
+from app.core.keys import KeySpace
+from app.core.redis import AnyRedis
 from app.core.scripts import Script, ScriptArg
 from app.core.telemetry import from_self, traced
 from app.services.locks._common import (
@@ -24,11 +28,8 @@ from app.services.locks._common import (
     WAKE_TTL_MS,
     LostCallback,
     Seconds,
-    as_seconds,
-    guarded,
-    keyspace,
     lease_drift,
-    to_ms,
+    lease_guard,
     wait_bound,
     waited,
 )
@@ -45,6 +46,14 @@ __all__ = ["Permit", "Semaphore"]
 
 _entered: ContextVar[tuple[Permit, ...]] = ContextVar("app_semaphore_entered", default=())
 """Permits taken by ``async with semaphore`` in the current task, innermost last."""
+
+
+@lru_cache(maxsize=1024)
+def _semaphore_keys(prefix: str, name: str) -> tuple[str, str, tuple[str, ...], tuple[str, ...]]:
+    """The key, wake list, acquire keys and release keys of one name (built once per name)."""
+    key = KeySpace.of("semaphore", prefix).tagged(name)
+    wake, queue, heartbeats = key + ":wake", key + ":queue", key + ":queue-heartbeats"
+    return key, wake, (key, queue, heartbeats), (key, wake, queue, heartbeats, key + ":released")
 
 
 class Permit(Lease):
@@ -212,13 +221,11 @@ class Semaphore:
         self.auto_renew = auto_renew
         self.on_lost = on_lost
         self.fair = fair
-        self.key = key = keyspace(key_prefix, "semaphore").tagged(name)
-        self._wake_key = key + ":wake"
-        queue, heartbeats = key + ":queue", key + ":queue-heartbeats"
-        self._acquire_keys = (self.key, queue, heartbeats)
+        # The prefix is resolved here, not in the cache: a settings change must show.
+        keys = _semaphore_keys(key_prefix or get_settings().redis_key_prefix, name)
+        self.key, self._wake_key, self._acquire_keys, self._release_keys = keys
         self._acquire_args = (limit, to_ms(self.timeout), "1" if fair else "0", WAITER_TTL_MS)
-        self._release_keys = (self.key, self._wake_key, queue, heartbeats, key + ":released")
-        self._breaker = breaker_for(redis)
+        self._guard = lease_guard(redis, "semaphore", name, self.timeout)
 
     def __repr__(self) -> str:
         return f"Semaphore({self.name!r}, limit={self.limit}, timeout={self.timeout:g})"
@@ -226,13 +233,8 @@ class Semaphore:
     async def _eval(
         self, script: Script, keys: Sequence[ScriptArg], args: Sequence[ScriptArg]
     ) -> Any:
-        return await guarded(
-            lambda: script(self.redis, keys, args),
-            self._breaker,
-            "semaphore",
-            self.name,
-            self.timeout,
-        )
+        with self._guard:
+            return await script(self.redis, keys, args)
 
     async def _attempt(self, token: str) -> list[int]:
         reply: list[int] = await self._eval(

@@ -12,11 +12,10 @@ import asyncio
 import collections
 import contextlib
 import random
-import weakref
 from typing import Any, Final, Protocol
 
-from app.core.redis import CircuitBreaker
-from app.services.locks._common import guarded, new_token
+from app.core.guard import Guard, PerClient, block_cap
+from app.services.locks._common import new_token
 from app.services.locks._tasks import in_background, settle
 
 __all__ = ["Contender", "contend", "notify_local", "take_gate"]
@@ -26,17 +25,6 @@ _MIN_BLOCK: Final = 0.02  # shorter waits poll instead of BLPOP
 _POLL_FIRST: Final = 0.1  # wake-ups do the work; polling is the safety net
 _POLL_MAX: Final = 0.5
 _MAX_BLOCKED_PER_CLIENT: Final = 16  # BLPOPs in flight per client (each holds a connection)
-
-
-def _block_cap(client: Any) -> float:
-    """The longest BLPOP on *client* that cannot trip its ``socket_timeout``."""
-    kwargs = getattr(client, "connection_kwargs", None)  # RedisCluster
-    if not isinstance(kwargs, dict):
-        kwargs = getattr(getattr(client, "connection_pool", None), "connection_kwargs", None)
-    timeout = kwargs.get("socket_timeout") if isinstance(kwargs, dict) else None
-    if isinstance(timeout, (int, float)) and timeout > 0:
-        return min(_MAX_STEP, timeout - max(0.05, timeout * 0.25))
-    return _MAX_STEP
 
 
 class _Room:
@@ -56,14 +44,24 @@ class _Room:
                 return
 
 
-_rooms: weakref.WeakKeyDictionary[Any, dict[str, _Room]] = weakref.WeakKeyDictionary()
-_blocked: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+class _Waits:
+    """The waiting state of one client in this process: rooms by wake list, BLPOPs in flight."""
+
+    __slots__ = ("block_cap", "blocked", "rooms")
+
+    def __init__(self, client: object) -> None:
+        self.rooms: dict[str, _Room] = {}
+        self.blocked = 0
+        self.block_cap = block_cap(client, _MAX_STEP)
+        """The longest BLPOP on the client that returns before its ``socket_timeout``."""
+
+
+_waits: PerClient[_Waits] = PerClient(_Waits)
 
 
 def notify_local(client: Any, wake_key: str) -> None:
     """Wake one waiter of *wake_key* parked in this process (a release happened here)."""
-    rooms = _rooms.get(client)
-    room = rooms.get(wake_key) if rooms is not None else None
+    room = _waits(client).rooms.get(wake_key)
     if room is not None:
         room.wake_one()
 
@@ -75,7 +73,7 @@ class Contender(Protocol):
     name: str
     fair: bool
     timeout: float
-    _breaker: CircuitBreaker
+    _guard: Guard
     _wake_key: str
     _kind: str
 
@@ -96,34 +94,28 @@ class _Waiter:
     may exceed it); past that, waiters poll.
     """
 
-    __slots__ = ("_block_cap", "_c", "_delay")
+    __slots__ = ("_c", "_delay", "_waits")
 
     def __init__(self, contender: Contender) -> None:
         self._c = contender
-        self._block_cap = _block_cap(contender.redis)
+        self._waits = _waits(contender.redis)
         self._delay = _POLL_FIRST
 
     def _take_slot(self) -> bool:
-        client = self._c.redis
-        used = _blocked.get(client, 0)
-        if used >= _MAX_BLOCKED_PER_CLIENT:
+        waits = self._waits
+        if waits.blocked >= _MAX_BLOCKED_PER_CLIENT:
             return False
-        _blocked[client] = used + 1
+        waits.blocked += 1
         return True
 
     def _free_slot(self) -> None:
-        client = self._c.redis
-        _blocked[client] = max(0, _blocked.get(client, 1) - 1)
+        waits = self._waits
+        waits.blocked = max(0, waits.blocked - 1)
 
     async def _blpop(self, key: str, seconds: float) -> None:
         c = self._c
-        await guarded(
-            lambda: c.redis.blpop([key], timeout=round(seconds, 3)),
-            c._breaker,
-            c._kind,
-            c.name,
-            c.timeout,
-        )
+        with c._guard:
+            await c.redis.blpop([key], timeout=round(seconds, 3))
 
     async def wait(self, step: float, own_key: str | None, *, head: bool = False) -> None:
         """Wait at most *step* seconds for a release.
@@ -132,7 +124,7 @@ class _Waiter:
         head through it); *head*: it is first in the queue, so it blocks even
         when the per-client cap on blocked connections is reached.
         """
-        block = min(step, self._block_cap)
+        block = min(step, self._waits.block_cap)
         if own_key is not None and block >= _MIN_BLOCK:
             slot = self._take_slot()
             if slot or head:
@@ -143,9 +135,7 @@ class _Waiter:
                         self._free_slot()
                 return
         c = self._c
-        rooms = _rooms.get(c.redis)
-        if rooms is None:
-            rooms = _rooms[c.redis] = {}
+        rooms = self._waits.rooms
         room = rooms.get(c._wake_key)
         if room is None:
             room = rooms[c._wake_key] = _Room()

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncIterator, Callable
+from datetime import timedelta
 from typing import Any
 
 import fakeredis
@@ -278,3 +280,60 @@ async def test_dependency_without_the_middleware_is_a_configuration_error(fake: 
         response = await client.post("/x", headers={"Idempotency-Key": "k"})
     assert response.status_code == 500
     assert "IdempotencyMiddleware" in response.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"ttl": float("nan")},
+        {"lease": float("inf")},
+        {"ttl": True},
+        {"wait_timeout": float("nan")},
+        {"conflict_retry_after": float("inf")},
+    ],
+)
+def test_durations_that_are_not_finite_seconds_are_refused(kwargs: dict[str, Any]) -> None:
+    with pytest.raises(ConfigurationError, match=next(iter(kwargs))):
+        IdempotencyMiddleware(_app(), **kwargs)
+
+
+def test_durations_may_be_timedeltas() -> None:
+    middleware = IdempotencyMiddleware(
+        _app(), ttl=timedelta(hours=1), lease=timedelta(seconds=10), wait_timeout=0
+    )
+    assert middleware.ttl == 3600 and middleware.lease == 10
+
+
+async def test_fail_open_logs_the_outage_once_not_per_request(
+    fake: Any, settings_override: Callable[..., None], caplog: pytest.LogCaptureFixture
+) -> None:
+    settings_override(idempotency_failure_mode="open")
+    app = _wired_app()
+    fake.connection_pool.connection_kwargs["server"].connected = False
+    with caplog.at_level(logging.WARNING, logger="app.idempotency"):
+        async with await _client(app) as client:
+            for n in range(8):
+                response = await client.post("/pay", headers={"Idempotency-Key": f"k{n}"})
+                assert response.status_code == 200
+                assert response.headers["idempotency-stored"] == "false"
+    assert app.state.runs == 8
+    warnings = [r for r in caplog.records if r.name == "app.idempotency"]
+    assert len(warnings) == 1 and "without idempotency protection" in warnings[0].getMessage()
+    layer: Any = app.middleware_stack
+    while not isinstance(layer, IdempotencyMiddleware):
+        layer = layer.app
+    assert layer.stats["unprotected"] == 8  # still counted per request
+
+
+async def test_fail_closed_answers_503_and_logs_nothing_per_request(
+    fake: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = _wired_app()
+    fake.connection_pool.connection_kwargs["server"].connected = False
+    with caplog.at_level(logging.WARNING, logger="app.idempotency"):
+        async with await _client(app) as client:
+            for n in range(3):
+                response = await client.post("/pay", headers={"Idempotency-Key": f"k{n}"})
+                assert response.status_code == 503
+    assert app.state.runs == 0
+    assert not [r for r in caplog.records if r.name == "app.idempotency"]

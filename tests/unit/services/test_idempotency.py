@@ -11,8 +11,9 @@ import fakeredis
 import pytest
 import pytest_asyncio
 from pydantic import BaseModel
+from redis.exceptions import RedisError
 
-from app.core.errors import ConfigurationError, InvalidKey
+from app.core.errors import ConfigurationError, InvalidKey, RedisCommandError, RedisUnavailable
 from app.core.keys import key_slot_tag
 from app.services.idempotency import IdempotencyService
 from app.testing.slots import slot_checking_fake_redis
@@ -175,6 +176,62 @@ async def test_wait_is_bounded(svc: IdempotencyService) -> None:
 async def test_bad_durations_are_refused(client: Any, kwargs: dict[str, Any], match: str) -> None:
     with pytest.raises(ConfigurationError, match=match):
         IdempotencyService(client, **kwargs)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), True, "5", None])
+async def test_durations_that_are_not_finite_seconds_are_refused(client: Any, bad: Any) -> None:
+    for kwargs in ({"ttl": bad}, {"lease": bad}):
+        with pytest.raises(ConfigurationError, match=next(iter(kwargs))):
+            IdempotencyService(client, **kwargs)
+    if bad is None:  # for store_request and heartbeat, None means the default
+        return
+    svc = IdempotencyService(client)
+    with pytest.raises(ConfigurationError, match="ttl"):
+        await svc.store_request("k", 1, ttl=bad)
+    with pytest.raises(ConfigurationError, match="interval"):
+        svc.heartbeat("k", "t", interval=bad)
+
+
+async def test_durations_round_up_to_whole_milliseconds(client: Any) -> None:
+    svc = IdempotencyService(client, ttl=1.0004, lease=dt.timedelta(milliseconds=2.5))
+    assert svc.ttl == 1.001 and svc.lease == 0.003  # never shorter than asked
+
+
+async def test_complete_without_a_token_is_a_configuration_error(svc: IdempotencyService) -> None:
+    with pytest.raises(ConfigurationError, match="owner token"):  # also a ValueError
+        await svc.complete("k", "", "x")
+
+
+async def test_a_refused_command_is_a_command_error_without_redis_text(
+    svc: IdempotencyService, client: Any
+) -> None:
+    await client.set(svc.record_key("k"), "a string, not a hash")
+    with pytest.raises(RedisCommandError) as caught:
+        await svc.claim("k", "fp")
+    assert str(caught.value) == "idempotency 'idempotency': Redis refused the command"
+    assert isinstance(caught.value.__cause__, RedisError)
+    with pytest.raises(RedisCommandError, match=r"^idempotency 'idempotency': Redis refused"):
+        await svc.get_result("k")
+
+
+async def test_an_open_breaker_refuses_at_once_with_its_reset_time(
+    settings_override: Any,
+) -> None:
+    settings_override(breaker_failure_threshold=1, breaker_reset_timeout=30.0)
+    server = fakeredis.FakeServer()
+    redis = slot_checking_fake_redis(server=server)
+    try:
+        svc = IdempotencyService(redis, namespace="orders")
+        server.connected = False
+        with pytest.raises(RedisUnavailable, match=r"^idempotency 'orders': Redis is unreachable"):
+            await svc.claim("k", "fp")
+        server.connected = True  # back, but the breaker is open: nothing is sent
+        with pytest.raises(RedisUnavailable, match="circuit breaker") as caught:
+            await svc.is_duplicate("k")
+        assert caught.value.retry_after == 30.0
+        assert await redis.exists(svc.record_key("k")) == 0
+    finally:
+        await redis.aclose()
 
 
 async def test_heartbeat_interval_must_be_positive(svc: IdempotencyService) -> None:

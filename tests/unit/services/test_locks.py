@@ -515,6 +515,70 @@ async def test_a_key_of_the_wrong_type_is_a_lock_error_not_a_redis_error(redis: 
     assert isinstance(caught.value.__cause__, RedisError)
 
 
+async def test_a_refused_command_names_the_lock_but_never_quotes_redis(redis: Any) -> None:
+    lock = RedisLock(redis, "jobs:1", timeout=5)
+    await redis.hset(lock.key, "not", "a lock")
+    with pytest.raises(LockError) as caught:
+        await lock.acquire()
+    assert caught.value.lock_name == "jobs:1"
+    assert str(caught.value) == "lock 'jobs:1': Redis refused the command"
+    assert "WRONGTYPE" in str(caught.value.__cause__)  # kept for the logs, not the message
+    with pytest.raises(LockError, match=r"^lock 'jobs:1': Redis refused the command$"):
+        await RedisLock(redis, "jobs:1", timeout=5, fair=True).acquire()  # the queueing script
+
+
+async def test_fenced_write_refused_is_a_lock_error_naming_the_key(redis: Any) -> None:
+    await redis.set("report:1", "a string, not a hash")
+    with pytest.raises(LockError) as caught:
+        await fenced_write(redis, "report:1", "value", 1)
+    assert caught.value.lock_name == "report:1"
+    assert str(caught.value) == "fenced write to 'report:1': Redis refused the command"
+    assert isinstance(caught.value.__cause__, RedisError)
+
+
+async def test_redis_down_message_names_the_lock_and_what_stays_unknown(redis: Any) -> None:
+    redis.connection_pool.connection_kwargs["server"].connected = False
+    with pytest.raises(RedisUnavailable) as caught:
+        await RedisLock(redis, "jobs:1", timeout=5).acquire()
+    message = str(caught.value)
+    assert message.startswith("lock 'jobs:1': Redis is unreachable (")
+    assert message.endswith(
+        "; whether it is held is unknown until its lease (5 s) runs out. "
+        "Retry when Redis answers again."
+    )
+
+
+async def test_an_open_breaker_refuses_at_once_with_its_reset_time(
+    settings_override: Callable[..., None],
+) -> None:
+    settings_override(breaker_failure_threshold=1, breaker_reset_timeout=30.0)
+    server = fakeredis.FakeServer()
+    client = slot_checking_fake_redis(server=server)
+    try:
+        lock = RedisLock(client, "jobs:1", timeout=5)
+        server.connected = False
+        with pytest.raises(RedisUnavailable, match="unreachable"):
+            await lock.acquire()  # the failure that opens the breaker
+        server.connected = True  # Redis is back, but the breaker is open: no call is sent
+        with pytest.raises(RedisUnavailable, match="circuit breaker") as caught:
+            await lock.acquire()
+        assert caught.value.retry_after == 30.0
+        assert str(caught.value).startswith("lock 'jobs:1': ")
+        assert not await client.exists(lock.key)
+    finally:
+        await client.aclose()
+
+
+async def test_infinite_or_boolean_durations_are_refused(redis: Any) -> None:
+    for bad in (float("inf"), True):
+        with pytest.raises(ConfigurationError, match="timeout"):
+            RedisLock(redis, "x", timeout=bad)
+        with pytest.raises(ConfigurationError, match="blocking_timeout"):
+            RedisLock(redis, "x", timeout=1, blocking_timeout=bad)
+    with pytest.raises(ConfigurationError, match="ttl"):
+        await fenced_write(redis, "report:1", "v", 1, ttl=float("nan"))
+
+
 async def test_keys_live_under_the_configured_prefix(
     redis: Any, settings_override: Callable[..., None]
 ) -> None:

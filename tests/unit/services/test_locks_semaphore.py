@@ -219,3 +219,13 @@ async def test_redis_down_raises_unavailable(redis: Any) -> None:
     redis.connection_pool.connection_kwargs["server"].connected = False
     with pytest.raises(RedisUnavailable, match="exports"):
         await Semaphore(redis, "exports", limit=1, timeout=5).acquire()
+
+
+async def test_a_refused_command_is_a_lock_error_without_redis_text(redis: Any) -> None:
+    sem = Semaphore(redis, "exports", limit=1, timeout=5)
+    await redis.set(sem.key, "a string, not a sorted set")
+    with pytest.raises(LockError) as caught:
+        await sem.acquire()
+    assert caught.value.lock_name == "exports"
+    assert str(caught.value) == "semaphore 'exports': Redis refused the command"
+    assert "WRONGTYPE" in str(caught.value.__cause__)
