@@ -135,7 +135,9 @@ class SessionMiddleware:
 
     def store(self, client: AnyRedis | None = None) -> SessionStore:
         """The store for *client* (default: the global client, looked up now)."""
-        return self._backend(client).store
+        if self._fixed is not None:  # _backend() inlined: this runs on every session load
+            return self._fixed.store
+        return self._backends(client if client is not None else get_redis()).store
 
     def failed(self, exc: RedisUnavailable) -> None:
         """Count and log (once per change) a Redis failure met by a session.
