@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import inspect
 import string
-import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Annotated, Any
 
@@ -18,6 +17,7 @@ from starlette.requests import HTTPConnection
 
 from app.core.config import Settings, get_settings
 from app.core.errors import ConfigurationError
+from app.core.guard import Duration, PerClient, as_seconds
 from app.core.redis import AnyRedis, get_redis
 from app.middleware.idempotency import (
     DEFAULT_HEADER,
@@ -28,7 +28,7 @@ from app.middleware.rate_limit import rate_limit
 from app.middleware.sessions import Session, load_session
 from app.services.cache import CacheService, get_cache
 from app.services.http_cache import HttpResponseCache
-from app.services.locks import Permit, RedisLock, Seconds, Semaphore, as_seconds, lease_drift
+from app.services.locks import Permit, RedisLock, Semaphore, lease_drift
 from app.services.pubsub import Broadcaster
 from app.services.sessions import SessionStore
 from app.services.streams import StreamProducer
@@ -213,11 +213,11 @@ def _lock_name(template: str) -> Callable[[Mapping[str, Any]], str]:
 def request_lock(
     name_template: str,
     *,
-    timeout: Seconds = 30,
-    blocking_timeout: Seconds = 0,
+    timeout: Duration = 30,
+    blocking_timeout: Duration = 0,
     auto_renew: bool = True,
     fair: bool = False,
-    drift: Seconds | None = None,
+    drift: Duration | None = None,
 ) -> Any:
     """Hold a ``RedisLock`` for the duration of the request handler.
 
@@ -259,11 +259,11 @@ def request_semaphore(
     name_template: str,
     *,
     limit: int,
-    timeout: Seconds = 30,
-    blocking_timeout: Seconds = 0,
+    timeout: Duration = 30,
+    blocking_timeout: Duration = 0,
     auto_renew: bool = True,
     fair: bool = False,
-    drift: Seconds | None = None,
+    drift: Duration | None = None,
 ) -> Any:
     """Hold one of *limit* ``Semaphore`` permits for the duration of the request handler.
 
@@ -333,16 +333,12 @@ def stream_producer(
     maxlen=10_000))]``. One producer per client is built on first use and reused (no
     per-request allocation). Redis down: ``add`` raises ``RedisUnavailable`` (503).
     """
-    producers: weakref.WeakKeyDictionary[AnyRedis, StreamProducer] = weakref.WeakKeyDictionary()
+    producers: PerClient[StreamProducer] = PerClient(
+        lambda redis: StreamProducer(redis, stream, maxlen=maxlen, approximate=approximate)
+    )
 
     async def dependency() -> StreamProducer:
-        redis = get_redis()
-        producer = producers.get(redis)
-        if producer is None:
-            producer = producers[redis] = StreamProducer(
-                redis, stream, maxlen=maxlen, approximate=approximate
-            )
-        return producer
+        return producers(get_redis())
 
     return dependency
 

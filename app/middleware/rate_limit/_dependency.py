@@ -10,6 +10,7 @@ from fastapi import Request, Response
 from fastapi.params import Depends as DependsParam
 
 from app.core.config import FailureMode
+from app.core.errors import ConfigurationError
 from app.core.redis import get_redis
 from app.middleware.rate_limit._headers import attach_decision, rate_limit_headers, rejection
 from app.middleware.rate_limit._identity import KeyFunc, identify
@@ -73,7 +74,9 @@ def rate_limit(
     if isinstance(limits, (str, Policy)) or not callable(limits):
         static = limiters.policies(limits)
         if any(p.is_concurrency for p in static):
-            raise ValueError("concurrency policies need RateLimitMiddleware, not a dependency")
+            raise ConfigurationError(
+                "concurrency policies need RateLimitMiddleware, not a dependency"
+            )
         validate_policies(static, algorithm)
     else:
         resolver = limits

@@ -10,6 +10,7 @@ from starlette.requests import HTTPConnection
 
 from app.core.config import FailureMode
 from app.core.errors import RedisUnavailable
+from app.core.guard import Duration, PerClient, as_seconds
 from app.core.redis import AnyRedis
 from app.services.rate_limit import (
     Algorithm,
@@ -29,25 +30,36 @@ PolicyResolver: TypeAlias = Callable[[HTTPConnection, str], Awaitable["PolicyLik
 """``async (conn, identity) -> policies`` per request (plans, tenants); None: no limit."""
 
 
-class LimiterCache:
-    """Limiters by policies for the current client (rebuilt when the client changes).
+_Limiters: TypeAlias = dict[tuple[Any, ...], RateLimiter | ConcurrencyLimiter]
 
-    Bounded: past *maxsize* distinct policy sets (e.g. per-tenant quotas from
-    a resolver) the oldest limiter is dropped; rebuilding one costs no I/O.
+
+def _no_limiters(client: object) -> _Limiters:
+    return {}
+
+
+class LimiterCache:
+    """Limiters by policies, per client (``PerClient``: built on first use, kept with the client).
+
+    Bounded: past *maxsize* distinct policy sets for one client (e.g. per-tenant
+    quotas from a resolver) the oldest limiter is dropped; rebuilding one costs
+    no I/O. A bad *lease_seconds* raises ``ConfigurationError`` here, at startup.
+    The limiters of the client of the last call are found without the
+    ``PerClient`` lookup (an identity check: a rate-limit check is a hot path).
     """
 
     def __init__(
         self,
         *,
         failure_mode: FailureMode | None = None,
-        lease_seconds: float = 60.0,
+        lease_seconds: Duration = 60.0,
         maxsize: int = 512,
     ) -> None:
         self.failure_mode = failure_mode
-        self.lease_seconds = lease_seconds
+        self.lease_seconds = as_seconds(lease_seconds, "lease_seconds")
         self.maxsize = maxsize
-        self._client: AnyRedis | None = None
-        self._items: dict[tuple[Any, ...], RateLimiter | ConcurrencyLimiter] = {}
+        self._limiters: PerClient[_Limiters] = PerClient(_no_limiters)
+        self._client: object = None  # the client of the last call, and its limiters
+        self._current: _Limiters = {}
         self._parsed: dict[str, tuple[Policy, ...]] = {}
 
     def policies(self, spec: PolicyLike) -> tuple[Policy, ...]:
@@ -61,34 +73,37 @@ class LimiterCache:
             found = self._parsed[spec] = as_policies(spec)
         return found
 
-    def _get(
-        self, client: AnyRedis, key: tuple[Any, ...]
-    ) -> RateLimiter | ConcurrencyLimiter | None:
-        if client is not self._client:
-            self._items.clear()
-            self._client = client
-        return self._items.get(key)
+    def _items(self, client: AnyRedis) -> _Limiters:
+        if client is self._client:
+            return self._current
+        items = self._current = self._limiters(client)
+        self._client = client
+        return items
 
-    def _put(self, key: tuple[Any, ...], limiter: RateLimiter | ConcurrencyLimiter) -> None:
-        if len(self._items) >= self.maxsize:
-            self._items.pop(next(iter(self._items)))
-        self._items[key] = limiter
+    def _put(
+        self, items: _Limiters, key: tuple[Any, ...], limiter: RateLimiter | ConcurrencyLimiter
+    ) -> None:
+        if len(items) >= self.maxsize:
+            items.pop(next(iter(items)))
+        items[key] = limiter
 
     def rate(
         self, client: AnyRedis, policies: tuple[Policy, ...], algorithm: Algorithm
     ) -> RateLimiter:
+        items = self._items(client)
         key = ("rate", algorithm, policies)
-        limiter = self._get(client, key)
+        limiter = items.get(key)
         if not isinstance(limiter, RateLimiter):
             limiter = RateLimiter(
                 client, policies=policies, algorithm=algorithm, failure_mode=self.failure_mode
             )
-            self._put(key, limiter)
+            self._put(items, key, limiter)
         return limiter
 
     def concurrency(self, client: AnyRedis, policies: tuple[Policy, ...]) -> ConcurrencyLimiter:
+        items = self._items(client)
         key = ("concurrency", policies)
-        limiter = self._get(client, key)
+        limiter = items.get(key)
         if not isinstance(limiter, ConcurrencyLimiter):
             limiter = ConcurrencyLimiter(
                 client,
@@ -96,7 +111,7 @@ class LimiterCache:
                 lease_seconds=self.lease_seconds,
                 failure_mode=self.failure_mode,
             )
-            self._put(key, limiter)
+            self._put(items, key, limiter)
         return limiter
 
 

@@ -11,7 +11,8 @@ from starlette.routing import compile_path
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.core.config import FailureMode
-from app.core.errors import RedisUnavailable
+from app.core.errors import ConfigurationError, RedisUnavailable
+from app.core.guard import Duration
 from app.core.redis import AnyRedis, get_redis
 from app.http.client_ip import ClientIP
 from app.http.problems import send_problem
@@ -89,7 +90,7 @@ def _compile(rule: RateLimitRule, cache: LimiterCache) -> _Compiled:
     elif path.startswith("/"):
         regex = compile_path(path)[0]
     else:
-        raise ValueError(f"rule path {path!r} must start with '/' or be '*'")
+        raise ConfigurationError(f"rule path {path!r} must start with '/' or be '*'")
     methods = frozenset(m.upper() for m in rule.methods or ())
     if "GET" in methods:
         methods |= {"HEAD"}
@@ -129,7 +130,8 @@ class RateLimitMiddleware:
         legacy_headers: also emit ``X-RateLimit-Limit/-Remaining/-Reset``.
         failure_mode: ``"open"`` / ``"closed"`` when Redis is down (default
             ``RATE_LIMIT_FAILURE_MODE``).
-        lease_seconds: how long a concurrency slot outlives a dead worker.
+        lease_seconds: how long a concurrency slot outlives a dead worker
+            (seconds or ``timedelta``; a bad value raises ``ConfigurationError`` here).
         redis: a client; default the global one, looked up per request.
 
     Concurrency slots are released when the response has been sent (or the
@@ -147,7 +149,7 @@ class RateLimitMiddleware:
         headers: bool = True,
         legacy_headers: bool = False,
         failure_mode: FailureMode | None = None,
-        lease_seconds: float = 60.0,
+        lease_seconds: Duration = 60.0,
         redis: AnyRedis | None = None,
     ) -> None:
         self.app = app

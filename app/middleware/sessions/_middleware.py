@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import weakref
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -12,6 +11,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.core.config import FailureMode, check_secret_keys, get_settings
 from app.core.errors import RedisUnavailable, ToolkitError
+from app.core.guard import Duration, FailOpen, PerClient, as_seconds
 from app.core.redis import AnyRedis, get_redis
 from app.http.problems import send_problem
 from app.middleware._order import REPLACED_KEY, enter_layer, pass_lifespan
@@ -26,6 +26,21 @@ from app.services.sessions import (
 __all__ = ["SessionMiddleware"]
 
 log = logging.getLogger("app.sessions")
+
+
+class _Backend:
+    """A store and the degraded-mode bookkeeping of its client (one per client)."""
+
+    __slots__ = ("fail_open", "store")
+
+    def __init__(self, store: SessionStore, failure_mode: FailureMode) -> None:
+        self.store = store
+        self.fail_open = FailOpen(
+            store.guard,
+            log,
+            enabled=failure_mode == "open",
+            fallback="serving empty sessions and dropping their changes",
+        )
 
 
 class SessionMiddleware:
@@ -46,10 +61,12 @@ class SessionMiddleware:
         persistent: send ``Max-Age`` (the absolute lifetime); False makes a
             browser-session cookie.
         idle_ttl, absolute_ttl, regenerate_grace, namespace, subject_key: passed
-            to the ``SessionStore`` built for the global client.
+            to the ``SessionStore`` built for each client (one per client, on its
+            first request); bad durations raise ``ConfigurationError`` here.
         store: use this store instead (its client is used; ``get_redis()`` is not).
         failure_mode: ``closed`` (503 when Redis is down) or ``open`` (empty,
-            unsaved session); default: ``settings.sessions_failure_mode``.
+            unsaved session); default: ``settings.sessions_failure_mode``. Either
+            way a failure is logged once per change of the situation, not per request.
         autoload: load the session of every request that carries a cookie
             (Starlette-style ``request.session`` without the dependency).
     """
@@ -66,9 +83,9 @@ class SessionMiddleware:
         domain: str | None = None,
         host_prefix: bool | None = None,
         persistent: bool = True,
-        idle_ttl: float = DEFAULT_IDLE_TTL,
-        absolute_ttl: float = DEFAULT_ABSOLUTE_TTL,
-        regenerate_grace: float = 10.0,
+        idle_ttl: Duration = DEFAULT_IDLE_TTL,
+        absolute_ttl: Duration = DEFAULT_ABSOLUTE_TTL,
+        regenerate_grace: Duration = 10.0,
         namespace: str = "session",
         subject_key: str | None = "user",
         store: SessionStore | None = None,
@@ -78,7 +95,12 @@ class SessionMiddleware:
         self.app = app
         settings = get_settings()
         check_secret_keys(secret_key, source="SessionMiddleware(secret_key=...)")
-        store_ttl = store.absolute_ms / 1000 if store is not None else absolute_ttl
+        if store is None:  # the stores are built per client later: refuse bad values now
+            as_seconds(idle_ttl, "idle_ttl")
+            as_seconds(regenerate_grace, "regenerate_grace", allow_zero=True)
+            store_ttl = as_seconds(absolute_ttl, "absolute_ttl")
+        else:
+            store_ttl = store.absolute_ms / 1000
         self.cookie = SessionCookie(  # its name and attributes, signing and verifying ids
             signing_keys(secret_key, settings),
             settings,
@@ -93,7 +115,6 @@ class SessionMiddleware:
         self.cookie_name = self.cookie.name
         self.failure_mode: FailureMode = failure_mode or settings.sessions_failure_mode
         self.autoload = autoload
-        self._store = store
         self._store_options: dict[str, Any] = {
             "idle_ttl": idle_ttl,
             "absolute_ttl": absolute_ttl,
@@ -101,17 +122,30 @@ class SessionMiddleware:
             "namespace": namespace,
             "subject_key": subject_key,
         }
-        self._stores: weakref.WeakKeyDictionary[Any, SessionStore] = weakref.WeakKeyDictionary()
+        self._fixed = _Backend(store, self.failure_mode) if store is not None else None
+        self._backends: PerClient[_Backend] = PerClient(self._new_backend)
+
+    def _new_backend(self, client: AnyRedis) -> _Backend:
+        return _Backend(SessionStore(client, **self._store_options), self.failure_mode)
+
+    def _backend(self, client: AnyRedis | None) -> _Backend:
+        if self._fixed is not None:
+            return self._fixed
+        return self._backends(client if client is not None else get_redis())
 
     def store(self, client: AnyRedis | None = None) -> SessionStore:
         """The store for *client* (default: the global client, looked up now)."""
-        if self._store is not None:
-            return self._store
-        redis = client if client is not None else get_redis()
-        found = self._stores.get(redis)
-        if found is None:
-            found = self._stores[redis] = SessionStore(redis, **self._store_options)
-        return found
+        if self._fixed is not None:  # _backend() inlined: this runs on every session load
+            return self._fixed.store
+        return self._backends(client if client is not None else get_redis()).store
+
+    def failed(self, exc: RedisUnavailable) -> None:
+        """Count and log (once per change) a Redis failure met by a session.
+
+        Returns in ``open`` failure mode (the session degrades); re-raises
+        *exc* in ``closed`` mode (the request answers 503).
+        """
+        self._backend(None).fail_open.failed(exc)
 
     def sign(self, session_id: str) -> str:
         """The cookie value for *session_id*, signed with the current key."""

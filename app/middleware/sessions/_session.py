@@ -10,8 +10,7 @@ from typing import Any, Protocol
 from starlette.requests import HTTPConnection
 from starlette.types import Scope
 
-from app.core.config import FailureMode
-from app.core.errors import RedisUnavailable, SessionNotFound
+from app.core.errors import RedisUnavailable, SessionNotFound, StateError, UsageError
 from app.core.redis import AnyRedis
 from app.middleware.sessions._cookie import SessionCookie
 from app.services.sessions import SessionRecord, SessionStore
@@ -27,15 +26,21 @@ class SessionLayer(Protocol):
     """What a ``Session`` needs from the ``SessionMiddleware`` that made it."""
 
     cookie: SessionCookie
-    failure_mode: FailureMode
 
     def store(self, client: AnyRedis | None = None) -> SessionStore:
         """The store for *client* (default: the global client, looked up now)."""
         ...
 
+    def failed(self, exc: RedisUnavailable) -> None:
+        """Count and log a Redis failure; return when fail-open, re-raise *exc* when closed."""
+        ...
 
-class SessionNotLoaded(RuntimeError):
-    """``request.session`` was used before the stored session was loaded."""
+
+class SessionNotLoaded(StateError):
+    """``request.session`` was used before the stored session was loaded.
+
+    A programming error: a ``StateError``, so also a ``RuntimeError``.
+    """
 
 
 class Session(MutableMapping[str, Any]):
@@ -166,13 +171,12 @@ class Session(MutableMapping[str, Any]):
         try:
             record = await self._mw.store().load(self._cookie_id)
         except RedisUnavailable as exc:
-            if self._mw.failure_mode == "open":
-                log.warning("session not loaded, Redis is unavailable (fail-open): %s", exc)
-                self._degraded = True
-                self._loaded = True
-                return self
-            self._failure = exc
-            raise
+            self._failure = exc  # re-raised when fail-closed: the middleware answers 503
+            self._mw.failed(exc)
+            self._failure = None  # fail-open: an empty session whose changes are not saved
+            self._degraded = True
+            self._loaded = True
+            return self
         if record is not None:
             self._record = record
             self._data = dict(record.data)
@@ -221,7 +225,7 @@ class Session(MutableMapping[str, Any]):
     def __setitem__(self, key: str, value: Any) -> None:
         self._ready()
         if not isinstance(key, str) or not key:
-            raise TypeError(f"session keys must be non-empty strings, got {key!r}")
+            raise UsageError(f"session keys must be non-empty strings, got {key!r}")
         self._data[key] = value
         self._changed.add(key)
         self._deleted.discard(key)
@@ -284,10 +288,8 @@ class Session(MutableMapping[str, Any]):
             else:
                 cookies += await self._save(self._record)
         except RedisUnavailable as exc:
-            if mw.failure_mode == "open":
-                log.warning("session changes not saved, Redis is unavailable (fail-open): %s", exc)
-                return []
-            raise
+            mw.failed(exc)  # re-raises when fail-closed
+            return []  # fail-open: the changes are not saved
         finally:
             self._changed.clear()
             self._deleted.clear()
@@ -334,7 +336,7 @@ def get_session(connection: HTTPConnection | Scope) -> Session:
     scope = connection.scope if isinstance(connection, HTTPConnection) else connection
     session = scope.get("session")
     if not isinstance(session, Session):
-        raise RuntimeError(
+        raise StateError(
             "app.middleware.sessions.SessionMiddleware is not installed: "
             "app.add_middleware(SessionMiddleware, secret_key=...)"
         )

@@ -53,7 +53,12 @@ changing any of them starts a fresh count instead of misreading old state.
 Redis down: with ``failure_mode="open"`` (the default, from
 ``RATE_LIMIT_FAILURE_MODE``) checks allow the request and mark the decision
 ``degraded``; the circuit breaker makes them answer at once while Redis is
-known to be down. With ``"closed"`` they raise ``RedisUnavailable`` (503).
+known to be down. With ``"closed"`` they raise ``RedisUnavailable`` (503). A
+command Redis refuses (a failing script, a key of the wrong type) counts as
+Redis being down. Either way the failure is logged once per change of the
+situation (``app.core.guard.FailOpen``), never once per request. Invalid
+policies, algorithms, costs and leases raise ``ConfigurationError`` (a
+``ValueError``).
 """
 
 from app.services.rate_limit._algorithms import (

@@ -6,6 +6,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from app.core.errors import ConfigurationError
 from app.core.scripts import Script
 from app.services.rate_limit._policy import Policy
 
@@ -21,7 +22,7 @@ def _load(name: str) -> Script:
 def _gcra_args(policy: Policy) -> tuple[int, int]:
     interval = round(policy.window_us / policy.limit)
     if interval < 1:
-        raise ValueError(
+        raise ConfigurationError(
             f"policy {policy.name!r} asks for more than one unit per microsecond; "
             "GCRA needs window / limit >= 1 us (use fixed_window for such rates)"
         )
@@ -60,14 +61,16 @@ CONCURRENCY = _load("concurrency")
 def validate_policies(policies: Sequence[Policy], algorithm: str) -> tuple[int, ...]:
     """Check that *algorithm* can enforce *policies*; their script arguments.
 
-    Raises ``ValueError`` naming the problem (unknown algorithm, a
+    Raises ``ConfigurationError`` (a ``ValueError``) naming the problem (unknown algorithm, a
     concurrency policy given to a rate limiter, a GCRA rate above one unit
     per microsecond) so configuration errors surface at startup.
     """
     spec = ALGORITHMS.get(algorithm)
     if spec is None:
-        raise ValueError(f"unknown algorithm {algorithm!r}: choose one of {sorted(ALGORITHMS)}")
+        raise ConfigurationError(
+            f"unknown algorithm {algorithm!r}: choose one of {sorted(ALGORITHMS)}"
+        )
     concurrent = [p.name for p in policies if p.is_concurrency]
     if concurrent:
-        raise ValueError(f"policies {concurrent} limit concurrency: use ConcurrencyLimiter")
+        raise ConfigurationError(f"policies {concurrent} limit concurrency: use ConcurrencyLimiter")
     return tuple(n for p in policies for n in spec.args(p))

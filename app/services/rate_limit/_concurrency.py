@@ -7,6 +7,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from app.core.config import FailureMode
+from app.core.errors import ConfigurationError
+from app.core.guard import Duration, as_seconds
 from app.core.redis import AnyRedis
 from app.core.telemetry import traced
 from app.services.rate_limit._algorithms import CONCURRENCY
@@ -32,8 +34,9 @@ class ConcurrencyLimiter(Limiter):
         max_concurrent: one policy (``"<n>-concurrent"``), or
         policies: ``"4 concurrent"`` or ``Policy(4, unit="concurrent-requests")``s.
         lease_seconds: how long an unreleased lease holds its slot (a worker
-            that dies mid-request frees its slots after this long). Requests
-            that run longer than this stop being counted.
+            that dies mid-request frees its slots after this long; seconds or a
+            ``timedelta``, more than 1 ms). Requests that run longer than this
+            stop being counted.
         retry_after: the ``Retry-After`` hint (seconds) for refused requests.
         failure_mode: as for ``RateLimiter``.
 
@@ -48,25 +51,28 @@ class ConcurrencyLimiter(Limiter):
         max_concurrent: int | None = None,
         *,
         policies: PolicyLike | None = None,
-        lease_seconds: float = 60.0,
+        lease_seconds: Duration = 60.0,
         retry_after: float = 1.0,
         failure_mode: FailureMode | None = None,
     ) -> None:
         if policies is None:
             if max_concurrent is None:
-                raise ValueError("a ConcurrencyLimiter needs max_concurrent or policies")
+                raise ConfigurationError("a ConcurrencyLimiter needs max_concurrent or policies")
             resolved: tuple[Policy, ...] = (Policy(max_concurrent, unit="concurrent-requests"),)
         elif max_concurrent is not None:
-            raise ValueError("give either max_concurrent or policies, not both")
+            raise ConfigurationError("give either max_concurrent or policies, not both")
         else:
             resolved = as_policies(policies)
         rates = [p.name for p in resolved if not p.is_concurrency]
         if rates:
-            raise ValueError(f"policies {rates} are rates, not concurrency: use RateLimiter")
-        if not lease_seconds > 0.001:
-            raise ValueError("lease_seconds must be more than 1 ms")
+            raise ConfigurationError(
+                f"policies {rates} are rates, not concurrency: use RateLimiter"
+            )
+        lease = as_seconds(lease_seconds, "lease_seconds")
+        if lease <= 0.001:
+            raise ConfigurationError(f"lease_seconds must be more than 1 ms, got {lease_seconds!r}")
         super().__init__(redis, resolved, "concurrency", failure_mode)
-        self._lease_us = str(round(lease_seconds * US)).encode()
+        self._lease_us = str(round(lease * US)).encode()
         self._limits = tuple(p.limit for p in resolved)
         self.retry_hint = retry_after
 

@@ -6,12 +6,11 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from redis.exceptions import RedisError
-
 from app.core.config import FailureMode, get_settings
-from app.core.errors import RedisUnavailable
+from app.core.errors import ConfigurationError, RedisUnavailable
+from app.core.guard import FailOpen, Guard
 from app.core.keys import KeySpace, escape
-from app.core.redis import AnyRedis, breaker_for
+from app.core.redis import AnyRedis
 from app.core.scripts import Script, ScriptArg
 from app.core.telemetry import outcome
 from app.services.rate_limit._decision import RateLimitDecision, RateLimitResult
@@ -61,9 +60,9 @@ class Limiter:
     """Shared plumbing: policies, precomputed keys and arguments, failure mode."""
 
     __slots__ = (
-        "_breaker",
         "_fail_open",
         "_full",
+        "_guard",
         "_layout",
         "_max_cost",
         "_root",
@@ -79,12 +78,22 @@ class Limiter:
         kind: str,
         failure_mode: FailureMode | None,
     ) -> None:
-        settings = get_settings()
         self.redis = redis
         self.policies = policies
-        self._breaker = breaker_for(redis)
-        self._fail_open = (failure_mode or settings.rate_limit_failure_mode) == "open"
-        self._root = KeySpace(settings.redis_key_prefix, _SERVICE).root
+        # A command Redis refuses (a script error, WRONGTYPE) is treated like an outage, as
+        # it always was here: fail-open allows the request, fail-closed answers 503.
+        self._guard = Guard(
+            redis,
+            f"rate limit {', '.join(p.name for p in policies)!r}",
+            refused=RedisUnavailable,
+        )
+        self._fail_open = FailOpen(
+            self._guard,
+            log,
+            enabled=(failure_mode or get_settings().rate_limit_failure_mode) == "open",
+            fallback="allowing requests without counting them",
+        )
+        self._root = KeySpace.of(_SERVICE).root
         self._suffixes = tuple(
             ":" + ":".join(escape(part) for part in _key_parts(p, kind)) for p in policies
         )
@@ -106,9 +115,9 @@ class Limiter:
         if cost == 1 and cost is not True:
             return b"1"
         if isinstance(cost, bool) or not isinstance(cost, int) or cost < 0:
-            raise ValueError(f"cost must be an integer >= 0, got {cost!r}")
+            raise ConfigurationError(f"cost must be an integer >= 0, got {cost!r}")
         if cost > self._max_cost:
-            raise ValueError(
+            raise ConfigurationError(
                 f"cost {cost} exceeds the capacity of a policy ({self._max_cost}); such a "
                 "request could never be admitted"
             )
@@ -117,19 +126,12 @@ class Limiter:
     async def _run(self, script: Script, keys: list[str], args: Sequence[ScriptArg]) -> Any:
         """Run *script*; its reply, or None when Redis is unavailable and the mode is fail-open."""
         try:
-            with self._breaker:
+            with self._guard:
                 return await script(self.redis, keys, args)
         except RedisUnavailable as exc:
-            if self._fail_open:
-                outcome("degraded", exc)
-                return None
-            raise
-        except RedisError as exc:
-            log.warning("rate limit script %s failed: %s", script.name, exc)
-            if self._fail_open:
-                outcome("degraded", exc)
-                return None
-            raise RedisUnavailable(f"rate limit check failed: {exc}") from exc
+            self._fail_open.failed(exc)  # counts, logs once per change; re-raises if fail-closed
+            outcome("degraded", exc)
+            return None
 
     def _decision(
         self,
@@ -148,11 +150,8 @@ class Limiter:
         Raises ``RedisUnavailable`` when Redis cannot be reached (whatever the
         failure mode: a reset that did not happen must not look like one that did).
         """
-        try:
-            with self._breaker:
-                await self.redis.unlink(*self.keys_for(identifier))
-        except RedisError as exc:
-            raise RedisUnavailable(f"rate limit reset failed: {exc}") from exc
+        with self._guard:
+            await self.redis.unlink(*self.keys_for(identifier))
 
 
 def _key_parts(policy: Policy, kind: str) -> tuple[str | int, ...]:

@@ -5,11 +5,13 @@ The text syntax is documented in the package docstring (``app.services.rate_limi
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal, TypeAlias
+
+from app.core.errors import ConfigurationError
+from app.core.guard import as_seconds
 
 __all__ = [
     "Policy",
@@ -84,6 +86,8 @@ class Policy:
         burst: GCRA only: how many units may arrive at once (default
             ``limit``); the sustained rate stays ``limit / window``.
         unit: ``"requests"`` or ``"concurrent-requests"``.
+
+    An invalid field raises ``ConfigurationError`` (a ``ValueError``) naming it.
     """
 
     limit: int
@@ -94,23 +98,27 @@ class Policy:
 
     def __post_init__(self) -> None:
         if isinstance(self.limit, bool) or not isinstance(self.limit, int) or self.limit < 1:
-            raise ValueError(f"a policy limit must be an integer >= 1, got {self.limit!r}")
+            raise ConfigurationError(f"a policy limit must be an integer >= 1, got {self.limit!r}")
         if self.unit == "concurrent-requests":
             if self.window is not None:
-                raise ValueError("a concurrency policy has no window (leases expire instead)")
+                raise ConfigurationError(
+                    "a concurrency policy has no window (leases expire instead)"
+                )
             if self.burst is not None:
-                raise ValueError("burst applies to rate policies only")
+                raise ConfigurationError("burst applies to rate policies only")
         else:
             if self.window is None:
-                raise ValueError(f"policy {self.limit} per ? needs a window in seconds")
-            window = float(self.window)
-            if not math.isfinite(window) or window < 0.001:
-                raise ValueError(f"a policy window must be at least 0.001 s, got {self.window!r}")
+                raise ConfigurationError(f"policy {self.limit} per ? needs a window in seconds")
+            window = as_seconds(self.window, "a policy window", allow_zero=True)
+            if window < 0.001:
+                raise ConfigurationError(
+                    f"a policy window must be at least 0.001 s, got {self.window!r}"
+                )
             object.__setattr__(self, "window", window)
             if self.burst is not None and (
                 isinstance(self.burst, bool) or not isinstance(self.burst, int) or self.burst < 1
             ):
-                raise ValueError(f"burst must be an integer >= 1, got {self.burst!r}")
+                raise ConfigurationError(f"burst must be an integer >= 1, got {self.burst!r}")
         if not self.name:
             default = (
                 f"{self.limit}-concurrent"
@@ -119,7 +127,9 @@ class Policy:
             )
             object.__setattr__(self, "name", default)
         elif not _NAME.match(self.name):
-            raise ValueError(f"policy name {self.name!r} must match [A-Za-z0-9_.:+/-]{{1,64}}")
+            raise ConfigurationError(
+                f"policy name {self.name!r} must match [A-Za-z0-9_.:+/-]{{1,64}}"
+            )
 
     @classmethod
     def parse(cls, text: str) -> Policy:
@@ -129,7 +139,7 @@ class Policy:
         if match is not None:
             seconds = _unit_seconds(match["unit"])
             if seconds is None:
-                raise ValueError(
+                raise ConfigurationError(
                     f"unknown time unit {match['unit']!r} in policy {text!r}: use ms, second, "
                     "minute, hour, day or week"
                 )
@@ -138,7 +148,7 @@ class Policy:
         match = _CONCURRENT.match(raw)
         if match is not None:
             return cls(int(match["limit"]), name=match["name"] or "", unit="concurrent-requests")
-        raise ValueError(
+        raise ConfigurationError(
             f"cannot parse rate-limit policy {text!r}: expected '<n>/<unit>', "
             "'<n> per <count> <unit>' or '<n> concurrent', optionally prefixed with 'name='"
         )
@@ -176,10 +186,13 @@ PolicyLike: TypeAlias = "str | Policy | Iterable[str | Policy]"
 
 
 def parse_policies(text: str) -> tuple[Policy, ...]:
-    """Every policy in *text* (``"10/second;1000/day"``); raises ``ValueError`` if none."""
+    """Every policy in *text* (``"10/second;1000/day"``).
+
+    Raises ``ConfigurationError`` (a ``ValueError``) if there is none or one is malformed.
+    """
     policies = tuple(Policy.parse(part) for part in _SPLIT.split(text) if part.strip())
     if not policies:
-        raise ValueError(f"no rate-limit policy in {text!r}")
+        raise ConfigurationError(f"no rate-limit policy in {text!r}")
     return policies
 
 
@@ -195,11 +208,11 @@ def as_policies(spec: PolicyLike) -> tuple[Policy, ...]:
             items.extend(parse_policies(item) if isinstance(item, str) else (item,))
         policies = tuple(items)
     if not policies:
-        raise ValueError("at least one rate-limit policy is required")
+        raise ConfigurationError("at least one rate-limit policy is required")
     names = [p.name for p in policies]
     if len(set(names)) != len(names):
         duplicates = sorted({n for n in names if names.count(n) > 1})
-        raise ValueError(
+        raise ConfigurationError(
             f"policy names must be distinct within one check, {duplicates} repeat: "
             "name them ('burst=10/second;daily=1000/day')"
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from app.core.config import FailureMode
+from app.core.errors import ConfigurationError
 from app.core.redis import AnyRedis
 from app.core.telemetry import traced
 from app.services.rate_limit._algorithms import ALGORITHMS, Algorithm, validate_policies
@@ -25,10 +26,12 @@ def _resolve(
 ) -> tuple[Policy, ...]:
     if policies is not None:
         if max_requests is not None or window_seconds is not None:
-            raise ValueError("give either max_requests/window_seconds or policies, not both")
+            raise ConfigurationError(
+                "give either max_requests/window_seconds or policies, not both"
+            )
         return as_policies(policies)
     if max_requests is None or window_seconds is None:
-        raise ValueError(
+        raise ConfigurationError(
             "a limiter needs max_requests and window_seconds "
             "(RateLimiter(redis, max_requests=3, window_seconds=1)) or policies='10/second'"
         )

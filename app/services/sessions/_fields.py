@@ -10,7 +10,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from app.core.codec import Codec
-from app.core.errors import ToolkitError
+from app.core.errors import UsageError
 from app.services.sessions._record import SessionRecord, time_of
 
 __all__ = ["RecordFields"]
@@ -50,7 +50,7 @@ class RecordFields:
         out = []
         for name, value in values.items():
             if not isinstance(name, str) or not name:
-                raise ToolkitError(f"session data keys must be non-empty strings, got {name!r}")
+                raise UsageError(f"session data keys must be non-empty strings, got {name!r}")
             out.append((name, encode(value)))
         return out
 
@@ -58,6 +58,8 @@ class RecordFields:
         meta: dict[str, str] = {}
         data: dict[str, Any] = {}
         decode = self.codec.decode
+        # Decoded inline, not through as_text: this runs for every field of every load,
+        # and the names and metadata are ASCII the scripts wrote.
         for raw_name, value in items:
             name = raw_name.decode() if isinstance(raw_name, bytes) else raw_name
             kind = name[:2]

@@ -10,10 +10,9 @@ from __future__ import annotations
 import logging
 
 from app.core.errors import ToolkitError
+from app.core.guard import Guard, as_text
 from app.core.redis import AnyRedis
-from app.services.sessions._guard import Guard
 from app.services.sessions._keys import SessionKeys
-from app.services.sessions._record import text
 
 __all__ = ["SubjectIndex"]
 
@@ -54,7 +53,7 @@ class SubjectIndex:
         """The ids indexed under *subject* (live or not), in no particular order."""
         with self._guard:
             members = await self.redis.smembers(self._keys.index(subject))
-        return [text(m) for m in members]
+        return [as_text(m) for m in members]
 
     async def remove(self, subject: str, ids: list[str]) -> None:
         """Take *ids* (at least one) out of *subject*'s index."""

@@ -9,11 +9,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-__all__ = ["SessionRecord", "WriteResult", "pairs", "text", "time_of"]
-
-
-def text(value: bytes | str) -> str:
-    return value.decode("utf-8") if isinstance(value, bytes) else value
+__all__ = ["SessionRecord", "WriteResult", "pairs", "time_of"]
 
 
 def pairs(flat: Sequence[Any]) -> Iterable[tuple[Any, Any]]:

@@ -1,31 +1,30 @@
 """``SessionStore``: the verbs of server-side sessions over its private collaborators.
 
-Keys (``_keys``), the guard around Redis calls (``_guard``), the subject index
-(``_index``), the hash layout (``_fields``) and the write path (``_write``) are
-modules of their own; the store holds one of each and answers the calls.
+Keys (``_keys``), the subject index (``_index``), the hash layout (``_fields``)
+and the write path (``_write``) are modules of their own; the store holds one of
+each, and one ``app.core.guard.Guard`` that every Redis call of all of them runs in.
 """
 
 from __future__ import annotations
 
 import asyncio
 import builtins
-import datetime as dt
 import secrets
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from typing import Any, Final
 
 from app.core.codec import Codec, default_codec
-from app.core.config import get_settings
 from app.core.errors import ToolkitError
-from app.core.redis import AnyRedis, breaker_for, client_decodes_responses, scan_keys
+from app.core.guard import Duration, Guard, as_seconds, as_text, to_ms
+from app.core.keys import KeySpace
+from app.core.redis import AnyRedis, client_decodes_responses, scan_keys
 from app.core.scripts import Script, ScriptArg
 from app.core.telemetry import traced
 from app.services.sessions._fields import RecordFields
-from app.services.sessions._guard import Guard
 from app.services.sessions._ids import new_session_id, split_id
 from app.services.sessions._index import SubjectIndex
 from app.services.sessions._keys import SessionKeys
-from app.services.sessions._record import SessionRecord, WriteResult, pairs, text, time_of
+from app.services.sessions._record import SessionRecord, WriteResult, pairs, time_of
 from app.services.sessions._write import SessionWriter
 
 __all__ = ["DEFAULT_ABSOLUTE_TTL", "DEFAULT_IDLE_TTL", "SessionStore"]
@@ -42,13 +41,6 @@ _TOUCH = Script.from_package("app.services.sessions", "lua/session_touch.lua")
 
 _BATCH = 100  # HGETALLs per pipeline
 _PARALLEL = 16  # concurrent deletes in delete_all_for (leaves the pool to the requests)
-
-
-def _ms(value: float | dt.timedelta, name: str) -> int:
-    seconds = value.total_seconds() if isinstance(value, dt.timedelta) else float(value)
-    if seconds <= 0:
-        raise ValueError(f"{name} must be positive, got {value!r}")
-    return max(1, round(seconds * 1000))
 
 
 class SessionStore:
@@ -68,46 +60,45 @@ class SessionStore:
             resolves to the new session: 0 forgets it at once.
         tombstone_ttl: seconds a deleted id is remembered as deleted.
 
+    Durations are seconds (int or float) or ``timedelta``, kept by Redis in whole
+    milliseconds rounded up; a bad one (zero, negative, NaN, infinite, not a
+    number) raises ``ConfigurationError`` here.
+
     Every method is one Redis round trip unless its docstring says otherwise,
     and raises ``RedisUnavailable`` when Redis cannot be reached (or the circuit
-    breaker is open). Writes are single Lua scripts: cancelled mid-call, a write
-    has either happened entirely or not at all.
+    breaker is open), ``RedisCommandError`` when Redis refuses a command (its
+    text stays in ``__cause__``). Writes are single Lua scripts: cancelled
+    mid-call, a write has either happened entirely or not at all. ``guard`` is
+    the ``app.core.guard.Guard`` every call runs in (its breaker is the client's).
     """
 
     def __init__(
         self,
         redis: AnyRedis,
         *,
-        idle_ttl: float | dt.timedelta = DEFAULT_IDLE_TTL,
-        absolute_ttl: float | dt.timedelta = DEFAULT_ABSOLUTE_TTL,
+        idle_ttl: Duration = DEFAULT_IDLE_TTL,
+        absolute_ttl: Duration = DEFAULT_ABSOLUTE_TTL,
         namespace: str = "session",
         codec: Codec | None = None,
         subject_key: str | None = "user",
-        regenerate_grace: float | dt.timedelta = 10.0,
-        tombstone_ttl: float | dt.timedelta = 60.0,
+        regenerate_grace: Duration = 10.0,
+        tombstone_ttl: Duration = 60.0,
     ) -> None:
         self.redis = redis
-        self.idle_ms = _ms(idle_ttl, "idle_ttl")
-        self.absolute_ms = _ms(absolute_ttl, "absolute_ttl")
-        grace = (
-            regenerate_grace.total_seconds()
-            if isinstance(regenerate_grace, dt.timedelta)
-            else float(regenerate_grace)
-        )
-        if grace < 0:
-            raise ValueError(f"regenerate_grace must be >= 0, got {regenerate_grace!r}")
-        self.grace_ms = round(grace * 1000)
-        self.tombstone_ms = _ms(tombstone_ttl, "tombstone_ttl")
+        self.idle_ms = to_ms(as_seconds(idle_ttl, "idle_ttl"))
+        self.absolute_ms = to_ms(as_seconds(absolute_ttl, "absolute_ttl"))
+        self.grace_ms = to_ms(as_seconds(regenerate_grace, "regenerate_grace", allow_zero=True))
+        self.tombstone_ms = to_ms(as_seconds(tombstone_ttl, "tombstone_ttl"))
         self.subject_key = subject_key
         self.codec = (codec or default_codec()).with_text_safe(client_decodes_responses(redis))
-        self._keys = SessionKeys(get_settings().redis_key_prefix, namespace)
-        self._guard = Guard(breaker_for(redis))
+        self._keys = SessionKeys(KeySpace.of(namespace))
+        self.guard = Guard(redis, f"session store {namespace!r}")
         self._fields = RecordFields(self.codec, subject_key)
-        self._index = SubjectIndex(redis, self._keys, self._guard, self.absolute_ms)
+        self._index = SubjectIndex(redis, self._keys, self.guard, self.absolute_ms)
         self._writer = SessionWriter(
             redis,
             keys=self._keys,
-            guard=self._guard,
+            guard=self.guard,
             index=self._index,
             fields=self._fields,
             grace_ms=self.grace_ms,
@@ -150,7 +141,7 @@ class SessionStore:
             ]
             for name, value in encoded:
                 args += (name, value)
-            with self._guard:
+            with self.guard:
                 reply = await _CREATE(
                     self.redis, keys=[self._keys.record(family, token)], args=args
                 )
@@ -183,7 +174,7 @@ class SessionStore:
         parts = split_id(session_id)
         if parts is None:
             return None
-        with self._guard:
+        with self.guard:
             fields = await self.redis.hgetall(self._keys.record(*parts))
         if not fields:
             return None
@@ -202,7 +193,7 @@ class SessionStore:
         if parts is None:
             return None
         keys = [self._keys.record(*parts), self._keys.moved(*parts)]
-        with self._guard:
+        with self.guard:
             reply = await _LOAD(self.redis, keys=keys, args=["1" if touch else "0"])
         if int(reply[0]) == 1:
             return self._fields.parse(session_id, pairs(reply[1]))
@@ -218,7 +209,7 @@ class SessionStore:
         parts = split_id(session_id)
         if parts is None:
             return False
-        with self._guard:
+        with self.guard:
             return bool(await self.redis.exists(self._keys.moved(*parts)))
 
     async def touch(self, session_id: str) -> bool:
@@ -226,7 +217,7 @@ class SessionStore:
         parts = split_id(session_id)
         if parts is None:
             return False
-        with self._guard:
+        with self.guard:
             left = await _TOUCH(self.redis, keys=[self._keys.record(*parts)])
         return int(left) > 0
 
@@ -332,7 +323,7 @@ class SessionStore:
         reply = await self._delete(parts, expected_subject="")
         if int(reply[0]) != 1:
             return False
-        subject = text(reply[1])
+        subject = as_text(reply[1])
         if subject:
             await self._index.drop(subject, session_id)
         return True
@@ -344,7 +335,7 @@ class SessionStore:
             self._keys.gone(family, token),
             self._keys.moved(family, token),
         ]
-        with self._guard:
+        with self.guard:
             return await _DELETE(self.redis, keys=keys, args=[self.tombstone_ms, expected_subject])
 
     async def delete_all_for(self, subject: str | int) -> int:
@@ -389,7 +380,7 @@ class SessionStore:
         valid = [(i, p) for i in ids if (p := split_id(i)) is not None]
         for start in range(0, len(valid), _BATCH):
             chunk = valid[start : start + _BATCH]
-            with self._guard:
+            with self.guard:
                 async with self.redis.pipeline(transaction=False) as pipe:
                     for _, parts in chunk:
                         pipe.hgetall(self._keys.record(*parts))
@@ -408,7 +399,7 @@ class SessionStore:
         batch: builtins.list[str] = []
         keys = scan_keys(self.redis, self._keys.records.pattern("*"))
         while True:
-            with self._guard:
+            with self.guard:
                 try:
                     key = await anext(keys)
                 except StopAsyncIteration:

@@ -14,14 +14,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from app.core.errors import SessionConflict, SessionNotFound, ToolkitError
+from app.core.guard import Guard, as_text
 from app.core.redis import AnyRedis
 from app.core.scripts import Script, ScriptArg
 from app.services.sessions._fields import RecordFields
-from app.services.sessions._guard import Guard
 from app.services.sessions._ids import new_session_id, split_id
 from app.services.sessions._index import SubjectIndex
 from app.services.sessions._keys import SessionKeys
-from app.services.sessions._record import SessionRecord, WriteResult, pairs, text, time_of
+from app.services.sessions._record import SessionRecord, WriteResult, pairs, time_of
 
 __all__ = ["SessionWriter"]
 
@@ -144,7 +144,7 @@ class SessionWriter:
                 reply = await _WRITE(self.redis, keys=attempt.keys, args=attempt.args)
             code = int(reply[0])
             if code == -3:  # the record names a subject the new id is not indexed under yet
-                attempt.indexed = text(reply[1])
+                attempt.indexed = as_text(reply[1])
                 attempt.pre_indexed = True
                 await self._index.add(attempt.indexed, attempt.new_id)
                 attempt.args[5] = attempt.indexed
@@ -161,7 +161,7 @@ class SessionWriter:
         return reply
 
     async def _written(self, attempt: _Attempt, reply: Any) -> WriteResult | SessionRecord:
-        previous = text(reply[3])
+        previous = as_text(reply[3])
         final_subject = previous if attempt.subject_arg is None else attempt.subject_arg
         if previous and (previous != final_subject or attempt.regenerate):
             await self._index.drop(previous, attempt.session_id)
@@ -173,7 +173,7 @@ class SessionWriter:
 def _refusal(code: int, reply: Any, family: str, token: str) -> ToolkitError:
     """The error a refused write raises."""
     if code == 0:
-        names = [text(n) for n in reply[2:]]
+        names = [as_text(n) for n in reply[2:]]
         return SessionConflict(
             "the session changed since it was read"
             + ("" if names == ["*"] else f" (keys: {', '.join(sorted(names))})")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import datetime as dt
+import math
 import re
 import secrets
 from collections.abc import AsyncIterator, Callable, MutableMapping
@@ -27,6 +29,7 @@ from app.core.keys import digest
 from app.middleware.rate_limit import (
     APIKey,
     ClientIP,
+    LimiterCache,
     Principal,
     RateLimitHeadersMiddleware,
     RateLimitMiddleware,
@@ -479,6 +482,37 @@ def test_rules_are_validated_when_the_middleware_is_built() -> None:
         RateLimitMiddleware(app, rules=[RateLimitRule("*", "5000000/second")])
     with pytest.raises(ValueError, match="cannot parse"):
         RateLimitMiddleware(app, rules=[RateLimitRule("*", "lots")])
+
+
+def test_rule_and_lease_errors_are_configuration_errors() -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        return None
+
+    with pytest.raises(ConfigurationError, match="must start with"):
+        RateLimitMiddleware(app, rules=[RateLimitRule("items", "1/second")])
+    for lease in (-1, math.nan, "60"):
+        with pytest.raises(ConfigurationError, match="lease_seconds"):
+            RateLimitMiddleware(app, lease_seconds=lease)  # type: ignore[arg-type]
+    middleware = RateLimitMiddleware(app, lease_seconds=dt.timedelta(minutes=2))
+    assert middleware.limiters.lease_seconds == 120.0
+    with pytest.raises(ConfigurationError, match="need RateLimitMiddleware"):
+        rate_limit("2 concurrent")
+
+
+async def test_limiters_are_built_once_per_client_and_kept_with_it(redis: Any) -> None:
+    cache = LimiterCache()
+    rates, slots = cache.policies("3/second"), cache.policies("2 concurrent")
+    other = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
+    try:
+        first = cache.rate(redis, rates, "gcra")
+        assert cache.rate(redis, rates, "gcra") is first and first.redis is redis
+        second = cache.rate(other, rates, "gcra")
+        assert second is not first and second.redis is other
+        assert cache.rate(redis, rates, "gcra") is first  # a client switch rebuilds nothing
+        assert cache.rate(redis, rates, "sliding_log") is not first
+        assert cache.concurrency(redis, slots) is cache.concurrency(redis, slots)
+    finally:
+        await other.aclose()
 
 
 async def test_a_resolver_picks_policies_per_request(serve: Serve) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
+import math
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from http.cookiejar import CookieJar, DefaultCookiePolicy
@@ -18,9 +20,9 @@ from fastapi.responses import StreamingResponse
 
 from app.api.deps import SessionDep
 from app.api.problems import install_problem_handlers
-from app.core.errors import ConfigurationError
-from app.middleware.sessions import SessionMiddleware, SessionNotLoaded, get_session
-from app.services.sessions import SessionStore
+from app.core.errors import ConfigurationError, StateError, UsageError
+from app.middleware.sessions import Session, SessionMiddleware, SessionNotLoaded, get_session
+from app.services.sessions import SessionStore, new_session_id
 from app.testing.plugin import AppClientFactory
 
 SECRET = "unit-test-secret-key-0123456789abcdef"
@@ -452,8 +454,28 @@ async def test_reading_an_unloaded_stored_session_is_a_clear_programming_error(
     client = await client_for(build_app())
     assert (await client.get("/unloaded")).json() == {"user": None}  # no cookie: fine
     cookie = cookie_value(await client.post("/set", params={"key": "user", "value": "alice"}))
-    with pytest.raises(SessionNotLoaded, match="SessionDep"):
+    r = await client.get("/unloaded", headers=with_cookie(cookie))  # a StateError: its problem
+    assert r.status_code == 500
+    assert r.headers["content-type"] == "application/problem+json"
+    assert r.json()["type"].endswith("/state-error") and "SessionDep" in r.json()["detail"]
+
+
+async def test_without_problem_handlers_an_unloaded_session_raises_session_not_loaded(
+    make_app_client: AppClientFactory, counting: CountingRedis
+) -> None:
+    app = FastAPI()
+    app.add_middleware(SessionMiddleware, secret_key=SECRET)
+
+    @app.get("/unloaded")
+    async def unloaded(request: Request) -> dict[str, Any]:
+        return {"user": request.session.get("user")}
+
+    client = await make_app_client(app, counting, cookies=no_cookie_jar())
+    record = await SessionStore(counting).create(data={"user": "bob"})
+    cookie = SessionMiddleware(app, secret_key=SECRET).sign(record.id)
+    with pytest.raises(SessionNotLoaded, match="SessionDep") as caught:
         await client.get("/unloaded", headers=with_cookie(cookie))
+    assert isinstance(caught.value, StateError) and isinstance(caught.value, RuntimeError)
 
 
 async def test_autoload_makes_request_session_work_without_the_dependency(
@@ -502,6 +524,58 @@ async def test_fail_open_serves_an_empty_unsaved_session_when_redis_is_down(
     assert r.status_code == 200 and r.json()["data"] == {}
     r = await client.post("/set", params={"key": "a", "value": "1"})
     assert r.status_code == 200 and "set-cookie" not in r.headers
+
+
+async def test_fail_open_logs_the_outage_once_not_once_per_request(
+    client_for: Factory, counting: CountingRedis, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = await client_for(build_app(failure_mode="open"))
+    cookie = cookie_value(await client.post("/set", params={"key": "user", "value": "alice"}))
+    counting.connection_pool.connection_kwargs["server"].connected = False
+    with caplog.at_level("WARNING", logger="app.sessions"):
+        for _ in range(4):
+            assert (await client.get("/read", headers=with_cookie(cookie))).status_code == 200
+            assert (await client.post("/set", params={"key": "a", "value": "1"})).status_code == 200
+    logged = [r.getMessage() for r in caplog.records if r.name == "app.sessions"]
+    assert len(logged) == 1, logged
+    assert logged[0].startswith("session store 'session': Redis call failed")
+
+
+def test_bad_durations_fail_when_the_middleware_is_built() -> None:
+    app = FastAPI()
+    bad: list[tuple[str, Any]] = [
+        ("idle_ttl", 0),
+        ("absolute_ttl", math.nan),
+        ("regenerate_grace", -1),
+    ]
+    for option, value in bad:
+        with pytest.raises(ConfigurationError, match=option):
+            SessionMiddleware(app, secret_key=SECRET, **{option: value})
+    middleware = SessionMiddleware(app, secret_key=SECRET, absolute_ttl=dt.timedelta(hours=2))
+    assert "; Max-Age=7200;" in middleware.cookie.set(new_session_id())
+
+
+async def test_one_store_per_client_built_on_first_use(counting: CountingRedis) -> None:
+    middleware = SessionMiddleware(FastAPI(), secret_key=SECRET, idle_ttl=60)
+    other = CountingRedis(server=fakeredis.FakeServer())
+    try:
+        store = middleware.store(counting)
+        assert middleware.store(counting) is store and store.idle_ms == 60_000
+        assert middleware.store(other) is not store and middleware.store(other).redis is other
+        fixed = SessionStore(counting)
+        given = SessionMiddleware(FastAPI(), secret_key=SECRET, store=fixed)
+        assert given.store(other) is fixed and given.store() is fixed
+    finally:
+        await other.aclose()
+
+
+def test_a_session_key_that_is_not_a_string_is_a_usage_error() -> None:
+    middleware = SessionMiddleware(FastAPI(), secret_key=SECRET)
+    session = Session(middleware, {"type": "http", "headers": []})  # no cookie: a new session
+    for key in ("", 1):
+        with pytest.raises(UsageError, match="non-empty strings") as caught:
+            session[key] = "x"  # type: ignore[index]
+        assert isinstance(caught.value, TypeError)
 
 
 async def test_without_problem_handlers_the_middleware_still_answers_503(

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import math
 from collections.abc import AsyncIterator
 from typing import Any, get_args
 
 import fakeredis
 import pytest
 import pytest_asyncio
+from redis.exceptions import ResponseError
 
-from app.core.errors import RateLimitExceeded, RedisUnavailable
+from app.core.breaker import breaker_for
+from app.core.errors import ConfigurationError, RateLimitExceeded, RedisUnavailable
 from app.core.keys import key_slot_tag
 from app.services.rate_limit import (
     ALGORITHMS,
@@ -355,6 +359,65 @@ async def test_concurrency_fail_open_leases_nothing(
     decision = await limiter.acquire("u")
     assert decision.allowed and decision.degraded and decision.lease is None
     assert await limiter.release(decision) is False
+
+
+async def test_a_refused_script_fails_open_or_closed_like_an_outage(
+    redis: CountingRedis, settings_override: Any
+) -> None:
+    settings_override(rate_limit_failure_mode="open")
+    limiter = RateLimiter(redis, policies="p=2/second", algorithm="sliding_log")
+    closed = RateLimiter(
+        redis, policies="p=2/second", algorithm="sliding_log", failure_mode="closed"
+    )
+    await redis.set(limiter.keys_for("u")[0], "not a sorted set")  # the script meets WRONGTYPE
+    assert await limiter.is_allowed("u") is True
+    assert (await limiter.hit("u")).degraded
+    with pytest.raises(RedisUnavailable) as caught:
+        await closed.hit("u")
+    message = str(caught.value)
+    assert message.startswith("rate limit 'p': ") and "WRONGTYPE" not in message
+    assert isinstance(caught.value.__cause__, ResponseError)  # the text stays for the logs
+    assert breaker_for(redis).state == "closed"  # the server answered: not an outage
+
+
+async def test_redis_down_is_logged_once_per_change_not_per_check(
+    redis: CountingRedis, settings_override: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings_override(rate_limit_failure_mode="open", breaker_failure_threshold=100)
+    limiter = RateLimiter(redis, max_requests=1, window_seconds=1)
+    disconnect(redis)
+    with caplog.at_level("WARNING", logger="app.rate_limit"):
+        for _ in range(5):
+            assert await limiter.is_allowed("u")
+    logged = [r.getMessage() for r in caplog.records if r.name == "app.rate_limit"]
+    assert len(logged) == 1, logged
+    assert logged[0].startswith("rate limit '1-per-second': Redis call failed")
+    assert "allowing requests without counting them" in logged[0]
+
+
+@pytest.mark.parametrize("lease", [math.nan, math.inf, True, "60", 0, 0.0005])
+def test_bad_leases_are_configuration_errors(redis: CountingRedis, lease: Any) -> None:
+    with pytest.raises(ConfigurationError, match="lease_seconds"):
+        ConcurrencyLimiter(redis, 2, lease_seconds=lease)
+
+
+async def test_a_lease_may_be_a_timedelta(redis: CountingRedis) -> None:
+    limiter = ConcurrencyLimiter(redis, 2, lease_seconds=dt.timedelta(seconds=30))
+    await limiter.acquire("u")
+    assert 29_000 < await redis.pttl(limiter.keys_for("u")[0]) <= 30_000
+
+
+async def test_argument_errors_are_configuration_errors(redis: CountingRedis) -> None:
+    limiter = RateLimiter(redis, max_requests=5, window_seconds=60)
+    for cost in (-1, 6, 1.5, True):
+        with pytest.raises(ConfigurationError):
+            await limiter.hit("u", cost=cost)  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="unknown algorithm"):
+        RateLimiter(redis, max_requests=3, window_seconds=1, algorithm="leaky")  # type: ignore[arg-type]
+    windows: list[Any] = [math.nan, math.inf, True, "1"]
+    for window in windows:
+        with pytest.raises(ConfigurationError, match="policy window"):
+            RateLimiter(redis, max_requests=3, window_seconds=window)
 
 
 def test_decision_helpers() -> None:

@@ -11,8 +11,16 @@ from typing import Any
 import fakeredis
 import pytest
 import pytest_asyncio
+from redis.exceptions import ResponseError
 
-from app.core.errors import RedisUnavailable, SessionConflict, SessionNotFound
+from app.core.errors import (
+    ConfigurationError,
+    RedisCommandError,
+    RedisUnavailable,
+    SessionConflict,
+    SessionNotFound,
+    UsageError,
+)
 from app.core.keys import KeySpace, key_slot_tag
 from app.services.sessions import SessionRecord, SessionStore, is_session_id, new_session_id
 from app.testing.slots import SlotCheckingRedis, slot_checking_fake_redis
@@ -384,6 +392,53 @@ async def test_bad_ttls_are_refused(client: Any) -> None:
         client, idle_ttl=dt.timedelta(minutes=5), absolute_ttl=dt.timedelta(hours=1)
     )
     assert (store.idle_ms, store.absolute_ms) == (300_000, 3_600_000)
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("idle_ttl", float("nan")),
+        ("idle_ttl", "60"),
+        ("absolute_ttl", float("inf")),
+        ("absolute_ttl", -1),
+        ("tombstone_ttl", True),
+        ("tombstone_ttl", 0),
+        ("regenerate_grace", None),
+    ],
+)
+def test_bad_durations_are_configuration_errors_naming_the_option(
+    client: Any, option: str, value: Any
+) -> None:
+    with pytest.raises(ConfigurationError, match=option):
+        SessionStore(client, **{option: value})
+
+
+def test_durations_are_kept_in_milliseconds_rounded_up(client: Any) -> None:
+    store = SessionStore(client, idle_ttl=1.0004, absolute_ttl=1.1, regenerate_grace=0)
+    assert (store.idle_ms, store.absolute_ms, store.grace_ms) == (1001, 1100, 0)
+
+
+async def test_a_refused_command_is_a_redis_command_error_without_the_redis_text(
+    client: Any, store: SessionStore
+) -> None:
+    rec = await store.create(data={"a": 1})
+    family, token = rec.id.split(".")
+    key = store._keys.record(family, token)
+    await client.delete(key)
+    await client.set(key, "not a hash")  # every session command now meets WRONGTYPE
+    for call in (store.get(rec.id), store.load(rec.id)):
+        with pytest.raises(RedisCommandError) as caught:
+            await call
+        message = str(caught.value)
+        assert message.startswith("session store 'session': ") and "WRONGTYPE" not in message
+        assert isinstance(caught.value.__cause__, ResponseError)  # the text stays for the logs
+    assert store.guard.breaker.state == "closed"  # the server answered: not an outage
+
+
+async def test_bad_data_keys_are_usage_errors(store: SessionStore) -> None:
+    with pytest.raises(UsageError, match="non-empty strings") as caught:
+        await store.create(data={"": 1})
+    assert isinstance(caught.value, TypeError)
 
 
 def test_fast_key_builders_match_the_key_space(store: SessionStore) -> None:
