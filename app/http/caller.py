@@ -317,7 +317,9 @@ def set_principal(conn: HTTPConnection | Scope, principal: str | int | bytes) ->
     principal is refused: it would make every caller the same one.
     """
     if principal is None or principal == "" or principal == b"":
-        raise ConfigurationError("set_principal() needs a non-empty principal (a user or account id)")
+        raise ConfigurationError(
+            "set_principal() needs a non-empty principal (a user or account id)"
+        )
     scope = _scope_of(conn)
     scope[PRINCIPAL_KEY] = principal
     scope.pop(CALLER_KEY, None)

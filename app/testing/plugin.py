@@ -13,15 +13,25 @@ Finding a real server (``redis_server``, session-scoped, sync), in order:
 4. None: integration tests are skipped with one reason, or *fail* when
    ``REDIS_REQUIRED=1`` (CI sets it), so they can never be skipped silently.
 
-Fixtures: ``redis_server``, ``real_redis``, ``fake_redis``, ``any_redis``
-(runs the test once on fakeredis and once on the real server),
-``settings_override``, ``make_app_client`` and ``app_client``.
+Fixtures: ``redis_server``, ``real_redis``, ``any_redis`` (runs the test once on
+``fake_redis`` and once on ``real_redis``), ``settings_override``,
+``make_app_client`` and ``app_client``.
+
+One fixture per kind of client (``app/testing/clients.py`` says more):
+
+- ``fake_client``: fakeredis with Lua on a fresh fake server (``fake_server``),
+  once with bytes and once with decoded replies (ids ``bytes``, ``decoded``);
+  ``fake_redis`` is its bytes-only form. ``fake_twin(client)`` is another
+  client (another "process") on the same fake server.
+- ``topology_client``: a real client per topology x decoding (bytes on
+  standalone, Cluster and Sentinel; decoded on standalone and Cluster), built
+  the way the app builds it; ``topology_redis`` is the client per topology
+  (bytes), and ``twin(client)`` another client on the same topology.
 
 Topologies: ``redis_cluster`` (3 primaries x 1 replica) and ``redis_sentinel``
 (primary, replica, 3 sentinels) are session-scoped real setups started from the
-same binaries; ``topology_redis`` runs a test on standalone, Cluster and
-Sentinel with a client built exactly as the app builds it (``build_client``).
-They skip (or fail under ``REDIS_REQUIRED=1``) when the binaries are missing.
+same binaries. They skip (or fail under ``REDIS_REQUIRED=1``) when the binaries
+are missing.
 ``tcp_proxy`` puts a fault-injecting proxy in front of the real server.
 Markers: ``integration`` (added automatically to tests that use a real
 server) and ``slow``.
@@ -52,9 +62,11 @@ from app.testing.topologies import LocalCluster, LocalSentinel, topology_binarie
 
 __all__ = ["RedisServerInfo"]
 
+pytest_plugins = ["app.testing.clients"]  # the client fixtures (fake_client, topology_client, ...)
+
 REAL_FIXTURES = frozenset(
     {"redis_server", "real_redis", "real_app_client", "redis_cluster", "redis_sentinel",
-     "topology_redis", "tcp_proxy"}
+     "topology_redis", "topology_client", "tcp_proxy"}
 )  # fmt: skip
 
 
@@ -93,7 +105,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "redis_strict_slots",
         type="bool",
         default=False,
-        help="fake_redis answers CROSSSLOT like Redis Cluster for multi-slot commands and scripts",
+        help="fake_redis and fake_client answer CROSSSLOT like Redis Cluster for multi-slot "
+        "commands and scripts",
     )
 
 
@@ -311,26 +324,6 @@ async def real_redis(
         await client.aclose()
 
 
-@pytest_asyncio.fixture
-async def fake_redis(request: pytest.FixtureRequest) -> AsyncIterator[Any]:
-    """fakeredis with Lua, on a fresh fake server for this test.
-
-    With ``redis_strict_slots = true`` in the ini file it refuses multi-slot
-    commands and scripts with CROSSSLOT, as Redis Cluster would.
-    """
-    import fakeredis
-
-    from app.testing.slots import slot_checking_fake_redis
-
-    strict = request.config.getini("redis_strict_slots")
-    make = slot_checking_fake_redis if strict else fakeredis.FakeAsyncRedis
-    client = make(server=fakeredis.FakeServer(), decode_responses=False)
-    try:
-        yield client
-    finally:
-        await client.aclose()
-
-
 @pytest.fixture(params=["fake", "real"])
 def any_redis(request: pytest.FixtureRequest) -> Any:
     """The same test on fakeredis (``fake``) and on the real server (``real``)."""
@@ -411,41 +404,6 @@ def redis_sentinel() -> Iterator[LocalSentinel]:
         yield sentinel
     finally:
         sentinel.cleanup()
-
-
-TOPOLOGIES = [
-    "standalone",
-    pytest.param("cluster", marks=pytest.mark.slow),
-    pytest.param("sentinel", marks=pytest.mark.slow),
-]
-
-
-@pytest_asyncio.fixture(params=TOPOLOGIES)
-async def topology_redis(request: pytest.FixtureRequest) -> AsyncIterator[Any]:
-    """The test once per topology, with a client built the way the app builds it."""
-    if request.param == "standalone":
-        info: RedisServerInfo = request.getfixturevalue("redis_server")
-        url, flush = info.url, None
-        if not info.owned:
-            pytest.fail("topology_redis needs servers the tests start (unset REDIS_URL)")
-    elif request.param == "cluster":
-        cluster: LocalCluster = request.getfixturevalue("redis_cluster")
-        url, flush = cluster.url, cluster.flushall
-    else:
-        sentinel: LocalSentinel = request.getfixturevalue("redis_sentinel")
-        url, flush = sentinel.url, sentinel.flushall
-    client = core_redis.build_client(url=url)
-    await client.ping()  # discover the topology before the test's first (concurrent) commands
-    if flush is None:
-        await client.flushall()
-    else:
-        flush()
-    try:
-        yield client
-    finally:
-        await client.aclose()
-        if flush is not None:
-            flush()
 
 
 @pytest.fixture

@@ -19,10 +19,10 @@ from app.core.errors import RedisUnavailable
 from app.core.redis import build_client
 from app.middleware.http_cache import HttpCachePolicy
 from app.services.http_cache import HttpResponseCache, compute_etag, url_digest_for
+from app.testing.clients import ready
 from app.testing.plugin import RedisServerInfo
 from app.testing.servers import RedisServer
 from app.testing.waiting import eventually
-from tests.integration.topology._support import ready
 from tests.unit.middleware.test_http_cache import age_entries, cache_layer, make_app
 
 ROOT = Path(__file__).resolve().parents[3]  # the checkout under test

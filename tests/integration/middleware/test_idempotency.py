@@ -25,10 +25,10 @@ from app.api.routes import idempotency as demo
 from app.core import redis as core_redis
 from app.core.redis import redis_lifespan, scan_keys
 from app.middleware.idempotency import IdempotencyMiddleware
+from app.testing.clients import ready
 from app.testing.plugin import RedisServerInfo
 from app.testing.servers import RedisServer
 from tests.integration.middleware._idempotency_worker import build_app
-from tests.integration.topology._support import ready
 
 Client = httpx.AsyncClient
 MakeClient = Callable[..., Awaitable[tuple[FastAPI, Client]]]

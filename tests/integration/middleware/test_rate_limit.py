@@ -23,24 +23,16 @@ from app.middleware.rate_limit import APIKey, ClientIP, RateLimitRule, first_of
 from app.services.rate_limit import Algorithm
 from app.testing.servers import RedisServer
 from app.testing.waiting import eventually
-from tests.integration.topology._support import ON_TOPOLOGIES, ready, twin
 from tests.unit.middleware.test_rate_limit import build_app, check_ratelimit_headers, statuses
 
 ALL: tuple[Algorithm, ...] = get_args(Algorithm)
 Serve = Callable[..., Any]
 
 
-@pytest_asyncio.fixture
-async def redis(topology_redis: Any, decode_responses: bool) -> AsyncIterator[Any]:
-    """Standalone, Cluster or Sentinel (see ``ON_TOPOLOGIES``), bytes or text replies."""
-    if not decode_responses:
-        yield await ready(topology_redis)
-        return
-    client = twin(topology_redis, decode_responses=True)
-    try:
-        yield await ready(client)
-    finally:
-        await client.aclose()
+@pytest.fixture
+def redis(topology_client: Any) -> Any:
+    """Standalone, Cluster or Sentinel, bytes or decoded replies."""
+    return topology_client
 
 
 async def _serve(stack: AsyncExitStack, started: dict[int, Any], app: FastAPI, **kw: Any) -> Any:
@@ -67,7 +59,6 @@ async def serve(redis: Any) -> AsyncIterator[Serve]:
         yield make
 
 
-@ON_TOPOLOGIES
 async def test_every_algorithm_behind_rules_emits_draft_headers(serve: Serve) -> None:
     rules = [
         RateLimitRule(f"/items/{algorithm}", "burst=2/minute;daily=4/day", algorithm=algorithm)
@@ -87,7 +78,6 @@ async def test_every_algorithm_behind_rules_emits_draft_headers(serve: Serve) ->
         assert 1 <= int(refused.headers["retry-after"]) <= 120, algorithm
 
 
-@ON_TOPOLOGIES
 async def test_retry_after_is_rounded_up_and_waiting_it_out_works(serve: Serve) -> None:
     app = build_app(
         RateLimitRule("/items/{item_id}", "1 per 1200ms", algorithm="fixed_window"),
@@ -107,7 +97,6 @@ async def test_retry_after_is_rounded_up_and_waiting_it_out_works(serve: Serve) 
     assert (await client.get("/admin/x")).status_code == 200
 
 
-@ON_TOPOLOGIES
 async def test_a_spoofed_forwarded_for_from_an_untrusted_peer_does_not_change_identity(
     serve: Serve, redis: Any
 ) -> None:
@@ -127,7 +116,6 @@ async def test_a_spoofed_forwarded_for_from_an_untrusted_peer_does_not_change_id
         assert await statuses(proxy, "/items/1", 3, headers=chain) == [200, 200, 429]
 
 
-@ON_TOPOLOGIES
 async def test_concurrency_rule_under_real_concurrency_admits_exactly_the_limit(
     serve: Serve, redis: Any
 ) -> None:
@@ -151,7 +139,6 @@ async def test_concurrency_rule_under_real_concurrency_admits_exactly_the_limit(
     assert [k async for k in scan_keys(redis, "app:ratelimit:*")] == []  # every slot returned
 
 
-@ON_TOPOLOGIES
 async def test_stacked_dependencies(serve: Serve) -> None:
     from tests.unit.middleware.test_rate_limit import dependency_app
 
@@ -173,7 +160,6 @@ def demo_app() -> FastAPI:
     return app
 
 
-@ON_TOPOLOGIES
 async def test_demo_routes_on_every_topology(serve: Serve) -> None:
     real_app_client = await serve(demo_app())
     assert await statuses(real_app_client, "/limits/ip", 6) == [200] * 5 + [429]
@@ -210,7 +196,6 @@ async def test_a_dead_redis_fails_open_or_closed(settings_override: Any, mode: s
         server.cleanup()
 
 
-@ON_TOPOLOGIES
 async def test_random_api_keys_never_buy_fresh_quotas(serve: Serve) -> None:
     """Issue 16, attack 8: ``first_of(APIKey(), ClientIP())`` gave every random key a quota."""
     valid = {"live-key"}

@@ -3,7 +3,7 @@
 The behaviour tests of ``tests/unit/services/test_cache.py`` (everything taking
 ``cache_client``) and the two-process local-tier tests of
 ``tests/unit/services/test_cache_local.py`` (everything taking ``pair``) are
-re-run here on every topology (``ON_TOPOLOGIES``: standalone, a 3-primary
+re-run here on every topology (``TOPOLOGY_CLIENTS``: standalone, a 3-primary
 Cluster and Sentinel, with clients built as the app builds them; decoded
 replies on standalone and Cluster). So are the topology tests at the end: a
 stampede woken by ``BLPOP``, pattern and tag invalidation over keys on every
@@ -22,10 +22,10 @@ import logging
 import os
 import signal
 import sys
-import types
 import uuid
 from collections.abc import AsyncIterator, Callable
-from typing import Any, TypeVar, cast
+from types import ModuleType
+from typing import Any
 
 import pytest
 import pytest_asyncio
@@ -35,35 +35,34 @@ from redis.asyncio import Redis
 from app.core.keys import escape_glob
 from app.core.redis import breaker_for, build_client, is_cluster, scan_keys
 from app.services.cache import MISSING, CacheService, LocalCache, cached
+from app.testing.clients import ready, twin
 from app.testing.plugin import RedisServerInfo
 from app.testing.servers import RedisServer
 from app.testing.waiting import DEFAULT_DEADLINE, eventually
-from tests.integration.topology._support import ON_TOPOLOGIES, ready, twin
 from tests.unit.services import test_cache as unit_behaviour
 from tests.unit.services import test_cache_local as unit_local
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
 WORKER = "tests.integration.services._cache_worker"
 
-F = TypeVar("F", bound=Callable[..., Any])
+
+def _tests_taking(module: ModuleType, fixture: str) -> dict[str, Callable[..., Any]]:
+    """The tests of *module* that take *fixture*, to be collected here once more.
+
+    pytest collects every ``test_*`` function in a module's namespace, defined there
+    or not, and resolves its fixtures from the module it is collected in: here
+    ``cache_client`` and ``pair`` are this module's, which run on every topology.
+    The functions themselves are shared, unchanged, with the unit modules.
+    """
+    return {
+        name: test
+        for name, test in vars(module).items()
+        if name.startswith("test_") and fixture in inspect.signature(test).parameters
+    }
 
 
-def _on_topologies(test: F) -> F:
-    """A copy of a unit test, parametrized over ``ON_TOPOLOGIES`` (the original is untouched)."""
-    copy = types.FunctionType(
-        test.__code__, test.__globals__, test.__name__, test.__defaults__, test.__closure__
-    )
-    copy.__dict__.update(test.__dict__)  # its own marks (a new list is stored on the copy)
-    copy.__kwdefaults__ = test.__kwdefaults__
-    copy.__annotations__ = test.__annotations__
-    copy.__doc__ = test.__doc__
-    return cast(F, ON_TOPOLOGIES(copy))
-
-
-for _module, _fixture in ((unit_behaviour, "cache_client"), (unit_local, "pair")):
-    for _name, _test in vars(_module).items():
-        if _name.startswith("test_") and _fixture in inspect.signature(_test).parameters:
-            globals()[_name] = _on_topologies(_test)  # collected here, on this module's fixtures
+globals().update(_tests_taking(unit_behaviour, "cache_client"))
+globals().update(_tests_taking(unit_local, "pair"))
 
 
 async def warmed(client: Any) -> Any:
@@ -80,16 +79,9 @@ async def warmed(client: Any) -> Any:
 
 
 @pytest_asyncio.fixture
-async def cache_client(topology_redis: Any, decode_responses: bool) -> AsyncIterator[Any]:
+async def cache_client(topology_client: Any) -> Any:
     """A client of the topology (flushed per test), as the app builds it, or its decoded twin."""
-    if not decode_responses:
-        yield await warmed(topology_redis)
-        return
-    client = twin(topology_redis, decode_responses=True)
-    try:
-        yield await warmed(client)
-    finally:
-        await client.aclose()
+    return await warmed(topology_client)
 
 
 @pytest_asyncio.fixture
@@ -391,7 +383,6 @@ def _primaries_holding(client: Any, rkeys: list[str]) -> set[str]:
     return {client.get_node_from_key(k).name for k in rkeys}
 
 
-@ON_TOPOLOGIES
 async def test_a_stampede_runs_the_factory_once_and_the_write_wakes_every_waiter(
     topology_redis: Any, decode_responses: bool
 ) -> None:
@@ -431,7 +422,6 @@ async def test_a_stampede_runs_the_factory_once_and_the_write_wakes_every_waiter
     assert total("wakeups") == 7 and total("wait_timeouts") == 0 and total("errors") == 0
 
 
-@ON_TOPOLOGIES
 async def test_pattern_and_tag_invalidation_reach_keys_on_every_primary(
     topology_redis: Any, decode_responses: bool
 ) -> None:
@@ -462,7 +452,6 @@ async def test_pattern_and_tag_invalidation_reach_keys_on_every_primary(
         await client.aclose()
 
 
-@ON_TOPOLOGIES
 async def test_local_tiers_are_invalidated_over_pubsub_for_keys_on_every_primary(
     topology_redis: Any, decode_responses: bool
 ) -> None:

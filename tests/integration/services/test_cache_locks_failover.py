@@ -35,10 +35,10 @@ from app.core.errors import LockNotOwned, RedisUnavailable
 from app.core.redis import build_client
 from app.services.cache import MISSING, CacheService, LocalCache
 from app.services.locks import RedisLock
+from app.testing.clients import twin
 from app.testing.servers import RedisServer
 from app.testing.topologies import SERVICE, LocalSentinel
 from app.testing.waiting import eventually
-from tests.integration.topology._support import twin
 from tests.unit.services import test_cache_local as unit_local
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]

@@ -3,31 +3,22 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-import pytest_asyncio
 from redis.asyncio import Redis
 
 from app.core.errors import RedisUnavailable
 from app.services.idempotency import Claim, IdempotencyService
+from app.testing.clients import twin
 from app.testing.servers import RedisServer
 from app.testing.waiting import eventually
-from tests.integration.topology._support import ON_TOPOLOGIES, ready, twin
 
 
-@pytest_asyncio.fixture
-async def real_client(topology_redis: Any, decode_responses: bool) -> AsyncIterator[Any]:
-    """Standalone, Cluster or Sentinel (see ``ON_TOPOLOGIES``), bytes or decoded replies."""
-    if not decode_responses:
-        yield await ready(topology_redis)
-        return
-    client = twin(topology_redis, decode_responses=True)
-    try:
-        yield await ready(client)
-    finally:
-        await client.aclose()
+@pytest.fixture
+def real_client(topology_client: Any) -> Any:
+    """Standalone, Cluster or Sentinel, bytes or decoded replies."""
+    return topology_client
 
 
 # -- the DESIGN.md contract, on every topology ----------------------
@@ -43,7 +34,6 @@ async def test_contract_on_every_topology(topology_redis: Any) -> None:
     assert 86_000 < await topology_redis.ttl(svc.record_key("req-1")) <= 86_400
 
 
-@ON_TOPOLOGIES
 async def test_contract_with_both_decode_modes(real_client: Any) -> None:
     svc = IdempotencyService(real_client, ttl=30)
     assert await svc.is_duplicate("r") is False
@@ -71,7 +61,6 @@ async def _claimable(svc: IdempotencyService, key: str, fingerprint: str = "") -
     return claims[0]
 
 
-@ON_TOPOLOGIES
 async def test_exactly_one_of_100_concurrent_claims_wins(real_client: Any) -> None:
     svc = IdempotencyService(real_client)
     claims = await asyncio.gather(*(svc.claim("pay-1", "fp") for _ in range(100)))

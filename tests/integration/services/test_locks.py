@@ -1,7 +1,7 @@
 """RedisLock on real servers: exclusion across processes, contract, fencing, extend,
 watchdog, wake-ups, the fair queue, cancellation, and the FastAPI dependency.
 
-Tests taking ``redis`` run on every topology (``ON_TOPOLOGIES``: standalone, a
+Tests taking ``redis`` run on every topology (``topology_client``: standalone, a
 3-primary Cluster and Sentinel, clients built as the app builds them; decoded
 replies on standalone and Cluster); those taking ``topology_redis`` run on the
 three topologies with the app's client. The rest need a standalone server of
@@ -16,13 +16,11 @@ import functools
 import itertools
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Annotated, Any
 
 import httpx
 import pytest
-import pytest_asyncio
 from fastapi import FastAPI
 from redis.asyncio import Redis
 
@@ -32,27 +30,20 @@ from app.api.routes import locks as lock_routes
 from app.core.errors import LockLost, LockNotOwned
 from app.core.redis import is_cluster
 from app.services.locks import RedisLock, fenced_write
+from app.testing.clients import ready, twin
 from app.testing.plugin import AppClientFactory, RedisServerInfo
 from app.testing.waiting import DEFAULT_DEADLINE, eventually
 from tests.integration.services import _locks_worker as worker
-from tests.integration.topology._support import ON_TOPOLOGIES, ready, twin
 
 ROOT = Path(__file__).resolve().parents[3]  # the checkout under test
 
 pytestmark = pytest.mark.integration
 
 
-@pytest_asyncio.fixture
-async def redis(topology_redis: Any, decode_responses: bool) -> AsyncIterator[Any]:
+@pytest.fixture
+def redis(topology_client: Any) -> Any:
     """A client of the topology (flushed per test), as the app builds it, or its decoded twin."""
-    if not decode_responses:
-        yield await ready(topology_redis)
-        return
-    client = twin(topology_redis, decode_responses=True)
-    try:
-        yield await ready(client)
-    finally:
-        await client.aclose()
+    return topology_client
 
 
 async def _expired(lock: RedisLock) -> None:
@@ -113,7 +104,6 @@ async def test_two_processes_of_50_tasks_increment_exactly_2000_times(
 # -- the DESIGN.md contract ----------------------------------------------------------
 
 
-@ON_TOPOLOGIES
 async def test_second_acquire_fails_at_once_and_succeeds_after_release(redis: Any) -> None:
     first = RedisLock(redis, "resource:1", timeout=5)
     second = RedisLock(redis, "resource:1", timeout=5)
@@ -126,7 +116,6 @@ async def test_second_acquire_fails_at_once_and_succeeds_after_release(redis: An
     assert not await second.locked()
 
 
-@ON_TOPOLOGIES
 async def test_a_lock_expires_after_its_timeout(redis: Any) -> None:
     first = RedisLock(redis, "resource:1", timeout=0.2)
     assert await first.acquire()
@@ -135,7 +124,6 @@ async def test_a_lock_expires_after_its_timeout(redis: Any) -> None:
     assert await RedisLock(redis, "resource:1", timeout=5).acquire()
 
 
-@ON_TOPOLOGIES
 async def test_of_five_concurrent_non_blocking_acquirers_exactly_one_wins(redis: Any) -> None:
     for round_ in range(5):
         locks = [RedisLock(redis, f"resource:{round_}", timeout=5) for _ in range(5)]
@@ -146,7 +134,6 @@ async def test_of_five_concurrent_non_blocking_acquirers_exactly_one_wins(redis:
         await winner.release()
 
 
-@ON_TOPOLOGIES
 async def test_release_after_expiry_raises_and_spares_the_new_owner(redis: Any) -> None:
     old = RedisLock(redis, "resource:1", timeout=0.1)
     await old.acquire()
@@ -162,7 +149,6 @@ async def test_release_after_expiry_raises_and_spares_the_new_owner(redis: Any) 
 # -- fencing ----------------------------------------------------------------------------
 
 
-@ON_TOPOLOGIES
 async def test_fencing_tokens_strictly_increase_across_holders_and_expiry(redis: Any) -> None:
     fences: list[int] = []
 
@@ -181,7 +167,6 @@ async def test_fencing_tokens_strictly_increase_across_holders_and_expiry(redis:
     assert all(a < b for a, b in itertools.pairwise(fences)), fences
 
 
-@ON_TOPOLOGIES
 async def test_fenced_write_stops_a_holder_that_outlived_its_lease(redis: Any) -> None:
     slow = RedisLock(redis, "report", timeout=0.1)
     await slow.acquire()
@@ -231,7 +216,6 @@ async def test_watchdog_holds_the_lock_through_three_times_its_timeout(
     assert not await redis.exists(lock.key)
 
 
-@ON_TOPOLOGIES
 async def test_deleting_the_key_cancels_the_body_and_raises_lock_lost(redis: Any) -> None:
     lost: list[LockLost] = []
     progress: list[str] = []
@@ -248,7 +232,6 @@ async def test_deleting_the_key_cancels_the_body_and_raises_lock_lost(redis: Any
     assert isinstance(caught.value.__cause__, asyncio.CancelledError)
 
 
-@ON_TOPOLOGIES
 async def test_a_renewal_that_finds_another_owner_does_not_touch_its_lease(redis: Any) -> None:
     thief = RedisLock(redis, "jobs:1", timeout=30)
     with pytest.raises(LockLost):
@@ -264,7 +247,6 @@ async def test_a_renewal_that_finds_another_owner_does_not_touch_its_lease(redis
 # -- waiting ----------------------------------------------------------------------------------
 
 
-@ON_TOPOLOGIES
 async def test_a_waiter_in_another_process_is_woken_by_the_release(redis: Any) -> None:
     holder = RedisLock(redis, "jobs:1", timeout=60)
     await holder.acquire()
@@ -291,7 +273,6 @@ async def test_a_waiter_in_another_process_is_woken_by_the_release(redis: Any) -
         await elsewhere.aclose()
 
 
-@ON_TOPOLOGIES
 async def test_fair_waiters_are_served_in_arrival_order(redis: Any) -> None:
     holder = RedisLock(redis, "jobs:1", timeout=30, fair=True)
     await holder.acquire()
@@ -313,7 +294,6 @@ async def test_fair_waiters_are_served_in_arrival_order(redis: Any) -> None:
     assert order == [0, 1, 2, 3, 4]
 
 
-@ON_TOPOLOGIES
 async def test_a_release_pushes_to_the_fair_queue_heads_own_wake_list(redis: Any) -> None:
     """The head's wake list is named inside the release script (``<wake key>:<token>``).
 
@@ -331,7 +311,6 @@ async def test_a_release_pushes_to_the_fair_queue_heads_own_wake_list(redis: Any
     assert await queued._give_up("head-token")  # released with the token it was taken with
 
 
-@ON_TOPOLOGIES
 async def test_an_uncontended_hold_writes_no_wake_marker_and_no_queue(redis: Any) -> None:
     """Nobody waits: the release is a compare-and-delete; no wake list or queue appears."""
     lock = RedisLock(redis, "jobs:1", timeout=30)
@@ -342,7 +321,6 @@ async def test_an_uncontended_hold_writes_no_wake_marker_and_no_queue(redis: Any
     assert not await lock.locked()
 
 
-@ON_TOPOLOGIES
 async def test_a_waiter_arriving_on_a_fast_hold_is_woken_by_its_release(redis: Any) -> None:
     holder = RedisLock(redis, "jobs:1", timeout=30)
     assert await holder.acquire()
@@ -356,7 +334,6 @@ async def test_a_waiter_arriving_on_a_fast_hold_is_woken_by_its_release(redis: A
     assert await waiter._give_up("waiter-token")
 
 
-@ON_TOPOLOGIES
 async def test_a_fast_release_wakes_the_head_of_a_fair_queue(redis: Any) -> None:
     """A non-fair holder's release with a fair waiter queued wakes that waiter's own list."""
     holder = RedisLock(redis, "jobs:1", timeout=30)
@@ -370,7 +347,6 @@ async def test_a_fast_release_wakes_the_head_of_a_fair_queue(redis: Any) -> None
     assert await queued._give_up("head-token")
 
 
-@ON_TOPOLOGIES
 async def test_fences_of_fast_and_fair_acquires_increase_together(redis: Any) -> None:
     """The fence is there right after acquire, whichever path took the lock."""
     fences: list[int] = []
@@ -386,7 +362,6 @@ async def test_fences_of_fast_and_fair_acquires_increase_together(redis: Any) ->
 # -- extend ------------------------------------------------------------------------------------
 
 
-@ON_TOPOLOGIES
 async def test_extend_lengthens_or_replaces_only_its_own_lease(redis: Any) -> None:
     lock = RedisLock(redis, "jobs:1", timeout=1)
     assert await lock.acquire()
@@ -472,7 +447,6 @@ async def test_a_task_cancelled_after_its_set_reached_redis_leaves_no_key(
         await proxy.close()
 
 
-@ON_TOPOLOGIES
 async def test_a_task_cancelled_while_waiting_leaves_the_holder_alone(redis: Any) -> None:
     holder = RedisLock(redis, "jobs:1", timeout=30)
     await holder.acquire()
@@ -487,7 +461,6 @@ async def test_a_task_cancelled_while_waiting_leaves_the_holder_alone(redis: Any
     await holder.release()
 
 
-@ON_TOPOLOGIES
 async def test_a_cancelled_release_still_releases(redis: Any) -> None:
     lock = RedisLock(redis, "jobs:1", timeout=30)
     await lock.acquire()

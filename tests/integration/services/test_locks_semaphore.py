@@ -2,7 +2,7 @@
 
 Every test runs on standalone, a 3-primary Cluster and Sentinel (clients built
 as the app builds them; ``redis`` tests also with decoded replies on standalone
-and Cluster, see ``ON_TOPOLOGIES``).
+and Cluster: ``topology_client``).
 """
 
 from __future__ import annotations
@@ -11,37 +11,27 @@ import asyncio
 import functools
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import pytest_asyncio
 
 from app.core.errors import LockLost, LockNotAcquired
 from app.services.locks import Semaphore
+from app.testing.clients import ready, topology_url, twin
 from app.testing.waiting import eventually
-from tests.integration.topology._support import ON_TOPOLOGIES, ready, topology_url, twin
 
 ROOT = Path(__file__).resolve().parents[3]  # the checkout under test
 
 pytestmark = pytest.mark.integration
 
 
-@pytest_asyncio.fixture
-async def redis(topology_redis: Any, decode_responses: bool) -> AsyncIterator[Any]:
+@pytest.fixture
+def redis(topology_client: Any) -> Any:
     """A client of the topology (flushed per test), as the app builds it, or its decoded twin."""
-    if not decode_responses:
-        yield await ready(topology_redis)
-        return
-    client = twin(topology_redis, decode_responses=True)
-    try:
-        yield await ready(client)
-    finally:
-        await client.aclose()
+    return topology_client
 
 
-@ON_TOPOLOGIES
 async def test_never_more_than_limit_holders_among_100_concurrent_tasks(redis: Any) -> None:
     limit = 5
     other = await ready(twin(redis))  # a second pool, like a second worker
@@ -104,7 +94,6 @@ async def test_a_crashed_holders_permit_returns_after_its_lease(
         proc.communicate()
 
 
-@ON_TOPOLOGIES
 async def test_full_semaphore_raises_lock_not_acquired(redis: Any) -> None:
     sem = Semaphore(redis, "reports", 2, timeout=10, blocking_timeout=0.1)
     async with sem, sem:
@@ -134,7 +123,6 @@ async def test_watchdog_keeps_the_permit_and_cancels_the_body_when_lost(
     assert progress == ["started"]
 
 
-@ON_TOPOLOGIES
 async def test_a_task_cancelled_during_acquire_leaves_no_permit(redis: Any) -> None:
     sem = Semaphore(redis, "reports", 3, timeout=30)
     for ticks in range(0, 30, 3):
@@ -151,7 +139,6 @@ async def test_a_task_cancelled_during_acquire_leaves_no_permit(redis: Any) -> N
             await permit.release()
 
 
-@ON_TOPOLOGIES
 async def test_fair_waiters_get_permits_in_arrival_order(redis: Any) -> None:
     sem = Semaphore(redis, "reports", 1, timeout=30, fair=True, blocking_timeout=10)
     held = await sem.acquire()
@@ -174,7 +161,6 @@ async def test_fair_waiters_get_permits_in_arrival_order(redis: Any) -> None:
     assert order == [0, 1, 2, 3]
 
 
-@ON_TOPOLOGIES
 async def test_a_release_pushes_to_the_fair_queue_heads_own_wake_list(redis: Any) -> None:
     """As for locks: the head's wake list, named inside the release script, is in the slot."""
     sem = Semaphore(redis, "reports", 1, timeout=30, fair=True)

@@ -14,10 +14,10 @@ from redis.asyncio import Redis
 
 from app.core.redis import is_cluster
 from app.services.pubsub import Broadcaster, Message, Reconnected, Subscription
+from app.testing.clients import twin
 from app.testing.plugin import RedisServerInfo
 from app.testing.proxy import TcpProxy
 from app.testing.waiting import DEFAULT_DEADLINE, eventually
-from tests.integration.topology._support import ON_TOPOLOGIES, ready, twin
 
 FAST = {
     "ping_interval": 0.1,
@@ -63,17 +63,10 @@ def make(real_redis: Redis, broadcasters: BroadcasterFactory) -> BroadcasterFact
     return factory
 
 
-@pytest_asyncio.fixture
-async def client(topology_redis: Any, decode_responses: bool) -> AsyncIterator[Any]:
-    """Standalone, Cluster or Sentinel (see ``ON_TOPOLOGIES``), bytes or decoded replies."""
-    if not decode_responses:
-        yield await ready(topology_redis)
-        return
-    decoded = twin(topology_redis, decode_responses=True)
-    try:
-        yield await ready(decoded)
-    finally:
-        await decoded.aclose()
+@pytest.fixture
+def client(topology_client: Any) -> Any:
+    """Standalone, Cluster or Sentinel, bytes or decoded replies."""
+    return topology_client
 
 
 @pytest_asyncio.fixture
@@ -214,7 +207,6 @@ async def test_1000_local_subscribers_share_one_redis_connection(
 # -- every topology ---------------------------------------------------------------------
 
 
-@ON_TOPOLOGIES
 async def test_another_process_reaches_subscribers_with_live_and_history_channels(
     client: Any, twins: Callable[..., Any], broadcasters: BroadcasterFactory
 ) -> None:

@@ -16,10 +16,10 @@ from redis.asyncio import Redis
 from app.core.errors import RedisUnavailable
 from app.core.redis import scan_keys
 from app.services.rate_limit import ALGORITHMS, Algorithm, ConcurrencyLimiter, RateLimiter
+from app.testing.clients import topology_url
 from app.testing.plugin import RedisServerInfo
 from app.testing.servers import RedisServer
 from app.testing.waiting import eventually
-from tests.integration.topology._support import ON_TOPOLOGIES, ready, topology_url, twin
 
 ALL: tuple[Algorithm, ...] = get_args(Algorithm)
 ROOT = Path(__file__).resolve().parents[3]
@@ -42,12 +42,12 @@ class CountingRedis(Redis):
         return await super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
 
 
-@pytest_asyncio.fixture(params=[False, True], ids=["bytes", "text"])
+@pytest_asyncio.fixture
 async def client(
-    request: pytest.FixtureRequest, real_redis: Redis, redis_server: RedisServerInfo
+    decode_responses: bool, real_redis: Redis, redis_server: RedisServerInfo
 ) -> AsyncIterator[CountingRedis]:
     """A counting client to the session's real server (flushed by ``real_redis``)."""
-    counting = CountingRedis.from_url(redis_server.url, decode_responses=request.param)
+    counting = CountingRedis.from_url(redis_server.url, decode_responses=decode_responses)
     assert isinstance(counting, CountingRedis)
     try:
         yield counting
@@ -55,17 +55,10 @@ async def client(
         await counting.aclose()
 
 
-@pytest_asyncio.fixture
-async def topo(topology_redis: Any, decode_responses: bool) -> AsyncIterator[Any]:
-    """Standalone, Cluster or Sentinel (see ``ON_TOPOLOGIES``), bytes or decoded replies."""
-    if not decode_responses:
-        yield await ready(topology_redis)
-        return
-    decoded = twin(topology_redis, decode_responses=True)
-    try:
-        yield await ready(decoded)
-    finally:
-        await decoded.aclose()
+@pytest.fixture
+def topo(topology_client: Any) -> Any:
+    """Standalone, Cluster or Sentinel, bytes or decoded replies."""
+    return topology_client
 
 
 @pytest.fixture
@@ -124,7 +117,6 @@ async def test_concurrent_checks_from_two_processes_admit_exactly_the_limit(
         assert (await limiter.peek("contended")).results[0].remaining == 0
 
 
-@ON_TOPOLOGIES
 async def test_design_contract_three_per_second_then_allowed_after_the_window(
     topo: Any,
 ) -> None:
@@ -153,7 +145,6 @@ async def test_design_contract_three_per_second_then_allowed_after_the_window(
     }
 
 
-@ON_TOPOLOGIES
 @pytest.mark.parametrize("algorithm", ALL)
 async def test_a_refusal_by_the_per_second_policy_leaves_the_daily_count_unchanged(
     topo: Any, algorithm: Algorithm
@@ -171,7 +162,6 @@ async def test_a_refusal_by_the_per_second_policy_leaves_the_daily_count_unchang
     assert (await limiter.peek("u")).results[1].remaining == 998
 
 
-@ON_TOPOLOGIES
 @pytest.mark.parametrize("algorithm", ALL)
 async def test_is_allowed_charges_every_policy_and_its_refusals_none(
     topo: Any, algorithm: Algorithm
@@ -183,7 +173,6 @@ async def test_is_allowed_charges_every_policy_and_its_refusals_none(
     assert (minute.remaining, day.remaining) == (0, 2)
 
 
-@ON_TOPOLOGIES
 async def test_every_key_the_limiters_write_has_a_ttl(topo: Any) -> None:
     policies = "s=2/second;m=5/minute;d=10/day"
     for algorithm in ALL:
@@ -222,7 +211,6 @@ async def test_a_check_after_script_flush_still_works(
     assert client.commands == ["EVALSHA"]
 
 
-@ON_TOPOLOGIES
 async def test_concurrency_after_script_flush_still_works(topo: Any) -> None:
     slots = ConcurrencyLimiter(topo, 1)
     await topo.script_flush()
@@ -256,7 +244,6 @@ async def test_one_round_trip_per_check_for_any_number_of_policies(
         assert issued == {"evalsha": 7, "info": 1}, issued  # the first INFO counted itself
 
 
-@ON_TOPOLOGIES
 async def test_sub_second_windows_use_the_server_clock(topo: Any) -> None:
     # A window may end between two hits (a loaded machine stretches the gaps), so the test
     # hits until refused, within three windows' worth, rather than counting on the 5th hit.
@@ -273,7 +260,6 @@ async def test_sub_second_windows_use_the_server_clock(topo: Any) -> None:
         assert await limiter.is_allowed(algorithm), algorithm
 
 
-@ON_TOPOLOGIES
 async def test_gcra_spaces_units_evenly_after_a_burst(topo: Any) -> None:
     # One unit per 300 ms: the two hits after the wait must land within one unit, which
     # leaves a loaded machine room (100 ms units made that a race).
@@ -286,7 +272,6 @@ async def test_gcra_spaces_units_evenly_after_a_burst(topo: Any) -> None:
     assert not await limiter.is_allowed("u")  # only one unit came back
 
 
-@ON_TOPOLOGIES
 async def test_a_dead_workers_concurrency_leases_expire(topo: Any) -> None:
     slots = ConcurrencyLimiter(topo, 2, lease_seconds=0.5)
     assert (await slots.acquire("u")).allowed and (await slots.acquire("u")).allowed

@@ -4,31 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-import pytest_asyncio
 from redis.asyncio import Redis
 
 from app.core.errors import RedisUnavailable, SessionConflict, SessionNotFound
 from app.services.sessions import SessionStore
 from app.testing.servers import RedisServer
 from app.testing.waiting import eventually
-from tests.integration.topology._support import ON_TOPOLOGIES, ready, twin
 
 
-@pytest_asyncio.fixture
-async def client(topology_redis: Any, decode_responses: bool) -> AsyncIterator[Any]:
-    """Standalone, Cluster or Sentinel (see ``ON_TOPOLOGIES``), bytes or decoded replies."""
-    if not decode_responses:
-        yield await ready(topology_redis)
-        return
-    decoded = twin(topology_redis, decode_responses=True)
-    try:
-        yield await ready(decoded)
-    finally:
-        await decoded.aclose()
+@pytest.fixture
+def client(topology_client: Any) -> Any:
+    """Standalone, Cluster or Sentinel, bytes or decoded replies."""
+    return topology_client
 
 
 def _key(store: SessionStore, session_id: str) -> str:
@@ -66,7 +56,6 @@ async def test_record_crud_round_trip_on_every_topology(topology_redis: Any) -> 
     assert [r async for r in store.list()] == []
 
 
-@ON_TOPOLOGIES
 async def test_crud_binary_and_merge_rules(client: Any) -> None:
     store = SessionStore(client)
     rec = await store.create(data={"user": "u", "blob": bytes(range(256))}, client_ip="::1")
@@ -84,7 +73,6 @@ async def test_crud_binary_and_merge_rules(client: Any) -> None:
     assert await store.get(rec.id) is None
 
 
-@ON_TOPOLOGIES
 async def test_many_concurrent_writers_of_different_keys_lose_nothing(client: Any) -> None:
     store = SessionStore(client)
     rec = await store.create(data={})
@@ -96,7 +84,6 @@ async def test_many_concurrent_writers_of_different_keys_lose_nothing(client: An
     assert got.data == {f"k{i}": i for i in range(100)} and got.version == 101
 
 
-@ON_TOPOLOGIES
 async def test_concurrent_increments_of_one_key_never_lose_an_update(client: Any) -> None:
     store = SessionStore(client)
     rec = await store.create(data={"n": 0})
@@ -118,7 +105,6 @@ async def test_concurrent_increments_of_one_key_never_lose_an_update(client: Any
     assert got is not None and got.data["n"] == 30
 
 
-@ON_TOPOLOGIES
 async def test_idle_timeout_is_enforced_by_redis_and_restarted_by_activity(client: Any) -> None:
     store = SessionStore(client, idle_ttl=1, absolute_ttl=30)
     rec = await store.create(data={"a": 1})
@@ -133,7 +119,6 @@ async def test_idle_timeout_is_enforced_by_redis_and_restarted_by_activity(clien
     assert await store.touch(rec.id) is False
 
 
-@ON_TOPOLOGIES
 async def test_absolute_lifetime_ends_a_session_however_active(client: Any) -> None:
     store = SessionStore(client, idle_ttl=1, absolute_ttl=1.2)
     rec = await store.create(data={"a": 1})
@@ -154,7 +139,6 @@ async def test_absolute_lifetime_ends_a_session_however_active(client: Any) -> N
         await store.merge(rec.id, base_version=0, changes={"c": 3})
 
 
-@ON_TOPOLOGIES
 async def test_the_old_id_never_resolves_and_is_forgotten_after_the_grace_window(
     client: Any,
 ) -> None:
@@ -172,7 +156,6 @@ async def test_the_old_id_never_resolves_and_is_forgotten_after_the_grace_window
     assert await store.load(new_id) is not None
 
 
-@ON_TOPOLOGIES
 async def test_a_fixated_id_is_worthless_after_the_victim_logs_in(client: Any) -> None:
     store = SessionStore(client)
     planted = await store.create(data={"theme": "dark"})  # the attacker's own session
@@ -193,7 +176,6 @@ async def test_a_fixated_id_is_worthless_after_the_victim_logs_in(client: Any) -
     assert record.version == logged_in.version
 
 
-@ON_TOPOLOGIES
 async def test_tombstone_and_index_expire(client: Any) -> None:
     store = SessionStore(client, tombstone_ttl=0.3, absolute_ttl=5)
     rec = await store.create(data={"user": "alice"})
@@ -212,7 +194,6 @@ async def test_tombstone_and_index_expire(client: Any) -> None:
     assert await client.exists(index) == 0  # emptied on delete
 
 
-@ON_TOPOLOGIES
 async def test_list_and_revoke_at_scale(client: Any) -> None:
     store = SessionStore(client)
     alice = [await store.create(data={"user": "alice"}) for _ in range(130)]
@@ -227,7 +208,6 @@ async def test_list_and_revoke_at_scale(client: Any) -> None:
     assert [r async for r in store.list()] == []
 
 
-@ON_TOPOLOGIES
 async def test_scripts_reload_after_the_server_forgets_them(client: Any) -> None:
     store = SessionStore(client)
     rec = await store.create(data={"a": 1})

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-import pytest_asyncio
+import pytest
 
 from app.services.streams import StreamConsumer, StreamMessage, StreamProducer, stream_keys
+from app.testing.clients import twin
 from app.testing.waiting import eventually
-from tests.integration.topology._support import ON_TOPOLOGIES, ready, twin
 
 
 def _text(value: object) -> str:
@@ -22,17 +22,10 @@ async def pending_of(redis: Any, stream: str, group: str) -> int:
     return int((await redis.xpending(stream_keys(stream).stream, group))["pending"])
 
 
-@pytest_asyncio.fixture
-async def client(topology_redis: Any, decode_responses: bool) -> AsyncIterator[Any]:
-    """Standalone, Cluster or Sentinel (see ``ON_TOPOLOGIES``), bytes or decoded replies."""
-    if not decode_responses:
-        yield await ready(topology_redis)
-        return
-    c = twin(topology_redis, decode_responses=True)
-    try:
-        yield await ready(c)
-    finally:
-        await c.aclose()
+@pytest.fixture
+def client(topology_client: Any) -> Any:
+    """Standalone, Cluster or Sentinel, bytes or decoded replies."""
+    return topology_client
 
 
 async def test_ten_thousand_entries_three_consumers_each_handled_once(
@@ -73,7 +66,6 @@ async def test_ten_thousand_entries_three_consumers_each_handled_once(
     assert (stats.length, stats.pending, stats.lag) == (10_000, 0, 0)
 
 
-@ON_TOPOLOGIES
 async def test_an_always_failing_handler_lands_in_the_dead_letter_stream(client: Any) -> None:
     [entry_id] = await StreamProducer(client, "jobs").add_many([{"job": "doomed"}])
     deliveries: list[int] = []
@@ -131,7 +123,6 @@ async def test_a_handler_running_three_claim_idles_is_not_processed_twice(
     assert await pending_of(topology_redis, "jobs", "g") == 0
 
 
-@ON_TOPOLOGIES
 async def test_graceful_stop_acks_finished_handlers_and_leaves_the_rest_pending(
     client: Any,
 ) -> None:
@@ -168,7 +159,6 @@ async def test_graceful_stop_acks_finished_handlers_and_leaves_the_rest_pending(
     assert await pending_of(client, "jobs", "g") == 0
 
 
-@ON_TOPOLOGIES
 async def test_idle_entries_are_reclaimed_and_deleted_ones_skipped(client: Any) -> None:
     key = stream_keys("jobs").stream
     ids = await StreamProducer(client, "jobs").add_many(["a", "b", "c", "d"])
@@ -188,7 +178,6 @@ async def test_idle_entries_are_reclaimed_and_deleted_ones_skipped(client: Any) 
     assert await pending_of(client, "jobs", "g") == 0
 
 
-@ON_TOPOLOGIES
 async def test_own_pending_entries_are_recovered_before_new_ones(client: Any) -> None:
     key = stream_keys("jobs").stream
     producer = StreamProducer(client, "jobs")
@@ -207,7 +196,6 @@ async def test_own_pending_entries_are_recovered_before_new_ones(client: Any) ->
     assert old
 
 
-@ON_TOPOLOGIES
 async def test_stats_trim_and_janitor(client: Any) -> None:
     key = stream_keys("jobs").stream
     producer = StreamProducer(client, "jobs")

@@ -8,10 +8,8 @@ from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
 from typing import Any
 
-import fakeredis
 import httpx
 import pytest
-import pytest_asyncio
 from asgi_lifespan import LifespanManager
 from fastapi import Depends, FastAPI
 from hypothesis import given
@@ -27,7 +25,6 @@ from app.middleware.idempotency import (
     default_principal,
     parse_idempotency_key,
 )
-from app.testing.slots import slot_checking_fake_redis
 
 PRINTABLE = st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7E), min_size=1)
 
@@ -201,14 +198,10 @@ def _wired_app(**options: Any) -> FastAPI:
     return app
 
 
-@pytest_asyncio.fixture(params=[False, True], ids=["bytes", "decoded"])
-async def fake(request: pytest.FixtureRequest) -> AsyncIterator[Any]:
-    client = slot_checking_fake_redis(server=fakeredis.FakeServer(), decode_responses=request.param)
-    core_redis.redis_client = client
-    try:
-        yield client
-    finally:
-        await client.aclose()
+@pytest.fixture
+def fake(fake_client: Any) -> Any:
+    core_redis.redis_client = fake_client
+    return fake_client
 
 
 async def _client(app: FastAPI) -> httpx.AsyncClient:

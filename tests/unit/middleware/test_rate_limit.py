@@ -39,7 +39,6 @@ from app.middleware.rate_limit import (
     retry_after_seconds,
 )
 from app.services.rate_limit import Policy, RateLimitDecision, RateLimitResult
-from app.testing.slots import slot_checking_fake_redis
 
 # -- a strict RFC 9651 List parser (independent of the code under test) -------
 
@@ -213,13 +212,9 @@ def test_the_parser_itself_refuses_malformed_fields() -> None:
 # -- fixtures -----------------------------------------------------------------
 
 
-@pytest_asyncio.fixture(params=[False, True], ids=["bytes", "text"])
-async def redis(request: pytest.FixtureRequest) -> AsyncIterator[Any]:
-    client = slot_checking_fake_redis(server=fakeredis.FakeServer(), decode_responses=request.param)
-    try:
-        yield client
-    finally:
-        await client.aclose()
+@pytest.fixture
+def redis(fake_client: Any) -> Any:
+    return fake_client
 
 
 Serve = Callable[..., Any]

@@ -11,11 +11,10 @@ import asyncio
 import datetime as dt
 import logging
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-import pytest_asyncio
 from pydantic import BaseModel
 
 from app.core.errors import ConfigurationError, InvalidKey, PatternTooComplex, RedisUnavailable
@@ -30,18 +29,10 @@ class Item(BaseModel):
     name: str
 
 
-@pytest_asyncio.fixture(params=["bytes", "text"])
-async def cache_client(request: pytest.FixtureRequest) -> AsyncIterator[Any]:
+@pytest.fixture
+def cache_client(fake_client: Any) -> Any:
     """A fresh fakeredis client (decode_responses False, then True) that refuses CROSSSLOT."""
-    import fakeredis
-
-    client = slot_checking_fake_redis(
-        server=fakeredis.FakeServer(), decode_responses=request.param == "text"
-    )
-    try:
-        yield client
-    finally:
-        await client.aclose()
+    return fake_client
 
 
 async def _keys(client: Any, pattern: str = "*") -> list[str]:
@@ -615,18 +606,13 @@ async def test_early_refresh_xfetch(cache_client: Any) -> None:
 # mid-test (tests/integration/services/test_cache.py).
 
 
-@pytest_asyncio.fixture(params=["bytes", "text"])
-async def outage(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Any, Any]]:
+@pytest.fixture
+def outage(fake_client: Any, fake_server: Any) -> Iterator[tuple[Any, Any]]:
     """(fakeredis client, its FakeServer): set ``server.connected = False`` to cut Redis off."""
-    import fakeredis
-
-    server = fakeredis.FakeServer()
-    client = slot_checking_fake_redis(server=server, decode_responses=request.param == "text")
     try:
-        yield client, server
+        yield fake_client, fake_server
     finally:
-        server.connected = True
-        await client.aclose()
+        fake_server.connected = True  # before the client is closed
 
 
 async def test_fail_open_when_redis_is_unreachable(

@@ -9,7 +9,7 @@ import pytest
 import pytest_asyncio
 
 from app.services.cache import MISSING, CacheService, LocalCache
-from app.testing.slots import slot_checking_fake_redis
+from app.testing.clients import fake_twin
 from app.testing.waiting import ManualClock, eventually
 
 
@@ -111,14 +111,10 @@ def test_bad_options() -> None:
 # -- two "processes" sharing one (fake) Redis --------------------------------------------
 
 
-@pytest_asyncio.fixture(params=["bytes", "text"])
-async def pair(request: pytest.FixtureRequest) -> AsyncIterator[tuple[CacheService, CacheService]]:
+@pytest_asyncio.fixture
+async def pair(fake_client: Any) -> AsyncIterator[tuple[CacheService, CacheService]]:
     """Two CacheServices with local tiers over two clients of one fake server."""
-    import fakeredis
-
-    server = fakeredis.FakeServer()
-    text = request.param == "text"
-    clients = [slot_checking_fake_redis(server=server, decode_responses=text) for _ in range(2)]
+    clients = [fake_twin(fake_client) for _ in range(2)]
     services = [CacheService(c, local=LocalCache(ttl=60)) for c in clients]
     for service in services:
         assert await service.start()

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-from collections.abc import AsyncIterator
 from typing import Any
 
 import fakeredis
 import pytest
-import pytest_asyncio
 from pydantic import BaseModel
 from redis.exceptions import RedisError
 
@@ -24,14 +22,10 @@ class Receipt(BaseModel):
     total: float
 
 
-@pytest_asyncio.fixture(params=[False, True], ids=["bytes", "decoded"])
-async def client(request: pytest.FixtureRequest) -> AsyncIterator[Any]:
+@pytest.fixture
+def client(fake_client: Any) -> Any:
     """fakeredis on a fresh server, with decode_responses False and True."""
-    redis = slot_checking_fake_redis(server=fakeredis.FakeServer(), decode_responses=request.param)
-    try:
-        yield redis
-    finally:
-        await redis.aclose()
+    return fake_client
 
 
 @pytest.fixture

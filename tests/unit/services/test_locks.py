@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import fakeredis
 import pytest
-import pytest_asyncio
 from redis.exceptions import RedisError
 
 from app.core.errors import (
@@ -21,26 +20,18 @@ from app.core.errors import (
     RedisUnavailable,
 )
 from app.services.locks import RedisLock, fenced_write
+from app.testing.clients import fake_twin
 from app.testing.slots import slot_checking_fake_redis
 from app.testing.waiting import DEFAULT_DEADLINE, eventually
 
 
-@pytest_asyncio.fixture(params=[False, True], ids=["bytes", "decoded"])
-async def redis(request: pytest.FixtureRequest) -> AsyncIterator[Any]:
+@pytest.fixture
+def redis(fake_client: Any) -> Any:
     """A fresh fake server, through a client with decode_responses False and True."""
-    client = slot_checking_fake_redis(server=fakeredis.FakeServer(), decode_responses=request.param)
-    try:
-        yield client
-    finally:
-        await client.aclose()
+    return fake_client
 
 
-def _peer(client: Any) -> Any:
-    """Another client (another "process") on the same fake server."""
-    kwargs = client.connection_pool.connection_kwargs
-    return slot_checking_fake_redis(
-        server=kwargs["server"], decode_responses=kwargs.get("decode_responses", False)
-    )
+_peer = fake_twin  # another client (another "process") on the same fake server
 
 
 async def _queued(client: Any, key: str, waiters: int) -> None:

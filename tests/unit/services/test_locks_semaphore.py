@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import AsyncIterator
 from typing import Any
 
-import fakeredis
 import pytest
-import pytest_asyncio
 
 from app.core.errors import (
     ConfigurationError,
@@ -20,17 +17,12 @@ from app.core.errors import (
     RedisUnavailable,
 )
 from app.services.locks import Permit, Semaphore
-from app.testing.slots import slot_checking_fake_redis
 from app.testing.waiting import DEFAULT_DEADLINE, eventually
 
 
-@pytest_asyncio.fixture(params=[False, True], ids=["bytes", "decoded"])
-async def redis(request: pytest.FixtureRequest) -> AsyncIterator[Any]:
-    client = slot_checking_fake_redis(server=fakeredis.FakeServer(), decode_responses=request.param)
-    try:
-        yield client
-    finally:
-        await client.aclose()
+@pytest.fixture
+def redis(fake_client: Any) -> Any:
+    return fake_client
 
 
 async def test_at_most_limit_permits_and_release_frees_one(redis: Any) -> None:

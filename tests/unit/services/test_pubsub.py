@@ -43,18 +43,9 @@ class Chat(BaseModel):
 
 
 @pytest.fixture
-def fake_server() -> fakeredis.FakeServer:
-    return fakeredis.FakeServer()
-
-
-@pytest_asyncio.fixture(params=[False, True], ids=["bytes", "decoded"])
-async def client(
-    request: pytest.FixtureRequest, fake_server: fakeredis.FakeServer
-) -> AsyncIterator[Any]:
-    """A fakeredis client with decode_responses False and True."""
-    redis = slot_checking_fake_redis(server=fake_server, decode_responses=request.param)
-    yield redis
-    await redis.aclose()
+def client(fake_client: Any) -> Any:
+    """A fakeredis client (on the plugin's ``fake_server``) with decode_responses False and True."""
+    return fake_client
 
 
 BroadcasterFactory = Callable[..., Broadcaster]

@@ -40,9 +40,11 @@ class CountingRedis(fakeredis.FakeAsyncRedis):
         return await super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
 
 
-@pytest_asyncio.fixture(params=[False, True], ids=["bytes", "text"])
-async def redis(request: pytest.FixtureRequest) -> AsyncIterator[CountingRedis]:
-    client = CountingRedis(server=fakeredis.FakeServer(), decode_responses=request.param)
+@pytest_asyncio.fixture
+async def redis(
+    fake_server: fakeredis.FakeServer, decode_responses: bool
+) -> AsyncIterator[CountingRedis]:
+    client = CountingRedis(server=fake_server, decode_responses=decode_responses)
     try:
         yield client
     finally:

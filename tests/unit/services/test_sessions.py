@@ -23,17 +23,13 @@ from app.core.errors import (
 )
 from app.core.keys import KeySpace, key_slot_tag
 from app.services.sessions import SessionRecord, SessionStore, is_session_id, new_session_id
-from app.testing.slots import SlotCheckingRedis, slot_checking_fake_redis
+from app.testing.slots import SlotCheckingRedis
 
 
-@pytest_asyncio.fixture(params=[False, True], ids=["bytes", "decoded"])
-async def client(request: pytest.FixtureRequest) -> AsyncIterator[Any]:
+@pytest.fixture
+def client(fake_client: Any) -> Any:
     """fakeredis on a fresh server, with decode_responses False and True."""
-    redis = slot_checking_fake_redis(server=fakeredis.FakeServer(), decode_responses=request.param)
-    try:
-        yield redis
-    finally:
-        await redis.aclose()
+    return fake_client
 
 
 @pytest.fixture
@@ -475,9 +471,11 @@ class LostReplyRedis(SlotCheckingRedis):
         return await super().execute_command(*args, **options)  # the retry
 
 
-@pytest_asyncio.fixture(params=[False, True], ids=["bytes", "decoded"])
-async def lossy(request: pytest.FixtureRequest) -> AsyncIterator[LostReplyRedis]:
-    redis = LostReplyRedis(server=fakeredis.FakeServer(), decode_responses=request.param)
+@pytest_asyncio.fixture
+async def lossy(
+    fake_server: fakeredis.FakeServer, decode_responses: bool
+) -> AsyncIterator[LostReplyRedis]:
+    redis = LostReplyRedis(server=fake_server, decode_responses=decode_responses)
     try:
         yield redis
     finally:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import fakeredis
@@ -27,14 +27,10 @@ from app.worker import load_handler, serve
 Seen = list[tuple[str, Any, int]]
 
 
-@pytest.fixture(params=[False, True], ids=["bytes", "decoded"])
-async def redis(request: pytest.FixtureRequest) -> AsyncIterator[Any]:
+@pytest.fixture
+def redis(fake_client: Any) -> Any:
     """fakeredis with decode_responses False and True (every test runs on both)."""
-    client = slot_checking_fake_redis(server=fakeredis.FakeServer(), decode_responses=request.param)
-    try:
-        yield client
-    finally:
-        await client.aclose()
+    return fake_client
 
 
 def recorder(seen: Seen, fail: Callable[[StreamMessage[Any]], bool] = lambda m: False) -> Any:
