@@ -116,7 +116,15 @@ async def test_websocket_on_one_worker_gets_what_the_other_publishes(
         websockets.connect(f"{b.ws}/ws/room-42") as local,
         httpx.AsyncClient() as http,
     ):
-        # the server accepts a socket once it is subscribed: no sleep needed
+        # The server accepts a socket once it is subscribed. Under CPU contention a repeat
+        # run once saw 1 receiver here (suspected: a link reconnecting, which resubscribes
+        # a moment later), so the test asks Redis for both links first, never sleeps.
+        channel = f"{PREFIX}:pubsub:{{room-42}}"
+
+        async def both_links_subscribed() -> bool:
+            return dict(await real_redis.pubsub_numsub(channel)) == {channel.encode(): 2}
+
+        await eventually(both_links_subscribed, "both workers' links subscribed to the room")
         response = await http.post(f"{b.http}/publish/room-42", json={"hello": "world"})
         assert response.status_code == 200
         # one pub/sub connection per worker, not per socket: 2 receivers for 3 sockets
@@ -130,7 +138,6 @@ async def test_websocket_on_one_worker_gets_what_the_other_publishes(
         assert stats["subscribers"] == 2 and len(stats["links"]) == 1
         # Redis sees one subscriber connection per worker (other capabilities of the demo
         # may hold their own pub/sub connections, so count this channel's subscribers).
-        channel = f"{PREFIX}:pubsub:{{room-42}}"
         assert dict(await real_redis.pubsub_numsub(channel)) == {channel.encode(): 2}
 
 
