@@ -34,6 +34,7 @@ from typing import Any, TypeAlias
 
 from redis import exceptions as redis_exc
 
+from app.core.background import drain
 from app.core.breaker import (
     CONNECTION_ERRORS,
     REFUSED_FOR_NOW,
@@ -154,7 +155,11 @@ def describe_client(client: Any, settings: Settings | None = None) -> str:
 
 
 async def close_redis() -> None:
-    """Close the global client if this module built it; forget it either way if built here."""
+    """Close the global client if this module built it; forget it either way if built here.
+
+    Waits first (at most ``DRAIN_TIMEOUT`` s) for clean-ups still running in the
+    background, such as a lock released after its holder was cancelled.
+    """
     global redis_client, _owned_client
     client = _owned_client
     if client is None:
@@ -162,6 +167,9 @@ async def close_redis() -> None:
     _owned_client = None
     if redis_client is client:
         redis_client = None
+    still_running = await drain()  # releases in flight reach Redis before it closes
+    if still_running:
+        log.warning("closing the Redis client with %d clean-up(s) still running", still_running)
     try:
         await client.aclose()
     except Exception as exc:  # pragma: no cover - closing a dead connection

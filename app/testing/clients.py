@@ -38,6 +38,7 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.connection import ConnectionPool
 
+from app.core.background import drain
 from app.core.redis import (
     AnyRedis,
     SentinelManagedRedis,
@@ -110,6 +111,7 @@ async def fake_client(
     try:
         yield client
     finally:
+        await drain()  # the test's background clean-ups reach Redis before the client closes
         await client.aclose()
 
 
@@ -126,6 +128,7 @@ async def fake_redis(
     try:
         yield client
     finally:
+        await drain()  # the test's background clean-ups reach Redis before the client closes
         await client.aclose()
 
 
@@ -207,6 +210,7 @@ async def topology_redis(request: pytest.FixtureRequest) -> AsyncIterator[Any]:
     try:
         yield client
     finally:
+        await drain()  # the test's background clean-ups reach Redis before the client closes
         await client.aclose()
         if flush is not None:
             flush()
@@ -223,6 +227,7 @@ async def topology_client(topology_redis: Any, decode_responses: bool) -> AsyncI
     try:
         yield await ready(client)
     finally:
+        await drain()
         await client.aclose()
 
 

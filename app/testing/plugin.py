@@ -43,6 +43,7 @@ import asyncio
 import contextlib
 import gc
 import os
+import random
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -53,11 +54,12 @@ import pytest_asyncio
 from redis.asyncio import Redis
 
 from app.core import redis as core_redis
+from app.core.background import drain
 from app.core.codec import default_codec
 from app.core.config import get_settings
 from app.core.multiplex import MultiplexedRedis
 from app.testing.proxy import TcpProxy
-from app.testing.servers import RedisServer, redis_server_binary
+from app.testing.servers import PORT_SALT_ENV, RedisServer, redis_server_binary
 from app.testing.topologies import LocalCluster, LocalSentinel, topology_binaries_missing
 
 __all__ = ["RedisServerInfo"]
@@ -111,6 +113,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    # One salt per session, inherited by pytest-xdist's workers: see servers.PORT_SALT_ENV.
+    os.environ.setdefault(PORT_SALT_ENV, str(random.randrange(10)))
     config.addinivalue_line("markers", "integration: talks to a real redis-server")
     config.addinivalue_line("markers", "slow: takes seconds (cluster, sentinel, faults)")
 
@@ -316,6 +320,7 @@ async def real_redis(
     try:
         yield client
     finally:
+        await drain()  # the test's background clean-ups reach Redis before the client closes
         with contextlib.suppress(Exception):
             if prefix is None:
                 await client.flushall()

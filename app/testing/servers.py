@@ -24,12 +24,14 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 __all__ = [
+    "PORT_SALT_ENV",
     "RedisServer",
     "free_cluster_port",
     "free_port",
     "ping",
     "redis_server_binary",
     "serve_app",
+    "server_pid",
 ]
 
 
@@ -48,10 +50,17 @@ _PLAIN_BASE = 10000  # plain servers, sentinels: 10000-19999
 _CLUSTER_BASE = 20000  # cluster nodes: 20000-29999 (their bus ports: +10000)
 
 
+PORT_SALT_ENV = "REDIS_TEST_PORT_SALT"
+"""Set once per test session (the plugin does, before xdist starts its workers, which
+inherit it): two sessions on one machine then mostly draw from different blocks."""
+
+
 def _worker_block() -> int:
     worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
     digits = worker.removeprefix("gw")
-    return int(digits) % _BLOCKS if digits.isdigit() else 0
+    index = int(digits) if digits.isdigit() else 0
+    salt = os.environ.get(PORT_SALT_ENV, "0")
+    return (index + (int(salt) if salt.isdigit() else 0)) % _BLOCKS
 
 
 def _free_in_block(base: int, *, with_bus: bool = False) -> int:
@@ -80,6 +89,28 @@ def _bindable(port: int) -> bool:
 def free_cluster_port() -> int:
     """A free port whose cluster bus port (+10000) is free too (in this worker's block)."""
     return _free_in_block(_CLUSTER_BASE, with_bus=True)
+
+
+def server_pid(host: str, port: int, timeout: float = 0.5) -> int | None:
+    """The ``process_id`` that ``INFO server`` reports at host:port (None if none answers)."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            sock.sendall(b"INFO server\r\n")
+            reply = sock.recv(65536)
+            if not reply.startswith(b"$"):
+                return None
+            header, _, body = reply.partition(b"\r\n")
+            while len(body) < int(header[1:]):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                body += chunk
+    except (OSError, ValueError):
+        return None
+    for line in body.split(b"\r\n"):
+        if line.startswith(b"process_id:"):
+            return int(line.split(b":", 1)[1])
+    return None
 
 
 def ping(host: str, port: int, timeout: float = 0.5) -> bool:
@@ -167,7 +198,12 @@ class RedisServer:
                     f"redis-server exited at start on port {self.port}: {err}{self._log_tail()}"
                 )
             if ping(self.host, self.port):
-                return self
+                if server_pid(self.host, self.port) in (self.proc.pid, None):
+                    return self
+                # Another session's server holds the port (ours will fail to bind): never
+                # hand a test someone else's server, which it would flush.
+                self.kill()
+                raise RuntimeError(f"port {self.port} is taken by another redis-server")
             time.sleep(0.02)
         self.kill()
         raise RuntimeError(f"redis-server on port {self.port} did not answer within {timeout}s")

@@ -6,24 +6,20 @@ import asyncio
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
+from app.core.background import keep
 from app.services.locks._common import log
 
 __all__ = ["in_background", "settle", "shielded"]
 
 T = TypeVar("T")
 
-_background: set[asyncio.Task[Any]] = set()
 
-
-def _report_background(task: asyncio.Task[Any]) -> None:
-    _background.discard(task)
-    if not task.cancelled() and task.exception() is not None:
-        log.warning("lock clean-up finished in the background with an error: %s", task.exception())
+def _report_background(error: BaseException) -> None:
+    log.warning("lock clean-up finished in the background with an error: %s", error)
 
 
 def _keep(task: asyncio.Task[Any]) -> None:
-    _background.add(task)
-    task.add_done_callback(_report_background)
+    keep(task, _report_background)  # close_redis() waits for it before closing the client
 
 
 def in_background(coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
