@@ -35,7 +35,7 @@ from pydantic import BaseModel, Field
 
 from app.api.deps import CacheDep
 from app.api.routes._guards import Destructive
-from app.core.errors import ToolkitError
+from app.core.errors import ConfigurationError, ToolkitError
 from app.core.redis import Lifespan, get_redis
 from app.services.cache import MISSING, CacheService, LocalCache, cached, set_default_cache
 
@@ -112,9 +112,11 @@ async def put_item(key: str, item: ItemIn, cache: CacheDep) -> dict[str, Any]:
         stored = await cache.set(
             key, item.value, item.ttl, tags=item.tags, stale_ttl=item.stale_ttl
         )
+    except ConfigurationError as exc:  # the request's arguments, e.g. a stale_ttl below the ttl
+        raise HTTPException(status_code=422, detail=str(exc)) from exc
     except ToolkitError:
         raise
-    except ValueError as exc:  # e.g. a stale_ttl shorter than the ttl
+    except ValueError as exc:
         raise HTTPException(status_code=422, detail=str(exc)) from exc
     return {"key": key, "stored": stored, "ttl": await cache.ttl(key)}
 

@@ -27,6 +27,13 @@ async def test_items_crud_and_stored_null(app_client: Any) -> None:
     assert bad.status_code == 422
 
 
+async def test_a_stale_ttl_below_the_ttl_answers_422_not_500(app_client: Any) -> None:
+    # Found by the fuzzers once the cache raised ConfigurationError (a ToolkitError).
+    bad = await app_client.put("/cache/items/a", json={"value": None, "stale_ttl": 1.0})
+    assert bad.status_code == 422
+    assert "stale_ttl" in bad.json()["detail"]
+
+
 async def test_cached_users_are_invalidated_on_write(app_client: Any) -> None:
     before = ORIGIN_CALLS["users"]
     first = await app_client.get("/cache/users/41")
