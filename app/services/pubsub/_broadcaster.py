@@ -46,6 +46,9 @@ def _publish_attrs(broadcaster: Any, channel: str, message: Any) -> dict[str, st
 class Broadcaster:
     """Publish and subscribe across processes over one Redis pub/sub connection per process.
 
+    Every duration below is seconds or a ``timedelta``; a negative, NaN or infinite
+    one, or zero where a wait must be positive, raises ``ConfigurationError``.
+
     Args:
         client: any ``redis.asyncio`` client (standalone, Sentinel-managed or
             ``RedisCluster``, ``decode_responses`` True or False) or fakeredis.
@@ -61,8 +64,6 @@ class Broadcaster:
             ``[0, min(cap, base * 2**attempt)]`` (full jitter).
         subscribe_timeout: how long ``subscribe`` waits for Redis to confirm
             before raising ``RedisUnavailable``.
-        (Every duration is seconds or a ``timedelta``; a negative, NaN or infinite one, or
-        zero where a wait must be positive, raises ``ConfigurationError``.)
         history: approximate stream length kept per channel for catch-up, as an
             int for every channel or a function of the logical channel name
             (0: plain pub/sub, the default).
