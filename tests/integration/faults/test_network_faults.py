@@ -114,11 +114,12 @@ async def test_cut_connections_are_replaced(
     """Every pooled connection reset between bursts: the next commands reconnect and succeed.
 
     Standalone and Sentinel: the very next burst is healthy (each command's retry
-    reconnects its own connection). Cluster: redis-py answers a connection error on
-    one node by closing the whole client and reloading the topology, which also
-    drops the fresh connection a *concurrent* command's single retry just opened;
-    so on a loaded machine that first burst may be partly degraded (the documented
-    outage answer, never a 500 or a hang), and the burst after it is healthy.
+    reconnects its own connection). Cluster: a connection error makes redis-py mark
+    the node's free connections for reconnection and refresh the slot map before it
+    retries; concurrent commands that meet the cut connections meanwhile can use up
+    their single retry (``FAULT_SETTINGS``), so on a loaded machine that first burst
+    may be partly degraded (the documented outage answer, never a 500 or a hang),
+    and the burst after it is healthy.
 
     (A cut that lands while a command is in flight can lose a reply after the
     server ran the command; ``test_lost_replies.py`` pins down what each service
