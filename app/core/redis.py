@@ -164,10 +164,14 @@ async def close_redis() -> None:
     client = _owned_client
     if client is None:
         return
+    # Drain while the client is still the global one: a clean-up that looks it up with
+    # get_redis() must find it, not build (and leave open) a new one.
+    still_running = await drain()
+    if _owned_client is not client:
+        return  # another close_redis() closed it meanwhile
     _owned_client = None
     if redis_client is client:
         redis_client = None
-    still_running = await drain()  # releases in flight reach Redis before it closes
     if still_running:
         log.warning("closing the Redis client with %d clean-up(s) still running", still_running)
     try:
