@@ -44,10 +44,12 @@ def redis_server_binary() -> str | None:
 # their own, so two workers never start servers on the same port, and a worker's ping
 # can never reach another worker's server. The blocks sit below the kernel's ephemeral
 # range (32768+), where outgoing connections take their local ports.
-_BLOCK = 1000
 _BLOCKS = 10
-_PLAIN_BASE = 10000  # plain servers, sentinels: 10000-19999
-_CLUSTER_BASE = 20000  # cluster nodes: 20000-29999 (their bus ports: +10000)
+_PLAIN = (10000, 1000)  # plain servers, sentinels: 10 blocks of 1000 in 10000-19999
+# Cluster nodes: 10 blocks of 250 in 20000-22499, so that their bus ports (+10000,
+# 30000-32499) stay below the ephemeral range too; an outgoing connection holding a
+# bus port made a node fail to start ("bind: Address already in use").
+_CLUSTER = (20000, 250)
 
 
 PORT_SALT_ENV = "REDIS_TEST_PORT_SALT"
@@ -63,18 +65,19 @@ def _worker_block() -> int:
     return (index + (int(salt) if salt.isdigit() else 0)) % _BLOCKS
 
 
-def _free_in_block(base: int, *, with_bus: bool = False) -> int:
-    start = base + _worker_block() * _BLOCK
+def _free_in_block(area: tuple[int, int], *, with_bus: bool = False) -> int:
+    base, size = area
+    start = base + _worker_block() * size
     for _ in range(1000):
-        port = random.randrange(start, start + _BLOCK)
+        port = random.randrange(start, start + size)
         if _bindable(port) and (not with_bus or _bindable(port + 10000)):
             return port
-    raise RuntimeError(f"no free port in {start}-{start + _BLOCK - 1}")
+    raise RuntimeError(f"no free port in {start}-{start + size - 1}")
 
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago (in this worker's block)."""
-    return _free_in_block(_PLAIN_BASE)
+    return _free_in_block(_PLAIN)
 
 
 def _bindable(port: int) -> bool:
@@ -88,7 +91,7 @@ def _bindable(port: int) -> bool:
 
 def free_cluster_port() -> int:
     """A free port whose cluster bus port (+10000) is free too (in this worker's block)."""
-    return _free_in_block(_CLUSTER_BASE, with_bus=True)
+    return _free_in_block(_CLUSTER, with_bus=True)
 
 
 def server_pid(host: str, port: int, timeout: float = 0.5) -> int | None:
