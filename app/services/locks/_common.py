@@ -24,6 +24,7 @@ __all__ = [
     "Seconds",
     "lease_drift",
     "lease_guard",
+    "lease_timing",
     "log",
     "new_token",
     "wait_bound",
@@ -60,6 +61,24 @@ def wait_bound(blocking: bool, blocking_timeout: Seconds | None, default: float)
     if blocking_timeout is None:
         return default
     return as_seconds(blocking_timeout, "blocking_timeout", allow_zero=True)
+
+
+def lease_timing(
+    timeout: Seconds, renew_interval: Seconds | None, drift: Seconds | None, *, auto_renew: bool
+) -> tuple[float, float, float]:
+    """(lease, renew interval, drift margin) in seconds, checked: the one rule for every lease.
+
+    The renew interval defaults to a third of the lease and must be shorter than it.
+    """
+    lease = as_seconds(timeout, "timeout (the lease)")
+    interval = lease / 3 if renew_interval is None else as_seconds(renew_interval, "renew_interval")
+    if interval >= lease:
+        raise ConfigurationError(
+            f"renew_interval ({interval:g} s) must be shorter than the lease "
+            f"({lease:g} s); the default is timeout/3"
+        )
+    margin = lease_drift(lease, drift, renew_interval=interval if auto_renew else None)
+    return lease, interval, margin
 
 
 def lease_drift(

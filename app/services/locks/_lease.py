@@ -10,7 +10,7 @@ from typing import Any
 from app.core.errors import ConfigurationError, LockError, LockLost, LockNotOwned, RedisUnavailable
 from app.core.guard import as_seconds, to_ms
 from app.core.telemetry import from_self, traced
-from app.services.locks._common import LOCK_ATTRS, LostCallback, Seconds, lease_drift, log
+from app.services.locks._common import LOCK_ATTRS, LostCallback, Seconds, lease_timing, log
 from app.services.locks._tasks import in_background, shielded
 
 __all__ = ["Lease"]
@@ -45,20 +45,9 @@ class Lease:
                 f"a {self._kind} name must be a non-empty string, got {name!r}"
             )
         self.name = name
-        self.timeout = as_seconds(timeout, "timeout (the lease)")
         self.auto_renew = auto_renew
-        self.renew_interval = (
-            self.timeout / 3
-            if renew_interval is None
-            else as_seconds(renew_interval, "renew_interval")
-        )
-        if self.renew_interval >= self.timeout:
-            raise ConfigurationError(
-                f"renew_interval ({self.renew_interval:g} s) must be shorter than the lease "
-                f"({self.timeout:g} s); the default is timeout/3"
-            )
-        self.drift = lease_drift(
-            self.timeout, drift, renew_interval=self.renew_interval if auto_renew else None
+        self.timeout, self.renew_interval, self.drift = lease_timing(
+            timeout, renew_interval, drift, auto_renew=auto_renew
         )
         """The drift margin: a held lease counts as ended this long before it can end in Redis."""
         self.on_lost = on_lost

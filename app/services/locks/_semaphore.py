@@ -28,8 +28,8 @@ from app.services.locks._common import (
     WAKE_TTL_MS,
     LostCallback,
     Seconds,
-    lease_drift,
     lease_guard,
+    lease_timing,
     wait_bound,
     waited,
 )
@@ -199,19 +199,8 @@ class Semaphore:
         self.redis = redis
         self.name = name
         self.limit = limit
-        self.timeout = as_seconds(timeout, "timeout (the lease)")
-        self.renew_interval = (
-            self.timeout / 3
-            if renew_interval is None
-            else as_seconds(renew_interval, "renew_interval")
-        )
-        if self.renew_interval >= self.timeout:
-            raise ConfigurationError(
-                f"renew_interval ({self.renew_interval:g} s) must be shorter than the lease "
-                f"({self.timeout:g} s); the default is timeout/3"
-            )
-        self.drift = lease_drift(
-            self.timeout, drift, renew_interval=self.renew_interval if auto_renew else None
+        self.timeout, self.renew_interval, self.drift = lease_timing(
+            timeout, renew_interval, drift, auto_renew=auto_renew
         )
         self.blocking_timeout = (
             self.timeout
