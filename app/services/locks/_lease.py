@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 from collections.abc import Awaitable
+from types import TracebackType
 from typing import Any
 
 from app.core.errors import ConfigurationError, LockError, LockLost, LockNotOwned, RedisUnavailable
@@ -320,6 +321,15 @@ class Lease:
             "owner's. Use auto_renew=True or a longer timeout, and fencing tokens.",
             lock_name=self.name,
         )
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Release; raise ``LockLost`` if the hold expired or was taken during the block."""
+        await self._exit_body(exc_type, exc)
 
     async def _exit_body(
         self, exc_type: type[BaseException] | None, exc: BaseException | None

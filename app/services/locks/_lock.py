@@ -9,7 +9,6 @@ import asyncio
 from collections.abc import Sequence
 from datetime import timedelta
 from functools import lru_cache, partial
-from types import TracebackType
 from typing import Any, Final, NamedTuple
 
 from app.core.config import get_settings
@@ -279,15 +278,6 @@ class RedisLock(Lease):
             )
         self._arm_body()
         return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        """Release; raise ``LockLost`` if the lock expired or was taken during the block."""
-        await self._exit_body(exc_type, exc)
 
 
 # -- checking the fence at the resource ---------------------------------------------------

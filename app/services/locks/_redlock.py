@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Awaitable, Callable, Sequence
-from types import TracebackType
 from typing import Any
 
 from app.core.errors import ConfigurationError, LockNotAcquired, RedisUnavailable
@@ -326,12 +325,3 @@ class Redlock(Lease):
             )
         self._arm_body()
         return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        """Release on every master; raise ``LockLost`` if a majority lost it meanwhile."""
-        await self._exit_body(exc_type, exc)

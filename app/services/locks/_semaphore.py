@@ -113,14 +113,6 @@ class Permit(Lease):
         self._arm_body()
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self._exit_body(exc_type, exc)
-
 
 class Semaphore:
     """At most *limit* concurrent holders of *name*, across processes and machines.
