@@ -54,6 +54,7 @@ class TcpProxy:
         self._flowing: asyncio.Event | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._closing = False
 
     @property
     def url(self) -> str:
@@ -83,13 +84,20 @@ class TcpProxy:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         self.connections_accepted += 1
-        if self.refuse:
-            writer.close()
+        if self.refuse or self._closing:
+            writer.transport.abort()
             return
         try:
             up_reader, up_writer = await asyncio.open_connection(*self.target)
         except OSError:
-            writer.close()
+            writer.transport.abort()
+            return
+        except asyncio.CancelledError:  # close() gave up on a connect that hung
+            writer.transport.abort()
+            raise
+        if self._closing:  # close() ran while this connection was being set up
+            for w in (writer, up_writer):
+                w.transport.abort()
             return
         self._writers.update((writer, up_writer))
         doomed = asyncio.Event()  # set once this connection carried the armed command
@@ -100,7 +108,10 @@ class TcpProxy:
         )
         for w in (writer, up_writer):
             self._writers.discard(w)
-            w.close()
+            if self._closing:
+                w.transport.abort()  # close() would wait for the peer to take the buffered bytes
+            else:
+                w.close()
 
     async def _pipe(
         self,
@@ -152,7 +163,15 @@ class TcpProxy:
         self._call(_cut())
 
     def close(self) -> None:
+        """Stop accepting, reset every connection and stop the thread; no socket is left open.
+
+        A connection still being set up when this runs is reset by its handler
+        (``_closing``); handlers that do not finish in time are cancelled, and
+        the loop runs once more so every aborted transport closes its socket.
+        """
+
         async def _close() -> None:
+            self._closing = True
             if self._server is not None:
                 self._server.close()
             for w in list(self._writers):
@@ -161,7 +180,14 @@ class TcpProxy:
             if self._flowing is not None:
                 self._flowing.set()
             if self._tasks:  # let every connection handler finish before the loop stops
-                await asyncio.wait(list(self._tasks), timeout=2)
+                _, stuck = await asyncio.wait(list(self._tasks), timeout=2)
+                for task in stuck:
+                    task.cancel()
+                if stuck:
+                    await asyncio.wait(stuck, timeout=2)
+            for w in list(self._writers):
+                w.transport.abort()
+            await asyncio.sleep(0)  # the aborts' connection_lost callbacks close the sockets
 
         if self._thread.is_alive():
             self._call(_close())

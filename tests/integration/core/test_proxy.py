@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
+import socket
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -11,6 +15,7 @@ import pytest
 from app.core.errors import RedisUnavailable
 from app.core.redis import breaker_for, build_client
 from app.testing.proxy import TcpProxy
+from app.testing.waiting import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -116,3 +121,66 @@ async def test_counting_sees_commands_sent_not_commands_scripts_run(
         assert proxy.writes < 101  # the pipeline went out in bursts, not one write per command
     finally:
         await client.aclose()
+
+
+async def test_close_leaves_no_socket_open_behind_it(
+    tcp_proxy: Callable[..., TcpProxy],
+) -> None:
+    """Connections open, and connections arriving while it closes, are all reset and freed.
+
+    A socket the proxy's thread left open would warn (``ResourceWarning``) in
+    whichever later test the garbage collector happened to run.
+    """
+    proxy = tcp_proxy()
+    live = [await asyncio.open_connection("127.0.0.1", proxy.port) for _ in range(5)]
+    for _, writer in live:  # each connection reaches Redis and back
+        writer.write(b"PING\r\n")
+    for reader, _ in live:
+        assert await reader.readline() == b"+PONG\r\n"
+    arriving = [
+        asyncio.create_task(asyncio.open_connection("127.0.0.1", proxy.port)) for _ in range(20)
+    ]
+    await asyncio.to_thread(proxy.close)
+    late = await asyncio.gather(*arriving, return_exceptions=True)
+    try:
+        for reader, _ in live + [pair for pair in late if isinstance(pair, tuple)]:
+            async with asyncio.timeout(5):  # the proxy's side is closed: end of stream, or reset
+                with contextlib.suppress(ConnectionResetError):
+                    assert await reader.read() == b""
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            gc.collect()
+        assert not [w for w in caught if issubclass(w.category, ResourceWarning)]
+    finally:
+        for _, writer in live + [pair for pair in late if isinstance(pair, tuple)]:
+            writer.close()
+
+
+async def test_close_frees_a_connection_whose_upstream_connect_hangs() -> None:
+    """Upstream never completes the handshake (its accept queue is full): close() still frees
+    the client's connection instead of stopping its loop with the socket open."""
+    upstream = socket.socket()
+    upstream.bind(("127.0.0.1", 0))
+    upstream.listen(0)
+    filler = [socket.socket() for _ in range(4)]
+    for s in filler:  # fill the accept queue: later handshakes get no answer
+        s.setblocking(False)
+        s.connect_ex(upstream.getsockname())
+    proxy = TcpProxy(*upstream.getsockname()).start()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        await eventually(lambda: proxy.connections_accepted == 1, "the proxy took the connection")
+        await asyncio.to_thread(proxy.close)
+        async with asyncio.timeout(5):
+            with contextlib.suppress(ConnectionResetError):
+                assert await reader.read() == b""
+        writer.close()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            gc.collect()
+        assert not [w for w in caught if issubclass(w.category, ResourceWarning)]
+    finally:
+        proxy.close()
+        for s in filler:
+            s.close()
+        upstream.close()

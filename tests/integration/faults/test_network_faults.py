@@ -24,6 +24,7 @@ from app.testing.fault_targets import FaultTarget, Proxies
 from app.testing.waiting import eventually
 from tests.integration.faults._harness import (
     REQUEST_BOUND,
+    ROOMY_TIMEOUTS,
     Probe,
     Workload,
     app_breaker,
@@ -125,7 +126,7 @@ async def test_cut_connections_are_replaced(
     server ran the command; ``test_lost_replies.py`` pins down what each service
     does then.)
     """
-    proxy, web, app = await _start_behind_proxy(probe, target, start_app)
+    proxy, web, app = await _start_behind_proxy(probe, target, start_app, **ROOMY_TIMEOUTS)
     states: list[dict[str, Any]] = [{} for _ in range(4)]
     async with new_client(app) as client:
         for _ in range(5):  # warm: sessions exist, every entry is cached, the pool is full

@@ -23,6 +23,7 @@ from app.services.locks import RedisLock
 from app.testing.fault_targets import FaultTarget
 from tests.integration.faults._harness import (
     REQUEST_BOUND,
+    ROOMY_TIMEOUTS,
     Probe,
     Workload,
     admin_client,
@@ -37,11 +38,6 @@ from tests.integration.faults.conftest import StartApp
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 WARM_BURSTS = 5
-
-ROOMY_TIMEOUTS = {"redis_socket_timeout": 2.0, "redis_connect_timeout": 2.0}
-"""For tests whose subject is a dead connection, not a slow one: a reconnect through
-the (threaded) proxy and, on Sentinel, a master lookup can pass the fault suite's
-0.25 s budget on a busy machine, and the one retry would then be spent on a timeout."""
 
 
 @pytest_asyncio.fixture(name="admin")
