@@ -53,7 +53,6 @@ class TcpProxy:
         self._server: asyncio.Server | None = None
         self._flowing: asyncio.Event | None = None
         self._writers: set[asyncio.StreamWriter] = set()
-        self._tasks: set[asyncio.Task[Any]] = set()
         self._closing = False
 
     @property
@@ -79,10 +78,6 @@ class TcpProxy:
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        if task is not None:
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
         self.connections_accepted += 1
         if self.refuse or self._closing:
             writer.transport.abort()
@@ -162,6 +157,24 @@ class TcpProxy:
 
         self._call(_cut())
 
+    @staticmethod
+    async def _settle(deadline: float) -> None:
+        """Wait until no other task runs on this loop; cancel what still runs at *deadline*.
+
+        Not only the handlers seen so far: a connection accepted just before the
+        server closed is still being set up (a task asyncio made), and its handler
+        task starts only after that one ends, so this waits until none is left.
+        """
+        loop = asyncio.get_running_loop()
+        while others := asyncio.all_tasks() - {asyncio.current_task()}:
+            left = deadline - loop.time()
+            if left <= 0:
+                for task in others:
+                    task.cancel()
+                await asyncio.wait(others, timeout=5)
+                return
+            await asyncio.wait(others, timeout=left)
+
     def close(self) -> None:
         """Stop accepting, reset every connection and stop the thread; no socket is left open.
 
@@ -172,25 +185,27 @@ class TcpProxy:
 
         async def _close() -> None:
             self._closing = True
+            loop = asyncio.get_running_loop()
             if self._server is not None:
-                self._server.close()
+                # Stop accepting first and close the server only once every accepted
+                # connection is set up: closing it while asyncio still sets one up
+                # leaves that socket open (the setup fails and never closes it).
+                for sock in self._server.sockets:
+                    loop.remove_reader(sock.fileno())
             for w in list(self._writers):
                 if w.transport is not None:
                     w.transport.abort()
             if self._flowing is not None:
                 self._flowing.set()
-            if self._tasks:  # let every connection handler finish before the loop stops
-                _, stuck = await asyncio.wait(list(self._tasks), timeout=2)
-                for task in stuck:
-                    task.cancel()
-                if stuck:
-                    await asyncio.wait(stuck, timeout=2)
+            await self._settle(deadline=loop.time() + 2)
+            if self._server is not None:
+                self._server.close()
             for w in list(self._writers):
                 w.transport.abort()
             await asyncio.sleep(0)  # the aborts' connection_lost callbacks close the sockets
 
         if self._thread.is_alive():
-            self._call(_close())
+            self._call(_close(), timeout=15)
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(5)
         self._loop.close()
