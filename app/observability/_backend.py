@@ -5,8 +5,8 @@ from __future__ import annotations
 import functools
 import inspect
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from contextvars import ContextVar, Token
 from typing import Any
 
@@ -170,39 +170,33 @@ class OtelBackend:
 
             @functools.wraps(func)
             async def traced_async(*args: Any, **kwargs: Any) -> Any:
-                with self._traced(op, args, kwargs) as run:
-                    run.value = await func(*args, **kwargs)
-                return run.value
+                call, token, span, start, attrs = self._begin(op, args, kwargs)
+                try:
+                    value = await func(*args, **kwargs)
+                except BaseException as exc:
+                    self._end(op, call, span, start, attrs, None, exc)
+                    raise
+                finally:
+                    _reset(token)
+                self._end(op, call, span, start, attrs, value, None)
+                return value
 
             return traced_async
 
         @functools.wraps(func)
         def traced_sync(*args: Any, **kwargs: Any) -> Any:
-            with self._traced(op, args, kwargs) as run:
-                run.value = func(*args, **kwargs)
-            return run.value
+            call, token, span, start, attrs = self._begin(op, args, kwargs)
+            try:
+                value = func(*args, **kwargs)
+            except BaseException as exc:
+                self._end(op, call, span, start, attrs, None, exc)
+                raise
+            finally:
+                _reset(token)
+            self._end(op, call, span, start, attrs, value, None)
+            return value
 
         return traced_sync
-
-    @contextmanager
-    def _traced(
-        self, op: Operation, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> Iterator[_Run]:
-        """One traced call, sync or async: begun on entry, ended with its value or its error.
-
-        The call's context is reset before the call is ended, whether it
-        returned or raised (cancellation included).
-        """
-        call, token, span, start, attrs = self._begin(op, args, kwargs)
-        run = _Run()
-        try:
-            yield run
-        except BaseException as exc:
-            self._end(op, call, span, start, attrs, None, exc)
-            raise
-        finally:
-            _reset(token)
-        self._end(op, call, span, start, attrs, run.value, None)
 
     def receive(self, message: Any, name: str) -> AbstractContextManager[trace.Span | None]:
         """A consumer span continuing the trace *message* carries (see ``continue_trace``)."""
@@ -285,15 +279,6 @@ class OtelBackend:
                 if outcome in ("error", "unavailable", "failed"):
                     span.set_status(Status(StatusCode.ERROR, type(error).__qualname__))
             span.end()
-
-
-class _Run:
-    """What a traced call returned (set inside ``_traced``)."""
-
-    __slots__ = ("value",)
-
-    def __init__(self) -> None:
-        self.value: Any = None
 
 
 def _reset(token: tuple[Token[_Call | None], object | None]) -> None:
