@@ -151,6 +151,22 @@ async def _send_events(
         await websocket.send_text(encode(event).decode())
 
 
+async def _until_one_ends(*tasks: asyncio.Task[None]) -> set[asyncio.Task[None]]:
+    """Wait until one of *tasks* ends, then cancel and await them all; the ones that had ended.
+
+    The one way both transports run a sender beside a disconnect watcher: whichever
+    ends first, the other is stopped before the response returns (also when this
+    wait itself is cancelled).
+    """
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    return done
+
+
 async def _receive_frames(
     websocket: WebSocket, on_receive: Callable[[str], Awaitable[None]] | None
 ) -> None:
@@ -174,12 +190,7 @@ async def _pump_websocket(
     """True when the subscription ended (shutdown); False when the client left."""
     sender = asyncio.create_task(_send_events(websocket, sub, encode))
     receiver = asyncio.create_task(_receive_frames(websocket, on_receive))
-    try:
-        done, _ = await asyncio.wait({sender, receiver}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in (sender, receiver):
-            task.cancel()
-        await asyncio.gather(sender, receiver, return_exceptions=True)
+    done = await _until_one_ends(sender, receiver)
     if sender in done:
         return _sender_outcome(websocket, sender)
     error = receiver.exception()
@@ -248,12 +259,7 @@ class EventStreamResponse(StreamingResponse):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         stream = asyncio.create_task(self._stream(scope, send))
         watch = asyncio.create_task(wait_for_disconnect(receive))
-        try:
-            done, _ = await asyncio.wait({stream, watch}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in (stream, watch):
-                task.cancel()
-            await asyncio.gather(stream, watch, return_exceptions=True)
+        done = await _until_one_ends(stream, watch)
         if stream in done:
             error = stream.exception()
             if error is not None and not isinstance(error, OSError):

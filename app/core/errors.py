@@ -42,7 +42,8 @@ from ``TypeError``, ``StateError`` from ``RuntimeError``), so ``except
 ValueError`` around a toolkit call keeps working.
 
 Each class carries an HTTP ``status_code``, a stable ``problem_type`` slug and a
-``title``; ``app.http.problems`` turns any of them into an RFC 9457
+``title``, stated in its class line (``status=``, ``problem=``, ``title=``);
+``app.http.problems`` turns any of them into an RFC 9457
 ``application/problem+json`` response. Errors carry their facts as attributes
 (``retry_after``, ``lock_name``, ...) so handlers never parse messages.
 """
@@ -94,6 +95,25 @@ class ToolkitError(Exception):
     problem_type: ClassVar[str] = "internal-error"
     title: ClassVar[str] = "Internal error"
 
+    def __init_subclass__(
+        cls,
+        *,
+        status: int | None = None,
+        problem: str | None = None,
+        title: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """A subclass states its problem answer in its class line (what it omits, it inherits):
+        ``class LockLost(LockError, problem="lock-lost", title="Lock lost")``.
+        """
+        super().__init_subclass__(**kwargs)
+        if status is not None:
+            cls.status_code = status
+        if problem is not None:
+            cls.problem_type = problem
+        if title is not None:
+            cls.title = title
+
     def __init__(self, message: str, *, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.message = message
@@ -119,45 +139,42 @@ class ToolkitError(Exception):
         return {}
 
 
-class ConfigurationError(ToolkitError, ValueError):
+class ConfigurationError(
+    ToolkitError, ValueError, problem="configuration-error", title="Configuration error"
+):
     """Settings or arguments are invalid, or unsafe for the environment.
 
     A deployment or programming error: a negative TTL, a NaN lease, an
     unknown algorithm, ``memory://`` in production. Also a ``ValueError``.
     """
 
-    problem_type = "configuration-error"
-    title = "Configuration error"
 
-
-class UsageError(ToolkitError, TypeError):
+class UsageError(ToolkitError, TypeError, problem="usage-error", title="Toolkit used incorrectly"):
     """The toolkit was called the wrong way: a value of the wrong type, a sync function
     where an async one is needed, an argument name the function does not have.
 
     A programming error. Also a ``TypeError``.
     """
 
-    problem_type = "usage-error"
-    title = "Toolkit used incorrectly"
 
-
-class StateError(ToolkitError, RuntimeError):
+class StateError(
+    ToolkitError, RuntimeError, problem="state-error", title="Toolkit used in the wrong state"
+):
     """An object was used in a state that does not allow it: a closed ``Broadcaster``,
     a check that runs after the response started.
 
     A programming error. Also a ``RuntimeError``.
     """
 
-    problem_type = "state-error"
-    title = "Toolkit used in the wrong state"
 
-
-class RedisUnavailable(ToolkitError, ConnectionError):
+class RedisUnavailable(
+    ToolkitError,
+    ConnectionError,
+    status=503,
+    problem="redis-unavailable",
+    title="Service temporarily unavailable",
+):
     """Redis could not be reached, timed out, or the circuit breaker is open."""
-
-    status_code = 503
-    problem_type = "redis-unavailable"
-    title = "Service temporarily unavailable"
 
     def __init__(
         self, message: str, *, url: str | None = None, retry_after: float | None = 1.0
@@ -182,101 +199,71 @@ class RedisCommandError(ToolkitError):
     """
 
 
-class CodecError(ToolkitError, ValueError):
+class CodecError(
+    ToolkitError, ValueError, problem="codec-error", title="Stored data could not be decoded"
+):
     """A value could not be encoded, or a stored payload could not be decoded."""
 
-    problem_type = "codec-error"
-    title = "Stored data could not be decoded"
 
-
-class EncodeError(CodecError):
+class EncodeError(
+    CodecError, status=422, problem="unencodable-value", title="Value cannot be stored"
+):
     """A value handed to the toolkit cannot be encoded (unsupported type, inf/nan, huge int).
 
     The value came from the caller, so an HTTP answer is 422, not a server error.
     """
 
-    status_code = 422
-    problem_type = "unencodable-value"
-    title = "Value cannot be stored"
 
-
-class PayloadTooLarge(CodecError):
+class PayloadTooLarge(
+    CodecError, status=413, problem="payload-too-large", title="Payload too large"
+):
     """A payload exceeds a size cap (for example a decompression bomb)."""
 
-    status_code = 413
-    problem_type = "payload-too-large"
-    title = "Payload too large"
-
     def __init__(self, message: str, *, limit: int) -> None:
         super().__init__(message)
         self.limit = limit
 
 
-class SignatureError(CodecError):
+class SignatureError(CodecError, problem="signature-error", title="Signature verification failed"):
     """A signed payload failed HMAC verification."""
 
-    problem_type = "signature-error"
-    title = "Signature verification failed"
 
-
-class InvalidKey(ToolkitError, ValueError):
+class InvalidKey(ToolkitError, ValueError, status=400, problem="invalid-key", title="Invalid key"):
     """A key part is empty or uses characters the key builder refuses."""
 
-    status_code = 400
-    problem_type = "invalid-key"
-    title = "Invalid key"
 
-
-class PatternTooComplex(InvalidKey):
+class PatternTooComplex(
+    InvalidKey, problem="pattern-too-complex", title="Pattern has too many wildcards"
+):
     """A glob pattern has more wildcards than the toolkit matches (bounded matching cost)."""
-
-    problem_type = "pattern-too-complex"
-    title = "Pattern has too many wildcards"
 
     def __init__(self, message: str, *, limit: int) -> None:
         super().__init__(message)
         self.limit = limit
 
 
-class LockError(ToolkitError):
+class LockError(ToolkitError, status=409, problem="lock-error", title="Lock error"):
     """Base class for lock errors; carries the lock name."""
-
-    status_code = 409
-    problem_type = "lock-error"
-    title = "Lock error"
 
     def __init__(self, message: str, *, lock_name: str, retry_after: float | None = None) -> None:
         super().__init__(message, retry_after=retry_after)
         self.lock_name = lock_name
 
 
-class LockNotAcquired(LockError):
+class LockNotAcquired(LockError, problem="lock-not-acquired", title="Resource is locked"):
     """The lock is held by another owner and the wait bound ran out."""
 
-    problem_type = "lock-not-acquired"
-    title = "Resource is locked"
 
-
-class LockNotOwned(LockError):
+class LockNotOwned(LockError, problem="lock-not-owned", title="Lock not owned"):
     """Release or extend of a lock this owner no longer holds."""
 
-    problem_type = "lock-not-owned"
-    title = "Lock not owned"
 
-
-class LockLost(LockError):
+class LockLost(LockError, problem="lock-lost", title="Lock lost"):
     """The lock expired or was taken by another owner while it was held."""
 
-    problem_type = "lock-lost"
-    title = "Lock lost"
 
-
-class RateLimitExceeded(ToolkitError):
+class RateLimitExceeded(ToolkitError, status=429, problem="quota-exceeded", title="Quota exceeded"):
     """A rate-limit policy refused the request."""
-
-    status_code = 429
-    problem_type = "quota-exceeded"
-    title = "Quota exceeded"
 
     def __init__(
         self,
@@ -297,61 +284,61 @@ class RateLimitExceeded(ToolkitError):
         return {"violated-policies": self.violated_policies}
 
 
-class IdempotencyError(ToolkitError):
+class IdempotencyError(
+    ToolkitError, status=400, problem="idempotency-error", title="Idempotency error"
+):
     """Base class for Idempotency-Key errors."""
 
-    status_code = 400
-    problem_type = "idempotency-error"
-    title = "Idempotency error"
 
-
-class IdempotencyKeyMissing(IdempotencyError):
+class IdempotencyKeyMissing(
+    IdempotencyError, problem="idempotency-key-missing", title="Idempotency-Key header is required"
+):
     """The route requires an ``Idempotency-Key`` header and none was sent."""
 
-    problem_type = "idempotency-key-missing"
-    title = "Idempotency-Key header is required"
 
-
-class IdempotencyKeyInvalid(IdempotencyError):
+class IdempotencyKeyInvalid(
+    IdempotencyError, problem="idempotency-key-invalid", title="Idempotency-Key header is malformed"
+):
     """The ``Idempotency-Key`` header is not 1-255 printable ASCII characters."""
 
-    problem_type = "idempotency-key-invalid"
-    title = "Idempotency-Key header is malformed"
 
-
-class IdempotencyConflict(IdempotencyError):
+class IdempotencyConflict(
+    IdempotencyError,
+    status=409,
+    problem="idempotency-key-in-use",
+    title="A request with this Idempotency-Key is still being processed",
+):
     """A request with the same key is still being processed."""
 
-    status_code = 409
-    problem_type = "idempotency-key-in-use"
-    title = "A request with this Idempotency-Key is still being processed"
 
-
-class IdempotencyMismatch(IdempotencyError):
+class IdempotencyMismatch(
+    IdempotencyError,
+    status=422,
+    problem="idempotency-key-reused",
+    title="Idempotency-Key reused with a different request",
+):
     """The key was already used with a different request payload."""
 
-    status_code = 422
-    problem_type = "idempotency-key-reused"
-    title = "Idempotency-Key reused with a different request"
 
-
-class IdempotencyCallerUnknown(IdempotencyError):
+class IdempotencyCallerUnknown(
+    IdempotencyError,
+    problem="idempotency-caller-unknown",
+    title="Idempotency-Key needs an identified caller",
+):
     """Nothing identifies the caller, and anonymous Idempotency-Keys are refused (400)."""
 
-    problem_type = "idempotency-caller-unknown"
-    title = "Idempotency-Key needs an identified caller"
 
-
-class IdempotencyResponseNotKept(IdempotencyError):
+class IdempotencyResponseNotKept(
+    IdempotencyError,
+    status=410,
+    problem="idempotency-response-not-kept",
+    title="The response to this Idempotency-Key was not kept",
+):
     """The request already ran, but its response was over the storage cap (410).
 
     ``original_status`` is the status the first response had; the request is
     not run again.
     """
-
-    status_code = 410
-    problem_type = "idempotency-response-not-kept"
-    title = "The response to this Idempotency-Key was not kept"
 
     def __init__(self, message: str, *, original_status: int) -> None:
         super().__init__(message)
@@ -361,51 +348,34 @@ class IdempotencyResponseNotKept(IdempotencyError):
         return {"original-status": self.original_status}
 
 
-class SessionError(ToolkitError):
+class SessionError(ToolkitError, status=400, problem="session-error", title="Session error"):
     """Base class for session errors."""
 
-    status_code = 400
-    problem_type = "session-error"
-    title = "Session error"
 
-
-class SessionNotFound(SessionError):
+class SessionNotFound(
+    SessionError, status=404, problem="session-not-found", title="Session not found"
+):
     """The session id is unknown, expired or was deleted."""
 
-    status_code = 404
-    problem_type = "session-not-found"
-    title = "Session not found"
 
-
-class SessionConflict(SessionError):
+class SessionConflict(
+    SessionError, status=409, problem="session-conflict", title="Session changed concurrently"
+):
     """A concurrent change to the same session keys could not be merged."""
 
-    status_code = 409
-    problem_type = "session-conflict"
-    title = "Session changed concurrently"
 
-
-class StreamError(ToolkitError):
+class StreamError(ToolkitError, problem="stream-error", title="Stream error"):
     """Stream or consumer-group misuse."""
 
-    problem_type = "stream-error"
-    title = "Stream error"
 
-
-class RouteDisabled(ToolkitError):
+class RouteDisabled(ToolkitError, status=403, problem="route-disabled", title="Route disabled"):
     """The route exists but this deployment has switched it off (e.g. a destructive demo route)."""
 
-    status_code = 403
-    problem_type = "route-disabled"
-    title = "Route disabled"
 
-
-class SubscriberOverflow(ToolkitError):
+class SubscriberOverflow(
+    ToolkitError, status=503, problem="subscriber-overflow", title="Subscriber fell behind"
+):
     """A pub/sub subscriber's bounded queue overflowed under the ``disconnect`` policy."""
-
-    status_code = 503
-    problem_type = "subscriber-overflow"
-    title = "Subscriber fell behind"
 
     def __init__(self, message: str, *, queue_size: int) -> None:
         super().__init__(message)

@@ -210,6 +210,12 @@ def build_client(settings: Settings | None = None, *, url: str | None = None) ->
         "retry": _retry(s),
         "decode_responses": False,
     }
+    # The auto-pipelined path of every topology (standalone, cluster, sentinel) alike.
+    multiplexing: dict[str, Any] = {
+        "links": s.redis_autopipeline_links,
+        "max_in_flight": s.redis_autopipeline_max_in_flight,
+        "slot_timeout": s.redis_pool_timeout,
+    }
     if target.kind == "memory":
         import fakeredis
 
@@ -227,11 +233,7 @@ def build_client(settings: Settings | None = None, *, url: str | None = None) ->
         if not s.redis_autopipeline:
             return Redis.from_pool(pool)  # the client owns the pool: aclose() closes it
         muxed: MultiplexedRedis = MultiplexedRedis.from_pool(pool)  # type: ignore[assignment]
-        muxed.enable_multiplexing(
-            links=s.redis_autopipeline_links,
-            max_in_flight=s.redis_autopipeline_max_in_flight,
-            slot_timeout=s.redis_pool_timeout,
-        )
+        muxed.enable_multiplexing(**multiplexing)
         return muxed
     auth: dict[str, Any] = {"username": target.username, "password": target.password}
     if target.kind == "cluster":
@@ -245,11 +247,7 @@ def build_client(settings: Settings | None = None, *, url: str | None = None) ->
             **common,
         )
         if isinstance(cluster, _MultiplexedRedisCluster):
-            cluster.enable_multiplexing(
-                links=s.redis_autopipeline_links,
-                max_in_flight=s.redis_autopipeline_max_in_flight,
-                slot_timeout=s.redis_pool_timeout,
-            )
+            cluster.enable_multiplexing(**multiplexing)
         return cluster
     sentinel = Sentinel(
         list(target.nodes),
@@ -272,11 +270,7 @@ def build_client(settings: Settings | None = None, *, url: str | None = None) ->
     )
     master.sentinel_manager = sentinel
     if isinstance(master, _SentinelMultiplexedRedis):
-        master.enable_multiplexing(
-            links=s.redis_autopipeline_links,
-            max_in_flight=s.redis_autopipeline_max_in_flight,
-            slot_timeout=s.redis_pool_timeout,
-        )
+        master.enable_multiplexing(**multiplexing)
     return master
 
 

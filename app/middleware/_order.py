@@ -18,7 +18,14 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.core.errors import ConfigurationError
 
-__all__ = ["REPLACED_KEY", "SAFE_ORDER", "enter_layer", "pass_lifespan", "session_replaced"]
+__all__ = [
+    "REPLACED_KEY",
+    "SAFE_ORDER",
+    "enter_layer",
+    "enter_or_pass",
+    "pass_lifespan",
+    "session_replaced",
+]
 
 log = logging.getLogger("app.middleware")
 
@@ -71,6 +78,24 @@ async def pass_lifespan(
             await send({"type": "lifespan.startup.failed", "message": str(exc)})
         raise  # servers that ignore startup.failed (or test harnesses) still stop here
     await app(scope, receive, send)
+
+
+async def enter_or_pass(
+    app: ASGIApp, name: str, scope: Scope, receive: Receive, send: Send
+) -> bool:
+    """Enter layer *name* with an HTTP request (False: the layer handles it), or pass anything else.
+
+    A lifespan goes through ``pass_lifespan`` (the order is checked at startup),
+    any other scope (websocket) straight to *app*; True then: nothing is left to do.
+    """
+    if scope["type"] == "http":
+        enter_layer(scope, name)
+        return False
+    if scope["type"] == "lifespan":
+        await pass_lifespan(app, name, scope, receive, send)
+    else:
+        await app(scope, receive, send)
+    return True
 
 
 def session_replaced(scope: Scope) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterable
+from functools import partial
 from typing import Any
 
 from opentelemetry.metrics import CallbackOptions, Meter, ObservableGauge, Observation
@@ -23,6 +24,13 @@ log = logging.getLogger("app.observability")
 BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}
 """``toolkit.breaker.state`` values."""
 
+_STREAM_GAUGES = {
+    "toolkit.stream.lag": "Entries not yet delivered to the consumer group (at the last refresh).",
+    "toolkit.stream.pending": "Entries delivered to the group and not yet acknowledged.",
+    "toolkit.stream.dead_letters": "Entries in the stream's dead-letter stream.",
+}
+"""Per (stream, group) gauges, in the order of a snapshot's values (lag, pending, dead letters)."""
+
 
 class Gauges:
     """The observable instruments of one meter, and the stream snapshots they report."""
@@ -30,23 +38,11 @@ class Gauges:
     def __init__(self, meter: Meter) -> None:
         self._streams: dict[tuple[str, str], tuple[int, int, int]] = {}
         self.instruments: list[ObservableGauge] = [
-            meter.create_observable_gauge(
-                "toolkit.stream.lag",
-                [self._lag],
-                unit="{entry}",
-                description="Entries not yet delivered to the consumer group (at the last refresh).",
-            ),
-            meter.create_observable_gauge(
-                "toolkit.stream.pending",
-                [self._pending],
-                unit="{entry}",
-                description="Entries delivered to the group and not yet acknowledged.",
-            ),
-            meter.create_observable_gauge(
-                "toolkit.stream.dead_letters",
-                [self._dead],
-                unit="{entry}",
-                description="Entries in the stream's dead-letter stream.",
+            *(
+                meter.create_observable_gauge(
+                    name, [partial(self._stream, index)], unit="{entry}", description=text
+                )
+                for index, (name, text) in enumerate(_STREAM_GAUGES.items())
             ),
             meter.create_observable_gauge(
                 "db.client.connection.count",
@@ -91,21 +87,13 @@ class Gauges:
             fresh[key] = (stats.lag or 0, stats.pending, stats.dead_letters)
         self._streams = fresh
 
-    def _stream(self, index: int) -> Iterable[Observation]:
+    def _stream(self, index: int, options: CallbackOptions) -> Iterable[Observation]:
+        """Item *index* of every snapshot (the order of ``_STREAM_GAUGES``)."""
         for (stream, group), values in list(self._streams.items()):
             yield Observation(
                 values[index],
                 {"messaging.destination.name": stream, "messaging.consumer.group.name": group},
             )
-
-    def _lag(self, options: CallbackOptions) -> Iterable[Observation]:
-        return self._stream(0)
-
-    def _pending(self, options: CallbackOptions) -> Iterable[Observation]:
-        return self._stream(1)
-
-    def _dead(self, options: CallbackOptions) -> Iterable[Observation]:
-        return self._stream(2)
 
     @staticmethod
     def _pool() -> Any:

@@ -14,7 +14,7 @@ from app.core.errors import ConfigurationError, PayloadTooLarge, StateError
 from app.core.guard import Duration, FailOpen, PerClient, as_seconds
 from app.core.redis import AnyRedis
 from app.http.caller import Caller
-from app.middleware._order import enter_layer, pass_lifespan
+from app.middleware._order import enter_or_pass
 from app.middleware.idempotency._guard import SCOPE_KEY, Guard
 from app.middleware.idempotency._key import (
     DEFAULT_HEADER,
@@ -210,13 +210,8 @@ class IdempotencyMiddleware:
     # -- ASGI -----------------------------------------------------------------
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            if scope["type"] == "lifespan":
-                await pass_lifespan(self.app, "idempotency", scope, receive, send)
-            else:
-                await self.app(scope, receive, send)
+        if await enter_or_pass(self.app, "idempotency", scope, receive, send):
             return
-        enter_layer(scope, "idempotency")
         self._refresh()
         guard = Guard(self, scope, send)
         scope[SCOPE_KEY] = guard

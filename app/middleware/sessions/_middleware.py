@@ -14,7 +14,7 @@ from app.core.errors import RedisUnavailable, ToolkitError
 from app.core.guard import Duration, FailOpen, PerClient, as_seconds
 from app.core.redis import AnyRedis, get_redis
 from app.http.problems import send_problem
-from app.middleware._order import REPLACED_KEY, enter_layer, pass_lifespan
+from app.middleware._order import REPLACED_KEY, enter_or_pass
 from app.middleware.sessions._cookie import SessionCookie, signing_keys
 from app.middleware.sessions._session import Session
 from app.services.sessions import (
@@ -154,13 +154,8 @@ class SessionMiddleware:
     # -- ASGI -----------------------------------------------------------------
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            if scope["type"] == "lifespan":
-                await pass_lifespan(self.app, "sessions", scope, receive, send)
-            else:
-                await self.app(scope, receive, send)
+        if await enter_or_pass(self.app, "sessions", scope, receive, send):
             return
-        enter_layer(scope, "sessions")
         session = Session(self, scope)
         scope["session"] = session
         instance = scope.get("path")

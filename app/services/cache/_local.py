@@ -9,6 +9,7 @@ import random
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any, Final
 
 from app.core.errors import ConfigurationError
@@ -30,24 +31,15 @@ log = logging.getLogger("app.cache")
 _ENTRY_OVERHEAD: Final = 96  # rough per-entry bookkeeping, counted against max_bytes
 
 
+@dataclass(slots=True, eq=False)
 class LocalEntry:
     """One cached payload (the codec envelope, undecoded)."""
 
-    __slots__ = ("expires", "hard_expires", "payload", "size", "tags")
-
-    def __init__(
-        self,
-        payload: bytes | str,
-        expires: float,
-        hard_expires: float,
-        tags: tuple[str, ...],
-        size: int,
-    ) -> None:
-        self.payload = payload
-        self.expires = expires
-        self.hard_expires = hard_expires
-        self.tags = tags
-        self.size = size
+    payload: bytes | str
+    expires: float
+    hard_expires: float
+    tags: tuple[str, ...]
+    size: int
 
 
 class LocalCache:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Final, TypeAlias
 
 from app.core.errors import ConfigurationError
@@ -73,20 +74,20 @@ def lifetimes(default_ttl: float, ttl: TTL | None, stale_ttl: TTL | None) -> tup
     return ms(total), ms(total) - ms(fresh)
 
 
+@dataclass(slots=True, eq=False)
 class CachePolicy:
     """Precomputed lifetimes of ``get_or_set`` calls (from ``CacheService.policy``)."""
 
-    __slots__ = ("beta", "lease_ms", "life_ms", "simple", "stale_ms", "wait_timeout")
+    life_ms: int
+    stale_ms: int
+    beta: float
+    lease_ms: int
+    wait_timeout: float
+    simple: bool = field(init=False)
+    """No stale window and no early refresh: the plain read-or-compute path."""
 
-    def __init__(
-        self, life_ms: int, stale_ms: int, beta: float, lease_ms: int, wait_timeout: float
-    ) -> None:
-        self.life_ms = life_ms
-        self.stale_ms = stale_ms
-        self.beta = beta
-        self.lease_ms = lease_ms
-        self.wait_timeout = wait_timeout
-        self.simple = not stale_ms and not beta
+    def __post_init__(self) -> None:
+        self.simple = not self.stale_ms and not self.beta
 
 
 def make_policy(
