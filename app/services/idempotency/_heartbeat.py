@@ -8,6 +8,7 @@ import logging
 from types import TracebackType
 from typing import Protocol
 
+from app.core.clock import LOOP_CLOCK, Clock
 from app.core.guard import Duration, as_seconds
 
 __all__ = ["Heartbeat", "Renewer"]
@@ -26,13 +27,23 @@ class Heartbeat:
 
     A renewal that fails because Redis is unreachable is logged and retried at
     the next tick (the lease may survive a short outage); a renewal that finds
-    the claim taken or gone sets ``lost`` and ends the task.
+    the claim taken or gone sets ``lost`` and ends the task. The waits between
+    renewals are on *clock* (default ``LOOP_CLOCK``, the event loop's time).
     """
 
-    __slots__ = ("_service", "_task", "interval", "key", "lost", "renewals", "token")
+    __slots__ = ("_clock", "_service", "_task", "interval", "key", "lost", "renewals", "token")
 
-    def __init__(self, service: Renewer, key: str, token: str, *, interval: Duration) -> None:
+    def __init__(
+        self,
+        service: Renewer,
+        key: str,
+        token: str,
+        *,
+        interval: Duration,
+        clock: Clock | None = None,
+    ) -> None:
         self._service = service
+        self._clock: Clock = LOOP_CLOCK if clock is None else clock
         self.key = key
         self.token = token
         self.interval = as_seconds(interval, "heartbeat interval")  # ConfigurationError if bad
@@ -56,7 +67,7 @@ class Heartbeat:
 
     async def _run(self) -> None:
         while True:
-            await asyncio.sleep(self.interval)
+            await self._clock.sleep(self.interval)
             try:
                 renewed = await self._service.renew(self.key, self.token)
             except Exception as exc:  # Redis down or erroring: the lease may still survive

@@ -10,6 +10,7 @@ import secrets
 from collections.abc import Sequence
 from typing import Any, Final
 
+from app.core.clock import Clock
 from app.core.codec import Codec, default_codec
 from app.core.errors import ConfigurationError
 from app.core.guard import Duration, Guard, as_seconds, as_text, block_cap, to_ms
@@ -258,11 +259,19 @@ class IdempotencyService:
             )
         return bool(done)
 
-    def heartbeat(self, key: str, token: str, *, interval: Duration | None = None) -> Heartbeat:
+    def heartbeat(
+        self,
+        key: str,
+        token: str,
+        *,
+        interval: Duration | None = None,
+        clock: Clock | None = None,
+    ) -> Heartbeat:
         """A task that renews the claim every *interval* seconds (default: a third of the lease).
 
         ``async with service.heartbeat(key, token) as hb: ...`` (or
         ``hb.start()`` / ``await hb.stop()``). ``hb.lost`` turns True when a
-        renewal finds the claim gone; the heartbeat then stops.
+        renewal finds the claim gone; the heartbeat then stops. *clock* times
+        the waits between renewals (default ``LOOP_CLOCK``, the event loop's time).
         """
-        return Heartbeat(self, key, token, interval=interval or self.lease / 3)
+        return Heartbeat(self, key, token, interval=interval or self.lease / 3, clock=clock)

@@ -35,8 +35,9 @@ What makes it correct by construction:
   then restarts from the server clock in microseconds, which is above every
   token issued before unless the server clock went backwards.
 * **A deadline kept locally.** With ``auto_renew`` the lease is tracked on the
-  event loop's clock from when the acquire/renewal was *sent*; ``deadline`` is
-  that time + the lease - ``drift``. A loop timer (not the renewal call, which a
+  lock's ``clock`` (the event loop's, unless a test injects its own) from when
+  the acquire/renewal was *sent*; ``deadline`` is that time + the lease -
+  ``drift``. A timer on that clock (not the renewal call, which a
   stalled link may hold for socket_timeout x retries) ends the hold there unless
   a renewal was confirmed first: the block is cancelled and ``LockLost`` raised
   ``drift`` before another owner can acquire. Each renewal is bounded by the
@@ -100,6 +101,7 @@ goes through one ``app.core.guard.Guard`` per lock object.
 #   _scripts    the Lua in lua/
 #   _common     lease durations, tokens, the lock's Guard (app.core.guard)
 
+from app.core.clock import LOOP_CLOCK, Clock  # re-exported: what clock= takes
 from app.core.guard import as_seconds  # re-exported: the one duration validator
 from app.services.locks._common import LostCallback, Seconds, lease_drift, wait_bound
 from app.services.locks._lock import DEFAULT_FENCE_TTL, RedisLock, fenced_write
@@ -108,6 +110,8 @@ from app.services.locks._semaphore import Permit, Semaphore
 
 __all__ = [
     "DEFAULT_FENCE_TTL",
+    "LOOP_CLOCK",
+    "Clock",
     "LostCallback",
     "Permit",
     "RedisLock",

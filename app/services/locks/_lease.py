@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 from collections.abc import Awaitable
+from functools import partial
 from types import TracebackType
 from typing import Any
 
+from app.core.clock import LOOP_CLOCK, Clock, Timer
 from app.core.errors import ConfigurationError, LockError, LockLost, LockNotOwned, RedisUnavailable
 from app.core.guard import as_seconds, to_ms
 from app.core.telemetry import from_self, traced
@@ -26,7 +29,9 @@ async def _await(awaitable: Awaitable[Any]) -> None:
 class Lease:
     """A held lease (a lock, a permit): token, renewal watchdog, loss detection.
 
-    Subclasses supply ``_remote_extend`` and ``_remote_release``.
+    Subclasses supply ``_remote_extend`` and ``_remote_release``. Every local
+    reading of the lease (when it was sent, ``deadline``, the watchdog's waits and
+    timers) is on ``clock`` (default ``LOOP_CLOCK``, the event loop's time).
     """
 
     _kind = "lock"
@@ -40,6 +45,7 @@ class Lease:
         renew_interval: Seconds | None,
         on_lost: LostCallback | None,
         drift: Seconds | None = None,
+        clock: Clock | None = None,
     ) -> None:
         if not isinstance(name, str) or not name:
             raise ConfigurationError(
@@ -52,13 +58,15 @@ class Lease:
         )
         """The drift margin: a held lease counts as ended this long before it can end in Redis."""
         self.on_lost = on_lost
+        self.clock: Clock = LOOP_CLOCK if clock is None else clock
+        """The clock the lease is tracked on locally (``deadline``, the watchdog)."""
         self._lease_ms = to_ms(self.timeout)
         self._token: str | None = None
-        # Loop time at which the lease may end in Redis at the earliest: when the
+        # Clock time at which the lease may end in Redis at the earliest: when the
         # acquire/extend that set it was sent, plus its length.
         self._valid_until = 0.0
         self._watchdog: asyncio.Task[None] | None = None
-        self._deadline_timer: asyncio.TimerHandle | None = None
+        self._deadline_timer: Timer | None = None
         self._lost: LockLost | None = None
         self._body: asyncio.Task[Any] | None = None
         self._body_token: str | None = None
@@ -88,7 +96,7 @@ class Lease:
 
     @property
     def deadline(self) -> float | None:
-        """Loop time (``loop.time()``) at which this holder stops counting on the lease.
+        """When (on ``clock``; ``loop.time()`` by default) this holder stops counting on the lease.
 
         The lease's end as this process can know it without asking Redis: the
         time the acquire (or last confirmed renewal/extend) was *sent* plus its
@@ -114,12 +122,12 @@ class Lease:
         """(Re)start the timer that ends the hold at ``deadline`` (auto-renew only)."""
         if self._deadline_timer is not None:
             self._deadline_timer.cancel()
-        self._deadline_timer = asyncio.get_running_loop().call_at(
-            self._valid_until - self.drift, self._deadline_passed, token
+        self._deadline_timer = self.clock.call_at(
+            self._valid_until - self.drift, partial(self._deadline_passed, token)
         )
 
     def _deadline_passed(self, token: str) -> None:
-        # A loop timer, not the watchdog task: the watchdog may be stuck in a renewal
+        # A clock timer, not the watchdog task: the watchdog may be stuck in a renewal
         # call that only a socket timeout (times the client's retries) would end.
         self._deadline_timer = None
         if self._token != token or self._lost is not None:
@@ -143,23 +151,23 @@ class Lease:
             timer.cancel()
 
     async def _watch(self, token: str) -> None:
-        loop = asyncio.get_running_loop()
+        clock = self.clock
         retry = max(0.01, self.renew_interval / 4)
-        next_at = loop.time() + self.renew_interval
+        next_at = clock.now() + self.renew_interval
         while True:
-            await asyncio.sleep(max(0.0, next_at - loop.time()))
+            await clock.sleep(max(0.0, next_at - clock.now()))
             if self._token != token or self._lost is not None:
                 return
             deadline = self._valid_until - self.drift
-            sent = loop.time()
+            sent = clock.now()
             try:
                 # Bounded by the lease: a renewal answered later is of no use.
-                async with asyncio.timeout_at(deadline):
+                async with clock.timeout_at(deadline):
                     left = await self._remote_extend(token, self._lease_ms, True)
             except Exception as exc:
                 if self._token != token or self._lost is not None:
                     return
-                if loop.time() + retry >= deadline:
+                if clock.now() + retry >= deadline:
                     reason = (
                         "no renewal was confirmed before its lease ended"
                         if isinstance(exc, TimeoutError)
@@ -168,7 +176,7 @@ class Lease:
                     self._declare_lost(reason, exc)
                     return
                 log.warning("%s %r: renewal failed, retrying: %s", self._kind, self.name, exc)
-                next_at = loop.time() + retry
+                next_at = clock.now() + retry
                 continue
             if self._token != token or self._lost is not None:
                 return
@@ -221,7 +229,7 @@ class Lease:
                 lock_name=self.name,
             )
         seconds = as_seconds(additional_time, "additional_time")
-        sent = asyncio.get_running_loop().time()
+        sent = self.clock.now()
         left = await self._remote_extend(token, to_ms(seconds), replace)
         if left < 0:
             raise LockNotOwned(
@@ -280,9 +288,11 @@ class Lease:
         self._stop_watchdog()
         try:
             task = in_background(self._remote_release(token))
-            left = self._valid_until - self.drift - asyncio.get_running_loop().time()
-            if left > 0:
-                await asyncio.wait({task}, timeout=left)
+            deadline = self._valid_until - self.drift
+            if deadline > self.clock.now():
+                with contextlib.suppress(TimeoutError):
+                    async with self.clock.timeout_at(deadline):
+                        await asyncio.wait({task})
         finally:
             self._after_release()
 
@@ -301,7 +311,7 @@ class Lease:
         deadline already passed: the acquire was confirmed too late to be of use.
         """
         token = self._token
-        late = asyncio.get_running_loop().time() >= self._valid_until - self.drift
+        late = self.clock.now() >= self._valid_until - self.drift
         if token is not None and self._deadline_timer is not None and late:
             self._deadline_passed(token)  # the timer would fire only at the block's first await
         if token is not None and self._lost is not None:

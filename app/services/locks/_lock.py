@@ -11,6 +11,7 @@ from datetime import timedelta
 from functools import lru_cache, partial
 from typing import Any, Final, NamedTuple
 
+from app.core.clock import Clock
 from app.core.config import get_settings
 from app.core.errors import LockError, LockNotAcquired
 from app.core.guard import Guard, as_seconds, as_text, to_ms
@@ -99,6 +100,11 @@ class RedisLock(Lease):
         drift: the drift margin (seconds or ``timedelta``): the holder gives the
             lease up this long before it can end in Redis. Default: 1 % of the
             lease plus 2 ms.
+        clock: the clock the lease is tracked on locally (``deadline``, the
+            watchdog's renewals and timers); default ``LOOP_CLOCK``, the event
+            loop's time. Tests pass ``app.testing.clock.VirtualClock`` to run
+            renewals without sleeping. Waiting to acquire and the TTL in Redis
+            stay on real time.
 
     Keys (one hash tag per name): ``<prefix>:lock:{name}`` (owner token, PX
     lease), ``...:fence``, ``...:wake``, ``...:queue``, ``...:queue-heartbeats``,
@@ -120,6 +126,7 @@ class RedisLock(Lease):
         fence_ttl: Seconds = DEFAULT_FENCE_TTL,
         key_prefix: str | None = None,
         drift: Seconds | None = None,
+        clock: Clock | None = None,
     ) -> None:
         super().__init__(
             name,
@@ -128,6 +135,7 @@ class RedisLock(Lease):
             renew_interval=renew_interval,
             on_lost=on_lost,
             drift=drift,
+            clock=clock,
         )
         self.redis = redis
         self.blocking_timeout = (
@@ -226,7 +234,7 @@ class RedisLock(Lease):
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
         if not await take_gate(self._gate, wait):
-            return False, max(0.0, self._valid_until - loop.time())
+            return False, max(0.0, self._valid_until - self.clock.now())
         try:
             token, reply, sent = await contend(self, deadline)
         except BaseException:

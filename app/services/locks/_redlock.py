@@ -11,6 +11,7 @@ import random
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+from app.core.clock import Clock
 from app.core.errors import ConfigurationError, LockNotAcquired, RedisUnavailable
 from app.core.guard import as_seconds, as_text
 from app.core.keys import KeySpace
@@ -95,6 +96,9 @@ class Redlock(Lease):
             lease, between 50 and 250 ms).
         retry_delay: upper bound of the random pause between attempts.
         key_prefix: default ``settings.redis_key_prefix``.
+        clock: the clock the validity time is measured and the lease tracked
+            on locally, as for ``RedisLock`` (default ``LOOP_CLOCK``, the event
+            loop's time); the pauses between acquire rounds stay on real time.
     """
 
     def __init__(
@@ -111,6 +115,7 @@ class Redlock(Lease):
         node_timeout: Seconds | None = None,
         retry_delay: Seconds = 0.2,
         key_prefix: str | None = None,
+        clock: Clock | None = None,
     ) -> None:
         if not 0 <= drift_factor < 0.5:
             raise ConfigurationError(f"drift_factor must be in [0, 0.5), got {drift_factor!r}")
@@ -122,6 +127,7 @@ class Redlock(Lease):
             renew_interval=renew_interval,
             on_lost=on_lost,
             drift=lease * drift_factor + 0.002,
+            clock=clock,
         )
         self.clients = list(clients)
         if not self.clients:
@@ -194,8 +200,8 @@ class Redlock(Lease):
         raise self._unreachable(outcomes, "release")
 
     async def _remote_extend(self, token: str, ms: int, replace: bool) -> int:
-        loop = asyncio.get_running_loop()
-        start = loop.time()
+        clock = self.clock
+        start = clock.now()
         outcomes = await self._on_all(
             lambda c: LOCK_EXTEND(c, (self.key,), (token, ms, "1" if replace else "0"))
         )
@@ -207,7 +213,7 @@ class Redlock(Lease):
             return -1
         agreed = extended[self.quorum - 1]  # the lease a quorum holds, from when it was sent
         # what is left of it once this round trip and clock drift are taken off
-        validity = agreed / 1000 - (loop.time() - start) - self.drift
+        validity = agreed / 1000 - (clock.now() - start) - self.drift
         if validity <= 0:
             return -1
         self.validity = validity
@@ -234,7 +240,7 @@ class Redlock(Lease):
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
         if not await take_gate(self._gate, wait):
-            return False, max(0.0, self._valid_until - loop.time())
+            return False, max(0.0, self._valid_until - self.clock.now())
         try:
             while True:
                 token = await self._round()
@@ -254,16 +260,16 @@ class Redlock(Lease):
 
     async def _round(self) -> str | RedisUnavailable | None:
         """One attempt: the token if held, else the reason (None: busy)."""
-        loop = asyncio.get_running_loop()
+        clock = self.clock
         token = new_token()
         ms = self._lease_ms
-        start = loop.time()
+        start = clock.now()
         try:
             outcomes = await self._on_all(lambda c: c.set(self.key, token, nx=True, px=ms))
         except asyncio.CancelledError:
             await settle(self._release_all(token))
             raise
-        elapsed = loop.time() - start
+        elapsed = clock.now() - start
         granted = sum(o is True for o in outcomes)
         validity = self.timeout - elapsed - self.drift
         if granted >= self.quorum and validity > 0:

@@ -13,6 +13,7 @@ from functools import lru_cache
 from types import TracebackType
 from typing import Any
 
+from app.core.clock import LOOP_CLOCK, Clock
 from app.core.config import get_settings
 from app.core.errors import ConfigurationError, LockError, LockNotAcquired
 from app.core.guard import as_seconds, to_ms
@@ -74,6 +75,7 @@ class Permit(Lease):
             renew_interval=semaphore.renew_interval,
             on_lost=semaphore.on_lost,
             drift=semaphore.drift,
+            clock=semaphore.clock,
         )
         self.semaphore = semaphore
         self.holders = holders
@@ -161,6 +163,8 @@ class Semaphore:
             ``async with`` block with ``LockLost``).
         fair: FIFO order among ``fair=True`` waiters.
         key_prefix: default ``settings.redis_key_prefix``.
+        clock: the clock each permit's lease is tracked on locally, as for
+            ``RedisLock`` (default ``LOOP_CLOCK``, the event loop's time).
 
     Keys (one hash tag per name): ``<prefix>:semaphore:{name}`` (holders),
     ``...:wake``, ``...:queue``, ``...:queue-heartbeats``, ``...:released``
@@ -183,6 +187,7 @@ class Semaphore:
         fair: bool = False,
         key_prefix: str | None = None,
         drift: Seconds | None = None,
+        clock: Clock | None = None,
     ) -> None:
         if not isinstance(name, str) or not name:
             raise ConfigurationError(f"a semaphore name must be a non-empty string, got {name!r}")
@@ -201,6 +206,7 @@ class Semaphore:
         )
         self.auto_renew = auto_renew
         self.on_lost = on_lost
+        self.clock: Clock = LOOP_CLOCK if clock is None else clock
         self.fair = fair
         # The prefix is resolved here, not in the cache: a settings change must show.
         keys = _semaphore_keys(key_prefix or get_settings().redis_key_prefix, name)

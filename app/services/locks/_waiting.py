@@ -14,6 +14,7 @@ import contextlib
 import random
 from typing import Any, Final, Protocol
 
+from app.core.clock import Clock
 from app.core.guard import Guard, PerClient, block_cap
 from app.services.locks._common import new_token
 from app.services.locks._tasks import in_background, settle
@@ -73,6 +74,7 @@ class Contender(Protocol):
     name: str
     fair: bool
     timeout: float
+    clock: Clock
     _guard: Guard
     _wake_key: str
     _kind: str
@@ -177,7 +179,8 @@ async def contend(c: Contender, deadline: float) -> tuple[str | None, list[int],
     """Attempt, then wait for releases until *deadline* (loop time).
 
     Returns ``(token, reply, sent_at)``: the token is None when the wait ran
-    out. Cancellation (or an error) after an attempt may have reached Redis
+    out; ``sent_at`` (when the winning attempt was sent) is on the contender's
+    ``clock``, the time its lease is tracked on. Cancellation (or an error) after an attempt may have reached Redis
     runs the compare-and-delete for this call's token, so no key is orphaned.
     """
     loop = asyncio.get_running_loop()
@@ -185,7 +188,7 @@ async def contend(c: Contender, deadline: float) -> tuple[str | None, list[int],
     waiter: _Waiter | None = None
     try:
         while True:
-            sent = loop.time()
+            sent = c.clock.now()
             reply = await c._attempt(token)
             if reply[0] == 1:
                 return token, reply, sent

@@ -89,7 +89,8 @@ async def test_heartbeat_keeps_a_claim_past_its_lease(topology_redis: Any) -> No
     claim = await svc.claim("k")
     assert claim.token is not None
     async with svc.heartbeat("k", claim.token) as beat:
-        await asyncio.sleep(0.8)  # well past two leases
+        # well past two leases (0.1 s apart): Redis's TTL must really pass
+        await eventually(lambda: beat.renewals >= 8, "8 renewals")
         assert (await svc.claim("k")).status == "in_flight"
     assert beat.renewals >= 2 and not beat.lost
     await _claimable(svc, "k")  # heartbeat stopped: the lease runs out

@@ -55,6 +55,18 @@ async def _expired(lock: RedisLock) -> None:
     await eventually(free, f"lock {lock.name!r} to be free")
 
 
+async def _renewed_through(lease: Any, leases: int) -> None:
+    """Wait (real time: Redis's TTL must really pass) until *lease*'s watchdog has kept it
+    for *leases* lease lengths: a renewal sent that long after the hold began was confirmed."""
+    start = lease.deadline
+
+    def kept() -> bool:
+        deadline = lease.deadline
+        return deadline is not None and deadline >= start + leases * lease.timeout
+
+    await eventually(kept, f"{leases} leases of renewals")
+
+
 async def blocked_clients(client: Any, key: str) -> int:
     """Connections blocked (``BLPOP``) on the server, or Cluster primary, that holds *key*."""
     if is_cluster(client):
@@ -207,7 +219,7 @@ async def test_watchdog_holds_the_lock_through_three_times_its_timeout(
     async with RedisLock(redis, "jobs:1", timeout=2, auto_renew=True) as lock:
         contender = asyncio.create_task(rival())
         try:
-            await asyncio.sleep(6)  # three leases long
+            await _renewed_through(lock, 3)
             assert await lock.owned()
         finally:
             stop.set()

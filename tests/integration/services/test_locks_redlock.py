@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Iterator
 
@@ -13,6 +12,7 @@ from redis.asyncio import Redis
 from app.core.errors import LockNotAcquired, RedisUnavailable
 from app.services.locks import Redlock
 from app.testing.servers import RedisServer, redis_server_binary
+from app.testing.waiting import eventually
 
 pytestmark = [
     pytest.mark.integration,
@@ -95,7 +95,10 @@ async def test_watchdog_renews_on_the_surviving_majority(
     servers[2].stop()
     clients = masters
     async with Redlock(clients, "billing", timeout=1, auto_renew=True, node_timeout=0.25) as lock:
-        await asyncio.sleep(3)  # three leases
+        start = lock.deadline  # a renewal sent three leases later must be confirmed
+        assert start is not None
+        end = start + 3 * lock.timeout
+        await eventually(lambda: (lock.deadline or 0.0) >= end, "3 leases of renewals")
         assert await lock.owned()
         assert not await Redlock(clients, "billing", timeout=1).acquire()
     assert await _holders(clients, lock.key) == 0

@@ -110,7 +110,10 @@ async def test_watchdog_keeps_the_permit_and_cancels_the_body_when_lost(
     redis = await ready(topology_redis)
     sem = Semaphore(redis, "reports", 1, timeout=0.5, auto_renew=True)
     async with sem as permit:
-        await asyncio.sleep(1.5)  # three leases
+        start = permit.deadline  # a renewal sent three leases later must be confirmed
+        assert start is not None
+        end = start + 3 * permit.timeout
+        await eventually(lambda: (permit.deadline or 0.0) >= end, "3 leases of renewals")
         assert await permit.owned()
         assert await sem.acquire() is None
     progress: list[str] = []

@@ -14,6 +14,7 @@ from redis.exceptions import RedisError
 from app.core.errors import ConfigurationError, InvalidKey, RedisCommandError, RedisUnavailable
 from app.core.keys import key_slot_tag
 from app.services.idempotency import IdempotencyService
+from app.testing.clock import VirtualClock
 from app.testing.slots import slot_checking_fake_redis
 
 
@@ -226,6 +227,27 @@ async def test_an_open_breaker_refuses_at_once_with_its_reset_time(
         assert await redis.exists(svc.record_key("k")) == 0
     finally:
         await redis.aclose()
+
+
+async def test_heartbeat_renews_each_interval_of_its_clock_until_the_claim_is_gone(
+    client: Any,
+) -> None:
+    svc = IdempotencyService(client, lease=0.3)
+    claim = await svc.claim("k")
+    assert claim.token is not None
+    clock = VirtualClock()
+    record = svc.record_key("k")
+    async with svc.heartbeat("k", claim.token, clock=clock) as beat:  # every lease/3 = 0.1 s
+        for n in range(1, 31):  # ten leases
+            await client.pexpire(record, 150)  # the lease in Redis runs down meanwhile...
+            await clock.advance(0.1)
+            assert beat.renewals == n  # ...and each tick renews it to a whole lease
+            assert await client.pttl(record) > 250
+        assert (await svc.claim("k")).status == "in_flight" and not beat.lost
+        await svc.forget("k")  # an operator deleted it
+        await clock.advance(0.1)
+        assert beat.lost and beat.renewals == 30
+    assert clock.pending == 0  # stopped: nothing sleeps on the clock any more
 
 
 async def test_heartbeat_interval_must_be_positive(svc: IdempotencyService) -> None:

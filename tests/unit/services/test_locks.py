@@ -21,8 +21,9 @@ from app.core.errors import (
 )
 from app.services.locks import RedisLock, fenced_write
 from app.testing.clients import fake_twin
+from app.testing.clock import VirtualClock
 from app.testing.slots import slot_checking_fake_redis
-from app.testing.waiting import DEFAULT_DEADLINE, eventually
+from app.testing.waiting import eventually
 
 
 @pytest.fixture
@@ -446,10 +447,17 @@ async def test_cancelling_the_body_releases_and_propagates_the_cancellation(redi
 
 
 async def test_watchdog_keeps_the_lock_through_a_long_body(fake_redis: Any) -> None:
-    async with RedisLock(fake_redis, "jobs:1", timeout=1, auto_renew=True) as lock:
-        await asyncio.sleep(2.5)
+    clock = VirtualClock()
+    async with RedisLock(fake_redis, "jobs:1", timeout=1, auto_renew=True, clock=clock) as lock:
+        for _ in range(30):  # ten leases, a renewal interval at a time
+            # The server's lease runs down meanwhile (its TTL is on real time: shorten it)...
+            await fake_redis.pexpire(lock.key, 400)
+            await clock.advance(1 / 3)
+            # ...and the renewal that came due sets it back to a whole lease.
+            assert await fake_redis.pttl(lock.key) > 900
         assert await lock.owned()
-    assert not await lock.locked()
+        assert lock.deadline == pytest.approx(clock.now() + 1 - lock.drift)
+    assert not await lock.locked() and lock.lost is None
 
 
 async def test_watchdog_cancels_the_body_and_calls_on_lost(redis: Any) -> None:
@@ -459,12 +467,13 @@ async def test_watchdog_cancels_the_body_and_calls_on_lost(redis: Any) -> None:
     async def on_lost(err: LockLost) -> None:
         seen.append(err)
 
+    clock = VirtualClock()
     with pytest.raises(LockLost) as caught:
         async with RedisLock(
-            redis, "jobs:1", timeout=0.3, auto_renew=True, on_lost=on_lost
+            redis, "jobs:1", timeout=0.3, auto_renew=True, on_lost=on_lost, clock=clock
         ) as lock:
             await redis.delete(lock.key)
-            await asyncio.sleep(5)
+            await clock.advance(5)  # the first renewal (at 0.1 s) finds the key gone
             finished = True
     assert not finished
     await asyncio.sleep(0)
@@ -473,12 +482,17 @@ async def test_watchdog_cancels_the_body_and_calls_on_lost(redis: Any) -> None:
 
 
 async def test_watchdog_without_a_block_reports_loss_and_release_raises(redis: Any) -> None:
-    lost = asyncio.Event()
-    lock = RedisLock(redis, "jobs:1", timeout=0.3, auto_renew=True, on_lost=lambda e: lost.set())
+    lost: list[LockLost] = []
+    clock = VirtualClock()
+    lock = RedisLock(
+        redis, "jobs:1", timeout=0.3, auto_renew=True, on_lost=lost.append, clock=clock
+    )
     await lock.acquire()
     await redis.delete(lock.key)
-    await asyncio.wait_for(lost.wait(), DEFAULT_DEADLINE)
-    assert lock.lost is not None
+    await clock.advance(0.099)
+    assert lost == []  # no renewal was due yet
+    await clock.advance(0.001)  # the first renewal finds the key gone
+    assert lost == [lock.lost] and "another owner took it" in str(lock.lost)
     with pytest.raises(LockNotOwned):
         await lock.release()
 

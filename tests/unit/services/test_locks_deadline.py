@@ -19,8 +19,10 @@ import pytest
 import pytest_asyncio
 
 from app.api.deps import request_lock, request_semaphore
+from app.core.clock import LOOP_CLOCK, Clock
 from app.core.errors import ConfigurationError, LockLost
 from app.services.locks import RedisLock, Redlock, Semaphore, lease_drift
+from app.testing.clock import VirtualClock
 from app.testing.slots import SlotCheckingRedis
 
 BOUND = 10.0
@@ -31,7 +33,8 @@ class _Link(SlotCheckingRedis):
     """fakeredis behind a link: ``stall()`` holds every command until ``resume()``.
 
     Like a half-dead TCP link: nothing fails, nothing answers. ``latency`` delays
-    each command on its way to the server, ``reply_latency`` its reply (seconds).
+    each command on its way to the server, ``reply_latency`` its reply (seconds
+    on ``clock``: a test's ``VirtualClock`` makes them virtual too).
     """
 
     def __init__(self, **kwargs: Any) -> None:
@@ -40,6 +43,7 @@ class _Link(SlotCheckingRedis):
         self.flowing.set()
         self.latency = 0.0
         self.reply_latency = 0.0
+        self.clock: Clock = LOOP_CLOCK
 
     def stall(self) -> None:
         self.flowing.clear()
@@ -49,11 +53,11 @@ class _Link(SlotCheckingRedis):
 
     async def execute_command(self, *args: Any, **options: Any) -> Any:
         if self.latency:
-            await asyncio.sleep(self.latency)  # the link's latency, not synchronisation
+            await self.clock.sleep(self.latency)  # the link's latency, not synchronisation
         await self.flowing.wait()
         reply = await super().execute_command(*args, **options)
         if self.reply_latency:
-            await asyncio.sleep(self.reply_latency)  # the reply's way back
+            await self.clock.sleep(self.reply_latency)  # the reply's way back
         return reply
 
 
@@ -184,13 +188,25 @@ class _Both:
 async def test_an_acquire_confirmed_after_its_deadline_does_not_enter_the_block(
     link: _Link, peer: Any
 ) -> None:
+    clock = link.clock = VirtualClock()
     link.reply_latency = 0.5  # the lease is 0.6 s, the deadline 0.4 s after the acquire was sent
     lost: list[LockLost] = []
-    lock = RedisLock(link, "jobs:1", timeout=0.6, auto_renew=True, drift=0.2, on_lost=lost.append)
+    lock = RedisLock(
+        link, "jobs:1", timeout=0.6, auto_renew=True, drift=0.2, on_lost=lost.append, clock=clock
+    )
     entered = False
-    with pytest.raises(LockLost) as caught:
+
+    async def enter() -> None:
+        nonlocal entered
         async with lock:
             entered = True
+
+    task = asyncio.create_task(enter())
+    await clock.advance(0.5)  # the reply arrives
+    with pytest.raises(LockLost) as caught:
+        await task
+    await clock.advance(0.5)  # the clean-up's reply arrives too
+    assert not await peer.exists(lock.key)
     assert not entered
     assert lost == [caught.value]
     assert lock.deadline is None and not lock._gate.locked()  # free for the next owner
@@ -200,19 +216,22 @@ async def test_an_acquire_confirmed_after_its_deadline_does_not_enter_the_block(
 
 
 async def test_renewals_confirmed_before_the_deadline_keep_the_lock(link: _Link) -> None:
-    link.latency = 0.05  # every renewal is slow, but answered well within the lease
+    clock = link.clock = VirtualClock()
     lost: list[LockLost] = []
-    lock = RedisLock(link, "jobs:1", timeout=0.6, auto_renew=True, drift=0.1, on_lost=lost.append)
+    lock = RedisLock(
+        link, "jobs:1", timeout=0.6, auto_renew=True, drift=0.1, on_lost=lost.append, clock=clock
+    )
     async with lock:
-        deadlines: list[float] = []
-
-        def renewed_three_times() -> bool:
-            deadline = lock.deadline
-            if deadline is not None and (not deadlines or deadline > deadlines[-1]):
-                deadlines.append(deadline)
-            return len(deadlines) >= 4
-
-        await _until(renewed_three_times, "three renewals")
+        link.latency = 0.05  # every renewal is slow, but answered well within the lease
+        deadlines = [lock.deadline]
+        for _ in range(12):  # renewals every 0.2 s, each confirmed 0.05 s after it was sent
+            await clock.advance(0.1)
+            if lock.deadline != deadlines[-1]:
+                deadlines.append(lock.deadline)
+        # each deadline counts from when its renewal was sent, not from the reply
+        assert deadlines == pytest.approx([0.5, 0.7, 0.9, 1.1, 1.3, 1.5])
+        assert clock.now() == pytest.approx(1.2) and lock.deadline == pytest.approx(1.5)
+        link.latency = 0
         assert await lock.owned()
     assert lost == [] and lock.lost is None
 

@@ -12,6 +12,7 @@ import pytest_asyncio
 
 from app.core.errors import ConfigurationError, LockLost, LockNotOwned, RedisUnavailable
 from app.services.locks import Redlock
+from app.testing.clock import VirtualClock
 from app.testing.slots import slot_checking_fake_redis
 
 
@@ -111,10 +112,20 @@ async def test_exit_raises_lock_lost_when_a_majority_lost_it(masters: list[Any])
 
 @pytest.mark.parametrize("masters", [False], indirect=True, ids=["bytes"])
 async def test_watchdog_renews_on_the_quorum(masters: list[Any]) -> None:
-    async with Redlock(masters, "billing", node_timeout=0.5, timeout=1, auto_renew=True) as lock:
-        await asyncio.sleep(2.5)
+    clock = VirtualClock()
+    async with Redlock(
+        masters, "billing", node_timeout=0.5, timeout=1, auto_renew=True, clock=clock
+    ) as lock:
+        for _ in range(30):  # ten leases, a renewal interval at a time
+            # The lease runs down on every master meanwhile (TTLs are on real time)...
+            for master in masters:
+                await master.pexpire(lock.key, 400)
+            await clock.advance(1 / 3)
+            # ...and the renewal that came due sets it back to a whole lease on all of them.
+            assert [await m.pttl(lock.key) > 900 for m in masters] == [True] * 3
         assert await lock.owned()
-    assert await _holders(masters, lock.key) == 0
+        assert lock.validity == pytest.approx(1 - lock.drift, abs=0.01)
+    assert await _holders(masters, lock.key) == 0 and lock.lost is None
 
 
 async def test_cancelled_acquire_leaves_no_key_on_any_master(masters: list[Any]) -> None:

@@ -17,6 +17,7 @@ from app.core.errors import (
     RedisUnavailable,
 )
 from app.services.locks import Permit, Semaphore
+from app.testing.clock import VirtualClock
 from app.testing.waiting import DEFAULT_DEADLINE, eventually
 
 
@@ -194,15 +195,25 @@ async def test_cancelling_acquire_at_any_point_leaves_no_permit(redis: Any) -> N
 
 async def test_watchdog_keeps_a_permit_and_cancels_the_body_when_lost(fake_redis: Any) -> None:
     lost: list[LockLost] = []
-    sem = Semaphore(fake_redis, "exports", limit=1, timeout=1, auto_renew=True, on_lost=lost.append)
+    clock = VirtualClock()
+    sem = Semaphore(
+        fake_redis, "exports", limit=1, timeout=1, auto_renew=True, on_lost=lost.append, clock=clock
+    )
     async with sem as permit:
-        await asyncio.sleep(2.5)
+        for _ in range(30):  # ten leases, a renewal interval at a time
+            # The permit's lease in Redis (its score, server time in ms) runs down meanwhile...
+            await fake_redis.zincrby(sem.key, -600, permit.token)
+            shortened = await fake_redis.zscore(sem.key, permit.token)
+            await clock.advance(1 / 3)
+            # ...and the renewal that came due sets it back to a whole lease.
+            assert await fake_redis.zscore(sem.key, permit.token) > shortened + 500
         assert await permit.owned()
+    assert lost == [] and permit.lost is None
     finished = False
     with pytest.raises(LockLost):
         async with sem as permit:
             await fake_redis.zrem(sem.key, permit.token)
-            await asyncio.sleep(5)
+            await clock.advance(5)  # the first renewal finds the permit gone
             finished = True
     assert not finished and len(lost) == 1
 
