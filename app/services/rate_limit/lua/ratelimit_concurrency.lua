@@ -13,8 +13,7 @@
 --   remaining  free slots after this call
 -- returns, to release: {units released over all policies}
 -- Clock: Redis TIME only.
-local time = redis.call('TIME')
-local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
+-- @include now_us
 local cost = tonumber(ARGV[1])
 local mode = ARGV[2]
 local lease = ARGV[3]

@@ -13,8 +13,7 @@
 --   retry_us   microseconds until this policy would admit the cost (0 when it fits)
 -- Clock: Redis TIME only. All arithmetic is on whole microseconds (exact in doubles).
 -- Each written key expires when its TAT is reached, i.e. when the quota is full again.
-local time = redis.call('TIME')
-local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
+-- @include now_us
 local cost = tonumber(ARGV[1])
 local charge = ARGV[2] ~= '0'
 local brief = ARGV[2] == '2' -- is_allowed: the one integer is the whole reply

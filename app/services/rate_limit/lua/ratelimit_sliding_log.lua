@@ -14,8 +14,7 @@
 --   reset_us   microseconds until the oldest entry leaves the window (0 when the log is empty)
 --   retry_us   microseconds until this policy would admit the cost (0 when it fits)
 -- Clock: Redis TIME only.
-local time = redis.call('TIME')
-local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
+-- @include now_us
 local cost = tonumber(ARGV[1])
 local charge = ARGV[2] ~= '0'
 local brief = ARGV[2] == '2' -- is_allowed: the one integer is the whole reply
