@@ -14,6 +14,7 @@
 -- returns, to release: {units released over all policies}
 -- Clock: Redis TIME only.
 -- @include now_us
+-- @include limit_reply
 local cost = tonumber(ARGV[1])
 local mode = ARGV[2]
 local lease = ARGV[3]
@@ -54,11 +55,6 @@ for i = 1, n do
     end
     count = count + cost
   end
-  local remaining = limit - count
-  if remaining < 0 then remaining = 0 end
-  out[#out + 1] = fits
-  out[#out + 1] = remaining
-  out[#out + 1] = 0
-  out[#out + 1] = 0
+  add_policy(out, fits, limit - count, 0, 0)
 end
 return out
