@@ -15,11 +15,23 @@ Every script file starts with its contract::
     -- KEYS[1] lock key
     -- ARGV[1] owner token
     -- returns 1 if released, else 0
+
+Includes: a line that reads exactly ``-- @include <name>`` (leading blanks
+allowed) is replaced, when ``Script.from_package`` loads the file, by the
+text of the fragment ``app/core/lua/<name>.lua``. Fragments are Lua that
+several scripts share (the server clock, waking waiters, ...); each opens
+with a comment that states what it expects and what it defines (which
+locals or local functions), and a script includes one before its first use
+of those names. A fragment includes nothing. An include naming no fragment
+raises ``ConfigurationError`` at import, naming the script and the fragment.
+``Script.source`` and ``Script.sha`` are those of the expanded text, which is
+what the server runs (so line numbers in a server error count in it).
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Sequence
 from importlib import resources
 from typing import Any
@@ -31,6 +43,35 @@ from app.core.errors import ConfigurationError
 __all__ = ["Script", "ScriptArg"]
 
 ScriptArg = str | bytes | int | float
+
+_INCLUDE = re.compile(r"^[ \t]*--[ \t]*@include\b(?P<rest>.*)$", re.MULTILINE)
+_NAME = re.compile(r"[a-z0-9_]+")
+
+
+def _fragment(name: str, script: str) -> str:
+    """The text of fragment *name* (without its final newline) for *script*'s include."""
+    if not _NAME.fullmatch(name):
+        raise ConfigurationError(
+            f"{script}: malformed include '-- @include {name}'; write '-- @include <name>' "
+            "with a fragment name of lowercase letters, digits and '_'"
+        )
+    path = resources.files("app.core").joinpath("lua", f"{name}.lua")
+    if not path.is_file():
+        raise ConfigurationError(
+            f"{script}: includes fragment {name!r}, but app/core/lua/{name}.lua does not exist"
+        )
+    text = path.read_text(encoding="utf-8")
+    if not text.lstrip().startswith("--") or _INCLUDE.search(text):
+        raise ConfigurationError(
+            f"app/core/lua/{name}.lua (included by {script}): a fragment opens with its "
+            "expects/defines contract and includes nothing"
+        )
+    return text.rstrip("\n")
+
+
+def _expand(text: str, script: str) -> str:
+    """*text* with each ``-- @include <name>`` line replaced by its fragment."""
+    return _INCLUDE.sub(lambda found: _fragment(found["rest"].strip(), script), text)
 
 
 class Script:
@@ -45,13 +86,17 @@ class Script:
 
     @classmethod
     def from_package(cls, package: str, filename: str) -> Script:
-        """Load ``filename`` shipped inside *package* (e.g. ``"app.services", "lua/x.lua"``)."""
+        """Load ``filename`` shipped inside *package* (e.g. ``"app.services", "lua/x.lua"``).
+
+        Its ``-- @include`` lines are expanded (see the module docstring).
+        """
         text = resources.files(package).joinpath(filename).read_text(encoding="utf-8")
-        if not text.lstrip().startswith("--"):
+        first = text.lstrip()
+        if not first.startswith("--") or _INCLUDE.match(first):
             raise ConfigurationError(
                 f"{filename}: a script must open with its KEYS/ARGV/returns contract"
             )
-        return cls(text, name=filename.rsplit("/", 1)[-1].removesuffix(".lua"))
+        return cls(_expand(text, filename), name=filename.rsplit("/", 1)[-1].removesuffix(".lua"))
 
     async def __call__(
         self, client: Any, keys: Sequence[ScriptArg] = (), args: Sequence[ScriptArg] = ()

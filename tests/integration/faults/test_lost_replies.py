@@ -46,8 +46,10 @@ def _cases() -> Iterator[Any]:
 
 
 def _sha(script: str) -> bytes:
+    """The SHA1 the server knows *script* by: that of its source with the includes expanded."""
     (path,) = Path(app.services.__file__).parent.rglob(f"lua/{script}")  # beside its capability
-    return Script(path.read_text(encoding="utf-8")).sha.encode()
+    package = f"app.services.{path.parent.parent.name}"
+    return Script.from_package(package, f"lua/{script}").sha.encode()
 
 
 @pytest.mark.parametrize("probe", list(_cases()))

@@ -6,6 +6,7 @@
 --         over); > 0 keep the lease for this many ms (extend while computing, or hold
 --         it as a back-off after a failed refresh)
 -- returns 1 if the token held the lease, else 0
+-- @include wake
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return 0
 end
@@ -21,15 +22,6 @@ redis.call('DEL', KEYS[1])
 local waiting = tonumber(redis.call('GET', KEYS[2]) or '0')
 if waiting > 0 then
   redis.call('DEL', KEYS[2], KEYS[3])
-  local batch = {}
-  for _ = 1, math.min(waiting, 10000) do
-    batch[#batch + 1] = '1'
-    if #batch == 500 then
-      redis.call('RPUSH', KEYS[3], unpack(batch))
-      batch = {}
-    end
-  end
-  if #batch > 0 then redis.call('RPUSH', KEYS[3], unpack(batch)) end
-  redis.call('PEXPIRE', KEYS[3], 5000)
+  wake(KEYS[3], math.min(waiting, 10000), 5000)
 end
 return 1

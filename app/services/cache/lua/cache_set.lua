@@ -17,6 +17,7 @@
 -- raised to the member's lifetime (or made persistent for a persistent member).
 -- Each write also checks 3 random members of each tag set and drops those whose
 -- value is gone, which keeps a set within about twice its live members.
+-- @include wake
 local ttl = tonumber(ARGV[2])
 if ttl > 0 then
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ttl)
@@ -50,16 +51,7 @@ local waiting = tonumber(redis.call('GET', KEYS[3]) or '0')
 if waiting > 0 then
   redis.call('DEL', KEYS[3], KEYS[4])
   woken = math.min(waiting, 10000)
-  local batch = {}
-  for _ = 1, woken do
-    batch[#batch + 1] = '1'
-    if #batch == 500 then
-      redis.call('RPUSH', KEYS[4], unpack(batch))
-      batch = {}
-    end
-  end
-  if #batch > 0 then redis.call('RPUSH', KEYS[4], unpack(batch)) end
-  redis.call('PEXPIRE', KEYS[4], 5000)
+  wake(KEYS[4], woken, 5000)
 end
 if ARGV[6] ~= '' then
   redis.call('PUBLISH', ARGV[6], ARGV[7])

@@ -6,6 +6,7 @@
 -- ARGV[4] time to keep the notify list, ms
 -- returns 1 if stored, 0 if the claim is not ours any more (lease expired, released or
 --         completed by its owner, or taken by a newer claim)
+-- @include wake
 local rec = redis.call('HMGET', KEYS[1], 's', 't', 'w')
 if ARGV[1] ~= '' and (rec[1] ~= 'p' or rec[2] ~= ARGV[1]) then
   return 0
@@ -15,11 +16,5 @@ redis.call('HSET', KEYS[1], 's', 'c', 'r', ARGV[2])
 redis.call('HSETNX', KEYS[1], 'f', '')
 redis.call('HDEL', KEYS[1], 'w', 't')
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
-local waiters = math.min(tonumber(rec[3] or '0'), 1000)
-if waiters > 0 then
-  local wake = {}
-  for i = 1, waiters do wake[i] = '1' end
-  redis.call('RPUSH', KEYS[2], unpack(wake))
-  redis.call('PEXPIRE', KEYS[2], ARGV[4])
-end
+wake(KEYS[2], math.min(tonumber(rec[3] or '0'), 1000), ARGV[4])
 return 1

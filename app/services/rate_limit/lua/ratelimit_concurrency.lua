@@ -13,8 +13,8 @@
 --   remaining  free slots after this call
 -- returns, to release: {units released over all policies}
 -- Clock: Redis TIME only.
-local time = redis.call('TIME')
-local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
+-- @include now_us
+-- @include limit_reply
 local cost = tonumber(ARGV[1])
 local mode = ARGV[2]
 local lease = ARGV[3]
@@ -55,11 +55,6 @@ for i = 1, n do
     end
     count = count + cost
   end
-  local remaining = limit - count
-  if remaining < 0 then remaining = 0 end
-  out[#out + 1] = fits
-  out[#out + 1] = remaining
-  out[#out + 1] = 0
-  out[#out + 1] = 0
+  add_policy(out, fits, limit - count, 0, 0)
 end
 return out

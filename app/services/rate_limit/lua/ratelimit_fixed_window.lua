@@ -12,6 +12,7 @@
 --   reset_us   microseconds until the window closes (0 when no window is open)
 --   retry_us   microseconds until this policy would admit the cost (0 when it fits)
 -- Clock: the server's key expiry (PTTL), never the client's.
+-- @include limit_reply
 local cost = tonumber(ARGV[1])
 local charge = ARGV[2] ~= '0'
 local brief = ARGV[2] == '2' -- is_allowed: the one integer is the whole reply
@@ -52,12 +53,7 @@ for i = 1, n do
     end
     count = count + cost
   end
-  local remaining = limit - count
-  if remaining < 0 then remaining = 0 end
-  out[#out + 1] = fits
-  out[#out + 1] = remaining
-  out[#out + 1] = ttl * 1000
-  out[#out + 1] = retry
+  add_policy(out, fits, limit - count, ttl * 1000, retry)
 end
 if brief then return allowed end
 return out

@@ -13,8 +13,8 @@
 --   retry_us   microseconds until this policy would admit the cost (0 when it fits)
 -- Clock: Redis TIME only. All arithmetic is on whole microseconds (exact in doubles).
 -- Each written key expires when its TAT is reached, i.e. when the quota is full again.
-local time = redis.call('TIME')
-local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
+-- @include now_us
+-- @include limit_reply
 local cost = tonumber(ARGV[1])
 local charge = ARGV[2] ~= '0'
 local brief = ARGV[2] == '2' -- is_allowed: the one integer is the whole reply
@@ -53,13 +53,9 @@ for i = 1, n do
   local stand = tats[i]
   if charged then stand = news[i] end
   local free = tolerance - (stand - now)
-  local remaining = math.floor(free / interval)
-  if remaining < 0 then remaining = 0 end
+  local remaining = math.max(0, math.floor(free / interval))
   local reset = 0
   if stand > now then reset = (remaining + 1) * interval - free end
-  out[#out + 1] = fits
-  out[#out + 1] = remaining
-  out[#out + 1] = reset
-  out[#out + 1] = retry
+  add_policy(out, fits, remaining, reset, retry)
 end
 return out

@@ -15,8 +15,8 @@
 --   reset_us   microseconds until one more unit is available (0 when the quota is full)
 --   retry_us   microseconds until this policy would admit the cost (0 when it fits)
 -- Clock: Redis TIME only.
-local time = redis.call('TIME')
-local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
+-- @include now_us
+-- @include limit_reply
 local cost = tonumber(ARGV[1])
 local charge = ARGV[2] ~= '0'
 local brief = ARGV[2] == '2' -- is_allowed: the one integer is the whole reply
@@ -71,16 +71,12 @@ for i = 1, n do
     redis.call('HSET', KEYS[i], 's', string.format('%d', start), 'c', cur, 'p', prev)
     redis.call('PEXPIRE', KEYS[i], string.format('%d', math.ceil((start + 2 * window - now) / 1000)))
   end
-  local remaining = math.floor(limit - est + eps)
-  if remaining < 0 then remaining = 0 end
+  local remaining = math.max(0, math.floor(limit - est + eps))
   local reset = 0
   if remaining < limit and not brief then
     reset = wait_until(limit - remaining - 1, est, prev, cur, elapsed, window)
   end
-  out[#out + 1] = fits
-  out[#out + 1] = remaining
-  out[#out + 1] = reset
-  out[#out + 1] = retry
+  add_policy(out, fits, remaining, reset, retry)
 end
 if brief then return allowed end
 return out

@@ -14,8 +14,8 @@
 --   reset_us   microseconds until the oldest entry leaves the window (0 when the log is empty)
 --   retry_us   microseconds until this policy would admit the cost (0 when it fits)
 -- Clock: Redis TIME only.
-local time = redis.call('TIME')
-local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
+-- @include now_us
+-- @include limit_reply
 local cost = tonumber(ARGV[1])
 local charge = ARGV[2] ~= '0'
 local brief = ARGV[2] == '2' -- is_allowed: the one integer is the whole reply
@@ -60,14 +60,9 @@ for i = 1, n do
     redis.call('PEXPIRE', KEYS[i], string.format('%d', math.ceil(window / 1000)))
     count = count + cost
   end
-  local remaining = limit - count
-  if remaining < 0 then remaining = 0 end
   local reset = 0
   if count > 0 and not brief then reset = expiry_of(KEYS[i], 0, window) end
-  out[#out + 1] = fits
-  out[#out + 1] = remaining
-  out[#out + 1] = reset
-  out[#out + 1] = retry
+  add_policy(out, fits, limit - count, reset, retry)
 end
 if brief then return allowed end
 return out

@@ -14,8 +14,7 @@ local rec = KEYS[1]
 if redis.call('EXISTS', rec) == 1 then
   return {0}
 end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+-- @include now_ms
 local idle = tonumber(ARGV[1])
 local absolute = tonumber(ARGV[2])
 local expires = now + absolute

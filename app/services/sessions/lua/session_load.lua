@@ -15,8 +15,7 @@ if not meta[1] then
   end
   return {0}
 end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+-- @include now_ms
 local left = tonumber(meta[1]) - now
 if left <= 0 then
   redis.call('DEL', rec)

@@ -6,8 +6,7 @@ local meta = redis.call('HMGET', rec, 'expires_at', 'idle_ms')
 if not meta[1] then
   return 0
 end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+-- @include now_ms
 local left = tonumber(meta[1]) - now
 if left <= 0 then
   redis.call('DEL', rec)

@@ -69,8 +69,7 @@ if not meta[1] then
   end
   return {-1}
 end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+-- @include now_ms
 local left = tonumber(meta[2]) - now
 if left <= 0 then
   redis.call('DEL', rec)

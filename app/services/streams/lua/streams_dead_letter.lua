@@ -17,8 +17,8 @@ if not entry then
   redis.call('XACK', stream, group, id)
   return {'deleted', ''}
 end
-local now = redis.call('TIME')
-local at_ms = tostring(tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000))
+-- @include now_ms
+local at_ms = tostring(now)
 local args = {'XADD', dlq}
 if tonumber(ARGV[6]) > 0 then
   args[#args + 1] = 'MAXLEN'

@@ -8,21 +8,12 @@ local stream, group, min_idle, keep = KEYS[1], ARGV[1], tonumber(ARGV[2]), ARGV[
 if redis.call('EXISTS', stream) == 0 then
   return {}
 end
+-- @include field_map
 local removed = {}
 local consumers = redis.call('XINFO', 'CONSUMERS', stream, group)
 for i = 1, #consumers do
-  local info = consumers[i]
-  local name, pending, idle
-  for j = 1, #info, 2 do
-    local k = info[j]
-    if k == 'name' then
-      name = info[j + 1]
-    elseif k == 'pending' then
-      pending = tonumber(info[j + 1])
-    elseif k == 'idle' then
-      idle = tonumber(info[j + 1])
-    end
-  end
+  local info = field_map(consumers[i])
+  local name, pending, idle = info['name'], tonumber(info['pending']), tonumber(info['idle'])
   if name and name ~= keep and pending == 0 and idle and idle >= min_idle then
     redis.call('XGROUP', 'DELCONSUMER', stream, group, name)
     removed[#removed + 1] = name

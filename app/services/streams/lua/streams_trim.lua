@@ -11,6 +11,8 @@ if redis.call('EXISTS', stream) == 0 then
   return 0
 end
 
+-- @include field_map
+
 local function parse(id)
   local ms, seq = string.match(id, '^(%d+)-(%d+)$')
   return tonumber(ms), tonumber(seq)
@@ -42,23 +44,13 @@ end
 local floor = nil
 local groups = redis.call('XINFO', 'GROUPS', stream)
 for i = 1, #groups do
-  local info = groups[i]
-  local name, pending, last
-  for j = 1, #info, 2 do
-    local k = info[j]
-    if k == 'name' then
-      name = info[j + 1]
-    elseif k == 'pending' then
-      pending = tonumber(info[j + 1])
-    elseif k == 'last-delivered-id' then
-      last = info[j + 1]
-    end
-  end
+  local info = field_map(groups[i])
+  local pending = tonumber(info['pending'])
   local candidate
   if pending and pending > 0 then
-    candidate = redis.call('XPENDING', stream, name)[2]
+    candidate = redis.call('XPENDING', stream, info['name'])[2]
   else
-    local ms, seq = parse(last)
+    local ms, seq = parse(info['last-delivered-id'])
     candidate = string.format('%d-%d', ms, seq + 1)
   end
   floor = lower(floor, candidate)
