@@ -8,7 +8,7 @@ import inspect
 from collections.abc import Awaitable
 from functools import partial
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 from app.core.clock import LOOP_CLOCK, Clock, Timer
 from app.core.errors import ConfigurationError, LockError, LockLost, LockNotOwned, RedisUnavailable
@@ -20,6 +20,8 @@ from app.services.locks._tasks import in_background, shielded
 __all__ = ["Lease"]
 
 _RELEASED = {True: "released", False: "not_owned"}
+
+_E = TypeVar("_E", bound=LockError)
 
 
 async def _await(awaitable: Awaitable[Any]) -> None:
@@ -243,18 +245,27 @@ class Lease:
                 self._arm_deadline(token)
         return left / 1000
 
+    def _end_hold(self) -> str | None:
+        """Forget the current token and stop the watchdog; the token (None when not held).
+
+        The first step of every release: from here on the hold is over locally, whatever
+        the compare-and-delete in Redis then answers.
+        """
+        token, self._token = self._token, None
+        if token is not None:
+            self._stop_watchdog()
+        return token
+
     @traced("lock.release", attrs=from_self(LOCK_ATTRS), result=lambda ok: _RELEASED[ok])
     async def _release_hold(self) -> bool:
         """End the current hold: compare-and-delete, completed even if the caller is cancelled."""
-        token = self._token
+        token = self._end_hold()
         if token is None:
             raise LockNotOwned(
                 f"{self._kind} {self.name!r} is not held by this owner (never acquired or "
                 "already released)",
                 lock_name=self.name,
             )
-        self._token = None
-        self._stop_watchdog()
         try:
             # Shielded: a cancellation of the caller is delivered at once (never lost
             # inside the client), while the release itself runs to completion.
@@ -264,11 +275,9 @@ class Lease:
 
     def _release_in_background(self) -> None:
         """End a hold known to be lost: compare-and-delete without waiting for it."""
-        token = self._token
+        token = self._end_hold()
         if token is None:
             return
-        self._token = None
-        self._stop_watchdog()
         try:
             in_background(self._remote_release(token))
         finally:
@@ -281,11 +290,9 @@ class Lease:
         the deadline itself declared does not wait); past that it finishes in the
         background, so a slow or stalled link cannot hold up ``LockLost``.
         """
-        token = self._token
+        token = self._end_hold()
         if token is None:
             return
-        self._token = None
-        self._stop_watchdog()
         try:
             task = in_background(self._remote_release(token))
             deadline = self._valid_until - self.drift
@@ -296,13 +303,17 @@ class Lease:
         finally:
             self._after_release()
 
-    def _not_owned_on_release(self) -> LockNotOwned:
-        return LockNotOwned(
-            f"{self._kind} {self.name!r} expired or was taken by another owner before release() "
-            f"(lease {self.timeout:g} s): the work under it may have overlapped with another "
-            "owner's. Use auto_renew=True or a longer timeout, and fencing tokens.",
+    def _overlapped(self, error: type[_E], before: str, work: str) -> _E:
+        """*error* saying the hold ended in Redis *before* something and *work* may have overlapped."""
+        return error(
+            f"{self._kind} {self.name!r} expired or was taken by another owner before {before} "
+            f"(lease {self.timeout:g} s): {work} may have overlapped with another owner's. "
+            "Use auto_renew=True or a longer timeout, and fencing tokens.",
             lock_name=self.name,
         )
+
+    def _not_owned_on_release(self) -> LockNotOwned:
+        return self._overlapped(LockNotOwned, "release()", "the work under it")
 
     def _arm_body(self) -> None:
         """Make the current task the guarded block (``__aenter__``).
@@ -323,14 +334,6 @@ class Lease:
         self._body_token = self._token
         self._body_cancelling = task.cancelling() if task is not None else 0
         self._cancelled_body = False
-
-    def _lost_at_exit(self) -> LockLost:
-        return LockLost(
-            f"{self._kind} {self.name!r} expired or was taken by another owner before the block "
-            f"finished (lease {self.timeout:g} s): the block may have overlapped with another "
-            "owner's. Use auto_renew=True or a longer timeout, and fencing tokens.",
-            lock_name=self.name,
-        )
 
     async def __aexit__(
         self,
@@ -384,5 +387,5 @@ class Lease:
                 raise lost from exc
             raise lost
         if lost is not None or not released:
-            raise lost or self._lost_at_exit()
+            raise lost or self._overlapped(LockLost, "the block finished", "the block")
         return None
