@@ -27,6 +27,7 @@ from app.services.locks._common import (
     WAKE_TTL_MS,
     LostCallback,
     Seconds,
+    blocking_bound,
     lease_guard,
     wait_bound,
     waited,
@@ -138,11 +139,7 @@ class RedisLock(Lease):
             clock=clock,
         )
         self.redis = redis
-        self.blocking_timeout = (
-            self.timeout
-            if blocking_timeout is None
-            else as_seconds(blocking_timeout, "blocking_timeout", allow_zero=True)
-        )
+        self.blocking_timeout = blocking_bound(blocking_timeout, self.timeout)
         self.fair = fair
         # The prefix is resolved here, not in the cache: a settings change must show.
         keys = _lock_keys(key_prefix or get_settings().redis_key_prefix, name)

@@ -23,6 +23,7 @@ from app.services.locks._common import (
     WAKE_TTL_MS,
     LostCallback,
     Seconds,
+    blocking_bound,
     lease_guard,
     log,
     new_token,
@@ -134,11 +135,7 @@ class Redlock(Lease):
             raise ConfigurationError("Redlock needs at least one client (3 or 5 masters)")
         self.quorum = len(self.clients) // 2 + 1
         self.drift_factor = drift_factor
-        self.blocking_timeout = (
-            self.timeout
-            if blocking_timeout is None
-            else as_seconds(blocking_timeout, "blocking_timeout", allow_zero=True)
-        )
+        self.blocking_timeout = blocking_bound(blocking_timeout, self.timeout)
         self.node_timeout = (
             min(0.25, max(0.05, self.timeout / 20))
             if node_timeout is None

@@ -16,7 +16,7 @@ from typing import Any
 from app.core.clock import LOOP_CLOCK, Clock
 from app.core.config import get_settings
 from app.core.errors import ConfigurationError, LockError, LockNotAcquired
-from app.core.guard import as_seconds, to_ms
+from app.core.guard import to_ms
 from app.core.keys import KeySpace
 from app.core.redis import AnyRedis
 from app.core.scripts import Script, ScriptArg
@@ -29,6 +29,7 @@ from app.services.locks._common import (
     WAKE_TTL_MS,
     LostCallback,
     Seconds,
+    blocking_bound,
     lease_guard,
     lease_timing,
     wait_bound,
@@ -199,11 +200,7 @@ class Semaphore:
         self.timeout, self.renew_interval, self.drift = lease_timing(
             timeout, renew_interval, drift, auto_renew=auto_renew
         )
-        self.blocking_timeout = (
-            self.timeout
-            if blocking_timeout is None
-            else as_seconds(blocking_timeout, "blocking_timeout", allow_zero=True)
-        )
+        self.blocking_timeout = blocking_bound(blocking_timeout, self.timeout)
         self.auto_renew = auto_renew
         self.on_lost = on_lost
         self.clock: Clock = LOOP_CLOCK if clock is None else clock
