@@ -75,6 +75,9 @@ class Lease:
         self._body_cancelling = 0
         self._cancelled_body = False
         self._exiting = False
+        self._gate = asyncio.Lock()
+        """One object, one owner: tasks sharing a lock object queue here for their turn
+        (asyncio.Lock rules); a ``Permit``, held from the start, never takes it."""
 
     # subclass hooks
     async def _remote_extend(self, token: str, ms: int, replace: bool) -> int:
@@ -83,8 +86,29 @@ class Lease:
     async def _remote_release(self, token: str) -> bool:
         raise NotImplementedError
 
-    def _after_release(self) -> None:
-        """Local bookkeeping once a hold ends (runs even if the caller is cancelled)."""
+    async def _enter_gate(self, wait: float) -> bool:
+        """Take this object's gate in this process, waiting up to *wait*; False if still taken."""
+        gate = self._gate
+        if not gate.locked():
+            await gate.acquire()  # free: returns without suspending
+            return True
+        if wait <= 0:
+            return False
+        try:
+            async with asyncio.timeout(wait):
+                await gate.acquire()
+        except TimeoutError:
+            return False
+        return True
+
+    def _busy_hint(self) -> float:
+        """Retry hint for a task that found the gate taken: seconds left of the current hold."""
+        return max(0.0, self._valid_until - self.clock.now())
+
+    def _open_gate(self) -> None:
+        """Let the next task of this process take the object (runs even if the caller is cancelled)."""
+        if self._gate.locked():
+            self._gate.release()
 
     @property
     def token(self) -> str | None:
@@ -271,7 +295,7 @@ class Lease:
             # inside the client), while the release itself runs to completion.
             return await shielded(self._remote_release(token))
         finally:
-            self._after_release()
+            self._open_gate()
 
     def _release_in_background(self) -> None:
         """End a hold known to be lost: compare-and-delete without waiting for it."""
@@ -281,7 +305,7 @@ class Lease:
         try:
             in_background(self._remote_release(token))
         finally:
-            self._after_release()
+            self._open_gate()
 
     async def _release_lost_hold(self) -> None:
         """End a hold known to be lost, waiting for it no later than the deadline.
@@ -301,7 +325,7 @@ class Lease:
                     async with self.clock.timeout_at(deadline):
                         await asyncio.wait({task})
         finally:
-            self._after_release()
+            self._open_gate()
 
     def _overlapped(self, error: type[_E], before: str, work: str) -> _E:
         """*error* saying the hold ended in Redis *before* something and *work* may have overlapped."""

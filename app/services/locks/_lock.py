@@ -40,7 +40,7 @@ from app.services.locks._scripts import (
     LOCK_EXTEND,
     LOCK_RELEASE,
 )
-from app.services.locks._waiting import contend, notify_local, take_gate
+from app.services.locks._waiting import contend, notify_local
 
 __all__ = ["DEFAULT_FENCE_TTL", "RedisLock", "fenced_write"]
 
@@ -157,7 +157,6 @@ class RedisLock(Lease):
         self._acquire_head = (self._lease_ms, fence_ms)
         self._release_keys = keys.release
         self._guard = lease_guard(redis, "lock", name, self.timeout)
-        self._gate = asyncio.Lock()
         self._fence: int | None = None
 
     def __repr__(self) -> str:
@@ -203,10 +202,6 @@ class RedisLock(Lease):
     async def _remote_extend(self, token: str, ms: int, replace: bool) -> int:
         return int(await self._eval(LOCK_EXTEND, (self.key,), (token, ms, "1" if replace else "0")))
 
-    def _after_release(self) -> None:
-        if self._gate.locked():
-            self._gate.release()
-
     async def acquire(
         self, blocking: bool = False, blocking_timeout: Seconds | None = None
     ) -> bool:
@@ -230,8 +225,8 @@ class RedisLock(Lease):
     async def _acquire(self, wait: float) -> tuple[bool, float]:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
-        if not await take_gate(self._gate, wait):
-            return False, max(0.0, self._valid_until - self.clock.now())
+        if not await self._enter_gate(wait):
+            return False, self._busy_hint()
         try:
             token, reply, sent = await contend(self, deadline)
         except BaseException:

@@ -33,7 +33,6 @@ from app.services.locks._common import (
 from app.services.locks._lease import Lease
 from app.services.locks._scripts import LOCK_EXTEND, LOCK_RELEASE
 from app.services.locks._tasks import settle
-from app.services.locks._waiting import take_gate
 
 __all__ = ["Redlock"]
 
@@ -145,7 +144,6 @@ class Redlock(Lease):
         self.key = key = KeySpace.of("lock", key_prefix or None).tagged(name)
         self._release_keys = (key, key + ":wake", key + ":queue", key + ":queue-heartbeats")
         self._guards = [lease_guard(c, "Redlock", name, self.timeout) for c in self.clients]
-        self._gate = asyncio.Lock()
         self.validity: float = 0.0
         """Seconds the lock was valid for when acquired (or last extended)."""
 
@@ -236,8 +234,8 @@ class Redlock(Lease):
     async def _acquire(self, wait: float) -> tuple[bool, float]:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
-        if not await take_gate(self._gate, wait):
-            return False, max(0.0, self._valid_until - self.clock.now())
+        if not await self._enter_gate(wait):
+            return False, self._busy_hint()
         try:
             while True:
                 token = await self._round()
@@ -282,10 +280,6 @@ class Redlock(Lease):
             if isinstance(o, BaseException) and not isinstance(o, (RedisUnavailable, TimeoutError)):
                 log.warning("Redlock %r: a master failed: %r", self.name, o)
         return None
-
-    def _after_release(self) -> None:
-        if self._gate.locked():
-            self._gate.release()
 
     async def release(self) -> None:
         """Delete the lock on every master (compare-and-delete with this owner's token).

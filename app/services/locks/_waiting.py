@@ -2,8 +2,7 @@
 
 ``contend`` is the acquire loop shared by ``RedisLock`` and ``Semaphore``:
 attempt, then wait (woken by releases) until the deadline, and never leave a
-key behind when cancelled. ``take_gate`` is the in-process "one object, one
-owner" gate of a lock object.
+key behind when cancelled.
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ from app.core.guard import Guard, PerClient, block_cap
 from app.services.locks._common import new_token
 from app.services.locks._tasks import in_background, settle
 
-__all__ = ["Contender", "contend", "notify_local", "take_gate"]
+__all__ = ["Contender", "contend", "notify_local"]
 
 _MAX_STEP: Final = 1.0  # longest single wait before a waiter re-checks the lock
 _MIN_BLOCK: Final = 0.02  # shorter waits poll instead of BLPOP
@@ -209,18 +208,3 @@ async def contend(c: Contender, deadline: float) -> tuple[str | None, list[int],
     except BaseException:
         in_background(c._give_up(token))
         raise
-
-
-async def take_gate(gate: asyncio.Lock, wait: float) -> bool:
-    """The in-process side of "one object, one owner" (asyncio.Lock semantics)."""
-    if not gate.locked():
-        await gate.acquire()  # free: returns without suspending
-        return True
-    if wait <= 0:
-        return False
-    try:
-        async with asyncio.timeout(wait):
-            await gate.acquire()
-    except TimeoutError:
-        return False
-    return True
