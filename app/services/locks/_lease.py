@@ -14,7 +14,14 @@ from app.core.clock import LOOP_CLOCK, Clock, Timer
 from app.core.errors import ConfigurationError, LockError, LockLost, LockNotOwned, RedisUnavailable
 from app.core.guard import as_seconds, to_ms
 from app.core.telemetry import from_self, traced
-from app.services.locks._common import LOCK_ATTRS, LostCallback, Seconds, lease_timing, log
+from app.services.locks._common import (
+    LOCK_ATTRS,
+    TAKEN,
+    LostCallback,
+    Seconds,
+    lease_timing,
+    log,
+)
 from app.services.locks._tasks import in_background, shielded
 
 __all__ = ["Lease"]
@@ -86,6 +93,11 @@ class Lease:
     async def _remote_release(self, token: str) -> bool:
         raise NotImplementedError
 
+    async def _take(self, deadline: float) -> float | None:
+        """Try until *deadline* (loop time) to take the lease: None once held (``_hold``
+        done), else a retry hint in seconds. Only objects that acquire (not a ``Permit``)."""
+        raise NotImplementedError
+
     async def _enter_gate(self, wait: float) -> bool:
         """Take this object's gate in this process, waiting up to *wait*; False if still taken."""
         gate = self._gate
@@ -101,9 +113,26 @@ class Lease:
             return False
         return True
 
-    def _busy_hint(self) -> float:
-        """Retry hint for a task that found the gate taken: seconds left of the current hold."""
-        return max(0.0, self._valid_until - self.clock.now())
+    @traced("lock.acquire", attrs=from_self(LOCK_ATTRS), result=lambda r: TAKEN[r[0]])
+    async def _acquire(self, wait: float) -> tuple[bool, float]:
+        """Take the gate, then the lease, within *wait* seconds: (taken, retry hint in seconds).
+
+        The gate stays taken while the lease is held; it is given back when the lease is
+        not taken, whatever the reason (no result, an error, a cancellation).
+        """
+        deadline = asyncio.get_running_loop().time() + wait
+        if not await self._enter_gate(wait):
+            return False, max(0.0, self._valid_until - self.clock.now())  # what is left of it
+        try:
+            hint = await self._take(deadline)
+        except BaseException:
+            if self._token is None:
+                self._open_gate()
+            raise
+        if hint is None:
+            return True, 0.0
+        self._open_gate()
+        return False, hint
 
     def _open_gate(self) -> None:
         """Let the next task of this process take the object (runs even if the caller is cancelled)."""

@@ -5,7 +5,6 @@ The package docstring (``app.services.locks``) describes what makes it correct.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 from datetime import timedelta
 from functools import lru_cache, partial
@@ -18,11 +17,8 @@ from app.core.guard import Guard, as_seconds, as_text, to_ms
 from app.core.keys import KeySpace
 from app.core.redis import AnyRedis
 from app.core.scripts import Script, ScriptArg
-from app.core.telemetry import from_self, traced
 from app.services.locks._common import (
-    LOCK_ATTRS,
     RECEIPT_TTL_MS,
-    TAKEN,
     WAITER_TTL_MS,
     WAKE_TTL_MS,
     LostCallback,
@@ -221,23 +217,13 @@ class RedisLock(Lease):
         )
         return taken
 
-    @traced("lock.acquire", attrs=from_self(LOCK_ATTRS), result=lambda r: TAKEN[r[0]])
-    async def _acquire(self, wait: float) -> tuple[bool, float]:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + wait
-        if not await self._enter_gate(wait):
-            return False, self._busy_hint()
-        try:
-            token, reply, sent = await contend(self, deadline)
-        except BaseException:
-            self._gate.release()
-            raise
+    async def _take(self, deadline: float) -> float | None:
+        token, reply, sent = await contend(self, deadline)
         if token is None:
-            self._gate.release()
-            return False, reply[1] / 1000
+            return reply[1] / 1000
         self._fence = int(reply[1])
         self._hold(token, sent + self.timeout)
-        return True, 0.0
+        return None
 
     async def release(self) -> None:
         """Release the lock if this owner still holds it (compare-and-delete in one script).

@@ -16,10 +16,7 @@ from app.core.errors import ConfigurationError, LockNotAcquired, RedisUnavailabl
 from app.core.guard import as_seconds, as_text
 from app.core.keys import KeySpace
 from app.core.redis import AnyRedis
-from app.core.telemetry import from_self, traced
 from app.services.locks._common import (
-    LOCK_ATTRS,
-    TAKEN,
     WAKE_TTL_MS,
     LostCallback,
     Seconds,
@@ -230,28 +227,18 @@ class Redlock(Lease):
         )
         return taken
 
-    @traced("lock.acquire", attrs=from_self(LOCK_ATTRS), result=lambda r: TAKEN[bool(r[0])])
-    async def _acquire(self, wait: float) -> tuple[bool, float]:
+    async def _take(self, deadline: float) -> float | None:
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + wait
-        if not await self._enter_gate(wait):
-            return False, self._busy_hint()
-        try:
-            while True:
-                token = await self._round()
-                if isinstance(token, str):
-                    return True, 0.0
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    if token is not None:
-                        raise token
-                    self._gate.release()
-                    return False, self.retry_delay
-                await asyncio.sleep(min(remaining, random.uniform(0.5, 1.0) * self.retry_delay))
-        except BaseException:
-            if self._token is None and self._gate.locked():
-                self._gate.release()
-            raise
+        while True:
+            token = await self._round()
+            if isinstance(token, str):
+                return None
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                if token is not None:
+                    raise token
+                return self.retry_delay
+            await asyncio.sleep(min(remaining, random.uniform(0.5, 1.0) * self.retry_delay))
 
     async def _round(self) -> str | RedisUnavailable | None:
         """One attempt: the token if held, else the reason (None: busy)."""
