@@ -5,10 +5,9 @@ The package docstring (``app.services.locks``) describes what makes it correct.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from datetime import timedelta
 from functools import lru_cache, partial
-from typing import Any, Final, NamedTuple
+from typing import Final, NamedTuple
 
 from app.core.clock import Clock
 from app.core.config import get_settings
@@ -16,7 +15,7 @@ from app.core.errors import LockError, LockNotAcquired
 from app.core.guard import Guard, as_seconds, as_text, to_ms
 from app.core.keys import KeySpace
 from app.core.redis import AnyRedis
-from app.core.scripts import Script, ScriptArg
+from app.core.scripts import ScriptArg
 from app.services.locks._common import (
     RECEIPT_TTL_MS,
     WAITER_TTL_MS,
@@ -36,7 +35,7 @@ from app.services.locks._scripts import (
     LOCK_EXTEND,
     LOCK_RELEASE,
 )
-from app.services.locks._waiting import contend, notify_local
+from app.services.locks._waiting import OnOneRedis, contend
 
 __all__ = ["DEFAULT_FENCE_TTL", "RedisLock", "fenced_write"]
 
@@ -69,7 +68,7 @@ def _lock_keys(prefix: str, name: str) -> _LockKeys:
     )
 
 
-class RedisLock(Lease):
+class RedisLock(Lease, OnOneRedis):
     """A distributed mutex on one Redis (standalone, Sentinel or Cluster).
 
     Args:
@@ -170,12 +169,6 @@ class RedisLock(Lease):
         """
         return self._fence
 
-    async def _eval(
-        self, script: Script, keys: Sequence[ScriptArg], args: Sequence[ScriptArg]
-    ) -> Any:
-        with self._guard:
-            return await script(self.redis, keys, args)
-
     async def _attempt(self, token: str) -> list[int]:
         reply: list[int] = await self._eval(
             self._acquire_script,
@@ -188,15 +181,12 @@ class RedisLock(Lease):
         return await self._remote_release(token)
 
     async def _remote_release(self, token: str) -> bool:
-        released = await self._eval(
+        return await self._release_waking(
             LOCK_RELEASE, self._release_keys, (token, WAKE_TTL_MS, RECEIPT_TTL_MS)
         )
-        if released:
-            notify_local(self.redis, self._wake_key)
-        return bool(released)
 
     async def _remote_extend(self, token: str, ms: int, replace: bool) -> int:
-        return int(await self._eval(LOCK_EXTEND, (self.key,), (token, ms, "1" if replace else "0")))
+        return await self._extend_with(LOCK_EXTEND, token, ms, replace)
 
     async def acquire(
         self, blocking: bool = False, blocking_timeout: Seconds | None = None

@@ -7,11 +7,9 @@ A ``Permit`` is a ``Lease`` (its own token, lease and watchdog), as a ``RedisLoc
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
 from contextvars import ContextVar
 from functools import lru_cache
 from types import TracebackType
-from typing import Any
 
 from app.core.clock import LOOP_CLOCK, Clock
 from app.core.config import get_settings
@@ -19,7 +17,6 @@ from app.core.errors import ConfigurationError, LockError, LockNotAcquired
 from app.core.guard import to_ms
 from app.core.keys import KeySpace
 from app.core.redis import AnyRedis
-from app.core.scripts import Script, ScriptArg
 from app.core.telemetry import from_self, traced
 from app.services.locks._common import (
     LOCK_ATTRS,
@@ -42,7 +39,7 @@ from app.services.locks._scripts import (
     SEMAPHORE_EXTEND,
     SEMAPHORE_RELEASE,
 )
-from app.services.locks._waiting import contend, notify_local
+from app.services.locks._waiting import OnOneRedis, contend
 
 __all__ = ["Permit", "Semaphore"]
 
@@ -117,7 +114,7 @@ class Permit(Lease):
         return self
 
 
-class Semaphore:
+class Semaphore(OnOneRedis):
     """At most *limit* concurrent holders of *name*, across processes and machines.
 
     ::
@@ -214,12 +211,6 @@ class Semaphore:
     def __repr__(self) -> str:
         return f"Semaphore({self.name!r}, limit={self.limit}, timeout={self.timeout:g})"
 
-    async def _eval(
-        self, script: Script, keys: Sequence[ScriptArg], args: Sequence[ScriptArg]
-    ) -> Any:
-        with self._guard:
-            return await script(self.redis, keys, args)
-
     async def _attempt(self, token: str) -> list[int]:
         reply: list[int] = await self._eval(
             SEMAPHORE_ACQUIRE, self._acquire_keys, (token, *self._acquire_args)
@@ -227,20 +218,15 @@ class Semaphore:
         return reply
 
     async def _release_token(self, token: str) -> bool:
-        released = await self._eval(
+        return await self._release_waking(
             SEMAPHORE_RELEASE, self._release_keys, (token, WAKE_TTL_MS, self.limit, RECEIPT_TTL_MS)
         )
-        if released:
-            notify_local(self.redis, self._wake_key)
-        return bool(released)
 
     async def _give_up(self, token: str) -> bool:
         return await self._release_token(token)
 
     async def _extend(self, token: str, ms: int, replace: bool) -> int:
-        return int(
-            await self._eval(SEMAPHORE_EXTEND, (self.key,), (token, ms, "1" if replace else "0"))
-        )
+        return await self._extend_with(SEMAPHORE_EXTEND, token, ms, replace)
 
     async def _count(self, token: str = "") -> tuple[int, int]:
         live, left = await self._eval(SEMAPHORE_COUNT, (self.key,), (token,))
