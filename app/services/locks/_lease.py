@@ -395,12 +395,6 @@ class Lease:
         tb: TracebackType | None,
     ) -> None:
         """Release; raise ``LockLost`` if the hold expired or was taken during the block."""
-        await self._exit_body(exc_type, exc)
-
-    async def _exit_body(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None
-    ) -> None:
-        """``__aexit__``: release, and raise ``LockLost`` if exclusivity was not kept."""
         body, body_token, cancelled_by_us = self._body, self._body_token, self._cancelled_body
         self._body, self._body_token, self._cancelled_body = None, None, False
         self._stop_watchdog()

@@ -303,4 +303,4 @@ class Semaphore(OnOneRedis):
                 f"semaphore {self.name!r}: __aexit__ without a permit entered in this task",
                 lock_name=self.name,
             )
-        await permit._exit_body(exc_type, exc)
+        await permit.__aexit__(exc_type, exc, tb)
