@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from types import TracebackType
 from typing import Protocol
 
 from app.core.clock import LOOP_CLOCK, Clock
@@ -86,10 +85,5 @@ class Heartbeat:
     async def __aenter__(self) -> Heartbeat:
         return self.start()
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()  # whatever the block raised: the renewals end with it

@@ -22,6 +22,7 @@ __all__ = [
     "WAKE_TTL_MS",
     "LostCallback",
     "Seconds",
+    "blocking_bound",
     "lease_drift",
     "lease_guard",
     "lease_timing",
@@ -58,6 +59,11 @@ def wait_bound(blocking: bool, blocking_timeout: Seconds | None, default: float)
         if blocking_timeout is not None:
             raise ConfigurationError("blocking_timeout needs blocking=True")
         return 0.0
+    return blocking_bound(blocking_timeout, default)
+
+
+def blocking_bound(blocking_timeout: Seconds | None, default: float) -> float:
+    """*blocking_timeout* in seconds (checked; 0 allowed), or *default* (the lease) when None."""
     if blocking_timeout is None:
         return default
     return as_seconds(blocking_timeout, "blocking_timeout", allow_zero=True)

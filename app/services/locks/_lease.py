@@ -8,18 +8,27 @@ import inspect
 from collections.abc import Awaitable
 from functools import partial
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 from app.core.clock import LOOP_CLOCK, Clock, Timer
 from app.core.errors import ConfigurationError, LockError, LockLost, LockNotOwned, RedisUnavailable
 from app.core.guard import as_seconds, to_ms
 from app.core.telemetry import from_self, traced
-from app.services.locks._common import LOCK_ATTRS, LostCallback, Seconds, lease_timing, log
+from app.services.locks._common import (
+    LOCK_ATTRS,
+    TAKEN,
+    LostCallback,
+    Seconds,
+    lease_timing,
+    log,
+)
 from app.services.locks._tasks import in_background, shielded
 
 __all__ = ["Lease"]
 
 _RELEASED = {True: "released", False: "not_owned"}
+
+_E = TypeVar("_E", bound=LockError)
 
 
 async def _await(awaitable: Awaitable[Any]) -> None:
@@ -73,6 +82,9 @@ class Lease:
         self._body_cancelling = 0
         self._cancelled_body = False
         self._exiting = False
+        self._gate = asyncio.Lock()
+        """One object, one owner: tasks sharing a lock object queue here for their turn
+        (asyncio.Lock rules); a ``Permit``, held from the start, never takes it."""
 
     # subclass hooks
     async def _remote_extend(self, token: str, ms: int, replace: bool) -> int:
@@ -81,8 +93,51 @@ class Lease:
     async def _remote_release(self, token: str) -> bool:
         raise NotImplementedError
 
-    def _after_release(self) -> None:
-        """Local bookkeeping once a hold ends (runs even if the caller is cancelled)."""
+    async def _take(self, deadline: float) -> float | None:
+        """Try until *deadline* (loop time) to take the lease: None once held (``_hold``
+        done), else a retry hint in seconds. Only objects that acquire (not a ``Permit``)."""
+        raise NotImplementedError
+
+    async def _enter_gate(self, wait: float) -> bool:
+        """Take this object's gate in this process, waiting up to *wait*; False if still taken."""
+        gate = self._gate
+        if not gate.locked():
+            await gate.acquire()  # free: returns without suspending
+            return True
+        if wait <= 0:
+            return False
+        try:
+            async with asyncio.timeout(wait):
+                await gate.acquire()
+        except TimeoutError:
+            return False
+        return True
+
+    @traced("lock.acquire", attrs=from_self(LOCK_ATTRS), result=lambda r: TAKEN[r[0]])
+    async def _acquire(self, wait: float) -> tuple[bool, float]:
+        """Take the gate, then the lease, within *wait* seconds: (taken, retry hint in seconds).
+
+        The gate stays taken while the lease is held; it is given back when the lease is
+        not taken, whatever the reason (no result, an error, a cancellation).
+        """
+        deadline = asyncio.get_running_loop().time() + wait
+        if not await self._enter_gate(wait):
+            return False, max(0.0, self._valid_until - self.clock.now())  # what is left of it
+        try:
+            hint = await self._take(deadline)
+        except BaseException:
+            if self._token is None:
+                self._open_gate()
+            raise
+        if hint is None:
+            return True, 0.0
+        self._open_gate()
+        return False, hint
+
+    def _open_gate(self) -> None:
+        """Let the next task of this process take the object (runs even if the caller is cancelled)."""
+        if self._gate.locked():
+            self._gate.release()
 
     @property
     def token(self) -> str | None:
@@ -243,36 +298,43 @@ class Lease:
                 self._arm_deadline(token)
         return left / 1000
 
+    def _end_hold(self) -> str | None:
+        """Forget the current token and stop the watchdog; the token (None when not held).
+
+        The first step of every release: from here on the hold is over locally, whatever
+        the compare-and-delete in Redis then answers.
+        """
+        token, self._token = self._token, None
+        if token is not None:
+            self._stop_watchdog()
+        return token
+
     @traced("lock.release", attrs=from_self(LOCK_ATTRS), result=lambda ok: _RELEASED[ok])
     async def _release_hold(self) -> bool:
         """End the current hold: compare-and-delete, completed even if the caller is cancelled."""
-        token = self._token
+        token = self._end_hold()
         if token is None:
             raise LockNotOwned(
                 f"{self._kind} {self.name!r} is not held by this owner (never acquired or "
                 "already released)",
                 lock_name=self.name,
             )
-        self._token = None
-        self._stop_watchdog()
         try:
             # Shielded: a cancellation of the caller is delivered at once (never lost
             # inside the client), while the release itself runs to completion.
             return await shielded(self._remote_release(token))
         finally:
-            self._after_release()
+            self._open_gate()
 
     def _release_in_background(self) -> None:
         """End a hold known to be lost: compare-and-delete without waiting for it."""
-        token = self._token
+        token = self._end_hold()
         if token is None:
             return
-        self._token = None
-        self._stop_watchdog()
         try:
             in_background(self._remote_release(token))
         finally:
-            self._after_release()
+            self._open_gate()
 
     async def _release_lost_hold(self) -> None:
         """End a hold known to be lost, waiting for it no later than the deadline.
@@ -281,11 +343,9 @@ class Lease:
         the deadline itself declared does not wait); past that it finishes in the
         background, so a slow or stalled link cannot hold up ``LockLost``.
         """
-        token = self._token
+        token = self._end_hold()
         if token is None:
             return
-        self._token = None
-        self._stop_watchdog()
         try:
             task = in_background(self._remote_release(token))
             deadline = self._valid_until - self.drift
@@ -294,15 +354,19 @@ class Lease:
                     async with self.clock.timeout_at(deadline):
                         await asyncio.wait({task})
         finally:
-            self._after_release()
+            self._open_gate()
 
-    def _not_owned_on_release(self) -> LockNotOwned:
-        return LockNotOwned(
-            f"{self._kind} {self.name!r} expired or was taken by another owner before release() "
-            f"(lease {self.timeout:g} s): the work under it may have overlapped with another "
-            "owner's. Use auto_renew=True or a longer timeout, and fencing tokens.",
+    def _overlapped(self, error: type[_E], before: str, work: str) -> _E:
+        """*error* saying the hold ended in Redis *before* something and *work* may have overlapped."""
+        return error(
+            f"{self._kind} {self.name!r} expired or was taken by another owner before {before} "
+            f"(lease {self.timeout:g} s): {work} may have overlapped with another owner's. "
+            "Use auto_renew=True or a longer timeout, and fencing tokens.",
             lock_name=self.name,
         )
+
+    def _not_owned_on_release(self) -> LockNotOwned:
+        return self._overlapped(LockNotOwned, "release()", "the work under it")
 
     def _arm_body(self) -> None:
         """Make the current task the guarded block (``__aenter__``).
@@ -324,14 +388,6 @@ class Lease:
         self._body_cancelling = task.cancelling() if task is not None else 0
         self._cancelled_body = False
 
-    def _lost_at_exit(self) -> LockLost:
-        return LockLost(
-            f"{self._kind} {self.name!r} expired or was taken by another owner before the block "
-            f"finished (lease {self.timeout:g} s): the block may have overlapped with another "
-            "owner's. Use auto_renew=True or a longer timeout, and fencing tokens.",
-            lock_name=self.name,
-        )
-
     async def __aexit__(
         self,
         exc_type: type[BaseException] | None,
@@ -339,12 +395,6 @@ class Lease:
         tb: TracebackType | None,
     ) -> None:
         """Release; raise ``LockLost`` if the hold expired or was taken during the block."""
-        await self._exit_body(exc_type, exc)
-
-    async def _exit_body(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None
-    ) -> None:
-        """``__aexit__``: release, and raise ``LockLost`` if exclusivity was not kept."""
         body, body_token, cancelled_by_us = self._body, self._body_token, self._cancelled_body
         self._body, self._body_token, self._cancelled_body = None, None, False
         self._stop_watchdog()
@@ -384,5 +434,5 @@ class Lease:
                 raise lost from exc
             raise lost
         if lost is not None or not released:
-            raise lost or self._lost_at_exit()
+            raise lost or self._overlapped(LockLost, "the block finished", "the block")
         return None

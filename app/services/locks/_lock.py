@@ -5,11 +5,9 @@ The package docstring (``app.services.locks``) describes what makes it correct.
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Sequence
 from datetime import timedelta
 from functools import lru_cache, partial
-from typing import Any, Final, NamedTuple
+from typing import Final, NamedTuple
 
 from app.core.clock import Clock
 from app.core.config import get_settings
@@ -17,16 +15,14 @@ from app.core.errors import LockError, LockNotAcquired
 from app.core.guard import Guard, as_seconds, as_text, to_ms
 from app.core.keys import KeySpace
 from app.core.redis import AnyRedis
-from app.core.scripts import Script, ScriptArg
-from app.core.telemetry import from_self, traced
+from app.core.scripts import ScriptArg
 from app.services.locks._common import (
-    LOCK_ATTRS,
     RECEIPT_TTL_MS,
-    TAKEN,
     WAITER_TTL_MS,
     WAKE_TTL_MS,
     LostCallback,
     Seconds,
+    blocking_bound,
     lease_guard,
     wait_bound,
     waited,
@@ -39,7 +35,7 @@ from app.services.locks._scripts import (
     LOCK_EXTEND,
     LOCK_RELEASE,
 )
-from app.services.locks._waiting import contend, notify_local, take_gate
+from app.services.locks._waiting import OnOneRedis, contend
 
 __all__ = ["DEFAULT_FENCE_TTL", "RedisLock", "fenced_write"]
 
@@ -72,7 +68,7 @@ def _lock_keys(prefix: str, name: str) -> _LockKeys:
     )
 
 
-class RedisLock(Lease):
+class RedisLock(Lease, OnOneRedis):
     """A distributed mutex on one Redis (standalone, Sentinel or Cluster).
 
     Args:
@@ -138,11 +134,7 @@ class RedisLock(Lease):
             clock=clock,
         )
         self.redis = redis
-        self.blocking_timeout = (
-            self.timeout
-            if blocking_timeout is None
-            else as_seconds(blocking_timeout, "blocking_timeout", allow_zero=True)
-        )
+        self.blocking_timeout = blocking_bound(blocking_timeout, self.timeout)
         self.fair = fair
         # The prefix is resolved here, not in the cache: a settings change must show.
         keys = _lock_keys(key_prefix or get_settings().redis_key_prefix, name)
@@ -160,7 +152,6 @@ class RedisLock(Lease):
         self._acquire_head = (self._lease_ms, fence_ms)
         self._release_keys = keys.release
         self._guard = lease_guard(redis, "lock", name, self.timeout)
-        self._gate = asyncio.Lock()
         self._fence: int | None = None
 
     def __repr__(self) -> str:
@@ -178,12 +169,6 @@ class RedisLock(Lease):
         """
         return self._fence
 
-    async def _eval(
-        self, script: Script, keys: Sequence[ScriptArg], args: Sequence[ScriptArg]
-    ) -> Any:
-        with self._guard:
-            return await script(self.redis, keys, args)
-
     async def _attempt(self, token: str) -> list[int]:
         reply: list[int] = await self._eval(
             self._acquire_script,
@@ -196,19 +181,12 @@ class RedisLock(Lease):
         return await self._remote_release(token)
 
     async def _remote_release(self, token: str) -> bool:
-        released = await self._eval(
+        return await self._release_waking(
             LOCK_RELEASE, self._release_keys, (token, WAKE_TTL_MS, RECEIPT_TTL_MS)
         )
-        if released:
-            notify_local(self.redis, self._wake_key)
-        return bool(released)
 
     async def _remote_extend(self, token: str, ms: int, replace: bool) -> int:
-        return int(await self._eval(LOCK_EXTEND, (self.key,), (token, ms, "1" if replace else "0")))
-
-    def _after_release(self) -> None:
-        if self._gate.locked():
-            self._gate.release()
+        return await self._extend_with(LOCK_EXTEND, token, ms, replace)
 
     async def acquire(
         self, blocking: bool = False, blocking_timeout: Seconds | None = None
@@ -229,23 +207,13 @@ class RedisLock(Lease):
         )
         return taken
 
-    @traced("lock.acquire", attrs=from_self(LOCK_ATTRS), result=lambda r: TAKEN[r[0]])
-    async def _acquire(self, wait: float) -> tuple[bool, float]:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + wait
-        if not await take_gate(self._gate, wait):
-            return False, max(0.0, self._valid_until - self.clock.now())
-        try:
-            token, reply, sent = await contend(self, deadline)
-        except BaseException:
-            self._gate.release()
-            raise
+    async def _take(self, deadline: float) -> float | None:
+        token, reply, sent = await contend(self, deadline)
         if token is None:
-            self._gate.release()
-            return False, reply[1] / 1000
+            return reply[1] / 1000
         self._fence = int(reply[1])
         self._hold(token, sent + self.timeout)
-        return True, 0.0
+        return None
 
     async def release(self) -> None:
         """Release the lock if this owner still holds it (compare-and-delete in one script).

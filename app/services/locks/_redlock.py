@@ -16,13 +16,11 @@ from app.core.errors import ConfigurationError, LockNotAcquired, RedisUnavailabl
 from app.core.guard import as_seconds, as_text
 from app.core.keys import KeySpace
 from app.core.redis import AnyRedis
-from app.core.telemetry import from_self, traced
 from app.services.locks._common import (
-    LOCK_ATTRS,
-    TAKEN,
     WAKE_TTL_MS,
     LostCallback,
     Seconds,
+    blocking_bound,
     lease_guard,
     log,
     new_token,
@@ -32,7 +30,6 @@ from app.services.locks._common import (
 from app.services.locks._lease import Lease
 from app.services.locks._scripts import LOCK_EXTEND, LOCK_RELEASE
 from app.services.locks._tasks import settle
-from app.services.locks._waiting import take_gate
 
 __all__ = ["Redlock"]
 
@@ -134,11 +131,7 @@ class Redlock(Lease):
             raise ConfigurationError("Redlock needs at least one client (3 or 5 masters)")
         self.quorum = len(self.clients) // 2 + 1
         self.drift_factor = drift_factor
-        self.blocking_timeout = (
-            self.timeout
-            if blocking_timeout is None
-            else as_seconds(blocking_timeout, "blocking_timeout", allow_zero=True)
-        )
+        self.blocking_timeout = blocking_bound(blocking_timeout, self.timeout)
         self.node_timeout = (
             min(0.25, max(0.05, self.timeout / 20))
             if node_timeout is None
@@ -148,7 +141,6 @@ class Redlock(Lease):
         self.key = key = KeySpace.of("lock", key_prefix or None).tagged(name)
         self._release_keys = (key, key + ":wake", key + ":queue", key + ":queue-heartbeats")
         self._guards = [lease_guard(c, "Redlock", name, self.timeout) for c in self.clients]
-        self._gate = asyncio.Lock()
         self.validity: float = 0.0
         """Seconds the lock was valid for when acquired (or last extended)."""
 
@@ -235,28 +227,18 @@ class Redlock(Lease):
         )
         return taken
 
-    @traced("lock.acquire", attrs=from_self(LOCK_ATTRS), result=lambda r: TAKEN[bool(r[0])])
-    async def _acquire(self, wait: float) -> tuple[bool, float]:
+    async def _take(self, deadline: float) -> float | None:
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + wait
-        if not await take_gate(self._gate, wait):
-            return False, max(0.0, self._valid_until - self.clock.now())
-        try:
-            while True:
-                token = await self._round()
-                if isinstance(token, str):
-                    return True, 0.0
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    if token is not None:
-                        raise token
-                    self._gate.release()
-                    return False, self.retry_delay
-                await asyncio.sleep(min(remaining, random.uniform(0.5, 1.0) * self.retry_delay))
-        except BaseException:
-            if self._token is None and self._gate.locked():
-                self._gate.release()
-            raise
+        while True:
+            token = await self._round()
+            if isinstance(token, str):
+                return None
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                if token is not None:
+                    raise token
+                return self.retry_delay
+            await asyncio.sleep(min(remaining, random.uniform(0.5, 1.0) * self.retry_delay))
 
     async def _round(self) -> str | RedisUnavailable | None:
         """One attempt: the token if held, else the reason (None: busy)."""
@@ -285,10 +267,6 @@ class Redlock(Lease):
             if isinstance(o, BaseException) and not isinstance(o, (RedisUnavailable, TimeoutError)):
                 log.warning("Redlock %r: a master failed: %r", self.name, o)
         return None
-
-    def _after_release(self) -> None:
-        if self._gate.locked():
-            self._gate.release()
 
     async def release(self) -> None:
         """Delete the lock on every master (compare-and-delete with this owner's token).

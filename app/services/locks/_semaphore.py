@@ -7,19 +7,16 @@ A ``Permit`` is a ``Lease`` (its own token, lease and watchdog), as a ``RedisLoc
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
 from contextvars import ContextVar
 from functools import lru_cache
 from types import TracebackType
-from typing import Any
 
 from app.core.clock import LOOP_CLOCK, Clock
 from app.core.config import get_settings
 from app.core.errors import ConfigurationError, LockError, LockNotAcquired
-from app.core.guard import as_seconds, to_ms
+from app.core.guard import to_ms
 from app.core.keys import KeySpace
 from app.core.redis import AnyRedis
-from app.core.scripts import Script, ScriptArg
 from app.core.telemetry import from_self, traced
 from app.services.locks._common import (
     LOCK_ATTRS,
@@ -29,6 +26,7 @@ from app.services.locks._common import (
     WAKE_TTL_MS,
     LostCallback,
     Seconds,
+    blocking_bound,
     lease_guard,
     lease_timing,
     wait_bound,
@@ -41,7 +39,7 @@ from app.services.locks._scripts import (
     SEMAPHORE_EXTEND,
     SEMAPHORE_RELEASE,
 )
-from app.services.locks._waiting import contend, notify_local
+from app.services.locks._waiting import OnOneRedis, contend
 
 __all__ = ["Permit", "Semaphore"]
 
@@ -116,7 +114,7 @@ class Permit(Lease):
         return self
 
 
-class Semaphore:
+class Semaphore(OnOneRedis):
     """At most *limit* concurrent holders of *name*, across processes and machines.
 
     ::
@@ -199,11 +197,7 @@ class Semaphore:
         self.timeout, self.renew_interval, self.drift = lease_timing(
             timeout, renew_interval, drift, auto_renew=auto_renew
         )
-        self.blocking_timeout = (
-            self.timeout
-            if blocking_timeout is None
-            else as_seconds(blocking_timeout, "blocking_timeout", allow_zero=True)
-        )
+        self.blocking_timeout = blocking_bound(blocking_timeout, self.timeout)
         self.auto_renew = auto_renew
         self.on_lost = on_lost
         self.clock: Clock = LOOP_CLOCK if clock is None else clock
@@ -217,12 +211,6 @@ class Semaphore:
     def __repr__(self) -> str:
         return f"Semaphore({self.name!r}, limit={self.limit}, timeout={self.timeout:g})"
 
-    async def _eval(
-        self, script: Script, keys: Sequence[ScriptArg], args: Sequence[ScriptArg]
-    ) -> Any:
-        with self._guard:
-            return await script(self.redis, keys, args)
-
     async def _attempt(self, token: str) -> list[int]:
         reply: list[int] = await self._eval(
             SEMAPHORE_ACQUIRE, self._acquire_keys, (token, *self._acquire_args)
@@ -230,20 +218,15 @@ class Semaphore:
         return reply
 
     async def _release_token(self, token: str) -> bool:
-        released = await self._eval(
+        return await self._release_waking(
             SEMAPHORE_RELEASE, self._release_keys, (token, WAKE_TTL_MS, self.limit, RECEIPT_TTL_MS)
         )
-        if released:
-            notify_local(self.redis, self._wake_key)
-        return bool(released)
 
     async def _give_up(self, token: str) -> bool:
         return await self._release_token(token)
 
     async def _extend(self, token: str, ms: int, replace: bool) -> int:
-        return int(
-            await self._eval(SEMAPHORE_EXTEND, (self.key,), (token, ms, "1" if replace else "0"))
-        )
+        return await self._extend_with(SEMAPHORE_EXTEND, token, ms, replace)
 
     async def _count(self, token: str = "") -> tuple[int, int]:
         live, left = await self._eval(SEMAPHORE_COUNT, (self.key,), (token,))
@@ -320,4 +303,4 @@ class Semaphore:
                 f"semaphore {self.name!r}: __aexit__ without a permit entered in this task",
                 lock_name=self.name,
             )
-        await permit._exit_body(exc_type, exc)
+        await permit.__aexit__(exc_type, exc, tb)

@@ -2,8 +2,8 @@
 
 ``contend`` is the acquire loop shared by ``RedisLock`` and ``Semaphore``:
 attempt, then wait (woken by releases) until the deadline, and never leave a
-key behind when cancelled. ``take_gate`` is the in-process "one object, one
-owner" gate of a lock object.
+key behind when cancelled. ``OnOneRedis`` is how both run their scripts, and a
+release wakes this process's waiters.
 """
 
 from __future__ import annotations
@@ -12,14 +12,17 @@ import asyncio
 import collections
 import contextlib
 import random
+from collections.abc import Sequence
 from typing import Any, Final, Protocol
 
 from app.core.clock import Clock
 from app.core.guard import Guard, PerClient, block_cap
+from app.core.redis import AnyRedis
+from app.core.scripts import Script, ScriptArg
 from app.services.locks._common import new_token
 from app.services.locks._tasks import in_background, settle
 
-__all__ = ["Contender", "contend", "notify_local", "take_gate"]
+__all__ = ["Contender", "OnOneRedis", "contend", "notify_local"]
 
 _MAX_STEP: Final = 1.0  # longest single wait before a waiter re-checks the lock
 _MIN_BLOCK: Final = 0.02  # shorter waits poll instead of BLPOP
@@ -65,6 +68,38 @@ def notify_local(client: Any, wake_key: str) -> None:
     room = _waits(client).rooms.get(wake_key)
     if room is not None:
         room.wake_one()
+
+
+class OnOneRedis:
+    """The script calls of a lock or semaphore on one Redis (``RedisLock``, ``Semaphore``).
+
+    Every script runs behind the object's guard; a release that freed something
+    also wakes one waiter parked in this process, without a round trip.
+    """
+
+    redis: AnyRedis
+    key: str
+    _guard: Guard
+    _wake_key: str
+
+    async def _eval(
+        self, script: Script, keys: Sequence[ScriptArg], args: Sequence[ScriptArg]
+    ) -> Any:
+        with self._guard:
+            return await script(self.redis, keys, args)
+
+    async def _release_waking(
+        self, script: Script, keys: Sequence[ScriptArg], args: Sequence[ScriptArg]
+    ) -> bool:
+        """Run a release *script*; True (and one local waiter woken) if it released."""
+        released = await self._eval(script, keys, args)
+        if released:
+            notify_local(self.redis, self._wake_key)
+        return bool(released)
+
+    async def _extend_with(self, script: Script, token: str, ms: int, replace: bool) -> int:
+        """Run an extend *script* on ``key``: the lease left in ms, or < 0 if not held."""
+        return int(await self._eval(script, (self.key,), (token, ms, "1" if replace else "0")))
 
 
 class Contender(Protocol):
@@ -209,18 +244,3 @@ async def contend(c: Contender, deadline: float) -> tuple[str | None, list[int],
     except BaseException:
         in_background(c._give_up(token))
         raise
-
-
-async def take_gate(gate: asyncio.Lock, wait: float) -> bool:
-    """The in-process side of "one object, one owner" (asyncio.Lock semantics)."""
-    if not gate.locked():
-        await gate.acquire()  # free: returns without suspending
-        return True
-    if wait <= 0:
-        return False
-    try:
-        async with asyncio.timeout(wait):
-            await gate.acquire()
-    except TimeoutError:
-        return False
-    return True
