@@ -10,6 +10,7 @@
 -- returns {1, fence}          acquired (or already held with this token: a retried call);
 --         {0, wait_ms, head}  held by another owner: wait_ms = ms until its lease ends,
 --                             head = 1 when this fair waiter is first in the queue
+-- @include fair_queue
 local token = ARGV[1]
 local holder = redis.call('GET', KEYS[1])
 if holder == token then
@@ -59,11 +60,5 @@ if holder then
   if wait_ms < 0 then wait_ms = 0 end
 end
 local head = 0
-if fair then
-  redis.call('ZADD', KEYS[3], 'NX', t[1] .. string.format('%06d', tonumber(t[2])), token)
-  redis.call('ZADD', KEYS[4], now_ms + tonumber(ARGV[5]), token)
-  redis.call('PEXPIRE', KEYS[3], ARGV[5])
-  redis.call('PEXPIRE', KEYS[4], ARGV[5])
-  if redis.call('ZRANK', KEYS[3], token) == 0 then head = 1 end
-end
+if fair then head = join_queue(KEYS[3], KEYS[4], token, t, now_ms, ARGV[5]) end
 return {0, wait_ms, head}

@@ -12,6 +12,7 @@
 -- returns 1 if the lock was held with this token and is now deleted (or this token's release
 -- already ran: the client library retried the call after its reply was lost), else 0
 -- (a fair waiter with this token leaves the queue either way: release doubles as "give up")
+-- @include fair_queue
 local released = 0
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('DEL', KEYS[1])
@@ -28,16 +29,6 @@ end
 local left = redis.call('ZREM', KEYS[3], ARGV[1])
 redis.call('ZREM', KEYS[4], ARGV[1])
 if released == 1 or (left == 1 and redis.call('EXISTS', KEYS[1]) == 0) then
-  redis.call('LPUSH', KEYS[2], '1')
-  redis.call('LTRIM', KEYS[2], 0, 0)
-  redis.call('PEXPIRE', KEYS[2], ARGV[2])
-  local head = redis.call('ZRANGE', KEYS[3], 0, 0)[1]
-  if head then
-    -- the queue head's own wake list: same hash tag as KEYS[2], so the same Cluster slot
-    local own = KEYS[2] .. ':' .. head
-    redis.call('LPUSH', own, '1')
-    redis.call('LTRIM', own, 0, 0)
-    redis.call('PEXPIRE', own, ARGV[2])
-  end
+  signal_next(KEYS[2], KEYS[3], ARGV[2])
 end
 return released

@@ -9,6 +9,7 @@
 -- returns {1, holders}         acquired (holders counts this permit; also for a retried call);
 --         {0, wait_ms, head}   no permit free: wait_ms = ms until the next lease ends,
 --                              head = 1 when this fair waiter is first in the queue
+-- @include fair_queue
 local token = ARGV[1]
 local limit = tonumber(ARGV[2])
 local t = redis.call('TIME')
@@ -59,11 +60,5 @@ if free <= 0 then
   if first[2] then wait_ms = math.max(0, tonumber(first[2]) - now_ms) end
 end
 local head = 0
-if fair then
-  redis.call('ZADD', KEYS[2], 'NX', t[1] .. string.format('%06d', tonumber(t[2])), token)
-  redis.call('ZADD', KEYS[3], now_ms + tonumber(ARGV[5]), token)
-  redis.call('PEXPIRE', KEYS[2], ARGV[5])
-  redis.call('PEXPIRE', KEYS[3], ARGV[5])
-  if redis.call('ZRANK', KEYS[2], token) == 0 then head = 1 end
-end
+if fair then head = join_queue(KEYS[2], KEYS[3], token, t, now_ms, ARGV[5]) end
 return {0, wait_ms, head}

@@ -10,6 +10,7 @@
 -- returns 1 if the permit was held and its lease had not run out (or this permit's release
 -- already ran: the client library retried the call after its reply was lost), else 0
 -- (a fair waiter with this token leaves the queue either way: release doubles as "give up")
+-- @include fair_queue
 local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local released = 0
@@ -34,16 +35,6 @@ end
 local left = redis.call('ZREM', KEYS[3], ARGV[1])
 redis.call('ZREM', KEYS[4], ARGV[1])
 if deadline or (left == 1 and redis.call('ZCOUNT', KEYS[1], now_ms, '+inf') < tonumber(ARGV[3])) then
-  redis.call('LPUSH', KEYS[2], '1')
-  redis.call('LTRIM', KEYS[2], 0, 0)
-  redis.call('PEXPIRE', KEYS[2], ARGV[2])
-  local head = redis.call('ZRANGE', KEYS[3], 0, 0)[1]
-  if head then
-    -- the queue head's own wake list: same hash tag as KEYS[2], so the same Cluster slot
-    local own = KEYS[2] .. ':' .. head
-    redis.call('LPUSH', own, '1')
-    redis.call('LTRIM', own, 0, 0)
-    redis.call('PEXPIRE', own, ARGV[2])
-  end
+  signal_next(KEYS[2], KEYS[3], ARGV[2])
 end
 return released
