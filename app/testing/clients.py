@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -98,6 +99,16 @@ def _new_fake(config: pytest.Config, server: fakeredis.FakeServer, decoded: bool
     return make(server=server, decode_responses=decoded)
 
 
+@asynccontextmanager
+async def _closed_after(client: Any) -> AsyncIterator[Any]:
+    """*client* for the test; then the test's background clean-ups reach Redis, then it closes."""
+    try:
+        yield client
+    finally:
+        await drain()
+        await client.aclose()
+
+
 @pytest_asyncio.fixture
 async def fake_client(
     request: pytest.FixtureRequest, fake_server: fakeredis.FakeServer, decode_responses: bool
@@ -107,12 +118,8 @@ async def fake_client(
     With ``redis_strict_slots = true`` in the ini file it refuses multi-slot
     commands and scripts with CROSSSLOT, as Redis Cluster would.
     """
-    client = _new_fake(request.config, fake_server, decode_responses)
-    try:
+    async with _closed_after(_new_fake(request.config, fake_server, decode_responses)) as client:
         yield client
-    finally:
-        await drain()  # the test's background clean-ups reach Redis before the client closes
-        await client.aclose()
 
 
 @pytest_asyncio.fixture
@@ -124,12 +131,8 @@ async def fake_redis(
     With ``redis_strict_slots = true`` in the ini file it refuses multi-slot
     commands and scripts with CROSSSLOT, as Redis Cluster would.
     """
-    client = _new_fake(request.config, fake_server, False)
-    try:
+    async with _closed_after(_new_fake(request.config, fake_server, False)) as client:
         yield client
-    finally:
-        await drain()  # the test's background clean-ups reach Redis before the client closes
-        await client.aclose()
 
 
 def fake_twin(client: Any, **options: Any) -> Any:
@@ -208,10 +211,9 @@ async def topology_redis(request: pytest.FixtureRequest) -> AsyncIterator[Any]:
     else:
         flush()
     try:
-        yield client
+        async with _closed_after(client):
+            yield client
     finally:
-        await drain()  # the test's background clean-ups reach Redis before the client closes
-        await client.aclose()
         if flush is not None:
             flush()
 
@@ -223,12 +225,8 @@ async def topology_client(topology_redis: Any, decode_responses: bool) -> AsyncI
     if not decode_responses:
         yield topology_redis  # already ready: topology_redis pinged it
         return
-    client = twin(topology_redis, decode_responses=True)
-    try:
+    async with _closed_after(twin(topology_redis, decode_responses=True)) as client:
         yield await ready(client)
-    finally:
-        await drain()
-        await client.aclose()
 
 
 async def ready(client: Any) -> Any:

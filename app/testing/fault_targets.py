@@ -23,6 +23,7 @@ Readiness is asked of the servers (PING, ``CLUSTER INFO``, ``SENTINEL MASTER``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 from redis import Redis as SyncRedis
@@ -61,22 +62,24 @@ class Proxies:
         """Replies dropped by ``arm`` (over every proxy)."""
         return sum(p.lost for p in self.members)
 
+    def _each(self, fault: Callable[[TcpProxy], object]) -> None:
+        for p in self.members:
+            fault(p)
+
     def arm(self, marker: bytes | None) -> None:
         """Lose the reply to the next command containing *marker*, on whichever node runs it."""
-        for p in self.members:
-            p.arm(marker)
+        self._each(lambda p: p.arm(marker))
 
     def stall(self) -> None:
-        for p in self.members:
-            p.stall()
+        """Hold all traffic on every proxy; connections stay open."""
+        self._each(TcpProxy.stall)
 
     def resume(self) -> None:
-        for p in self.members:
-            p.resume()
+        self._each(TcpProxy.resume)
 
     def cut(self) -> None:
-        for p in self.members:
-            p.cut()
+        """Close every open connection on every proxy."""
+        self._each(TcpProxy.cut)
 
     def reset(self) -> None:
         """No fault any more: traffic flows, no latency, nothing armed, counters at zero."""
@@ -86,8 +89,7 @@ class Proxies:
             p.arm(None)
 
     def close(self) -> None:
-        for p in self.members:
-            p.close()
+        self._each(TcpProxy.close)
 
 
 class FaultTarget:

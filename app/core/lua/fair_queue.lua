@@ -4,6 +4,8 @@
 --          queue (zset scored by arrival in server microseconds from the TIME reply t; an
 --          earlier arrival is kept) and its heartbeat deadline now_ms + ttl_ms in beats (zset),
 --          both keys expiring in ttl_ms; returns 1 when token is first in the queue, else 0.
+--          local function prune_queue(queue, beats, now_ms): removes from both zsets up to 100
+--          waiters whose heartbeat deadline passed (crashed, or cancelled without clean-up).
 --          local function signal_next(list, queue, ttl_ms): leaves one wake token on list and
 --          one on the wake list of the queue's head (list .. ':' .. head: the same hash tag,
 --          so the same Cluster slot), each list expiring in ttl_ms.
@@ -14,6 +16,13 @@ local function join_queue(queue, beats, token, t, now_ms, ttl_ms)
   redis.call('PEXPIRE', beats, ttl_ms)
   if redis.call('ZRANK', queue, token) == 0 then return 1 end
   return 0
+end
+local function prune_queue(queue, beats, now_ms)
+  local dead = redis.call('ZRANGEBYSCORE', beats, '-inf', now_ms, 'LIMIT', 0, 100)
+  if #dead > 0 then
+    redis.call('ZREM', queue, unpack(dead))
+    redis.call('ZREM', beats, unpack(dead))
+  end
 end
 local function signal_one(list, ttl_ms)
   redis.call('LPUSH', list, '1')

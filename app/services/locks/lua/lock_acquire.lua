@@ -20,14 +20,7 @@ local fair = ARGV[4] == '1'
 local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
-if fair then
-  -- waiters whose heartbeat lapsed (crashed, cancelled without cleanup) leave the queue
-  local dead = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now_ms, 'LIMIT', 0, 100)
-  if #dead > 0 then
-    redis.call('ZREM', KEYS[3], unpack(dead))
-    redis.call('ZREM', KEYS[4], unpack(dead))
-  end
-end
+if fair then prune_queue(KEYS[3], KEYS[4], now_ms) end
 
 if not holder then
   local may_take = true

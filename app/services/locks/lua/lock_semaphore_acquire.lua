@@ -22,13 +22,7 @@ if redis.call('ZSCORE', KEYS[1], token) then
 end
 
 local fair = ARGV[4] == '1'
-if fair then
-  local dead = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now_ms, 'LIMIT', 0, 100)
-  if #dead > 0 then
-    redis.call('ZREM', KEYS[2], unpack(dead))
-    redis.call('ZREM', KEYS[3], unpack(dead))
-  end
-end
+if fair then prune_queue(KEYS[2], KEYS[3], now_ms) end
 
 local holders = redis.call('ZCARD', KEYS[1])
 local free = limit - holders
