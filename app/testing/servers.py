@@ -8,6 +8,7 @@ processes started here are ever signalled.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import random
@@ -65,12 +66,22 @@ def _worker_block() -> int:
     return (index + (int(salt) if salt.isdigit() else 0)) % _BLOCKS
 
 
+_handed_out: collections.deque[int] = collections.deque(maxlen=64)
+"""Ports given out lately. A port is only checked free when it is picked, and a caller
+may pick several before starting any (a Cluster picks its six nodes' ports first): without
+this, two picks could draw the same still-unbound port, and the second node's server
+would fail to start with "Address already in use"."""
+
+
 def _free_in_block(area: tuple[int, int], *, with_bus: bool = False) -> int:
     base, size = area
     start = base + _worker_block() * size
     for _ in range(1000):
         port = random.randrange(start, start + size)
+        if port in _handed_out:
+            continue
         if _bindable(port) and (not with_bus or _bindable(port + 10000)):
+            _handed_out.append(port)
             return port
     raise RuntimeError(f"no free port in {start}-{start + size - 1}")
 

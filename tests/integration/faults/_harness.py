@@ -77,9 +77,10 @@ FAULT_SETTINGS: dict[str, Any] = {
 """Settings of every fault test: each Redis call is bounded by 0.25 s (x2 with the retry)."""
 
 ROOMY_TIMEOUTS = {"redis_socket_timeout": 2.0, "redis_connect_timeout": 2.0}
-"""For tests whose subject is a dead connection, not a slow one: a reconnect through
-the (threaded) proxy and, on Sentinel, a master lookup can pass the fault suite's
-0.25 s budget on a busy machine, and the one retry would then be spent on a timeout."""
+"""For tests whose subject is a dead connection or a lost script, not a slow server: a
+reconnect (on Sentinel after a master lookup) or an EVAL after NOSCRIPT, through the
+threaded proxy, can pass the fault suite's 0.25 s budget on a busy machine, and the
+request then fails on the timeout instead of showing what the test is about."""
 
 REQUEST_BOUND = 5.0
 """No request may take longer than this (a generous bound: it proves "no hang", not speed)."""

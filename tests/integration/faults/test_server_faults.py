@@ -97,7 +97,7 @@ async def test_script_flush_under_load_reloads_scripts(
     probe: Probe, target: FaultTarget, start_app: StartApp
 ) -> None:
     web = probe.app()
-    app = await start_app(web, target.url, **probe.settings)
+    app = await start_app(web, target.url, **{**probe.settings, **ROOMY_TIMEOUTS})
     async with Workload(app, [probe]) as load:
         await load.until_recovered(streak=3)
         load.phase = "flushing"
