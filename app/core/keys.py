@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -33,6 +34,7 @@ __all__ = [
     "MAX_PATTERN_WILDCARDS",
     "KeySpace",
     "bound_pattern",
+    "deprecated_prefix",
     "digest",
     "escape",
     "escape_glob",
@@ -229,3 +231,22 @@ class KeySpace:
     def child(self, service: str) -> KeySpace:
         """A sibling space under the same prefix (e.g. ``cache`` -> ``cache.tags``)."""
         return KeySpace(self.prefix, service)
+
+
+def deprecated_prefix(prefix: str | None, owner: str, argument: str = "key_prefix") -> str | None:
+    """The root prefix a service was given through its old ``key_prefix=`` argument.
+
+    Every service names its keys with ``namespace=`` (``<REDIS_KEY_PREFIX>:<namespace>:``);
+    the lock, semaphore, Redlock and pub/sub constructors and ``stream_keys`` once took a
+    root-prefix override instead. It still works (``<key_prefix>:<service>:``, the same
+    keys as before) and warns with ``DeprecationWarning``. ``None`` and ``""`` mean "not
+    given", as they always did.
+    """
+    if not prefix:
+        return None
+    warnings.warn(
+        f"{owner}({argument}=...) is deprecated: use namespace=, as every other service does",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    return prefix

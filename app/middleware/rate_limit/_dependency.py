@@ -43,6 +43,7 @@ def rate_limit(
     cost: int = 1,
     failure_mode: FailureMode | None = None,
     legacy_headers: bool = False,
+    namespace: str = "ratelimit",
 ) -> Callable[..., Awaitable[RateLimitDecision]]:
     """A dependency that rate-limits one route: ``Depends(rate_limit("10/minute"))``.
 
@@ -66,9 +67,10 @@ def rate_limit(
     them too; otherwise on the route's response). Redis down: allowed
     (fail-open, default) or 503 (*failure_mode* / ``RATE_LIMIT_FAILURE_MODE``
     ``closed``). Returns the ``RateLimitDecision``. Concurrency limits need
-    the middleware (a dependency cannot see the response end).
+    the middleware (a dependency cannot see the response end). *namespace* is the
+    key space of the counters (default ``ratelimit``).
     """
-    limiters = LimiterCache(failure_mode=failure_mode)
+    limiters = LimiterCache(failure_mode=failure_mode, namespace=namespace)
     static: tuple[Policy, ...] | None = None
     resolver: PolicyResolver | None = None
     if isinstance(limits, (str, Policy)) or not callable(limits):

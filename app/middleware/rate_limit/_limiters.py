@@ -53,8 +53,10 @@ class LimiterCache:
         failure_mode: FailureMode | None = None,
         lease_seconds: Duration = 60.0,
         maxsize: int = 512,
+        namespace: str = "ratelimit",
     ) -> None:
         self.failure_mode = failure_mode
+        self.namespace = namespace
         self.lease_seconds = as_seconds(lease_seconds, "lease_seconds")
         self.maxsize = maxsize
         self._limiters: PerClient[_Limiters] = PerClient(_no_limiters)
@@ -95,7 +97,11 @@ class LimiterCache:
         limiter = items.get(key)
         if not isinstance(limiter, RateLimiter):
             limiter = RateLimiter(
-                client, policies=policies, algorithm=algorithm, failure_mode=self.failure_mode
+                client,
+                policies=policies,
+                algorithm=algorithm,
+                failure_mode=self.failure_mode,
+                namespace=self.namespace,
             )
             self._put(items, key, limiter)
         return limiter
@@ -110,6 +116,7 @@ class LimiterCache:
                 policies=policies,
                 lease_seconds=self.lease_seconds,
                 failure_mode=self.failure_mode,
+                namespace=self.namespace,
             )
             self._put(items, key, limiter)
         return limiter

@@ -133,6 +133,7 @@ class RateLimitMiddleware:
         lease_seconds: how long a concurrency slot outlives a dead worker
             (seconds or ``timedelta``; a bad value raises ``ConfigurationError`` here).
         redis: a client; default the global one, looked up per request.
+        namespace: the key space of the counters (default ``ratelimit``).
 
     Concurrency slots are released when the response has been sent (or the
     app raised, or the client went away); if the process dies first they
@@ -151,6 +152,7 @@ class RateLimitMiddleware:
         failure_mode: FailureMode | None = None,
         lease_seconds: Duration = 60.0,
         redis: AnyRedis | None = None,
+        namespace: str = "ratelimit",
     ) -> None:
         self.app = app
         self.client_ip = ClientIP(trusted_proxies)
@@ -158,7 +160,9 @@ class RateLimitMiddleware:
         self.headers = headers
         self.legacy_headers = legacy_headers
         self.redis = redis
-        self.limiters = LimiterCache(failure_mode=failure_mode, lease_seconds=lease_seconds)
+        self.limiters = LimiterCache(
+            failure_mode=failure_mode, lease_seconds=lease_seconds, namespace=namespace
+        )
         self.rules = tuple(_compile(rule, self.limiters) for rule in rules)
 
     def match(self, scope: Scope) -> _Compiled | None:

@@ -13,7 +13,7 @@ from app.core.clock import Clock
 from app.core.config import get_settings
 from app.core.errors import LockError, LockNotAcquired
 from app.core.guard import Guard, as_seconds, as_text, to_ms
-from app.core.keys import KeySpace
+from app.core.keys import KeySpace, deprecated_prefix
 from app.core.redis import AnyRedis
 from app.core.scripts import ScriptArg
 from app.services.locks._common import (
@@ -54,9 +54,9 @@ class _LockKeys(NamedTuple):
 
 
 @lru_cache(maxsize=4096)
-def _lock_keys(prefix: str, name: str) -> _LockKeys:
+def _lock_keys(prefix: str, namespace: str, name: str) -> _LockKeys:
     """Built once per name: lock objects are made per request, for the same few names."""
-    key = KeySpace.of("lock", prefix).tagged(name)
+    key = KeySpace(prefix, namespace).tagged(name)
     fence, wake, waiting = key + ":fence", key + ":wake", key + ":waiting"
     queue, heartbeats = key + ":queue", key + ":queue-heartbeats"
     return _LockKeys(
@@ -92,7 +92,10 @@ class RedisLock(Lease, OnOneRedis):
             lock (a plain function or a coroutine function).
         fair: FIFO order among ``fair=True`` waiters (others may still barge in).
         fence_ttl: how long an idle lock's fencing counter is kept.
-        key_prefix: default ``settings.redis_key_prefix``.
+        namespace: the key space (``<REDIS_KEY_PREFIX>:<namespace>:{name}``,
+            default ``lock``); locks of different namespaces never collide.
+        key_prefix: deprecated (``DeprecationWarning``): overrides the root prefix
+            instead (``<key_prefix>:lock:{name}``). Use ``namespace=``.
         drift: the drift margin (seconds or ``timedelta``): the holder gives the
             lease up this long before it can end in Redis. Default: 1 % of the
             lease plus 2 ms.
@@ -102,7 +105,7 @@ class RedisLock(Lease, OnOneRedis):
             renewals without sleeping. Waiting to acquire and the TTL in Redis
             stay on real time.
 
-    Keys (one hash tag per name): ``<prefix>:lock:{name}`` (owner token, PX
+    Keys (one hash tag per name): ``<prefix>:<namespace>:{name}`` (owner token, PX
     lease), ``...:fence``, ``...:wake``, ``...:queue``, ``...:queue-heartbeats``,
     ``...:released`` (the last release's token, 10 s), ``...:waiting`` (set
     for a few seconds by a non-fair acquirer that found the lock held).
@@ -120,9 +123,10 @@ class RedisLock(Lease, OnOneRedis):
         on_lost: LostCallback | None = None,
         fair: bool = False,
         fence_ttl: Seconds = DEFAULT_FENCE_TTL,
-        key_prefix: str | None = None,
+        namespace: str = "lock",
         drift: Seconds | None = None,
         clock: Clock | None = None,
+        key_prefix: str | None = None,
     ) -> None:
         super().__init__(
             name,
@@ -137,7 +141,8 @@ class RedisLock(Lease, OnOneRedis):
         self.blocking_timeout = blocking_bound(blocking_timeout, self.timeout)
         self.fair = fair
         # The prefix is resolved here, not in the cache: a settings change must show.
-        keys = _lock_keys(key_prefix or get_settings().redis_key_prefix, name)
+        prefix = deprecated_prefix(key_prefix, "RedisLock") or get_settings().redis_key_prefix
+        keys = _lock_keys(prefix, namespace, name)
         self.key = keys.key
         self._wake_key = keys.wake
         fence_ms = max(to_ms(as_seconds(fence_ttl, "fence_ttl")), self._lease_ms)

@@ -14,7 +14,7 @@ from typing import Any
 from app.core.clock import Clock
 from app.core.errors import ConfigurationError, LockNotAcquired, RedisUnavailable
 from app.core.guard import as_seconds, as_text
-from app.core.keys import KeySpace
+from app.core.keys import KeySpace, deprecated_prefix
 from app.core.redis import AnyRedis
 from app.services.locks._common import (
     WAKE_TTL_MS,
@@ -92,7 +92,10 @@ class Redlock(Lease):
         node_timeout: bound on each master's reply (default: 1/20 of the
             lease, between 50 and 250 ms).
         retry_delay: upper bound of the random pause between attempts.
-        key_prefix: default ``settings.redis_key_prefix``.
+        namespace: the key space (``<REDIS_KEY_PREFIX>:<namespace>:{name}`` on
+            every node, default ``lock``).
+        key_prefix: deprecated (``DeprecationWarning``): overrides the root prefix
+            instead. Use ``namespace=``.
         clock: the clock the validity time is measured and the lease tracked
             on locally, as for ``RedisLock`` (default ``LOOP_CLOCK``, the event
             loop's time); the pauses between acquire rounds stay on real time.
@@ -111,8 +114,9 @@ class Redlock(Lease):
         drift_factor: float = 0.01,
         node_timeout: Seconds | None = None,
         retry_delay: Seconds = 0.2,
-        key_prefix: str | None = None,
+        namespace: str = "lock",
         clock: Clock | None = None,
+        key_prefix: str | None = None,
     ) -> None:
         if not 0 <= drift_factor < 0.5:
             raise ConfigurationError(f"drift_factor must be in [0, 0.5), got {drift_factor!r}")
@@ -138,7 +142,8 @@ class Redlock(Lease):
             else as_seconds(node_timeout, "node_timeout")
         )
         self.retry_delay = as_seconds(retry_delay, "retry_delay")
-        self.key = key = KeySpace.of("lock", key_prefix or None).tagged(name)
+        space = KeySpace.of(namespace, deprecated_prefix(key_prefix, "Redlock"))
+        self.key = key = space.tagged(name)
         self._release_keys = (key, key + ":wake", key + ":queue", key + ":queue-heartbeats")
         self._guards = [lease_guard(c, "Redlock", name, self.timeout) for c in self.clients]
         self.validity: float = 0.0

@@ -15,7 +15,7 @@ from app.core.clock import LOOP_CLOCK, Clock
 from app.core.config import get_settings
 from app.core.errors import ConfigurationError, LockError, LockNotAcquired
 from app.core.guard import to_ms
-from app.core.keys import KeySpace
+from app.core.keys import KeySpace, deprecated_prefix
 from app.core.redis import AnyRedis
 from app.core.telemetry import from_self, traced
 from app.services.locks._common import (
@@ -48,9 +48,11 @@ _entered: ContextVar[tuple[Permit, ...]] = ContextVar("app_semaphore_entered", d
 
 
 @lru_cache(maxsize=1024)
-def _semaphore_keys(prefix: str, name: str) -> tuple[str, str, tuple[str, ...], tuple[str, ...]]:
+def _semaphore_keys(
+    prefix: str, namespace: str, name: str
+) -> tuple[str, str, tuple[str, ...], tuple[str, ...]]:
     """The key, wake list, acquire keys and release keys of one name (built once per name)."""
-    key = KeySpace.of("semaphore", prefix).tagged(name)
+    key = KeySpace(prefix, namespace).tagged(name)
     wake, queue, heartbeats = key + ":wake", key + ":queue", key + ":queue-heartbeats"
     return key, wake, (key, queue, heartbeats), (key, wake, queue, heartbeats, key + ":released")
 
@@ -160,11 +162,14 @@ class Semaphore(OnOneRedis):
             whose renewal is not confirmed by ``permit.deadline`` cancels its
             ``async with`` block with ``LockLost``).
         fair: FIFO order among ``fair=True`` waiters.
-        key_prefix: default ``settings.redis_key_prefix``.
+        namespace: the key space (``<REDIS_KEY_PREFIX>:<namespace>:{name}``,
+            default ``semaphore``).
+        key_prefix: deprecated (``DeprecationWarning``): overrides the root prefix
+            instead. Use ``namespace=``.
         clock: the clock each permit's lease is tracked on locally, as for
             ``RedisLock`` (default ``LOOP_CLOCK``, the event loop's time).
 
-    Keys (one hash tag per name): ``<prefix>:semaphore:{name}`` (holders),
+    Keys (one hash tag per name): ``<prefix>:<namespace>:{name}`` (holders),
     ``...:wake``, ``...:queue``, ``...:queue-heartbeats``, ``...:released``
     (tokens of permits released in the last 10 s); all expire.
     """
@@ -183,9 +188,10 @@ class Semaphore(OnOneRedis):
         renew_interval: Seconds | None = None,
         on_lost: LostCallback | None = None,
         fair: bool = False,
-        key_prefix: str | None = None,
+        namespace: str = "semaphore",
         drift: Seconds | None = None,
         clock: Clock | None = None,
+        key_prefix: str | None = None,
     ) -> None:
         if not isinstance(name, str) or not name:
             raise ConfigurationError(f"a semaphore name must be a non-empty string, got {name!r}")
@@ -203,7 +209,8 @@ class Semaphore(OnOneRedis):
         self.clock: Clock = LOOP_CLOCK if clock is None else clock
         self.fair = fair
         # The prefix is resolved here, not in the cache: a settings change must show.
-        keys = _semaphore_keys(key_prefix or get_settings().redis_key_prefix, name)
+        prefix = deprecated_prefix(key_prefix, "Semaphore") or get_settings().redis_key_prefix
+        keys = _semaphore_keys(prefix, namespace, name)
         self.key, self._wake_key, self._acquire_keys, self._release_keys = keys
         self._acquire_args = (limit, to_ms(self.timeout), "1" if fair else "0", WAITER_TTL_MS)
         self._guard = lease_guard(redis, "semaphore", name, self.timeout)

@@ -18,7 +18,7 @@ from urllib.parse import unquote_to_bytes
 from app.core.codec import Codec, default_codec
 from app.core.errors import ConfigurationError, RedisCommandError, RedisUnavailable, StateError
 from app.core.guard import Duration, Guard, as_seconds, as_text, to_ms
-from app.core.keys import KeySpace, bound_pattern, escape, escape_glob
+from app.core.keys import KeySpace, bound_pattern, deprecated_prefix, escape, escape_glob
 from app.core.redis import AnyRedis, client_decodes_responses, is_cluster
 from app.core.scripts import Script
 from app.core.telemetry import traced
@@ -71,7 +71,10 @@ class Broadcaster:
         sharded: use ``SPUBLISH``/``SSUBSCRIBE`` (default: when *client* is a
             ``RedisCluster``). Sharded pub/sub has no patterns.
         drain_timeout: on ``aclose``, how long to wait for subscribers to finish.
-        key_prefix: namespace prefix (default: ``REDIS_KEY_PREFIX`` from settings).
+        namespace: the key space of channels and history streams
+            (``<REDIS_KEY_PREFIX>:<namespace>:...``, default ``pubsub``).
+        key_prefix: deprecated (``DeprecationWarning``): overrides the root prefix
+            instead. Use ``namespace=``.
     """
 
     def __init__(
@@ -91,6 +94,7 @@ class Broadcaster:
         history_ttl: Duration = 3600.0,
         sharded: bool | None = None,
         drain_timeout: Duration = 5.0,
+        namespace: str = "pubsub",
         key_prefix: str | None = None,
     ) -> None:
         _check_overflow(overflow)
@@ -114,7 +118,7 @@ class Broadcaster:
         self.queue_size = queue_size
         self.overflow: OverflowPolicy = overflow
         self.history = history
-        self.keys = KeySpace.of("pubsub", key_prefix or None)
+        self.keys = KeySpace.of(namespace, deprecated_prefix(key_prefix, "Broadcaster"))
         # Publishing and history reads go through the client's breaker; the subscriber
         # links are dedicated connections supervised by _Link (reconnect with backoff).
         self._guard = Guard(client, "pub/sub publish")

@@ -38,7 +38,7 @@ class ConcurrencyLimiter(Limiter):
             ``timedelta``, more than 1 ms). Requests that run longer than this
             stop being counted.
         retry_after: the ``Retry-After`` hint (seconds) for refused requests.
-        failure_mode: as for ``RateLimiter``.
+        failure_mode, namespace: as for ``RateLimiter``.
 
     The lease set of each identifier expires with its longest lease.
     """
@@ -54,6 +54,7 @@ class ConcurrencyLimiter(Limiter):
         lease_seconds: Duration = 60.0,
         retry_after: float = 1.0,
         failure_mode: FailureMode | None = None,
+        namespace: str = "ratelimit",
     ) -> None:
         if policies is None:
             if max_concurrent is None:
@@ -71,7 +72,7 @@ class ConcurrencyLimiter(Limiter):
         lease = as_seconds(lease_seconds, "lease_seconds")
         if lease <= 0.001:
             raise ConfigurationError(f"lease_seconds must be more than 1 ms, got {lease_seconds!r}")
-        super().__init__(redis, resolved, "concurrency", failure_mode)
+        super().__init__(redis, resolved, "concurrency", failure_mode, namespace)
         self._lease_us = str(round(lease * US)).encode()
         self._limits = tuple(p.limit for p in resolved)
         self.retry_hint = retry_after

@@ -77,6 +77,7 @@ class Limiter:
         policies: tuple[Policy, ...],
         kind: str,
         failure_mode: FailureMode | None,
+        namespace: str = _SERVICE,
     ) -> None:
         self.redis = redis
         self.policies = policies
@@ -93,7 +94,7 @@ class Limiter:
             enabled=(failure_mode or get_settings().rate_limit_failure_mode) == "open",
             fallback="allowing requests without counting them",
         )
-        self._root = KeySpace.of(_SERVICE).root
+        self._root = KeySpace.of(namespace).root
         self._suffixes = tuple(
             ":" + ":".join(escape(part) for part in _key_parts(p, kind)) for p in policies
         )

@@ -50,8 +50,10 @@ class RateLimiter(Limiter):
             ``"sliding_log"`` (O(limit) memory) or ``"fixed_window"``.
         failure_mode: ``"open"`` / ``"closed"`` when Redis is down; default
             ``RATE_LIMIT_FAILURE_MODE`` (read now, at construction).
+        namespace: the key space (default ``ratelimit``): limiters in different
+            namespaces count separately even with the same policy.
 
-    Keys live under ``<prefix>:ratelimit:{<identifier>}:...`` (prefix from
+    Keys live under ``<prefix>:<namespace>:{<identifier>}:...`` (prefix from
     settings at construction) and each expires once it no longer affects any
     decision (GCRA: when its quota is full again; windows: after their window).
     """
@@ -67,10 +69,11 @@ class RateLimiter(Limiter):
         policies: PolicyLike | None = None,
         algorithm: Algorithm = "gcra",
         failure_mode: FailureMode | None = None,
+        namespace: str = "ratelimit",
     ) -> None:
         resolved = _resolve(max_requests, window_seconds, policies)
         args = validate_policies(resolved, algorithm)
-        super().__init__(redis, resolved, algorithm, failure_mode)
+        super().__init__(redis, resolved, algorithm, failure_mode, namespace)
         self.algorithm = algorithm
         self._script = ALGORITHMS[algorithm].script
         # Encoded once per limiter, not per call; is_allowed's whole argument list is constant.

@@ -76,6 +76,8 @@ class StreamConsumer(Generic[T]):
         consumer_idle_timeout: the janitor of ``run()`` deletes consumers of the group idle
             this long with nothing pending (``None`` disables it).
         janitor_interval: seconds between janitor passes in ``run()``.
+        namespace: the key space (``<REDIS_KEY_PREFIX>:<namespace>:{stream}``, default
+            ``stream``), the same as the producer's.
     """
 
     def __init__(
@@ -102,11 +104,12 @@ class StreamConsumer(Generic[T]):
         shutdown_timeout: Duration = 10.0,
         consumer_idle_timeout: Duration | None = 3600.0,
         janitor_interval: Duration = 60.0,
+        namespace: str = "stream",
     ) -> None:
         if not group:
             raise ConfigurationError("a consumer group name must not be empty")
         self.redis = redis
-        self.keys = stream_keys(stream)
+        self.keys = stream_keys(stream, namespace=namespace)
         self.group = group
         self.name = consumer or default_consumer_name(stream, group)
         self._guard = _guard(redis, stream, group)

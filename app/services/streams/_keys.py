@@ -6,7 +6,7 @@ import os
 import socket
 from dataclasses import dataclass
 
-from app.core.keys import KeySpace
+from app.core.keys import KeySpace, deprecated_prefix
 
 __all__ = ["StreamKeys", "default_consumer_name", "stream_keys"]
 
@@ -20,12 +20,13 @@ class StreamKeys:
     dead_letter: str
 
 
-def stream_keys(name: str, *, prefix: str | None = None) -> StreamKeys:
-    """Keys of stream *name*: ``<prefix>:stream:{<name>}`` and ``...:dlq``.
+def stream_keys(name: str, *, namespace: str = "stream", prefix: str | None = None) -> StreamKeys:
+    """Keys of stream *name*: ``<REDIS_KEY_PREFIX>:<namespace>:{<name>}`` and ``...:dlq``.
 
-    *name* is escaped (any text is safe); the prefix defaults to ``REDIS_KEY_PREFIX``.
+    *name* is escaped (any text is safe). ``prefix=`` is deprecated
+    (``DeprecationWarning``): it overrides the root prefix instead of the namespace.
     """
-    space = KeySpace.of("stream", prefix or None)
+    space = KeySpace.of(namespace, deprecated_prefix(prefix, "stream_keys", "prefix"))
     return StreamKeys(name, space.tagged(name), space.tagged(name, "dlq"))
 
 

@@ -12,7 +12,7 @@ from app.core.redis import AnyRedis, client_decodes_responses
 from app.core.scripts import Script
 from app.core.telemetry import carrier, traced
 from app.services.streams._common import _guard, _positive
-from app.services.streams._keys import stream_keys
+from app.services.streams._keys import StreamKeys, stream_keys
 from app.services.streams._models import PAYLOAD_FIELD
 
 __all__ = ["StreamProducer", "trim_stream"]
@@ -38,6 +38,8 @@ class StreamProducer:
         approximate: ``MAXLEN ~`` (fast, trims whole nodes) instead of an exact ``MAXLEN``.
         codec: the payload codec (default: the shared JSON codec, text-safe when the client
             decodes responses).
+        namespace: the key space (``<REDIS_KEY_PREFIX>:<namespace>:{stream}``, default
+            ``stream``); a consumer reads it with the same ``namespace``.
     """
 
     def __init__(
@@ -48,9 +50,10 @@ class StreamProducer:
         maxlen: int | None = None,
         approximate: bool = True,
         codec: Codec | None = None,
+        namespace: str = "stream",
     ) -> None:
         self.redis = redis
-        self.keys = stream_keys(stream)
+        self.keys = stream_keys(stream, namespace=namespace)
         self._guard = _guard(redis, stream)
         decodes = client_decodes_responses(redis)
         self.codec = (codec or default_codec()).with_text_safe(decodes)
@@ -122,7 +125,7 @@ class StreamProducer:
         return await _trim(
             self.redis,
             self._guard,
-            self.stream,
+            self.keys,
             maxlen=maxlen,
             minid=minid,
             keep_unacknowledged=keep_unacknowledged,
@@ -138,6 +141,7 @@ async def trim_stream(
     minid: str | None = None,
     keep_unacknowledged: bool = True,
     approximate: bool = False,
+    namespace: str = "stream",
 ) -> int:
     """Trim stream *stream* to *maxlen* entries or to ids >= *minid*, in one Lua script.
 
@@ -153,7 +157,7 @@ async def trim_stream(
     return await _trim(
         redis,
         _guard(redis, stream),
-        stream,
+        stream_keys(stream, namespace=namespace),
         maxlen=maxlen,
         minid=minid,
         keep_unacknowledged=keep_unacknowledged,
@@ -164,7 +168,7 @@ async def trim_stream(
 async def _trim(
     redis: AnyRedis,
     guard: Guard,
-    stream: str,
+    keys: StreamKeys,
     *,
     maxlen: int | None,
     minid: str | None,
@@ -175,7 +179,6 @@ async def _trim(
         raise ConfigurationError("trim needs exactly one of maxlen or minid")
     if maxlen is not None and (not isinstance(maxlen, int) or maxlen < 0):
         raise ConfigurationError(f"maxlen must be a non-negative integer, got {maxlen!r}")
-    keys = stream_keys(stream)
     with guard:
         removed = await _TRIM(
             redis,

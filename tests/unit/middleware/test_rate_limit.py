@@ -425,6 +425,16 @@ async def test_counters_are_scoped_to_the_route_template_not_the_raw_path(serve:
     assert (await client.post("/items/5")).status_code == 200  # POST is not in this rule
 
 
+async def test_two_apps_in_different_namespaces_count_separately(serve: Serve, redis: Any) -> None:
+    rule = RateLimitRule("/items/{item_id}", "1/minute")
+    shop = await serve(build_app(rule, namespace="shop"))
+    admin = await serve(build_app(rule, namespace="admin"))
+    assert await statuses(shop, "/items/1", 2) == [200, 429]
+    assert await statuses(admin, "/items/1", 2) == [200, 429]  # its own quota
+    keys = {k.decode() if isinstance(k, bytes) else k async for k in redis.scan_iter("*")}
+    assert keys and all(k.split(":")[1] in {"shop", "admin"} for k in keys)
+
+
 async def test_methods_get_their_own_quota_and_a_scope_can_be_shared(serve: Serve) -> None:
     app = build_app(
         RateLimitRule("/items/{item_id}", "1/minute", methods=["POST"]),

@@ -589,4 +589,6 @@ async def test_keys_live_under_the_configured_prefix(
 ) -> None:
     settings_override(redis_key_prefix="tenant7")
     assert RedisLock(redis, "jobs:1", timeout=5).key == "tenant7:lock:{jobs%3A1}"
-    assert RedisLock(redis, "jobs:1", timeout=5, key_prefix="other").key.startswith("other:lock:")
+    assert (
+        RedisLock(redis, "jobs:1", timeout=5, namespace="other").key == "tenant7:other:{jobs%3A1}"
+    )

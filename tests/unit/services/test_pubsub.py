@@ -113,10 +113,11 @@ async def test_patterns_match_logical_names(make: BroadcasterFactory) -> None:
 async def test_untrusted_channel_names_are_escaped_and_namespaced(
     make: BroadcasterFactory, client: Any
 ) -> None:
-    b = make(key_prefix="tenant1")
-    other = make(key_prefix="tenant2")
-    assert b.channel_name("a:b*{x}") == "tenant1:pubsub:{a%3Ab%2A%7Bx%7D}"
-    assert b.pattern_name("a:*") == "tenant1:pubsub:{a%3A*}"
+    b = make(namespace="tenant1")
+    other = make(namespace="tenant2")
+    root = b.keys.prefix
+    assert b.channel_name("a:b*{x}") == f"{root}:tenant1:{{a%3Ab%2A%7Bx%7D}}"
+    assert b.pattern_name("a:*") == f"{root}:tenant1:{{a%3A*}}"
     async with b.subscribe("*", patterns=["*"]) as sub, other.subscribe(patterns=["*"]) as spy:
         await b.publish("room", 1)  # "*" is a channel name here, not a glob
         message = await next_message(sub)
@@ -124,7 +125,7 @@ async def test_untrusted_channel_names_are_escaped_and_namespaced(
         await b.publish("*", 2)
         got = {(m.channel, m.pattern) for m in [await next_message(sub), await next_message(sub)]}
         assert got == {("*", None), ("*", "*")}
-        assert await spy.get(0.05) is None  # another prefix sees nothing
+        assert await spy.get(0.05) is None  # another namespace sees nothing
     with pytest.raises(ConfigurationError):
         b.channel_name("")
 
