@@ -74,7 +74,7 @@ import asyncio
 import collections
 import contextlib
 import inspect
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import hiredis
@@ -270,7 +270,10 @@ class _Link(asyncio.Protocol):
         if not self.closed.done():
             self.closed.set_result(None)
         reason = f"Connection to {self.host} lost" + (f": {exc}" if exc else "")
-        self._fail_all(redis_exc.ConnectionError(reason))
+        error = redis_exc.ConnectionError(reason)
+        if self.alive:  # the server or the network closed it, not our close() or abort()
+            self.owner.server_closed(error)
+        self._fail_all(error)
 
     def pause_writing(self) -> None:
         """Nothing to do: ``max_in_flight`` bounds what can be buffered."""
@@ -341,6 +344,7 @@ class NodeMultiplexer:
         links: int = 2,
         max_in_flight: int = 1024,
         slot_timeout: float | None = 5.0,
+        on_server_close: Callable[[redis_exc.ConnectionError], None] | None = None,
     ) -> None:
         if links < 1 or max_in_flight < 1:
             raise ConfigurationError("links and max_in_flight must be at least 1")
@@ -362,6 +366,8 @@ class NodeMultiplexer:
         """A Sentinel primary's pool: a READONLY reply means a failover happened."""
         self.resp2_fallback: AbstractConnection | None = None
         """A link's connection when the server refused HELLO (RESP2 callbacks then apply)."""
+        self.on_server_close = on_server_close
+        """Told when the server side closes a link (restart, ``CLIENT KILL``, idle timeout)."""
 
     # -- slots --------------------------------------------------------------
 
@@ -448,6 +454,16 @@ class NodeMultiplexer:
             self.connects += 1
         finally:
             self._connecting = None
+
+    def server_closed(self, error: redis_exc.ConnectionError) -> None:
+        """A link was closed by the server or the network, not by us.
+
+        Whatever closed it (a restart, ``CLIENT KILL``, the server's idle ``timeout``)
+        has most likely closed this server's idle pooled connections too; the owner
+        hears of it (Cluster: redis-py checks those out without a liveness check).
+        """
+        if self.on_server_close is not None:
+            self.on_server_close(error)
 
     def link_lost(self, link: _Link) -> None:
         if link in self.links:

@@ -16,6 +16,7 @@ logic above sees no difference.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 from redis import exceptions as redis_exc
@@ -78,6 +79,24 @@ class _MultiplexedNode:
         return callback(response, **extra)
 
 
+def _idle_suspect(node: Any) -> Callable[[redis_exc.ConnectionError], None]:
+    """What to do when the server closes one of *node*'s links: distrust its idle connections.
+
+    redis-py's ``ClusterNode`` hands out a free pooled connection without checking that it
+    is alive, and marks the free ones for reconnect only when a command fails on one of
+    them. With the links carrying nearly every command, the pooled connections can sit
+    dead for long after a restart or a ``CLIENT KILL``, and the next pipeline would take
+    one after another of them. Marking them here (lazily: each reconnects when next
+    checked out) is what redis-py itself does after a connection error.
+    """
+
+    def mark(error: redis_exc.ConnectionError) -> None:
+        for connection in tuple(node._free):  # what redis-py does after a connection error
+            connection.mark_for_reconnect()
+
+    return mark
+
+
 class ClusterMultiplexing:
     """Mixin for ``RedisCluster``: stateless commands go over per-node links (see module)."""
 
@@ -108,7 +127,8 @@ class ClusterMultiplexing:
         mux = self._node_muxes.get(target_node.name)
         if mux is None:
             pool: Any = _NodeConnections(target_node)
-            mux = self._node_muxes[target_node.name] = NodeMultiplexer(pool, **options)
+            mux = NodeMultiplexer(pool, on_server_close=_idle_suspect(target_node), **options)
+            self._node_muxes[target_node.name] = mux
         return await parent._execute_command(_MultiplexedNode(target_node, mux), *args, **kwargs)
 
     async def aclose(self, *args: Any, **kwargs: Any) -> None:

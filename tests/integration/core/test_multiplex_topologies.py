@@ -169,3 +169,40 @@ async def test_cluster_moved_is_followed_after_a_slot_moves(
         with SyncRedis(port=other, socket_timeout=2) as r:
             r.delete(key)
         _move_slot(slot, owner, redis_cluster.primary_ports())
+
+
+async def test_cluster_pipelines_survive_a_kill_that_only_the_links_noticed(
+    redis_cluster: LocalCluster, settings_override: Callable[..., None]
+) -> None:
+    """CLIENT KILL between commands: the links see their sockets close, and the node's idle
+    pooled connections (dead too, and only used by pipelines) are reconnected on checkout
+    rather than handed to a pipeline one dead connection per retry."""
+    redis_cluster.flushall()
+    settings_override(redis_url=redis_cluster.url, redis_autopipeline=True, redis_retry_attempts=0)
+    client: Any = build_client()
+    try:
+        keys = [f"k:{i}" for i in range(30)]
+        await asyncio.gather(*(client.set(k, k) for k in keys))
+
+        async def read_back() -> list[Any]:
+            async with client.pipeline(transaction=False) as pipe:
+                for k in keys:
+                    pipe.get(k)
+                return list(await pipe.execute())
+
+        await asyncio.gather(*(read_back() for _ in range(4)))  # idle pooled connections exist
+        connects = sum(mux.connects for mux in client.multiplexers.values())
+        for port in redis_cluster.ports:
+            with SyncRedis(port=port, socket_timeout=2) as node:
+                node.client_kill_filter(_type="normal", skipme=True)
+        await eventually(
+            lambda: all(not m.links for m in client.multiplexers.values()), "links closed"
+        )
+        # No retry allowed: each pipeline must find live connections at once.
+        for _ in range(3):
+            assert await read_back() == [k.encode() for k in keys]
+        assert await client.get("k:1") == b"k:1"  # over a new link
+        assert sum(mux.connects for mux in client.multiplexers.values()) > connects
+    finally:
+        await client.aclose()
+        redis_cluster.flushall()
