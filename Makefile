@@ -45,12 +45,18 @@ run: $(STAMP)
 # PYTHONNODEBUGRANGES: CPython 3.11's traceback carets call ast.parse; when a finalizer's
 # warning is formatted while pytest rewrites a module, that re-entrant parse raises
 # "SystemError: AST constructor recursion depth mismatch" (fixed in 3.11.8+/3.12).
+# The second leg (skipped when PYTEST_ARGS picks tests): the services' integration tests once
+# more with auto-pipelining off, so the plain pooled path stays as tested as the default.
+POOL_LEG ?= tests/integration/services
 test: export PYTHONNODEBUGRANGES = 1
 test: $(STAMP)
 	@mkdir -p $(REPORTS)
 	$(BIN)/coverage erase
 	$(BIN)/coverage run -m pytest $(XDIST) --junitxml=$(REPORTS)/junit.xml $(PYTEST_ARGS) || { \
 		status=$$?; $(BIN)/python scripts/test_failures.py $(REPORTS)/junit.xml $(REPORTS)/failures.txt; exit $$status; }
+	$(if $(PYTEST_ARGS),,REDIS_AUTOPIPELINE=false $(BIN)/coverage run -m pytest $(XDIST) \
+		--junitxml=$(REPORTS)/junit-pool.xml $(POOL_LEG) || { status=$$?; \
+		$(BIN)/python scripts/test_failures.py $(REPORTS)/junit-pool.xml $(REPORTS)/failures.txt; exit $$status; })
 	$(BIN)/coverage combine --quiet 2>/dev/null || true
 	$(BIN)/coverage report
 

@@ -305,8 +305,8 @@ class Settings(BaseSettings):
 
     # -- Auto-pipelining (app/core/multiplex.py): the multiplexed command path --
     redis_autopipeline: bool = Field(
-        default=False,
-        description="Auto-pipelining (opt-in for now: true turns it on): stateless commands that concurrent tasks "
+        default=True,
+        description="Auto-pipelining (on by default): stateless commands that concurrent tasks "
         "issue in the same event-loop tick leave in one write over a few shared connections "
         "per server (standalone, Sentinel primary, each Cluster node; memory:// is unchanged), "
         "replies matched to callers in order. Blocking commands, pub/sub, WATCH/MULTI, "

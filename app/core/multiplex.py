@@ -1,8 +1,7 @@
 """Auto-pipelining: concurrent commands share a few multiplexed connections.
 
-Opt-in for now (``REDIS_AUTOPIPELINE=true``; the default ``false`` gives plain
-pooled redis.asyncio behaviour): with it on, the client ``get_redis()`` / ``build_client()``
-returns is a ``MultiplexedRedis`` (standalone, Sentinel primary) or a
+On by default (``REDIS_AUTOPIPELINE=false`` gives plain pooled redis.asyncio
+behaviour): the client ``get_redis()`` / ``build_client()`` returns is a ``MultiplexedRedis`` (standalone, Sentinel primary) or a
 ``RedisCluster`` with per-node links (``app.core.multiplex_cluster``).
 Services never know which path ran their command; every command returns
 exactly what redis.asyncio returns.
@@ -437,6 +436,12 @@ class NodeMultiplexer:
                 for link in self.links:
                     return link  # a second link could not open: keep using the first
                 raise
+            except asyncio.CancelledError:
+                me = asyncio.current_task()
+                if me is not None and me.cancelling():
+                    raise  # this caller was cancelled
+                # aclose() cancelled the connect this caller was waiting for
+                raise redis_exc.ConnectionError("the client was closed while connecting") from None
 
     async def _open(self) -> None:
         pool: Any = self.pool

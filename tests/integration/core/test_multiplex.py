@@ -524,3 +524,36 @@ async def test_a_timed_out_caller_keeps_its_slot_while_its_reply_is_still_arrivi
     proxy.latency = 0.0
     assert await client.get("small") == b"mine"
     assert mux.connects == 1  # the link that kept receiving was never closed
+
+
+async def test_callers_waiting_for_a_link_get_connection_error_when_the_client_closes(
+    make_client: MakeClient,
+) -> None:
+    """aclose() while the first link is still connecting: every caller waiting for it gets
+    redis' ConnectionError (not a CancelledError it never asked for), and nothing stays open."""
+    accepted: list[asyncio.StreamWriter] = []
+    hung_up: list[bool] = []
+
+    async def never_answers(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)
+        await reader.read()  # the handshake is read and never answered, until EOF
+        hung_up.append(True)
+
+    server = await asyncio.start_server(never_answers, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        client = await make_client(
+            f"redis://127.0.0.1:{port}/0", redis_retry_attempts=0, redis_connect_timeout=30
+        )
+        calls = [asyncio.create_task(client.get(f"k{i}")) for i in range(20)]
+        await eventually(lambda: accepted, "the link's connect reached the server")
+        await client.aclose()
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        assert all(isinstance(r, redis_exc.ConnectionError) for r in results), results
+        assert mux_of(client).links == []
+        await eventually(lambda: len(hung_up) == len(accepted), "every socket it opened closed")
+    finally:
+        for writer in accepted:
+            writer.close()
+        server.close()
+        await server.wait_closed()

@@ -20,18 +20,18 @@ from app.core.multiplex_cluster import ClusterMultiplexing
 from app.core.redis import SentinelManagedRedis, build_client
 
 
-async def test_the_setting_is_off_by_default_and_true_turns_it_on(
+async def test_the_setting_is_on_by_default_and_false_turns_it_off(
     settings_override: Callable[..., None],
 ) -> None:
     settings_override(redis_url="redis://127.0.0.1:6390/0", redis_autopipeline=None)
-    assert type(build_client()) is Redis
-    settings_override(redis_autopipeline=True)
     client = build_client()
     try:
         assert isinstance(client, MultiplexedRedis)
         assert client.multiplexer is not None
     finally:
         await client.aclose()
+    settings_override(redis_autopipeline=False)
+    assert type(build_client()) is Redis
 
 
 @pytest.mark.parametrize(
