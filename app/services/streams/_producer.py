@@ -18,6 +18,9 @@ from app.services.streams._models import PAYLOAD_FIELD
 __all__ = ["StreamProducer", "trim_stream"]
 
 _TRIM = Script.from_package("app.services.streams", "lua/streams_trim.lua")
+_ADD_MANY = Script.from_package("app.services.streams", "lua/streams_add_many.lua")
+ADD_MANY_CHUNK = 1000
+"""Most entries ``add_many`` appends per script call (a bigger batch takes several calls)."""
 
 
 def _producer_attrs(producer: StreamProducer, *args: Any, **kwargs: Any) -> dict[str, str]:
@@ -62,6 +65,11 @@ class StreamProducer:
         if self.maxlen is not None:
             trim = ("MAXLEN", "~", self.maxlen) if approximate else ("MAXLEN", self.maxlen)
         self._xadd_head: tuple[Any, ...] = ("XADD", self.keys.stream, *trim)
+        self._add_many_head: tuple[Any, ...] = (
+            "" if self.maxlen is None else self.maxlen,
+            "1" if approximate else "0",
+            PAYLOAD_FIELD,
+        )
 
     @property
     def stream(self) -> str:
@@ -87,21 +95,26 @@ class StreamProducer:
 
     @traced("stream.produce", kind="producer", attrs=_producer_attrs)
     async def add_many(self, payloads: Iterable[Any]) -> list[str]:
-        """Append several entries in one pipelined round trip; returns their ids in order.
+        """Append several entries, in order, in one command; returns their ids in order.
 
-        Not atomic (a pipeline, not MULTI): if Redis fails midway some entries may be
-        appended; every payload is encoded before anything is sent. Errors as for ``add``.
+        One script call per ``ADD_MANY_CHUNK`` (1,000) entries: each call appends its
+        entries atomically (all or, when the key holds something else, none) with the same
+        ``MAXLEN`` trim as ``add``. Every payload is encoded before anything is sent.
+        Errors as for ``add``; a batch over 1,000 entries that fails midway has appended
+        its earlier chunks.
         """
         encoded = [self.codec.encode(p) for p in payloads]
         if not encoded:
             return []
         trace = carrier()
+        head = (*self._add_many_head, len(trace), *trace)
+        ids: list[str] = []
         with self._guard:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for data in encoded:
-                    pipe.execute_command(*self._xadd_head, "*", PAYLOAD_FIELD, data, *trace)
-                replies = await pipe.execute()
-        return [as_text(r) for r in replies]
+            for start in range(0, len(encoded), ADD_MANY_CHUNK):
+                chunk = encoded[start : start + ADD_MANY_CHUNK]
+                replies = await _ADD_MANY(self.redis, keys=[self.keys.stream], args=[*head, *chunk])
+                ids += [as_text(r) for r in replies]
+        return ids
 
     async def length(self) -> int:
         """``XLEN``: entries in the stream (acknowledged ones included until trimmed).

@@ -259,3 +259,24 @@ async def test_demo_routes_on_every_topology(
 
     await eventually(acked, "the demo consumer to ack the entry")
     assert (stats["length"], stats["pending"], stats["lag"]) == (1, 0, 0)
+
+
+async def test_add_many_is_one_command_per_thousand_entries_and_keeps_maxlen(
+    real_redis: Any,
+) -> None:
+    async def calls() -> Counter[str]:
+        stats = await real_redis.info("commandstats")
+        return Counter({k: v["calls"] for k, v in stats.items() if k.startswith("cmdstat_")})
+
+    producer = StreamProducer(real_redis, "bulk", maxlen=2_000, approximate=False)
+    await producer.add("warm")  # the script's first call may load it: not counted below
+    await producer.add_many(["warm"])
+    before = await calls()
+    ids = await producer.add_many({"n": i} for i in range(2_500))
+    sent = await calls() - before
+    # Three script calls (1,000 + 1,000 + 500), each appending its entries inside Redis.
+    assert sent["cmdstat_evalsha"] == 3 and sent["cmdstat_xadd"] == 2_500
+    assert len(ids) == 2_500 and ids == sorted(ids, key=lambda i: tuple(map(int, i.split("-"))))
+    assert await producer.length() == 2_000  # the exact trim ran on every append
+    rows = await real_redis.xrange(stream_keys("bulk").stream, count=1)
+    assert rows[0][0].decode() == ids[500]  # the oldest 500 (and the warm-ups) were trimmed

@@ -590,3 +590,11 @@ async def test_the_demo_consumer_can_be_left_to_separate_workers(
     stats = (await client.get("/streams/stats")).json()
     assert stats["worker"] == {"mode": "off", "running": False, "in_flight": 0}
     assert (stats["length"], stats["pending"]) == (1, 0)
+
+
+async def test_add_many_refuses_a_key_of_another_type_and_appends_nothing(redis: Any) -> None:
+    producer = StreamProducer(redis, "events")
+    await redis.set(producer.keys.stream, "not a stream")
+    with pytest.raises(StreamError):
+        await producer.add_many(range(3))
+    assert await redis.get(producer.keys.stream) in (b"not a stream", "not a stream")
