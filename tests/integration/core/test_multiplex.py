@@ -545,8 +545,8 @@ async def test_callers_waiting_for_a_link_get_connection_error_when_the_client_c
         client = await make_client(
             f"redis://127.0.0.1:{port}/0", redis_retry_attempts=0, redis_connect_timeout=30
         )
-        calls = [asyncio.create_task(client.get(f"k{i}")) for i in range(20)]
-        await eventually(lambda: accepted, "the link's connect reached the server")
+        calls = [asyncio.create_task(client.execute_command("GET", f"k{i}")) for i in range(20)]
+        await eventually(lambda: bool(accepted), "the link's connect reached the server")
         await client.aclose()
         results = await asyncio.gather(*calls, return_exceptions=True)
         assert all(isinstance(r, redis_exc.ConnectionError) for r in results), results
