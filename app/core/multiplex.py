@@ -81,7 +81,7 @@ from redis import exceptions as redis_exc
 from redis._parsers.helpers import decode_info as _decode_info_untyped
 from redis._parsers.response_callbacks import _get_response_callback
 from redis.asyncio import Redis
-from redis.asyncio.connection import AbstractConnection, ConnectionPool
+from redis.asyncio.connection import AbstractConnection, Connection, ConnectionPool
 from redis.client import EMPTY_RESPONSE, NEVER_DECODE
 
 from app.core.errors import ConfigurationError
@@ -91,6 +91,7 @@ __all__ = [
     "MultiplexedRedis",
     "NodeMultiplexer",
     "goes_to_pool",
+    "pack_command",
 ]
 
 POOLED_COMMANDS = frozenset(
@@ -118,6 +119,7 @@ _MAYBE_BLOCKING = frozenset({"XREAD", "XREADGROUP"})
 _NOT_ENOUGH_DATA = object()
 _decode_info: Any = _decode_info_untyped
 _NOT_FOR_CALLBACKS = frozenset({NEVER_DECODE, EMPTY_RESPONSE, "keys"})
+_REDIS_PY_PACKER = Connection(encoding="utf-8", encoding_errors="strict").pack_command
 
 
 def _word(value: Any) -> str:
@@ -159,6 +161,34 @@ def _route_of(name: Any) -> bool | None:
 
 
 _ROUTES: dict[Any, bool | None] = {}
+
+
+_PLAIN_ARGS = (str, bytes, int)
+
+
+def pack_command(args: tuple[Any, ...]) -> list[bytes]:
+    """One command as the bytes redis-py's ``HiredisRespSerializer`` sends, for a UTF-8
+    strict encoder: ``hiredis.pack_command`` straight on ``str``/``bytes``/``int``
+    arguments (the common case: keys, script hashes, counts, payloads), without redis-py's
+    per-argument Python encoder. Anything else (a float, a ``bool``, ``None``, a
+    ``memoryview``) goes to redis-py's packer, for its exact formatting and errors.
+    """
+    for arg in args:
+        if type(arg) not in _PLAIN_ARGS:
+            return _REDIS_PY_PACKER(*args)
+    name = args[0]
+    if type(name) is str:
+        name = name.encode()
+    if b" " in name:  # "CLIENT LIST", b"SCRIPT LOAD": redis-py sends the words apart
+        args = (*name.split(), *args[1:])
+    return [hiredis.pack_command(args)]
+
+
+def _packer_of(conn: AbstractConnection) -> Callable[[tuple[Any, ...]], list[bytes]]:
+    def pack(args: tuple[Any, ...]) -> list[bytes]:
+        return conn.pack_command(*args)
+
+    return pack
 
 
 class _Request:
@@ -204,6 +234,14 @@ class _Link(asyncio.Protocol):
             options["encoding"] = conn.encoder.encoding
             options["errors"] = conn.encoder.encoding_errors
         self.reader = hiredis.Reader(**options)
+        encoder = conn.encoder
+        self.pack = (
+            pack_command
+            if encoder.encoding.lower().replace("_", "-") in ("utf-8", "utf8")
+            and encoder.encoding_errors == "strict"
+            else _packer_of(conn)
+        )
+        """Packs one command into the bytes redis-py's own packer would send."""
         writer = conn._writer
         if writer is None:  # pragma: no cover - connect() always sets it
             raise redis_exc.ConnectionError(f"connection to {self.host} has no transport")
@@ -501,7 +539,7 @@ class NodeMultiplexer:
             link = self._ready_link() if self._loop is asyncio.get_running_loop() else None
             if link is None:
                 link = await self._link()
-            packed = link.conn.pack_command(*args)  # bad arguments raise DataError here
+            packed = link.pack(args)  # bad arguments raise DataError here
         except BaseException:
             self.slot_freed()
             raise

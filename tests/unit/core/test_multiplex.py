@@ -11,11 +11,15 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 from redis.asyncio import Redis
+from redis.asyncio.connection import Connection
+from redis.exceptions import DataError
 
 from app.core.config import Settings
-from app.core.multiplex import MultiplexedRedis, NodeMultiplexer, goes_to_pool
+from app.core.multiplex import MultiplexedRedis, NodeMultiplexer, goes_to_pool, pack_command
 from app.core.multiplex_cluster import ClusterMultiplexing
 from app.core.redis import SentinelManagedRedis, build_client
 
@@ -153,3 +157,35 @@ def test_stateless_commands_use_the_links(args: tuple[Any, ...]) -> None:
 def test_bad_values_are_refused(values: dict[str, Any]) -> None:
     with pytest.raises(ValidationError):
         Settings(**values)
+
+
+_ARG = st.one_of(
+    st.text(),
+    st.binary(),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=False),
+    st.booleans(),
+    st.none(),
+)
+_NAME = st.one_of(
+    st.sampled_from(["GET", "EVALSHA", "CLIENT LIST", "SCRIPT LOAD", "XADD"]),
+    st.sampled_from([b"GET", b"SCRIPT LOAD"]),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(name=_NAME, args=st.lists(_ARG, max_size=8))
+def test_the_links_send_the_bytes_redis_py_sends(name: Any, args: list[Any]) -> None:
+    """The links' packer (hiredis straight on str/bytes/int) against redis-py's own: the
+    same bytes for every command, and the same error for what redis-py refuses."""
+    command = (name, *args)
+    redis_py = Connection(encoding="utf-8", encoding_errors="strict")
+    try:
+        expected: Any = b"".join(redis_py.pack_command(*command))
+    except (DataError, UnicodeEncodeError) as exc:
+        expected = type(exc)
+    try:
+        got: Any = b"".join(pack_command(command))
+    except (DataError, UnicodeEncodeError) as exc:
+        got = type(exc)
+    assert got == expected
