@@ -43,6 +43,17 @@ def test_escaped_parts_have_no_special_characters(part: str | bytes) -> None:
     assert not set(escape(part)) & set("*?[]{}:\\")
 
 
+_KEPT = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.~@+=,;!$&'()/-"
+
+
+@given(parts)
+def test_each_byte_is_kept_or_becomes_percent_hex(part: str | bytes) -> None:
+    """The documented rule, byte by byte, written out plainly: what the fast path must equal."""
+    raw = part.encode() if isinstance(part, str) else part
+    rule = "".join(chr(b) if b in _KEPT else f"%{b:02X}" for b in raw)
+    assert escape(part) == rule
+
+
 @given(parts, parts)
 def test_escape_is_injective(a: str | bytes, b: str | bytes) -> None:
     raw_a = a.encode() if isinstance(a, str) else a
