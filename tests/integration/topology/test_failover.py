@@ -126,13 +126,17 @@ async def test_the_app_keeps_serving_through_a_failover_without_a_restart(
         "session": lambda o: o == "200 alice",
     }
     calls = {"cache": cache_read, "limit": rate_limit_check, "session": session_read}
-    seen: dict[str, list[tuple[float, str]]] = {kind: [] for kind in calls}
+    # (sent, answered, outcome): a request in flight when the primary dies is neither
+    # "before" (answered before the kill) nor "during" (sent while there was no primary)
+    seen: dict[str, list[tuple[float, float, str]]] = {kind: [] for kind in calls}
     stop = asyncio.Event()
     clock = asyncio.get_running_loop().time
 
     async def workload(kind: str) -> None:
         while not stop.is_set():
-            seen[kind].append((clock(), await calls[kind]()))
+            sent = clock()
+            outcome = await calls[kind]()
+            seen[kind].append((sent, clock(), outcome))
             await asyncio.sleep(0.01)
 
     broadcaster = Broadcaster(
@@ -142,14 +146,16 @@ async def test_the_app_keeps_serving_through_a_failover_without_a_restart(
         async with broadcaster.subscribe("news") as sub:
             workers = [asyncio.create_task(workload(kind)) for kind in calls]
             try:
-                await asyncio.sleep(0.3)
+                await eventually(
+                    lambda: all(len(seen[k]) >= 2 for k in calls), "answers of every kind"
+                )
                 killed_at = clock()
                 await asyncio.to_thread(sentinel.kill_primary_and_wait_for_failover)
                 promoted_at = clock()
 
                 async def recovered() -> bool:
                     return all(
-                        len(after := [o for t, o in seen[k] if t > promoted_at]) >= 3
+                        len(after := [o for t, _, o in seen[k] if t > promoted_at]) >= 3
                         and all(map(healthy[k], after[-3:]))
                         for k in calls
                     )
@@ -181,15 +187,15 @@ async def test_the_app_keeps_serving_through_a_failover_without_a_restart(
         await broadcaster.aclose(drain_timeout=0.5)
 
     for kind, outcomes in seen.items():
-        before = [o for t, o in outcomes if t < killed_at]
+        before = [o for _, answered, o in outcomes if answered < killed_at]
         assert before and all(map(healthy[kind], before)), (kind, before)
         # while there was no primary: cache and rate limits fail open, sessions answer 503;
         # nothing is ever a 500
-        assert all(o.split()[0] in ("200", "304", "429", "503") for _, o in outcomes), outcomes
+        assert all(o.split()[0] in ("200", "304", "429", "503") for *_, o in outcomes), outcomes
     # the outage was seen, and each service degraded as configured: the cache and the rate
     # limiter fail open (a miss, an uncounted request), sessions fail closed (503)
-    during = {kind: {o for t, o in seen[kind] if killed_at < t < promoted_at} for kind in seen}
-    assert "200 MISS" in during["cache"] and {o for _, o in seen["cache"]} <= {
+    during = {kind: {o for t, _, o in seen[kind] if killed_at < t < promoted_at} for kind in seen}
+    assert "200 MISS" in during["cache"] and {o for *_, o in seen["cache"]} <= {
         "200 HIT",
         "200 MISS",
     }
