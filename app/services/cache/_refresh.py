@@ -46,11 +46,19 @@ class Refresher:
         factory: Callable[[], Awaitable[Any]],
         policy: CachePolicy,
         tags: TagsArg,
+        read_pttl: int,
     ) -> None:
-        """Start one background refresh of *rkey* in this process (if none is running)."""
+        """Start one background refresh of *rkey* in this process (if none is running).
+
+        *read_pttl* is the value's PTTL when it was read (negative: unknown). The refresh
+        does nothing if the value has been written since, by a refresh in another
+        instance that finished between that read and this one's lease.
+        """
         if rkey in self._refreshing:
             return
-        task = asyncio.get_running_loop().create_task(self._refresh(rkey, factory, policy, tags))
+        task = asyncio.get_running_loop().create_task(
+            self._refresh(rkey, factory, policy, tags, read_pttl)
+        )
         self._refreshing[rkey] = task
         self.background.add(task)
 
@@ -75,18 +83,20 @@ class Refresher:
         factory: Callable[[], Awaitable[Any]],
         policy: CachePolicy,
         tags: TagsArg,
+        read_pttl: int,
     ) -> None:
         core = self._core
         token = os.urandom(8).hex()
         keys = (rkey, *lease_keys(rkey))
+        seen = read_pttl if read_pttl >= 0 else ""
         try:
             with core.guard:
-                reply = await S_LOCK(core.redis, keys, (token, policy.lease_ms, "0"))
+                reply = await S_LOCK(core.redis, keys, (token, policy.lease_ms, "0", seen))
         except RedisUnavailable as exc:
             core.failed(exc)
             return
         if int(reply[0]) != LOCKED:
-            return  # another caller (maybe in another process) is refreshing
+            return  # another caller (maybe in another process) is refreshing, or has
         core.stats.refreshes += 1
         try:
             await self._compute_and_store(rkey, factory, policy, tags, token)

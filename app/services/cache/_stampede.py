@@ -138,7 +138,7 @@ class Flights:
             if fresh <= 0:
                 core.stats.stale_hits += 1
                 outcome("stale")
-                self._refresher.later(rkey, factory, policy, tags)
+                self._refresher.later(rkey, factory, policy, tags, pttl)
                 return value
             if (
                 policy.beta
@@ -146,7 +146,7 @@ class Flights:
                 and entry.delta_ms * policy.beta * -math.log(1.0 - random.random()) >= fresh
             ):
                 core.stats.early_refreshes += 1
-                self._refresher.later(rkey, factory, policy, tags)
+                self._refresher.later(rkey, factory, policy, tags, pttl)
             if epoch >= 0 and pttl is not None:
                 core.local_put(rkey, entry, pttl, fresh, epoch)
         elif epoch >= 0 and pttl is not None:

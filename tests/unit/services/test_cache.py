@@ -14,6 +14,7 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import fakeredis
 import pytest
 from pydantic import BaseModel
 
@@ -573,6 +574,34 @@ async def test_one_refresh_across_instances(cache_client: Any) -> None:
     await asyncio.gather(a.wait_idle(), b.wait_idle())
     assert calls == 2
     assert a.stats()["refreshes"] + b.stats()["refreshes"] == 1
+
+
+async def test_a_refresh_that_starts_after_another_one_finished_does_nothing(
+    fake_redis: Any, fake_server: fakeredis.FakeServer
+) -> None:
+    """The stale read and the refresh's lease are two calls, and another instance may
+    refresh the entry in between (on a busy machine, its whole refresh). The late
+    refresher finds the entry rewritten and leaves it alone: one origin call, not two."""
+    cache = CacheService(fake_redis)
+    calls = 0
+
+    async def factory() -> int:
+        nonlocal calls
+        calls += 1
+        return calls
+
+    await cache.get_or_set("k", factory, ttl=0.1, stale_ttl=30)
+    await _expired(cache, "k")
+    assert await cache.get_or_set("k", factory, ttl=10, stale_ttl=30) == 1  # stale
+    # Its refresh is scheduled, not started. Another instance's refresh lands first
+    # (written with a synchronous client, so the event loop does not run meanwhile):
+    other = fakeredis.FakeRedis(server=fake_server)
+    stored = other.get(cache.redis_key("k"))
+    assert stored is not None
+    other.set(cache.redis_key("k"), stored, px=40_000)
+    await cache.wait_idle()
+    assert calls == 1
+    assert cache.stats()["refreshes"] == 0
 
 
 async def test_early_refresh_xfetch(cache_client: Any) -> None:
