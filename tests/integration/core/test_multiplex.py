@@ -557,3 +557,18 @@ async def test_callers_waiting_for_a_link_get_connection_error_when_the_client_c
             writer.close()
         server.close()
         await server.wait_closed()
+
+
+async def test_a_client_with_another_encoding_sends_what_redis_py_sends(
+    redis_server: Any, real_redis: Redis, make_client: MakeClient
+) -> None:
+    """Text is encoded with the client's encoding on the links too (redis-py's packer then)."""
+    client = await make_client(
+        f"{with_query(redis_server.url, decode=True)}&encoding=latin-1", redis_autopipeline_links=1
+    )
+    await asyncio.gather(*(client.set(f"word:{i}", f"café-{i}") for i in range(20)))
+    assert await real_redis.get("word:3") == "café-3".encode("latin-1")
+    assert await asyncio.gather(*(client.get(f"word:{i}") for i in range(20))) == [
+        f"café-{i}" for i in range(20)
+    ]
+    assert mux_of(client).max_in_flight_seen > 1  # these went over the link
