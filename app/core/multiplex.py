@@ -45,8 +45,11 @@ server killed and restarted, or a Sentinel failover happens):
   RESP3 push frames are never taken for replies;
 * no caller waits past the socket timeout for a reply: it gets redis'
   ``TimeoutError``; if nothing at all arrived on the link during that time the
-  link is considered dead and closed, like redis.asyncio closes a timed-out
-  connection (a link still receiving a large reply stays);
+  link is presumed dead and takes no new command (the next one opens a new
+  link), while the commands already on it keep their slots until their own
+  deadlines (a server that was only slow still answers them, and nothing is
+  retried that it may have run); it closes once none is left (a link still
+  receiving a large reply stays);
 * a lost link fails exactly the commands in flight on it with redis'
   ``ConnectionError``; the next command opens a new link. Failed commands are
   retried by the client's ``Retry`` policy exactly as redis.asyncio retries
@@ -73,7 +76,7 @@ import asyncio
 import collections
 import contextlib
 import inspect
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import hiredis
@@ -81,10 +84,11 @@ from redis import exceptions as redis_exc
 from redis._parsers.helpers import decode_info as _decode_info_untyped
 from redis._parsers.response_callbacks import _get_response_callback
 from redis.asyncio import Redis
-from redis.asyncio.connection import AbstractConnection, Connection, ConnectionPool
+from redis.asyncio.connection import AbstractConnection, ConnectionPool
 from redis.client import EMPTY_RESPONSE, NEVER_DECODE
 
 from app.core.errors import ConfigurationError
+from app.core.multiplex_commands import POOLED_COMMANDS, goes_to_pool, pack_command, packer_of
 
 __all__ = [
     "POOLED_COMMANDS",
@@ -94,101 +98,9 @@ __all__ = [
     "pack_command",
 ]
 
-POOLED_COMMANDS = frozenset(
-    {
-        # blocking
-        "BLPOP", "BRPOP", "BRPOPLPUSH", "BLMOVE", "BLMPOP", "BZPOPMIN", "BZPOPMAX",
-        "BZMPOP", "WAIT", "WAITAOF",
-        # connection state
-        "AUTH", "HELLO", "SELECT", "CLIENT", "RESET", "QUIT", "MONITOR", "READONLY",
-        "READWRITE", "ASKING", "SYNC", "PSYNC", "REPLCONF",
-        # transactions
-        "WATCH", "UNWATCH", "MULTI", "EXEC", "DISCARD",
-        # pub/sub
-        "SUBSCRIBE", "PSUBSCRIBE", "SSUBSCRIBE", "UNSUBSCRIBE", "PUNSUBSCRIBE",
-        "SUNSUBSCRIBE",
-        # per-connection prepared state (redis-py handles it on the pooled connection)
-        "HIMPORT",
-        # answered by a closed connection (SHUTDOWN) or meant to stall the server (DEBUG)
-        "SHUTDOWN", "DEBUG",
-    }
-)  # fmt: skip
-"""First words of the commands that always use the ordinary pool."""
-
-_MAYBE_BLOCKING = frozenset({"XREAD", "XREADGROUP"})
 _NOT_ENOUGH_DATA = object()
 _decode_info: Any = _decode_info_untyped
 _NOT_FOR_CALLBACKS = frozenset({NEVER_DECODE, EMPTY_RESPONSE, "keys"})
-_REDIS_PY_PACKER = Connection(encoding="utf-8", encoding_errors="strict").pack_command
-
-
-def _word(value: Any) -> str:
-    if isinstance(value, bytes | bytearray | memoryview):
-        return bytes(value).decode("latin-1").upper()
-    return str(value).upper()
-
-
-def goes_to_pool(args: Sequence[Any]) -> bool:
-    """True when the command *args* must run on a pooled connection of its own.
-
-    Blocking commands, commands that change connection state, transactions and
-    pub/sub (see ``POOLED_COMMANDS``), and ``XREAD``/``XREADGROUP`` with ``BLOCK``.
-    """
-    name = args[0]
-    try:
-        route = _ROUTES[name]
-    except (KeyError, TypeError):
-        route = _route_of(name)
-        if len(_ROUTES) < 1024 and isinstance(name, str | bytes):
-            _ROUTES[name] = route
-    if route is not None:
-        return route
-    for arg in args[1:]:  # XREAD/XREADGROUP: options come before STREAMS, keys after it
-        word = _word(arg) if isinstance(arg, str | bytes) else ""
-        if word == "STREAMS":
-            return False
-        if word == "BLOCK":
-            return True
-    return False
-
-
-def _route_of(name: Any) -> bool | None:
-    """True: the pool; False: the links; None: it depends on the arguments (XREAD)."""
-    first = _word(name).split(" ", 1)[0]
-    if first in POOLED_COMMANDS:
-        return True
-    return None if first in _MAYBE_BLOCKING else False
-
-
-_ROUTES: dict[Any, bool | None] = {}
-
-
-_PLAIN_ARGS = (str, bytes, int)
-
-
-def pack_command(args: tuple[Any, ...]) -> list[bytes]:
-    """One command as the bytes redis-py's ``HiredisRespSerializer`` sends, for a UTF-8
-    strict encoder: ``hiredis.pack_command`` straight on ``str``/``bytes``/``int``
-    arguments (the common case: keys, script hashes, counts, payloads), without redis-py's
-    per-argument Python encoder. Anything else (a float, a ``bool``, ``None``, a
-    ``memoryview``) goes to redis-py's packer, for its exact formatting and errors.
-    """
-    for arg in args:
-        if type(arg) not in _PLAIN_ARGS:
-            return _REDIS_PY_PACKER(*args)
-    name = args[0]
-    if type(name) is str:
-        name = name.encode()
-    if b" " in name:  # "CLIENT LIST", b"SCRIPT LOAD": redis-py sends the words apart
-        args = (*name.split(), *args[1:])
-    return [hiredis.pack_command(args)]
-
-
-def _packer_of(conn: AbstractConnection) -> Callable[[tuple[Any, ...]], list[bytes]]:
-    def pack(args: tuple[Any, ...]) -> list[bytes]:
-        return conn.pack_command(*args)
-
-    return pack
 
 
 class _Request:
@@ -219,6 +131,8 @@ class _Link(asyncio.Protocol):
         self.pending: collections.deque[_Request] = collections.deque()
         self.max_pending = 0
         self.alive = True
+        self.draining = False
+        """Presumed dead (silent for a socket timeout): takes no new command."""
         self.last_received = self.loop.time()
         self._out: list[bytes] = []
         self._flush_scheduled = False
@@ -239,7 +153,7 @@ class _Link(asyncio.Protocol):
             pack_command
             if encoder.encoding.lower().replace("_", "-") in ("utf-8", "utf8")
             and encoder.encoding_errors == "strict"
-            else _packer_of(conn)
+            else packer_of(conn)
         )
         """Packs one command into the bytes redis-py's own packer would send."""
         writer = conn._writer
@@ -302,6 +216,9 @@ class _Link(asyncio.Protocol):
                     request.future.set_result(reply)
         except redis_exc.RedisError as exc:
             self.abort(exc)
+            return
+        if self.draining and not pending:
+            self.close()  # a retired link that answered everything it was sent
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.closed.done():
@@ -334,7 +251,14 @@ class _Link(asyncio.Protocol):
                 )
             if self.timeout is not None and self.last_received < request.deadline - self.timeout:
                 silent = True
-        if silent:  # nothing arrived for a whole socket timeout: the link is dead
+        if silent and not self.draining:
+            # Nothing arrived for a whole socket timeout: presumed dead, the link takes no
+            # new command. The commands already on it keep their slots until their own
+            # deadlines, so a server that was only slow still answers them (failing them
+            # now would make the client retry commands the server may have run).
+            self.draining = True
+            self.owner.retire(self)
+        if self.draining and all(request.future.done() for request in self.pending):
             self.abort(redis_exc.ConnectionError(f"{self.host} stopped answering"))
 
     def abort(self, exc: BaseException) -> None:
@@ -390,6 +314,8 @@ class NodeMultiplexer:
         self.max_in_flight = max_in_flight
         self.slot_timeout = slot_timeout
         self.links: list[_Link] = []
+        self.retired: set[_Link] = set()
+        """Links presumed dead that still wait for (or time out) their commands' replies."""
         self.in_flight = 0
         self.max_in_flight_seen = 0
         self.slot_waits = 0
@@ -459,7 +385,7 @@ class NodeMultiplexer:
     async def _link(self) -> _Link:
         loop = asyncio.get_running_loop()
         if loop is not self._loop:  # links belong to one loop; a new loop starts afresh
-            self.links = []
+            self.links, self.retired = [], set()
             self._connecting = None
             self._loop = loop
         while True:
@@ -508,13 +434,21 @@ class NodeMultiplexer:
         if self.on_server_close is not None:
             self.on_server_close(error)
 
+    def retire(self, link: _Link) -> None:
+        """*link* takes no new command; it closes once its commands are answered or timed out."""
+        self.link_lost(link)
+        self.retired.add(link)
+
     def link_lost(self, link: _Link) -> None:
         if link in self.links:
             self.links.remove(link)
+        if not link.alive:
+            self.retired.discard(link)
 
     async def aclose(self) -> None:
         """Close every link (commands still in flight fail) and wait until they are closed."""
-        links, self.links = list(self.links), []
+        links, self.links = [*self.links, *self.retired], []
+        self.retired = set()
         for link in links:
             link.close()
         task, self._connecting = self._connecting, None

@@ -572,3 +572,35 @@ async def test_a_client_with_another_encoding_sends_what_redis_py_sends(
         f"café-{i}" for i in range(20)
     ]
     assert mux_of(client).max_in_flight_seen > 1  # these went over the link
+
+
+async def test_a_silent_link_still_delivers_the_replies_of_its_younger_commands(
+    redis_server: Any,
+    real_redis: Redis,
+    make_client: MakeClient,
+    tcp_proxy: Callable[[], TcpProxy],
+) -> None:
+    """Nothing comes back for a whole socket timeout: the oldest caller gets TimeoutError and
+    the link takes no new command, but a command sent later on it keeps its slot, so when the
+    server answers after all, that caller gets its reply instead of an error (and a retry
+    that would run it twice)."""
+    await real_redis.set("k", b"v")
+    proxy = tcp_proxy()
+    client = await make_client(
+        proxy.url, redis_socket_timeout=0.5, redis_retry_attempts=0, redis_autopipeline_links=1
+    )
+    mux = mux_of(client)
+    assert await client.get("k") == b"v"
+    proxy.stall()
+    old = spawn(client.get("k"))
+    await asyncio.sleep(0.35)
+    young = spawn(client.incr("counter"))
+    await asyncio.sleep(0.3)  # past the old one's deadline, before the young one's
+    proxy.resume()
+    with pytest.raises(redis_exc.TimeoutError):
+        await old
+    assert await young == 1
+    assert await real_redis.get("counter") == b"1"  # ran once
+    await eventually(lambda: not mux.retired, "the retired link closed once answered")
+    assert await client.get("k") == b"v"  # over a new link
+    assert mux.connects == 2
