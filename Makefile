@@ -101,6 +101,7 @@ docs-serve: $(STAMP)
 BENCH_VENV := .venv-bench
 BENCH_STAMP := $(BENCH_VENV)/.installed
 BENCH_ARGS ?=
+BENCH_CPU_ARGS ?=
 
 $(BENCH_STAMP): pyproject.toml uv.lock | $(UV)
 	UV_PROJECT_ENVIRONMENT=$(BENCH_VENV) $(UV) sync --locked --extra bench --python $(PYTHON)
@@ -109,11 +110,13 @@ $(BENCH_STAMP): pyproject.toml uv.lock | $(UV)
 	touch $(BENCH_STAMP)
 
 ## bench: our code and the peers on one private redis-server, ratios in one run;
-## the results are written into docs/benchmarks.md (commit it with the run's date and machine)
+## then CPU µs per operation (bench.cpu); both are written into docs/benchmarks.md
+## (commit it with the run's date and machine)
 bench: $(BENCH_STAMP)
 	@command -v wrk >/dev/null 2>&1 || (apt-get update -q && apt-get install -y -q wrk) || echo "wrk unavailable: the HTTP group is skipped"
 	$(BENCH_VENV)/bin/python -m bench $(BENCH_ARGS)
-	$(BENCH_VENV)/bin/python -m bench.page bench/results/latest.json docs/benchmarks.md
+	$(BENCH_VENV)/bin/python -m bench.cpu $(BENCH_CPU_ARGS)
+	$(BENCH_VENV)/bin/python -m bench.page bench/results/latest.json docs/benchmarks.md bench/results/cpu.json
 
 SOAK_SECONDS ?= 60
 

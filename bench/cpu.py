@@ -16,6 +16,7 @@ import asyncio
 import importlib
 import json
 import os
+import platform
 import sys
 import time
 from pathlib import Path
@@ -54,7 +55,13 @@ async def run(groups: list[str], ops: int, repeats: int) -> dict[str, Any]:
     server = RedisServer().start()
     os.environ["REDIS_URL"] = server.url  # our services read settings at construction
     get_settings.cache_clear()
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "ops": ops,
+        "repeats": repeats,
+        "groups": {},
+    }
     try:
         admin = Redis.from_url(server.url)
         for group in groups:
@@ -80,25 +87,31 @@ async def run(groups: list[str], ops: int, repeats: int) -> dict[str, Any]:
                 if base and "error" not in base and "error" not in row:
                     row["extra_client_us"] = round(row["client_us"] - base["client_us"], 1)
                     row["extra_server_us"] = round(row["server_us"] - base["server_us"], 1)
-            out[group] = rows
-            table = [
-                [name] + (
-                    [r["error"], "", "", "", ""] if "error" in r else
-                    [f"{r['client_us']:.1f}", f"{r['server_us']:.1f}",
-                     f"{r.get('extra_client_us', 0):+.1f}" if r.get("baseline") else "-",
-                     f"{r.get('extra_server_us', 0):+.1f}" if r.get("baseline") else "-",
-                     r.get("baseline") or "(itself)"]
-                )
-                for name, r in rows.items()
-            ]  # fmt: skip
+            out["groups"][group] = rows
+            table = cpu_table(rows)
             print(f"\n### {group}: CPU µs per operation (sequential, best of {repeats})\n")
-            header = ["case", "client µs", "server µs", "client vs base", "server vs base",
-                      "baseline"]  # fmt: skip
-            print(markdown_table(header, table, "lrrrrl"), flush=True)
+            print(table, flush=True)
         await admin.aclose()
     finally:
         server.cleanup()
     return out
+
+
+def cpu_table(rows: dict[str, dict[str, Any]]) -> str:
+    """The markdown table of one group's CPU rows (``python -m bench.page`` uses it too)."""
+    table = [
+        [name] + (
+            [r["error"], "", "", "", ""] if "error" in r else
+            [f"{r['client_us']:.1f}", f"{r['server_us']:.1f}",
+             f"{r.get('extra_client_us', 0):+.1f}" if r.get("baseline") else "-",
+             f"{r.get('extra_server_us', 0):+.1f}" if r.get("baseline") else "-",
+             r.get("baseline") or "(itself)"]
+        )
+        for name, r in rows.items()
+    ]  # fmt: skip
+    header = ["case", "client µs", "server µs", "client vs base", "server vs base",
+              "baseline"]  # fmt: skip
+    return markdown_table(header, table, "lrrrrl")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,12 +1,15 @@
 """Write a bench run's results into docs/benchmarks.md (``make bench`` calls it).
 
-    python -m bench.page [bench/results/latest.json] [docs/benchmarks.md]
+    python -m bench.page [bench/results/latest.json] [docs/benchmarks.md] [bench/results/cpu.json]
 
 The page's hand-written parts (how to rerun, method, peers) stay; the text
 between ``<!-- bench-results:start -->`` and ``<!-- bench-results:end -->`` is
 replaced by tables built from the JSON that ``python -m bench`` saved: the
 run's date, machine, Python, load and profile first, then one table per group,
-with the same columns ``python -m bench`` prints. Nothing is measured here.
+with the same columns ``python -m bench`` prints, each followed by that group's CPU
+time per operation from ``python -m bench.cpu`` when its JSON is there (the CPU
+columns say on which side, client or server, a missed ratio loses). Nothing is
+measured here.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from bench.cpu import cpu_table
 from bench.report import fmt_rate, markdown_table
 
 START = "<!-- bench-results:start -->"
@@ -81,8 +85,19 @@ def _group(name: str, data: Any) -> list[str]:
     return [*out, "(no results)", ""]
 
 
-def render(run: dict[str, Any]) -> str:
-    """The generated part of the page for one bench run."""
+def _cpu(cpu: dict[str, Any] | None, group: str) -> list[str]:
+    """The CPU-per-operation table of *group* from a ``python -m bench.cpu`` run, if it has one."""
+    if cpu is None or not cpu["groups"].get(group):
+        return []
+    title = (
+        f"**CPU µs per operation** (`python -m bench.cpu`, run {cpu['started']}: "
+        f"{cpu['ops']} sequential operations, best of {cpu['repeats']})"
+    )
+    return [title, "", cpu_table(cpu["groups"][group]), ""]
+
+
+def render(run: dict[str, Any], cpu: dict[str, Any] | None = None) -> str:
+    """The generated part of the page for one bench run (and a ``bench.cpu`` run beside it)."""
     load = f"{run['load_average_at_start'][0]} / {run.get('load_average_at_end', ['?'])[0]}"
     profile = "`--quick` (few short rounds: ratios are indicative only)" if run["quick"] else "full"
     lines = [
@@ -97,27 +112,31 @@ def render(run: dict[str, Any]) -> str:
     if run.get("targets"):
         lines += ["### Targets", "", _records(run["targets"]), ""]
     for name, data in run["groups"].items():
-        lines += _group(name, data)
+        lines += _group(name, data) + _cpu(cpu, name)
     if run.get("redis_benchmark"):
         lines += ["### redis-benchmark (the server's own limit)", ""]
         lines += [_records([r for r in run["redis_benchmark"] if "error" not in r]), ""]
     return "\n".join(lines).rstrip() + "\n"
 
 
-def write_page(results: Path, page: Path) -> None:
+def write_page(results: Path, page: Path, cpu: Path | None = None) -> None:
     text = page.read_text()
     if START not in text or END not in text:
         raise SystemExit(f"{page} has no {START} ... {END} section to fill")
     head, rest = text.split(START, 1)
     _, tail = rest.split(END, 1)
     run = json.loads(results.read_text())
-    page.write_text(f"{head}{START}\n{render(run)}{END}{tail}")
+    cpu_run = json.loads(cpu.read_text()) if cpu is not None and cpu.exists() else None
+    if cpu_run is not None and "groups" not in cpu_run:
+        cpu_run = None  # written by an older bench.cpu, before it recorded its date
+    page.write_text(f"{head}{START}\n{render(run, cpu_run)}{END}{tail}")
 
 
 def main(argv: list[str]) -> int:
     results = Path(argv[0]) if argv else ROOT / "bench" / "results" / "latest.json"
     page = Path(argv[1]) if len(argv) > 1 else ROOT / "docs" / "benchmarks.md"
-    write_page(results, page)
+    cpu = Path(argv[2]) if len(argv) > 2 else results.with_name("cpu.json")
+    write_page(results, page, cpu)
     print(f"{page}: results of {results}")
     return 0
 
