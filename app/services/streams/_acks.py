@@ -32,6 +32,11 @@ class _Acks:
         if self.task is None or self.task.done():
             self.task = asyncio.create_task(self._flush(), name="stream-ack")
 
+    def kick(self) -> None:
+        """Send acks a flush gave up on (Redis was away): they hold room in the bound."""
+        if self.buffer and (self.task is None or self.task.done()):
+            self.task = asyncio.create_task(self._flush(), name="stream-ack")
+
     async def _flush(self) -> None:
         """Group commit: every id that finished while an XACK was in flight goes in the next."""
         c = self.consumer
@@ -44,6 +49,7 @@ class _Acks:
             except (RedisUnavailable, StreamError) as exc:
                 if _is_nogroup(exc):
                     self.acking.difference_update(ids)  # the group (and its PEL) is gone
+                    c._runner.wake.set()
                     continue
                 failures += 1
                 c.counters.redis_errors += 1
@@ -60,11 +66,11 @@ class _Acks:
                 continue
             self.acking.difference_update(ids)
             c.counters.acked += len(ids)
+            c._runner.wake.set()  # room for more entries
 
     async def flush_now(self, timeout: float | None = None) -> None:
         """Wait (at most *timeout* seconds) until every buffered ack was sent."""
-        if self.buffer and (self.task is None or self.task.done()):
-            self.task = asyncio.create_task(self._flush(), name="stream-ack")
+        self.kick()
         task = self.task
         if task is None:
             return

@@ -55,6 +55,12 @@ def _positive(value: int, name: str) -> int:
     return value
 
 
+def _not_negative(value: int, name: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ConfigurationError(f"{name} must be a non-negative integer, got {value!r}")
+    return value
+
+
 def _field_value(value: Any) -> Any:
     if isinstance(value, bytes):
         try:

@@ -21,7 +21,7 @@ from app.core.telemetry import watch
 from app.services.streams._acks import _Acks
 from app.services.streams._admin import _read_dead_letters, _read_stats, _remove_idle_consumers
 from app.services.streams._claims import _Claims
-from app.services.streams._common import _guard, _is_busygroup, _positive
+from app.services.streams._common import _guard, _is_busygroup, _not_negative, _positive
 from app.services.streams._delivery import _Delivery
 from app.services.streams._keys import default_consumer_name, stream_keys
 from app.services.streams._models import (
@@ -55,6 +55,16 @@ class StreamConsumer(Generic[T]):
         codec: the payload codec (default: the shared JSON codec).
         batch_size: most entries fetched per read (and per ``run_once``).
         concurrency: most handlers running at once.
+        prefetch: how many entries beyond its free handler slots this consumer may hold
+            locally, read ahead and waiting for a slot (default: ``batch_size``, so a read
+            can always ask for a full batch; ``0``: read only for free slots). The bound is
+            strict: entries read and not yet confirmed acked (running, queued, or with their
+            XACK in flight) never exceed ``concurrency + prefetch``; when they reach it the
+            loop waits without calling Redis. Entries waiting for a retry's backoff are not
+            counted. A larger value reads in fewer, fuller round trips; a smaller one leaves
+            more of a backlog to the group's other consumers while this one is busy (entries
+            queued here are leased to it like running ones). Queued entries not started
+            when the consumer stops stay pending (see ``stop()``).
         block: longest blocking read, in seconds. Clamped to end a margin (a quarter of
             the client's ``socket_timeout``, at least 0.15 s) before that timeout, so a quiet
             stream never raises ``TimeoutError``; a client without a socket timeout keeps it.
@@ -92,6 +102,7 @@ class StreamConsumer(Generic[T]):
         codec: Codec | None = None,
         batch_size: int = 16,
         concurrency: int = 8,
+        prefetch: int | None = None,
         block: Duration = 2.0,
         claim_idle: Duration = 30.0,
         claim_interval: Duration | None = None,
@@ -123,6 +134,7 @@ class StreamConsumer(Generic[T]):
         self._payload_field: bytes | str = PAYLOAD_FIELD if self._decodes else b"payload"
         self.batch_size = _positive(batch_size, "batch_size")
         self.concurrency = _positive(concurrency, "concurrency")
+        self.prefetch = self.batch_size if prefetch is None else _not_negative(prefetch, "prefetch")
         self.claim_idle = as_seconds(claim_idle, "claim_idle")
         self.claim_interval = as_seconds(
             claim_interval if claim_interval is not None else self.claim_idle / 2,
@@ -205,7 +217,11 @@ class StreamConsumer(Generic[T]):
         """Stop ``run()`` gracefully and wait until it has returned.
 
         Reading stops at once (a blocking read is abandoned; anything it had been handed
-        stays pending for this consumer). In-flight handlers get up to *timeout* seconds
+        stays pending for this consumer), and so does starting handlers: entries read ahead
+        (``prefetch``) and still queued are released, not handled; they stay pending for this
+        consumer in Redis (counted in ``counters.released``), so this consumer re-reads them
+        on its next start, or another one claims them after ``claim_idle``, each time with
+        one more delivery counted. In-flight handlers get up to *timeout* seconds
         (default ``shutdown_timeout``) to finish; those that finish are acked (or retried /
         dead-lettered as usual), those still running at the deadline are cancelled and their
         entries stay pending, so another consumer claims them after ``claim_idle`` (or this
@@ -263,8 +279,16 @@ class StreamConsumer(Generic[T]):
     # -- shared by the parts: what this consumer holds, its group --------------
 
     def _held(self) -> set[str]:
-        """Ids this consumer holds: running, waiting for a retry, or acked but unconfirmed."""
-        return {*self._delivery.inflight, *self._claims.waiting, *self._acks.acking}
+        """Ids this consumer holds: running, queued, waiting for a retry, or acked but
+        unconfirmed."""
+        d = self._delivery
+        return {*d.inflight, *d.queued, *self._claims.waiting, *self._acks.acking}
+
+    def _room(self) -> int:
+        """How many more entries this consumer may take now (``concurrency + prefetch``
+        minus those read and not yet confirmed acked)."""
+        held = self._delivery.held() + len(self._acks.acking)
+        return max(0, self.concurrency + self.prefetch - held)
 
     async def _ensure_group_ready(self) -> None:
         if not self._group_ready:
@@ -289,6 +313,7 @@ class StreamConsumer(Generic[T]):
         created = await self._create_group("0")
         self._group_ready = True
         self._claims.forget()
+        self._delivery.release()  # queued entries of the old PEL: the new group re-delivers them
         self.counters.group_recreated += 1
         log.warning(
             "stream %r: consumer group %r was missing (Redis restarted or flushed?); %s it",

@@ -1,11 +1,12 @@
-"""Delivery: one task per entry runs the handler, then acks, retries or dead-letters it."""
+"""Delivery: a local queue of entries read ahead, and a few worker tasks that run the
+handler over it, then ack, retry or dead-letter each entry."""
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import random
+from collections import deque
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -29,38 +30,101 @@ _DEAD_LETTER = Script.from_package("app.services.streams", "lua/streams_dead_let
 
 
 class _Delivery(Generic[T]):
-    """The handler tasks of one ``StreamConsumer`` (at most ``concurrency`` at once)."""
+    """The local queue and the handler workers of one ``StreamConsumer``.
+
+    Entries handed over (read, claimed, recovered, due for a retry) wait in ``queue`` until a
+    worker takes them; at most ``concurrency`` workers run, each one entry at a time, so at
+    most ``concurrency`` handlers run at once. Workers are started on demand and end when the
+    queue is empty: one worker first, more on the next event-loop turn only if the queue is
+    still not empty by then (its handlers wait on something), so a batch whose handlers never
+    wait costs one task, not one per entry. ``release()`` drops the queue: those entries were
+    never started and stay pending for this consumer in Redis.
+    """
 
     def __init__(self, consumer: StreamConsumer[T]) -> None:
         self.consumer = consumer
-        self.inflight: dict[str, asyncio.Task[None]] = {}
-        self.slots = asyncio.Semaphore(consumer.concurrency)
+        self.inflight: dict[str, asyncio.Task[None]] = {}  # running entry -> its worker
+        self.queue: deque[_Entry] = deque()
+        self.queued: set[str] = set()
+        self.workers: set[asyncio.Task[None]] = set()
+        self._more_pending = False  # a call_soon(self._more_workers) is scheduled
 
-    def capacity(self) -> int:
-        return max(0, self.consumer.concurrency - len(self.inflight))
+    def held(self) -> int:
+        """Entries read and not yet finished: running or queued."""
+        return len(self.inflight) + len(self.queue)
 
-    def start_all(self, entries: Iterable[_Entry]) -> None:
+    def start_all(self, entries: Iterable[_Entry]) -> int:
+        """Queue *entries* (those not already running or queued); returns how many."""
+        added = 0
         for entry in entries:
-            self.start(entry)
+            if entry.id in self.inflight or entry.id in self.queued:
+                continue
+            self.queue.append(entry)
+            self.queued.add(entry.id)
+            added += 1
+        if added:
+            if not self.workers:
+                self._spawn()
+            elif len(self.workers) < self.consumer.concurrency:
+                self._schedule_more()  # the live workers are busy in their handlers
+        return added
 
-    def start(self, entry: _Entry) -> None:
-        if entry.id in self.inflight:
-            return
-        task = asyncio.create_task(self.process(entry), name=f"stream-handler:{entry.id}")
-        self.inflight[entry.id] = task
-        task.add_done_callback(functools.partial(self._finished, entry.id))
+    def release(self) -> int:
+        """Forget the queued entries (not started); they stay pending in Redis. Returns how many."""
+        released = len(self.queue)
+        self.queue.clear()
+        self.queued.clear()
+        return released
 
-    def _finished(self, entry_id: str, task: asyncio.Task[None]) -> None:
-        if self.inflight.get(entry_id) is task:
-            del self.inflight[entry_id]
-        self.consumer._runner.wake.set()
-        if not task.cancelled() and task.exception() is not None:
-            log.error(
-                "stream %r: processing entry %s failed unexpectedly",
-                self.consumer.stream,
-                entry_id,
-                exc_info=task.exception(),
-            )
+    async def idle(self) -> None:
+        """Wait until the queue is empty and every worker has ended."""
+        while self.workers:
+            await asyncio.wait(set(self.workers))
+
+    def _spawn(self) -> None:
+        task = asyncio.create_task(self._work(), name=f"stream-worker:{self.consumer.name}")
+        self.workers.add(task)
+
+    def _schedule_more(self) -> None:
+        if not self._more_pending:
+            self._more_pending = True
+            asyncio.get_running_loop().call_soon(self._more_workers)
+
+    def _more_workers(self) -> None:
+        """One event-loop turn after a worker took an entry: if the queue is still not empty
+        (a handler is waiting on something), start workers for it, up to ``concurrency``."""
+        self._more_pending = False
+        want = min(len(self.queue), self.consumer.concurrency - len(self.workers))
+        for _ in range(want):
+            self._spawn()
+
+    async def _work(self) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        queue, queued, inflight = self.queue, self.queued, self.inflight
+        c = self.consumer
+        wake = c._runner.wake
+        try:
+            while queue:
+                entry = queue.popleft()
+                queued.discard(entry.id)
+                if queue and len(self.workers) < c.concurrency:
+                    self._schedule_more()
+                inflight[entry.id] = task
+                try:
+                    await self.process(entry)
+                except Exception as exc:  # process() handles handler errors: this is a bug
+                    log.error(
+                        "stream %r: processing entry %s failed unexpectedly",
+                        c.stream,
+                        entry.id,
+                        exc_info=exc,
+                    )
+                finally:
+                    del inflight[entry.id]
+                    wake.set()
+        finally:
+            self.workers.discard(task)
 
     def decode(self, entry: _Entry) -> Any:
         c = self.consumer
@@ -78,44 +142,43 @@ class _Delivery(Generic[T]):
     @traced("stream.handle", kind="consumer", attrs=_consumer_attrs, parent=_fields)
     async def process(self, entry: _Entry) -> None:
         c = self.consumer
-        async with self.slots:
-            if entry.deliveries > c.max_deliveries:
-                await self.dead_letter(
-                    entry,
-                    f"delivered {entry.deliveries} times (max_deliveries={c.max_deliveries}) without being acknowledged",
-                )
-                outcome("dead_lettered")
-                c.counters.handled += 1
-                return
-            try:
-                payload = self.decode(entry)
-            except CodecError as exc:
-                await self.dead_letter(entry, f"undecodable payload: {exc}")
-                outcome("dead_lettered", exc)
-                c.counters.handled += 1
-                return
-            message: StreamMessage[T] = StreamMessage(
-                id=entry.id,
-                payload=payload,
-                deliveries=entry.deliveries,
-                stream=c.stream,
-                group=c.group,
-                consumer=c.name,
-                fields=entry.fields,
+        if entry.deliveries > c.max_deliveries:
+            await self.dead_letter(
+                entry,
+                f"delivered {entry.deliveries} times (max_deliveries={c.max_deliveries}) without being acknowledged",
             )
-            try:
-                await c.handler(message)
-            except asyncio.CancelledError:
-                c.counters.abandoned += 1
-                raise
-            except Exception as exc:
-                outcome("failed", exc)
-                c.counters.handled += 1
-                c.counters.failed += 1
-                await self._failed(entry, exc)
-                return
+            outcome("dead_lettered")
             c.counters.handled += 1
-            c._acks.ack(entry.id)
+            return
+        try:
+            payload = self.decode(entry)
+        except CodecError as exc:
+            await self.dead_letter(entry, f"undecodable payload: {exc}")
+            outcome("dead_lettered", exc)
+            c.counters.handled += 1
+            return
+        message: StreamMessage[T] = StreamMessage(
+            id=entry.id,
+            payload=payload,
+            deliveries=entry.deliveries,
+            stream=c.stream,
+            group=c.group,
+            consumer=c.name,
+            fields=entry.fields,
+        )
+        try:
+            await c.handler(message)
+        except asyncio.CancelledError:
+            c.counters.abandoned += 1
+            raise
+        except Exception as exc:
+            outcome("failed", exc)
+            c.counters.handled += 1
+            c.counters.failed += 1
+            await self._failed(entry, exc)
+            return
+        c.counters.handled += 1
+        c._acks.ack(entry.id)
 
     async def _failed(self, entry: _Entry, exc: Exception) -> None:
         c = self.consumer

@@ -75,6 +75,7 @@ class ConsumerCounters:
     deleted: int = 0  # pending entries whose stream entry was trimmed or deleted
     lost_claims: int = 0  # entries another consumer claimed while this one held them
     abandoned: int = 0  # handlers cancelled at the stop deadline (left pending)
+    released: int = 0  # entries read ahead, not started when the consumer stopped (left pending)
     group_recreated: int = 0
     redis_errors: int = 0
 

@@ -33,6 +33,7 @@ log = logging.getLogger("app.streams")
 
 _ERROR_BACKOFF: Final = (0.05, 2.0)  # loop backoff after a Redis error: base, cap (seconds)
 _REDIS_FAILED = (RedisUnavailable, StreamError)  # what the consumer's guard raises
+_RECANCEL: Final = 0.01  # seconds between cancellations of an abandoned blocking read
 
 
 class _Runner:
@@ -45,6 +46,7 @@ class _Runner:
         self.stop_requested = False
         self.stop_timeout = consumer.shutdown_timeout
         self.next_janitor = 0.0
+        self.backlog = False  # the last read was full: the next one need not block
         self.wake = asyncio.Event()
         self.stop_event = asyncio.Event()
         self.done = asyncio.Event()
@@ -106,12 +108,16 @@ class _Runner:
                 await self._fetch(c.batch_size, block_s)
         except _REDIS_FAILED as exc:
             failure = exc  # still finish (and ack) the handlers already started
-        tasks = list(c._delivery.inflight.values())
-        if tasks:
+        delivery = c._delivery
+        if delivery.workers:
             renewer = c._claims.start_renewer()
             try:
-                await asyncio.gather(*tasks, return_exceptions=True)
+                await delivery.idle()
             finally:
+                if delivery.workers:  # cancelled while waiting: no handler outlives the call
+                    delivery.release()
+                    for task in delivery.workers:
+                        task.cancel()
                 await c._claims.stop_renewer(*renewer)
         await c._acks.flush_now()
         if failure is not None:
@@ -167,23 +173,31 @@ class _Runner:
         c = self.consumer
         claims, delivery = c._claims, c._delivery
         self.wake.clear()
+        c._acks.kick()
         now = loop.time()
-        if delivery.capacity() and claims.retry_due(now):
-            delivery.start_all(await claims.take_due_retries(delivery.capacity()))
-        if delivery.capacity() and claims.recover:
-            delivery.start_all(await claims.recover_own(delivery.capacity()))
-        if delivery.capacity() and now >= claims.next_claim:
-            delivery.start_all(await claims.autoclaim(delivery.capacity()))
+        if claims.retry_due(now) and c._room():
+            delivery.start_all(await claims.take_due_retries(c._room()))
+        if claims.recover and c._room():
+            delivery.start_all(await claims.recover_own(c._room()))
+        if now >= claims.next_claim and c._room():
+            delivery.start_all(await claims.autoclaim(c._room()))
         if c.consumer_idle_timeout is not None and now >= self.next_janitor:
             await self._janitor(now, c.consumer_idle_timeout)
         if self.stopping:
             return
-        capacity = delivery.capacity()
-        if capacity == 0:
-            await self._sleep(c.block)  # a finishing handler (or stop) sets wake
+        room = c._room()
+        if room == 0:
+            # Everything this consumer may hold is taken: wait, without calling Redis, for a
+            # handler to finish or an ack to be confirmed (or stop) to set wake.
+            await self._sleep(c.block)
             return
-        wait = self._until_next_timer(loop.time())
-        delivery.start_all(await self._read_new(min(capacity, c.batch_size), wait))
+        count = min(room, c.batch_size)
+        # After a full read the stream likely has more: ask without blocking (a multiplexed
+        # command, no wait for stop); a short or empty read means the next one may block.
+        wait = 0.0 if self.backlog else self._until_next_timer(loop.time())
+        entries = await self._read_new(count, wait)
+        self.backlog = len(entries) == count
+        delivery.start_all(entries)
 
     async def _janitor(self, now: float, idle: float) -> None:
         c = self.consumer
@@ -229,7 +243,13 @@ class _Runner:
             if not read.done():
                 read.cancel()  # redis-py drops the connection: the late reply cannot desync it
         if read not in done:
-            await asyncio.wait({read})  # raises only if *this* task is cancelled meanwhile
+            # Raises only if *this* task is cancelled meanwhile. Cancel again until the read
+            # ends: Python 3.11's ``wait_for`` (in redis-py's connect path, when the read
+            # needed a new connection) can swallow a cancellation that races with its inner
+            # step, and the read would then block for its whole wait after stop().
+            while not read.done():
+                await asyncio.wait({read}, timeout=_RECANCEL)
+                read.cancel()
             if read.cancelled() or read.exception() is not None:
                 return []  # whatever the server had handed over stays pending for us
         return read.result()  # also a read that finished despite the cancel: handle it
@@ -253,40 +273,48 @@ class _Runner:
         """Start handlers for up to *limit* entries (retries, own PEL, claims, new)."""
         c = self.consumer
         claims, delivery = c._claims, c._delivery
-        inflight = delivery.inflight
-        started = len(inflight)
-        delivery.start_all(await claims.take_due_retries(limit))
-        while len(inflight) - started < limit:
-            own = await claims.recover_own(limit - (len(inflight) - started))
+        started = delivery.start_all(await claims.take_due_retries(limit))
+        while started < limit:
+            own = await claims.recover_own(limit - started)
             if not own:
                 break
-            delivery.start_all(own)
-        room = limit - (len(inflight) - started)
-        if room > 0:
-            delivery.start_all(await claims.autoclaim(room, full_pass=True))
-        room = limit - (len(inflight) - started)
-        if room > 0:
-            wait = block if block is not None and len(inflight) == started else 0.0
+            started += delivery.start_all(own)
+        if started < limit:
+            started += delivery.start_all(await claims.autoclaim(limit - started, full_pass=True))
+        if started < limit:
+            wait = block if block is not None and started == 0 else 0.0
             block_ms = int(wait * 1000)
-            delivery.start_all(
-                await self._xreadgroup(min(c.batch_size, room), block_ms if block_ms >= 1 else None)
+            started += delivery.start_all(
+                await self._xreadgroup(
+                    min(c.batch_size, limit - started), block_ms if block_ms >= 1 else None
+                )
             )
-        return len(inflight) - started
+        return started
 
     # -- stopping -------------------------------------------------------------
 
     async def _shutdown(self, renewer: _Renewer, *, graceful: bool) -> None:
         c = self.consumer
-        inflight = c._delivery.inflight
+        delivery = c._delivery
+        released = delivery.release()  # read ahead, never started: they stay pending for us
+        if released:
+            c.counters.released += released
+            log.info(
+                "stream %r consumer %r: %d entries read ahead and not started stay pending",
+                c.stream,
+                c.name,
+                released,
+            )
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (self.stop_timeout if graceful else 0.0)
         try:
-            tasks = list(inflight.values())
-            if tasks and graceful:
-                await asyncio.wait(tasks, timeout=max(0.0, deadline - loop.time()))
+            workers = list(delivery.workers)
+            if workers and graceful:
+                await asyncio.wait(workers, timeout=max(0.0, deadline - loop.time()))
         finally:
             # Also when cancelled while draining (a second SIGTERM): no handler outlives run().
-            late = [t for t in inflight.values() if not t.done()]
+            delivery.release()  # whatever a retry or claim queued meanwhile
+            late = [t for t in delivery.workers if not t.done()]
             for task in late:
                 task.cancel()
             renewer[1].set()

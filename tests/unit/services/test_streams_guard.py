@@ -138,7 +138,16 @@ async def test_a_running_consumer_recovers_after_an_outage(
     assert (await consumer.stats()).pending == 0
 
 
+# (prefetch, entries): the loop stops calling Redis once it holds concurrency + prefetch
+# entries: with prefetch=0 when every handler slot is busy; with the default prefetch
+# (batch_size, 16) once 1 + 16 entries are running or queued.
+HELD_IN_FULL = {"prefetch=0": (0, 1), "default prefetch": (None, 17)}
+
+
+@pytest.mark.parametrize(("prefetch", "entries"), HELD_IN_FULL.values(), ids=HELD_IN_FULL.keys())
 async def test_the_consumers_blocking_read_never_holds_the_half_open_trial(
+    prefetch: int | None,
+    entries: int,
     make_client: Callable[..., tuple[Any, fakeredis.FakeServer]],
 ) -> None:
     client, server = make_client(threshold=1, reset=0.1, socket_timeout=None)  # reads uncapped
@@ -160,6 +169,7 @@ async def test_the_consumers_blocking_read_never_holds_the_half_open_trial(
         "w",
         handler,
         concurrency=1,
+        prefetch=prefetch,
         block=120,
         claim_idle=600,
         retry_backoff=300,
@@ -168,8 +178,10 @@ async def test_the_consumers_blocking_read_never_holds_the_half_open_trial(
     )
     task = asyncio.create_task(consumer.run())
     try:
-        await producer.add("slow")
-        await started.wait()  # every slot busy: the loop waits without Redis calls
+        await producer.add_many(["slow"] * entries)
+        await started.wait()
+        # Every slot busy and the local queue full: the loop waits without Redis calls.
+        await eventually(lambda: consumer._room() == 0, "concurrency + prefetch entries held")
         server.connected = False
         with pytest.raises(RedisUnavailable):
             await producer.length()  # opens the breaker
@@ -177,7 +189,7 @@ async def test_the_consumers_blocking_read_never_holds_the_half_open_trial(
         await eventually(lambda: breaker.state == "half_open", "the breaker half-open")
         release.set()  # the slot frees: the loop reads, and its read is the trial call
         await eventually(lambda: breaker.state == "closed", "the trial over", timeout=10)
-        assert await producer.length() == 1  # nobody is kept refused
+        assert await producer.length() == entries  # nobody is kept refused
     finally:
         await consumer.stop()
         await task
