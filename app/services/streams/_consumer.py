@@ -56,8 +56,10 @@ class StreamConsumer(Generic[T]):
         batch_size: most entries fetched per read (and per ``run_once``).
         concurrency: most handlers running at once.
         prefetch: how many entries beyond its free handler slots this consumer may hold
-            locally, read ahead and waiting for a slot (default: ``batch_size``, so a read
-            can always ask for a full batch; ``0``: read only for free slots). The bound is
+            locally, read ahead and waiting for a slot. The default is ``batch_size``, raised
+            so that ``concurrency + prefetch`` holds two full batches (24 with the defaults):
+            one batch is handled and acked while the next is read, and reads stay full.
+            ``0`` reads only for free slots. The bound is
             strict: entries read and not yet confirmed acked (running, queued, or with their
             XACK in flight) never exceed ``concurrency + prefetch``; when they reach it the
             loop waits without calling Redis. Entries waiting for a retry's backoff are not
@@ -134,7 +136,11 @@ class StreamConsumer(Generic[T]):
         self._payload_field: bytes | str = PAYLOAD_FIELD if self._decodes else b"payload"
         self.batch_size = _positive(batch_size, "batch_size")
         self.concurrency = _positive(concurrency, "concurrency")
-        self.prefetch = self.batch_size if prefetch is None else _not_negative(prefetch, "prefetch")
+        self.prefetch = (
+            max(self.batch_size, 2 * self.batch_size - self.concurrency)
+            if prefetch is None
+            else _not_negative(prefetch, "prefetch")
+        )
         self.claim_idle = as_seconds(claim_idle, "claim_idle")
         self.claim_interval = as_seconds(
             claim_interval if claim_interval is not None else self.claim_idle / 2,

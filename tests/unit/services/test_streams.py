@@ -124,6 +124,29 @@ async def test_run_once_handles_acks_and_returns_the_count(redis: Any) -> None:
     assert c.counters.acked == 5
 
 
+async def test_at_most_concurrency_handlers_run_at_once_however_much_is_read(
+    redis: Any,
+) -> None:
+    await StreamProducer(redis, "events").add_many(range(12))
+    running, most = 0, 0
+    handled: list[int] = []
+
+    async def handler(message: StreamMessage[Any]) -> None:
+        nonlocal running, most
+        running += 1
+        most = max(most, running)
+        for _ in range(3):  # waits: the other queued entries get their own workers
+            await asyncio.sleep(0)
+        running -= 1
+        handled.append(message.payload)
+
+    c = consumer(redis, handler, batch_size=12, concurrency=3, prefetch=9)
+    assert await c.run_once() == 12
+    assert most == 3  # every slot used, never more
+    assert sorted(handled) == list(range(12))
+    assert await pending(redis) == 0
+
+
 async def test_run_once_creates_a_missing_group(redis: Any) -> None:
     await StreamProducer(redis, "events").add({"n": 1})
     seen: Seen = []
@@ -469,6 +492,14 @@ def test_options_are_validated() -> None:
         consumer(client, recorder([]), claim_idle=1, renew_interval=1)
     with pytest.raises(ConfigurationError):
         consumer(client, recorder([]), concurrency=0)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ConfigurationError, match="prefetch"):
+            consumer(client, recorder([]), prefetch=bad)
+    # By default concurrency + prefetch holds two batches, and prefetch is at least one.
+    assert consumer(client, recorder([])).prefetch == 24  # batch_size 16, concurrency 8
+    assert consumer(client, recorder([]), batch_size=7).prefetch == 7
+    assert consumer(client, recorder([]), batch_size=100, concurrency=100).prefetch == 100
+    assert consumer(client, recorder([]), prefetch=0).prefetch == 0
     with pytest.raises(ConfigurationError):
         consumer(client, recorder([]), block=0)
     with pytest.raises(ConfigurationError):

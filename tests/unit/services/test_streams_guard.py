@@ -140,8 +140,8 @@ async def test_a_running_consumer_recovers_after_an_outage(
 
 # (prefetch, entries): the loop stops calling Redis once it holds concurrency + prefetch
 # entries: with prefetch=0 when every handler slot is busy; with the default prefetch
-# (batch_size, 16) once 1 + 16 entries are running or queued.
-HELD_IN_FULL = {"prefetch=0": (0, 1), "default prefetch": (None, 17)}
+# (31 here: two batches of 16 with concurrency=1) once 1 + 31 entries are running or queued.
+HELD_IN_FULL = {"prefetch=0": (0, 1), "default prefetch": (None, 32)}
 
 
 @pytest.mark.parametrize(("prefetch", "entries"), HELD_IN_FULL.values(), ids=HELD_IN_FULL.keys())
