@@ -19,10 +19,20 @@ The loop, in priority order on every turn:
    earlier life (a crash or a restart under the same name): its own PEL first;
 2. entries idle longer than ``claim_idle`` in *any* consumer's PEL (dead consumers), taken
    with ``XAUTOCLAIM`` and its cursor followed to the end of the PEL;
-3. new entries (``XREADGROUP >``), at most ``batch_size`` and never more than there are free
-   handler slots (``concurrency``).
+3. new entries (``XREADGROUP >``), at most ``batch_size`` per read.
 
-A handler that returns acks its entry (acks are coalesced into one ``XACK``). One that raises
+A consumer holds at most ``concurrency + prefetch`` entries between reading them and Redis
+confirming their ack: up to ``concurrency`` handlers run, the rest wait in a local queue,
+leased to this consumer like running ones (``prefetch`` defaults to what keeps two full
+batches in the pipe: one handled while the next is read). At the bound the loop waits
+without calling Redis, and the rest of the stream stays to the group's other consumers. After
+a full read the next read does not block; a short one lets the next wait for new entries.
+``stop()`` releases queued entries that no handler started: they stay pending for this
+consumer and come back on its next start (or to another consumer after ``claim_idle``).
+
+A handler that returns acks its entry. Acks are coalesced: the entries acked in one
+event-loop turn go in one ``XACK``, sent at once, and those acked while it is in flight go
+in the next; ``stop()`` and ``run_once()`` flush them before returning. One that raises
 is retried after a capped, jittered exponential backoff; after ``max_deliveries`` deliveries
 the entry goes to the dead-letter stream (original id, fields, error, delivery count) and is
 acked, atomically, in one Lua script. Delivery counts come from the PEL, so a message that
@@ -48,7 +58,7 @@ touches both atomically. Streams are durable on purpose and carry no TTL; bound 
 # The parts, one concern each: _keys (key names, consumer names), _models (what handlers and
 # callers receive), _producer (StreamProducer, trim_stream), _consumer (StreamConsumer: its
 # options and verbs) and the consumer's collaborators: _runner (the loop), _claims (retries,
-# recovery, XAUTOCLAIM, leases), _delivery (handler tasks, dead letters), _acks (coalesced
+# recovery, XAUTOCLAIM, leases), _delivery (local queue, handler workers, dead letters), _acks (coalesced
 # XACK), _admin (stats, janitor, dead-letter reads). The Lua scripts are in lua/.
 
 from app.services.streams._consumer import StreamConsumer

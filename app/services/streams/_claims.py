@@ -212,3 +212,5 @@ class _Claims:
             for entry_id in chunk:
                 if entry_id not in kept:  # deleted, taken, or acked meanwhile: no retry here
                     self.waiting.pop(entry_id, None)
+            # Nor a start for a queued one: it is gone, or another consumer has it now.
+            c._delivery.drop({as_text(i) for i in (*deleted, *foreign)})

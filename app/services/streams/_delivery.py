@@ -76,6 +76,14 @@ class _Delivery(Generic[T]):
         self.queued.clear()
         return released
 
+    def drop(self, ids: set[str]) -> None:
+        """Take *ids* out of the queue (another consumer claimed them, or they were deleted)."""
+        if ids & self.queued:
+            self.queued -= ids
+            kept = [e for e in self.queue if e.id not in ids]
+            self.queue.clear()  # in place: the workers hold this deque
+            self.queue.extend(kept)
+
     async def idle(self) -> None:
         """Wait until the queue is empty and every worker has ended."""
         while self.workers:

@@ -147,6 +147,33 @@ async def test_at_most_concurrency_handlers_run_at_once_however_much_is_read(
     assert await pending(redis) == 0
 
 
+async def test_a_queued_entry_another_consumer_claimed_is_not_started(redis: Any) -> None:
+    ids = await StreamProducer(redis, "events").add_many(range(3))
+    release = asyncio.Event()
+    seen: list[str] = []
+
+    async def handler(message: StreamMessage[Any]) -> None:
+        seen.append(message.id)
+        await release.wait()
+
+    c = consumer(
+        redis, handler, concurrency=1, prefetch=2, claim_idle=5, renew_interval=0.05, block=0.05
+    )
+    task = asyncio.create_task(c.run())
+    try:
+        await eventually(lambda: seen == ids[:1] and c._room() == 0, "one running, two queued")
+        # Another consumer takes the second entry while it waits in this one's queue.
+        await redis.xclaim(stream_keys("events").stream, "group", "other", 0, [ids[1]])
+        await eventually(lambda: c.counters.lost_claims == 1, "the lease renewal notices")
+        release.set()
+        await eventually(lambda: c.counters.acked == 2, "the other two handled")
+    finally:
+        release.set()
+        await c.stop()
+        await task
+    assert seen == [ids[0], ids[2]]  # never started: it is the other consumer's now
+
+
 async def test_run_once_creates_a_missing_group(redis: Any) -> None:
     await StreamProducer(redis, "events").add({"n": 1})
     seen: Seen = []
