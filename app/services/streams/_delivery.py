@@ -83,6 +83,7 @@ class _Delivery(Generic[T]):
             kept = [e for e in self.queue if e.id not in ids]
             self.queue.clear()  # in place: the workers hold this deque
             self.queue.extend(kept)
+            self.consumer._runner.wake.set()  # room for more
 
     async def idle(self) -> None:
         """Wait until the queue is empty and every worker has ended."""
@@ -111,12 +112,12 @@ class _Delivery(Generic[T]):
         assert task is not None
         queue, queued, inflight = self.queue, self.queued, self.inflight
         c = self.consumer
-        wake = c._runner.wake
+        wake, acking = c._runner.wake, c._acks.acking
         try:
             while queue:
                 entry = queue.popleft()
                 queued.discard(entry.id)
-                if queue and len(self.workers) < c.concurrency:
+                if queue and not self._more_pending and len(self.workers) < c.concurrency:
                     self._schedule_more()
                 inflight[entry.id] = task
                 try:
@@ -130,7 +131,8 @@ class _Delivery(Generic[T]):
                     )
                 finally:
                     del inflight[entry.id]
-                    wake.set()
+                    if entry.id not in acking:  # an acked entry frees room once confirmed
+                        wake.set()
         finally:
             self.workers.discard(task)
 
