@@ -313,7 +313,7 @@ class _Runner:
                 await asyncio.wait(workers, timeout=max(0.0, deadline - loop.time()))
         finally:
             # Also when cancelled while draining (a second SIGTERM): no handler outlives run().
-            delivery.release()  # whatever a retry or claim queued meanwhile
+            c.counters.released += delivery.release()  # none expected: nothing reads now
             late = [t for t in delivery.workers if not t.done()]
             for task in late:
                 task.cancel()
