@@ -13,6 +13,7 @@ from typing import Final, TypeAlias
 
 from app.core.errors import ConfigurationError, LockError, LockLost
 from app.core.guard import Duration, Guard, as_seconds
+from app.core.multiplex import MultiplexedRedis
 
 __all__ = [
     "LOCK_ATTRS",
@@ -23,6 +24,7 @@ __all__ = [
     "LostCallback",
     "Seconds",
     "blocking_bound",
+    "cancels_reach_caller",
     "lease_drift",
     "lease_guard",
     "lease_timing",
@@ -116,6 +118,21 @@ def lease_drift(
 def waited(seconds: float) -> str:
     """The " (waited N s)" part of an error message; empty when it did not wait."""
     return f" (waited {seconds:g} s)" if seconds > 0 else ""
+
+
+def cancels_reach_caller(client: object) -> bool:
+    """Does every cancellation of a command on *client* reach the awaiting caller?
+
+    True for the toolkit's multiplexed client (a command awaits one future; connecting
+    runs in a task of its own). Not for redis.asyncio's pooled connections: on Python
+    3.11 their ``asyncio.wait_for`` around a write drops a cancellation that arrives as
+    the write finishes, and the command then runs on in the cancelled task.
+    """
+    return (
+        isinstance(client, MultiplexedRedis)
+        and client.multiplexer is not None
+        and not client.single_connection_client
+    )
 
 
 def new_token() -> str:

@@ -47,6 +47,9 @@ class Lease:
     """
 
     _kind = "lock"
+    _release_here = False
+    """True when every cancellation of a call on the object's client reaches the caller
+    (set per object by subclasses): a release then runs in the caller's task."""
 
     def __init__(
         self,
@@ -323,9 +326,19 @@ class Lease:
                 lock_name=self.name,
             )
         try:
-            # Shielded: a cancellation of the caller is delivered at once (never lost
-            # inside the client), while the release itself runs to completion.
-            return await shielded(self._remote_release(token))
+            if not self._release_here:
+                # Shielded: a cancellation of the caller is delivered at once (never lost
+                # inside the client), while the release itself runs to completion.
+                return await shielded(self._remote_release(token))
+            # The client delivers every cancellation to its caller, so no task is needed
+            # (it would cost three more loop turns per release): cancelled, the release is
+            # sent again in the background, which is safe: a compare-and-delete with this
+            # token can run twice (the second finds the key gone, or the first's receipt).
+            try:
+                return await self._remote_release(token)
+            except asyncio.CancelledError:
+                in_background(self._remote_release(token))
+                raise
         finally:
             self._open_gate()
 

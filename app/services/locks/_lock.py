@@ -23,6 +23,7 @@ from app.services.locks._common import (
     LostCallback,
     Seconds,
     blocking_bound,
+    cancels_reach_caller,
     lease_guard,
     wait_bound,
     waited,
@@ -157,6 +158,7 @@ class RedisLock(Lease, OnOneRedis):
         self._acquire_head = (self._lease_ms, fence_ms)
         self._release_keys = keys.release
         self._guard = lease_guard(redis, "lock", name, self.timeout)
+        self._release_here = cancels_reach_caller(redis)
         self._fence: int | None = None
 
     def __repr__(self) -> str:

@@ -484,6 +484,22 @@ async def test_a_cancelled_release_still_releases(redis: Any) -> None:
     await _expired(lock)  # released, long before its 30 s lease
 
 
+async def test_a_release_cancelled_at_any_loop_turn_releases_and_raises(redis: Any) -> None:
+    lock = RedisLock(redis, "jobs:1", timeout=30)
+    for ticks in range(1, 9):  # a task cancelled before its first turn never runs at all
+        assert await lock.acquire()
+        task = asyncio.create_task(lock.release())
+        for _ in range(ticks):
+            await asyncio.sleep(0)
+        if task.cancel():  # requested before the release finished: the caller must see it
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        else:
+            await task
+        await _expired(lock)  # released all the same, long before its 30 s lease
+        assert lock.token is None and not lock._gate.locked()
+
+
 # -- the FastAPI dependency on a real server ----------------------------------------------------
 
 
