@@ -12,7 +12,7 @@ from functools import lru_cache, partial
 from typing import Final, TypeAlias
 
 from app.core.errors import ConfigurationError, LockError, LockLost
-from app.core.guard import Duration, Guard, as_seconds
+from app.core.guard import Duration, Guard, PerClient, as_seconds
 from app.core.multiplex import MultiplexedRedis
 
 __all__ = [
@@ -77,7 +77,17 @@ def lease_timing(
     """(lease, renew interval, drift margin) in seconds, checked: the one rule for every lease.
 
     The renew interval defaults to a third of the lease and must be shorter than it.
+    Computed once per combination of values (and of their types, so ``True`` is
+    refused as a lease even after ``1`` was accepted): lock objects are made per
+    request, with the same few settings.
     """
+    return _lease_timing(timeout, renew_interval, drift, auto_renew)
+
+
+@lru_cache(maxsize=256, typed=True)
+def _lease_timing(
+    timeout: Seconds, renew_interval: Seconds | None, drift: Seconds | None, auto_renew: bool
+) -> tuple[float, float, float]:
     lease = as_seconds(timeout, "timeout (the lease)")
     interval = lease / 3 if renew_interval is None else as_seconds(renew_interval, "renew_interval")
     if interval >= lease:
@@ -120,6 +130,32 @@ def waited(seconds: float) -> str:
     return f" (waited {seconds:g} s)" if seconds > 0 else ""
 
 
+def new_token() -> str:
+    """A fresh random owner token (one per acquisition)."""
+    return os.urandom(16).hex()
+
+
+_GUARDS_PER_CLIENT: Final = 4096  # past this many (kind, name, lease), a client's cache restarts
+
+
+class _OnClient:
+    """What the package keeps per client object: its guards, how it delivers cancellations."""
+
+    __slots__ = ("cancels_reach_caller", "guards")
+
+    def __init__(self, client: object) -> None:
+        self.guards: dict[tuple[str, str, float], Guard] = {}
+        # See cancels_reach_caller(). A client is multiplexed from when it is built.
+        self.cancels_reach_caller = (
+            isinstance(client, MultiplexedRedis)
+            and client.multiplexer is not None
+            and not client.single_connection_client
+        )
+
+
+_on_client: PerClient[_OnClient] = PerClient(_OnClient)
+
+
 def cancels_reach_caller(client: object) -> bool:
     """Does every cancellation of a command on *client* reach the awaiting caller?
 
@@ -128,37 +164,30 @@ def cancels_reach_caller(client: object) -> bool:
     3.11 their ``asyncio.wait_for`` around a write drops a cancellation that arrives as
     the write finishes, and the command then runs on in the cancelled task.
     """
-    return (
-        isinstance(client, MultiplexedRedis)
-        and client.multiplexer is not None
-        and not client.single_connection_client
-    )
-
-
-def new_token() -> str:
-    """A fresh random owner token (one per acquisition)."""
-    return os.urandom(16).hex()
-
-
-@lru_cache(maxsize=4096)
-def _guard_parts(kind: str, name: str, lease: float) -> tuple[str, Callable[[str], LockError], str]:
-    return (
-        f"{kind} {name!r}",
-        partial(LockError, lock_name=name),
-        f"; whether it is held is unknown until its lease ({lease:g} s) runs out. "
-        "Retry when Redis answers again.",
-    )
+    return _on_client(client).cancels_reach_caller
 
 
 def lease_guard(client: object, kind: str, name: str, lease: float) -> Guard:
-    """The ``Guard`` of a lock, semaphore or Redlock master: one per object, built in its
-    constructor.
+    """The ``Guard`` of a lock, semaphore or Redlock master, taken in its constructor.
 
     Redis unreachable (or the breaker open): ``RedisUnavailable`` saying that whether
     the lock is held stays unknown until its *lease* runs out. Redis refusing a command
     (a key of the wrong type, a script error): ``LockError`` naming the lock, Redis's
-    text kept in ``__cause__``. Subject, error factory and hint are built once per
-    name and lease (lock objects are made per request, for the same few names).
+    text kept in ``__cause__``. A guard keeps no state of its own (the breaker is the
+    client's), so objects of the same kind, name and lease on one client share one,
+    built on first use: lock objects are made per request, for the same few names.
     """
-    subject, refused, hint = _guard_parts(kind, name, lease)
-    return Guard(client, subject, refused=refused, hint=hint)
+    guards = _on_client(client).guards
+    key = (kind, name, lease)
+    guard = guards.get(key)
+    if guard is None:
+        if len(guards) >= _GUARDS_PER_CLIENT:
+            guards.clear()
+        guard = guards[key] = Guard(
+            client,
+            f"{kind} {name!r}",
+            refused=partial(LockError, lock_name=name),
+            hint=f"; whether it is held is unknown until its lease ({lease:g} s) runs out. "
+            "Retry when Redis answers again.",
+        )
+    return guard

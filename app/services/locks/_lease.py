@@ -104,17 +104,14 @@ class Lease:
         done), else a retry hint in seconds. Only objects that acquire (not a ``Permit``)."""
         raise NotImplementedError
 
-    async def _enter_gate(self, wait: float) -> bool:
-        """Take this object's gate in this process, waiting up to *wait*; False if still taken."""
-        gate = self._gate
-        if not gate.locked():
-            await gate.acquire()  # free: returns without suspending
-            return True
+    async def _wait_for_gate(self, wait: float) -> bool:
+        """Take this object's gate, which another task of this process holds, waiting up to
+        *wait*; False if still taken."""
         if wait <= 0:
             return False
         try:
             async with asyncio.timeout(wait):
-                await gate.acquire()
+                await self._gate.acquire()
         except TimeoutError:
             return False
         return True
@@ -127,7 +124,10 @@ class Lease:
         not taken, whatever the reason (no result, an error, a cancellation).
         """
         deadline = asyncio.get_running_loop().time() + wait
-        if not await self._enter_gate(wait):
+        gate = self._gate
+        if not gate.locked():
+            await gate.acquire()  # free: returns without suspending
+        elif not await self._wait_for_gate(wait):
             return False, max(0.0, self._valid_until - self.clock.now())  # what is left of it
         try:
             hint = await self._take(deadline)

@@ -69,6 +69,12 @@ def _lock_keys(prefix: str, namespace: str, name: str) -> _LockKeys:
     )
 
 
+@lru_cache(maxsize=64, typed=True)
+def _fence_ms(fence_ttl: Seconds) -> int:
+    """*fence_ttl* checked, in ms; once per value (and type: ``True`` stays refused)."""
+    return to_ms(as_seconds(fence_ttl, "fence_ttl"))
+
+
 class RedisLock(Lease, OnOneRedis):
     """A distributed mutex on one Redis (standalone, Sentinel or Cluster).
 
@@ -146,16 +152,17 @@ class RedisLock(Lease, OnOneRedis):
         keys = _lock_keys(prefix, namespace, name)
         self.key = keys.key
         self._wake_key = keys.wake
-        fence_ms = max(to_ms(as_seconds(fence_ttl, "fence_ttl")), self._lease_ms)
+        fence_ms = max(_fence_ms(fence_ttl), self._lease_ms)
         # Non-fair acquirers take the fast script (SET NX PX and the fence; a failed attempt
         # sets the waiter flag); fair ones queue. A release skips the queue and the wake list
         # unless the waiter flag or the queue exists.
         self._acquire_script = LOCK_ACQUIRE if fair else LOCK_ACQUIRE_FAST
         self._acquire_keys = keys.fair if fair else keys.fast
         self._acquire_args: tuple[ScriptArg, ...] = (
-            ("1", WAITER_TTL_MS) if fair else (WAITER_TTL_MS,)
+            (self._lease_ms, fence_ms, "1", WAITER_TTL_MS)
+            if fair
+            else (self._lease_ms, fence_ms, WAITER_TTL_MS)
         )
-        self._acquire_head = (self._lease_ms, fence_ms)
         self._release_keys = keys.release
         self._guard = lease_guard(redis, "lock", name, self.timeout)
         self._release_here = cancels_reach_caller(redis)
@@ -177,11 +184,10 @@ class RedisLock(Lease, OnOneRedis):
         return self._fence
 
     async def _attempt(self, token: str) -> list[int]:
-        reply: list[int] = await self._eval(
-            self._acquire_script,
-            self._acquire_keys,
-            (token, *self._acquire_head, *self._acquire_args),
-        )
+        with self._guard:  # not through _eval: one coroutine less on every acquire
+            reply: list[int] = await self._acquire_script(
+                self.redis, self._acquire_keys, (token, *self._acquire_args)
+            )
         return reply
 
     async def _give_up(self, token: str) -> bool:

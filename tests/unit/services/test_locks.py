@@ -584,6 +584,18 @@ async def test_infinite_or_boolean_durations_are_refused(redis: Any) -> None:
         await fenced_write(redis, "report:1", "v", 1, ttl=float("nan"))
 
 
+async def test_a_boolean_is_refused_even_after_the_equal_number_was_accepted(redis: Any) -> None:
+    # checked settings are remembered per value: True == 1 and hashes alike, yet stays refused
+    RedisLock(redis, "x", timeout=2, renew_interval=1, fence_ttl=1)
+    with pytest.raises(ConfigurationError, match="renew_interval"):
+        RedisLock(redis, "x", timeout=2, renew_interval=True)
+    with pytest.raises(ConfigurationError, match="fence_ttl"):
+        RedisLock(redis, "x", timeout=2, fence_ttl=True)
+    RedisLock(redis, "x", timeout=1)
+    with pytest.raises(ConfigurationError, match="timeout"):
+        RedisLock(redis, "x", timeout=True)
+
+
 async def test_keys_live_under_the_configured_prefix(
     redis: Any, settings_override: Callable[..., None]
 ) -> None:
