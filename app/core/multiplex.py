@@ -175,11 +175,18 @@ class _Link(asyncio.Protocol):
     # -- writing ------------------------------------------------------------
 
     def send(self, packed: Iterable[bytes], request: _Request) -> None:
-        self._out.extend(packed)
-        self.pending.append(request)
-        if len(self.pending) > self.max_pending:
-            self.max_pending = len(self.pending)
-        if not self._flush_scheduled:
+        pending = self.pending
+        pending.append(request)
+        if len(pending) > self.max_pending:
+            self.max_pending = len(pending)
+        if self._flush_scheduled:
+            self._out.extend(packed)
+        elif len(pending) == 1 and self.alive:
+            # An idle link: a lone caller's command leaves now, a loop turn earlier. Under
+            # load the link is rarely idle, so commands still share one write per turn.
+            self.transport.write(b"".join(packed))
+        else:
+            self._out.extend(packed)
             self._flush_scheduled = True
             self.loop.call_soon(self._flush)
         if self._watchdog is None and self.timeout is not None:
