@@ -6,24 +6,34 @@ and ``w:<nonce>`` are the write script's bookkeeping and never leave the store.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, Final
 
 from app.core.codec import Codec
 from app.core.errors import UsageError
-from app.services.sessions._record import SessionRecord, time_of
+from app.services.sessions._record import SessionRecord, new_record, time_of
 
 __all__ = ["RecordFields"]
 
 
 class RecordFields:
-    """Encodes data for a write, decodes a hash into a ``SessionRecord``, names the subject."""
+    """Encodes data for a write, decodes a hash into a ``SessionRecord``, names the subject.
 
-    __slots__ = ("codec", "subject_key")
+    Every request that loads a session decodes the same stored values again (a
+    user id, a name, a flag), so small values that decode to an immutable scalar
+    (``int``, ``float``, ``str``, ``bool``, ``bytes``, ``None``) are remembered
+    by their stored bytes: the codec runs once per distinct value, and sharing an
+    immutable result between requests is safe. Anything else (a list, a dict, a
+    tagged datetime) is decoded on every load, so no request can change what
+    another one reads.
+    """
+
+    __slots__ = ("_decoded", "codec", "subject_key")
 
     def __init__(self, codec: Codec, subject_key: str | None) -> None:
         self.codec = codec
         self.subject_key = subject_key
+        self._decoded: dict[bytes | str, Any] = {}
 
     def subject_of(self, data: Mapping[str, Any]) -> str:
         key = self.subject_key
@@ -54,29 +64,62 @@ class RecordFields:
             out.append((name, encode(value)))
         return out
 
-    def parse(self, session_id: str, items: Iterable[tuple[Any, Any]]) -> SessionRecord:
-        meta: dict[str, str] = {}
-        data: dict[str, Any] = {}
-        decode = self.codec.decode
-        # Decoded inline, not through as_text: this runs for every field of every load,
-        # and the names and metadata are ASCII the scripts wrote.
-        for raw_name, value in items:
-            name = raw_name.decode() if isinstance(raw_name, bytes) else raw_name
-            kind = name[:2]
-            if kind == "d:":
-                data[name[2:]] = decode(value)
-            elif kind != "m:" and kind != "w:":  # per-key versions, write nonces
-                meta[name] = value.decode() if isinstance(value, bytes) else value
-        get = meta.get
-        return SessionRecord.model_construct(
-            id=session_id,
-            unique_key=get("unique_key", ""),
-            client_ip=get("client_ip") or None,
-            locked=get("locked") == "1",
-            created_at=time_of(get("created_at", 0)),
-            modified_at=time_of(get("modified_at", 0)),
-            expires_at=time_of(get("expires_at", 0)),
-            version=int(get("version", 0)),
-            subject=get("subject") or None,
-            data=data,
+    def parse(self, session_id: str, fields: dict[Any, Any]) -> SessionRecord:
+        """The record of *session_id* from its hash (field names and values bytes or text).
+
+        Takes *fields* over (it is emptied of the metadata). Data fields go
+        through the codec (``CodecError`` when one does not decode); the
+        scripts' bookkeeping (``m:``, ``w:``) and unknown fields are skipped.
+        """
+        # This runs on every load: the metadata is popped by name (dict lookups in C)
+        # so that only the data and bookkeeping fields are looped over in Python.
+        text = isinstance(next(iter(fields), ""), str)
+        pop = fields.pop
+        unique_key, client_ip, locked, created, modified, expires, version, subject, prefix = (
+            _TEXT_NAMES if text else _BYTES_NAMES
         )
+        record = new_record(
+            session_id,
+            _text(pop(unique_key, "")),
+            _text(pop(client_ip, "")) or None,
+            _text(pop(locked, "")) == "1",
+            time_of(pop(created, 0)),
+            time_of(pop(modified, 0)),
+            time_of(pop(expires, 0)),
+            int(pop(version, 0)),
+            _text(pop(subject, "")) or None,
+            {},
+        )
+        known = self._decoded.get
+        data = record.data
+        for name, raw in fields.items():
+            if name[:2] == prefix:
+                value = known(raw, _UNSET)
+                data[name[2:] if text else name[2:].decode()] = (
+                    self._decode(raw) if value is _UNSET else value
+                )
+        return record
+
+    def _decode(self, raw: bytes | str) -> Any:
+        value = self.codec.decode(raw)
+        if type(value) in _SCALARS and len(raw) <= _REMEMBER_MAX_LEN:
+            decoded = self._decoded
+            if len(decoded) >= _REMEMBER_MAX:
+                decoded.clear()
+            decoded[raw] = value
+        return value
+
+
+_TEXT_NAMES: Final = (
+    "unique_key", "client_ip", "locked", "created_at", "modified_at", "expires_at", "version",
+    "subject", "d:",
+)  # fmt: skip
+_BYTES_NAMES: Final = tuple(name.encode() for name in _TEXT_NAMES)
+_UNSET: Final = object()
+_SCALARS: Final = frozenset({int, float, str, bool, bytes, type(None)})
+_REMEMBER_MAX_LEN: Final = 256  # longer stored values are decoded every time
+_REMEMBER_MAX: Final = 4096  # decoded values remembered per store (all forgotten when full)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

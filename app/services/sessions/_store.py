@@ -24,7 +24,13 @@ from app.services.sessions._fields import RecordFields
 from app.services.sessions._ids import new_session_id, split_id
 from app.services.sessions._index import SubjectIndex
 from app.services.sessions._keys import SessionKeys
-from app.services.sessions._record import SessionRecord, WriteResult, pairs, time_of
+from app.services.sessions._record import (
+    SessionRecord,
+    WriteResult,
+    hash_of,
+    new_record,
+    time_of,
+)
 from app.services.sessions._write import SessionWriter
 
 __all__ = ["DEFAULT_ABSOLUTE_TTL", "DEFAULT_IDLE_TTL", "SessionStore"]
@@ -147,17 +153,17 @@ class SessionStore:
                 )
             if int(reply[0]) == 1:
                 created = time_of(reply[1])
-                return SessionRecord.model_construct(
-                    id=session_id,
-                    unique_key=unique_key,
-                    client_ip=client_ip,
-                    locked=locked,
-                    created_at=created,
-                    modified_at=created,
-                    expires_at=time_of(reply[2]),
-                    version=1,
-                    subject=subject or None,
-                    data=values,
+                return new_record(
+                    session_id,
+                    unique_key,
+                    client_ip,
+                    locked,
+                    created,
+                    created,
+                    time_of(reply[2]),
+                    1,
+                    subject or None,
+                    values,
                 )
         raise ToolkitError("could not allocate a unique session id after 3 attempts")
 
@@ -178,7 +184,7 @@ class SessionStore:
             fields = await self.redis.hgetall(self._keys.record(*parts))
         if not fields:
             return None
-        return self._fields.parse(session_id, fields.items())
+        return self._fields.parse(session_id, fields)
 
     @traced("session.load", result=lambda record: "found" if record else "missing")
     async def load(self, session_id: str, *, touch: bool = True) -> SessionRecord | None:
@@ -192,12 +198,11 @@ class SessionStore:
         parts = split_id(session_id)
         if parts is None:
             return None
-        keys = [self._keys.record(*parts), self._keys.moved(*parts)]
         with self.guard:
-            reply = await _LOAD(self.redis, keys=keys, args=["1" if touch else "0"])
-        if int(reply[0]) == 1:
-            return self._fields.parse(session_id, pairs(reply[1]))
-        return None
+            flat = await _LOAD(
+                self.redis, keys=[self._keys.record(*parts)], args=["1" if touch else "0"]
+            )
+        return self._fields.parse(session_id, hash_of(flat)) if flat else None
 
     async def was_regenerated(self, session_id: str) -> bool:
         """True when *session_id* was replaced by ``regenerate`` less than ``regenerate_grace`` ago.
@@ -387,7 +392,7 @@ class SessionStore:
                     replies = await pipe.execute()
             for (session_id, _), fields in zip(chunk, replies, strict=True):
                 if fields:
-                    found[session_id] = self._fields.parse(session_id, fields.items())
+                    found[session_id] = self._fields.parse(session_id, fields)
         return [found.get(i) for i in ids]
 
     async def list(self) -> AsyncIterator[SessionRecord]:

@@ -21,7 +21,7 @@ from app.services.sessions._fields import RecordFields
 from app.services.sessions._ids import new_session_id, split_id
 from app.services.sessions._index import SubjectIndex
 from app.services.sessions._keys import SessionKeys
-from app.services.sessions._record import SessionRecord, WriteResult, pairs, time_of
+from app.services.sessions._record import SessionRecord, WriteResult, hash_of, time_of
 
 __all__ = ["SessionWriter"]
 
@@ -166,7 +166,7 @@ class SessionWriter:
         if previous and (previous != final_subject or attempt.regenerate):
             await self._index.drop(previous, attempt.session_id)
         if attempt.want_record:
-            return self._fields.parse(attempt.new_id, pairs(reply[4]))
+            return self._fields.parse(attempt.new_id, hash_of(reply[4]))
         return WriteResult(id=attempt.new_id, version=int(reply[1]), modified_at=time_of(reply[2]))
 
 

@@ -547,3 +547,56 @@ async def test_the_write_nonces_kept_on_a_record_are_bounded(client: Any) -> Non
     fields = await client.hkeys(store._keys.record(*rec.id.split(".")))
     names = [f.decode() if isinstance(f, bytes) else f for f in fields]
     assert len([n for n in names if n.startswith("w:")]) == 4
+
+
+async def test_a_loaded_record_is_the_model_model_construct_builds(store: SessionStore) -> None:
+    rec = await store.create(data={"user": 7, "tags": ["a"]}, client_ip="10.0.0.3", locked=True)
+    for read in (await store.load(rec.id), await store.get(rec.id), rec):
+        assert read is not None
+        built = SessionRecord.model_construct(
+            **{name: getattr(read, name) for name in read.__dict__}
+        )
+        assert list(read.__dict__) == list(SessionRecord.model_fields)  # declaration order
+        assert read.model_fields_set == built.model_fields_set == set(SessionRecord.model_fields)
+        assert read == built and repr(read) == repr(built)
+        assert read.model_dump_json() == built.model_dump_json()
+        assert read.model_copy(update={"locked": False}).locked is False
+        read.client_ip = "10.0.0.4"  # an ordinary model: attributes can be set
+        assert read.client_ip == "10.0.0.4" and read.model_extra is None
+
+
+async def test_loads_never_share_mutable_values_and_keep_every_type(store: SessionStore) -> None:
+    data = {
+        "user": 7,
+        "name": "Ada",
+        "ratio": 0.5,
+        "admin": False,
+        "none": None,
+        "raw": b"\x00\xff",
+        "when": dt.datetime(2024, 5, 1, 12, 30, tzinfo=dt.UTC),
+        "cart": [1, 2],
+        "prefs": {"theme": "dark"},
+        "long": "x" * 5000,
+    }
+    rec = await store.create(data=data)
+    first = await store.load(rec.id)
+    assert first is not None and first.data == data
+    first.data["cart"].append(3)  # a request changing what it read, in place
+    first.data["prefs"]["theme"] = "light"
+    first.data["user"] = 8
+    second = await store.load(rec.id)
+    assert second is not None and second.data == data  # the next read sees the stored values
+    assert second.data["cart"] is not first.data["cart"]
+    assert {k: type(v) for k, v in second.data.items()} == {k: type(v) for k, v in data.items()}
+    third = await store.get(rec.id)
+    assert third is not None and third.data == data and third.data is not second.data
+
+
+async def test_a_hash_without_a_deadline_at_a_record_key_reads_as_missing(
+    client: Any, store: SessionStore
+) -> None:
+    session_id = new_session_id()
+    key = store._keys.record(*session_id.split("."))
+    await client.hset(key, mapping={"version": 1, "unique_key": "u"})  # not written by the store
+    assert await store.load(session_id) is None
+    assert await client.pttl(key) == -1  # left alone: neither read nor expired by the load

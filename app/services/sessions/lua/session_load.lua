@@ -1,27 +1,40 @@
 -- KEYS[1] session record (hash)
--- KEYS[2] moved marker of this id (set by a regeneration; it never names the new id)
 -- ARGV[1] '1' to restart the idle timeout (bounded by the absolute deadline), '0' to only read
--- returns {1, {field, value, ...}} with the whole record;
---         {2} when the id was regenerated away (recently): no data, the id is dead;
---         {0} when the id is unknown, expired or deleted
+-- returns the whole record as a flat {field, value, ...} list, or an empty list when the id
+--         is unknown, expired, deleted or was regenerated away (the record moved to another
+--         id: the old one never reads the data of the session that replaced it)
 --
--- A regenerated-away id resolves to nothing: a request that arrives with it after the
--- regeneration (a planted, fixated id) reads nothing of the session that replaced it.
+-- One HGETALL serves both the deadline check and the reply: the record's own fields
+-- expires_at and idle_ms are found in it, near the front (the create script writes them
+-- first), instead of being read by a second command.
 local rec = KEYS[1]
-local meta = redis.call('HMGET', rec, 'expires_at', 'idle_ms')
-if not meta[1] then
-  if redis.call('EXISTS', KEYS[2]) == 1 then
-    return {2}
+local all = redis.call('HGETALL', rec)
+local n = #all
+if n == 0 then
+  return all
+end
+local expires, idle
+for i = 1, n, 2 do
+  local field = all[i]
+  if field == 'expires_at' then
+    expires = all[i + 1]
+  elseif field == 'idle_ms' then
+    idle = all[i + 1]
   end
-  return {0}
+  if expires and idle then
+    break
+  end
+end
+if not (expires and idle) then
+  return {}  -- not a record this store wrote
 end
 -- @include now_ms
-local left = tonumber(meta[1]) - now
+local left = tonumber(expires) - now
 if left <= 0 then
   redis.call('DEL', rec)
-  return {0}
+  return {}
 end
 if ARGV[1] == '1' then
-  redis.call('PEXPIRE', rec, math.min(tonumber(meta[2]), left))
+  redis.call('PEXPIRE', rec, math.min(tonumber(idle), left))
 end
-return {1, redis.call('HGETALL', rec)}
+return all
