@@ -22,6 +22,7 @@ log = logging.getLogger("app.sessions")
 _CONTEXT = b"app.sessions.cookie.v1\x00"  # domain separation from other uses of the secret
 _SIG_LEN = 43  # base64url of a SHA-256 MAC, unpadded
 _EXPIRED = "Max-Age=0; Expires=Thu, 01 Jan 1970 00:00:00 GMT"
+_VERIFIED_MAX = 4096  # verified cookie values remembered (all forgotten when full)
 
 
 def signing_keys(
@@ -75,7 +76,7 @@ class SessionCookie:
     for the options; ``max_age`` None makes a browser-session cookie.
     """
 
-    __slots__ = ("_expire_suffix", "_set_suffix", "_signers", "name")
+    __slots__ = ("_expire_suffix", "_marker", "_set_suffix", "_signers", "_verified", "name")
 
     def __init__(
         self,
@@ -91,6 +92,11 @@ class SessionCookie:
         max_age: int | None,
     ) -> None:
         self._signers = [hmac.new(key, _CONTEXT, hashlib.sha256) for key in keys]
+        # Cookie values that passed verify(), and its answer: a client sends the same
+        # cookie on every request, so the HMAC is computed once per value, not per
+        # request. Only verified values enter (a forged one is checked every time);
+        # the keys never change for this object, so an entry never goes stale.
+        self._verified: dict[str, tuple[str, int]] = {}
         secure = settings.app_env != "development" if https_only is None else https_only
         if same_site not in ("lax", "strict", "none"):
             raise ConfigurationError(f"same_site must be lax, strict or none, got {same_site!r}")
@@ -99,6 +105,7 @@ class SessionCookie:
         self.name = _cookie_name(
             settings, cookie_name, host_prefix, secure=secure, path=path, domain=domain
         )
+        self._marker = self.name.encode("latin-1", "replace")  # the header is latin-1 text
         flags = f"; Path={path}" + (f"; Domain={domain}" if domain else "") + "; HttpOnly"
         flags += ("; Secure" if secure else "") + f"; SameSite={same_site.capitalize()}"
         self._set_suffix = (f"; Max-Age={max_age}" if max_age is not None else "") + flags
@@ -115,22 +122,53 @@ class SessionCookie:
 
     def verify(self, value: str) -> tuple[str, int] | None:
         """The session id in a cookie value and the index of the key that signed it, or None."""
+        found = self._verified.get(value)
+        if found is not None:
+            return found
         session_id, dot, sig = value.rpartition(".")
         if not dot or len(sig) != _SIG_LEN or not sig.isascii() or not is_session_id(session_id):
             return None
         for index, signer in enumerate(self._signers):
             if hmac.compare_digest(self._mac(signer, session_id), sig):
-                return session_id, index
+                verified = self._verified
+                if len(verified) >= _VERIFIED_MAX:
+                    verified.clear()
+                found = verified[value] = (session_id, index)
+                return found
         return None
 
     def read(self, scope: Scope) -> str | None:
-        """The cookie's value in the request, if any."""
+        """The cookie's value in the request, if any (the first Cookie header that carries one)."""
         for name, value in scope.get("headers", ()):
             if name == b"cookie":
-                found = cookie_parser(value.decode("latin-1")).get(self.name)
+                found = self._value_in(value)
                 if found:
                     return found
         return None
+
+    def _value_in(self, header: bytes) -> str | None:
+        """What ``cookie_parser(header)`` gives for this cookie, parsing as little as it can.
+
+        A header that names this cookie once is cut down to the one ``;``-separated
+        pair that holds the name (no other pair can carry the cookie), and that
+        pair alone is read (a quoted value still goes through ``cookie_parser``):
+        the same answer, without splitting every other cookie of the site on
+        every request.
+        """
+        marker = self._marker
+        count = header.count(marker)
+        if count == 0:
+            return None
+        if count > 1:
+            return cookie_parser(header.decode("latin-1")).get(self.name)
+        at = header.find(marker)
+        end = header.find(b";", at)
+        pair = header[header.rfind(b";", 0, at) + 1 : end if end >= 0 else None].decode("latin-1")
+        name, eq, value = pair.partition("=")
+        if not eq or name.strip() != self.name:
+            return None  # the name is part of another cookie's name or value
+        value = value.strip()
+        return cookie_parser(pair).get(self.name) if value.startswith('"') else value
 
     def set(self, session_id: str) -> str:
         """The ``Set-Cookie`` value that gives the client *session_id*."""

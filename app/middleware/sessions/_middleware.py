@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from typing import Any, Literal
+from collections.abc import Iterable, Sequence
+from typing import Any, Final, Literal
 
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -14,7 +14,7 @@ from app.core.errors import RedisUnavailable, ToolkitError
 from app.core.guard import Duration, FailOpen, PerClient, as_seconds
 from app.core.redis import AnyRedis, get_redis
 from app.http.problems import send_problem
-from app.middleware._order import REPLACED_KEY, enter_or_pass
+from app.middleware._order import REPLACED_KEY, enter_layer, enter_or_pass
 from app.middleware.sessions._cookie import SessionCookie, signing_keys
 from app.middleware.sessions._session import Session
 from app.services.sessions import (
@@ -154,8 +154,10 @@ class SessionMiddleware:
     # -- ASGI -----------------------------------------------------------------
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if await enter_or_pass(self.app, "sessions", scope, receive, send):
+        if scope["type"] != "http":
+            await enter_or_pass(self.app, "sessions", scope, receive, send)
             return
+        enter_layer(scope, "sessions")  # what enter_or_pass does for HTTP, one await less
         session = Session(self, scope)
         scope["session"] = session
         instance = scope.get("path")
@@ -214,11 +216,23 @@ class _SaveOnStart:
                 await send_problem(self._send, exc, instance, [(b"vary", b"Cookie")])
                 return
             if session.accessed:
-                message["headers"] = list(message.get("headers", ()))
-                headers = MutableHeaders(scope=message)
-                headers.add_vary_header("Cookie")
-                for cookie in cookies:
-                    headers.append("set-cookie", cookie)
+                message["headers"] = _with_session_headers(message.get("headers", ()), cookies)
         elif self.replaced:
             return
         await self._send(message)
+
+
+def _with_session_headers(headers: Iterable[tuple[bytes, bytes]], cookies: list[str]) -> list[Any]:
+    """A copy of the response's *headers* with ``Vary: Cookie`` added and *cookies* set."""
+    out = list(headers)
+    for name, _ in out:
+        if name == b"vary":  # join the app's Vary values, as Starlette does
+            MutableHeaders(raw=out).add_vary_header("Cookie")
+            break
+    else:
+        out.append(_VARY_COOKIE)
+    out += [(b"set-cookie", cookie.encode("latin-1")) for cookie in cookies]
+    return out
+
+
+_VARY_COOKIE: Final = (b"vary", b"Cookie")

@@ -164,7 +164,8 @@ class Session(MutableMapping[str, Any]):
         whose changes are not saved.
         """
         self.accessed = True
-        self._parse()
+        if not self._parsed:
+            self._parse()
         if self._loaded:
             return self
         assert self._cookie_id is not None
@@ -268,6 +269,15 @@ class Session(MutableMapping[str, Any]):
         self._committed = True
         if not self._parsed or not self._loaded or self._degraded:
             return []
+        if self._record is not None and not (
+            self._changed
+            or self._deleted
+            or self._snapshots
+            or self._regenerate
+            or self._invalidated
+            or self._resign
+        ):
+            return []  # a read: nothing to write, no cookie to send
         mw = self._mw
         cookies: list[str] = []
         try:

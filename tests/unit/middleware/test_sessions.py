@@ -16,7 +16,8 @@ import httpx
 import pytest
 import pytest_asyncio
 from fastapi import FastAPI, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.requests import cookie_parser
 
 from app.api.deps import SessionDep
 from app.api.problems import install_problem_handlers
@@ -639,3 +640,79 @@ async def test_autoload_with_redis_down_answers_503_before_the_app_runs(
     r = await client.get("/plain", headers=with_cookie(cookie))
     assert r.status_code == 503 and r.headers["content-type"] == "application/problem+json"
     assert (await client.get("/plain")).status_code == 200
+
+
+def _parsed_cookie(headers: list[bytes], name: str) -> str | None:
+    """What Starlette's parser finds: the first Cookie header whose value for *name* is non-empty."""
+    for header in headers:
+        found = cookie_parser(header.decode("latin-1")).get(name)
+        if found:
+            return found
+    return None
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [b"session=abc"],
+        [b"a=1; session=abc; b=2"],
+        [b"session=abc;other=2"],
+        [b"  session  =  abc  ; x=1"],
+        [b"\tsession=abc"],
+        [b"session=first; session=last"],  # the last of one header wins
+        [b"xsession=evil; session=abc"],
+        [b"session=abc; session_x=1"],
+        [b"session_x=1"],
+        [b"sessions=1; my-session=2"],
+        [b"a=session; b=session=x"],  # the name inside other cookies' values
+        [b"a=x session=abc"],
+        [b'session="a\\"b\\073"; x=1'],  # quoted: unescaped as Starlette does
+        [b'session="abc"'],
+        [b"session=; x=1", b"session=second"],  # an empty value: the next header counts
+        [b"x=1", b"session=from-the-second-header"],
+        [b"session=one", b"session=two"],
+        [b"session"],
+        [b"=session"],
+        [b"session=a=b=c"],
+        [b"session=caf\xe9"],  # latin-1
+        [b";;session=abc;;"],
+        [b""],
+        [],
+    ],
+)
+def test_the_session_cookie_is_read_as_starlettes_parser_reads_it(headers: list[bytes]) -> None:
+    cookie = SessionMiddleware(build_app(), secret_key=SECRET).cookie
+    scope = {"headers": [(b"host", b"x"), *((b"cookie", h) for h in headers)]}
+    assert cookie.read(scope) == _parsed_cookie(headers, "session")
+
+
+def test_only_verified_cookie_values_are_remembered_with_the_key_that_signed_them() -> None:
+    session_id = new_session_id()
+    old = SessionMiddleware(build_app(), secret_key="old-key-0123456789").cookie
+    cookie = SessionMiddleware(
+        build_app(), secret_key=["new-key-0123456789", "old-key-0123456789"]
+    ).cookie
+    signed_old, signed_new = old.sign(session_id), cookie.sign(session_id)
+    for _ in range(2):  # the second answer comes from what the first one remembered
+        assert cookie.verify(signed_old) == (session_id, 1)  # still re-signed next time
+        assert cookie.verify(signed_new) == (session_id, 0)
+    forged = f"{session_id}.{'A' * 43}"  # the same id under a signature nobody made
+    assert cookie.verify(forged) is None and cookie.verify(forged) is None
+    other = SessionMiddleware(build_app(), secret_key="other-key-0123456789").cookie
+    assert other.verify(signed_new) is None  # nothing is shared between keys
+
+
+async def test_vary_cookie_joins_the_apps_own_vary_header(client_for: Factory) -> None:
+    app = build_app()
+
+    @app.get("/negotiated")
+    async def negotiated(session: SessionDep) -> JSONResponse:
+        return JSONResponse({"new": session.is_new}, headers={"Vary": "Accept-Encoding"})
+
+    client = await client_for(app)
+    r = await client.get("/negotiated")
+    assert r.headers.get_list("vary") == ["Accept-Encoding, Cookie"]
+    value = cookie_value(await client.post("/set", params={"key": "a", "value": "1"}))
+    r = await client.get("/negotiated", headers=with_cookie(value))
+    assert r.headers.get_list("vary") == ["Accept-Encoding, Cookie"]
+    assert "set-cookie" not in r.headers and r.json() == {"new": False}
