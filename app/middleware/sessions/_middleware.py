@@ -206,16 +206,16 @@ class _SaveOnStart:
         session = self.session
         if message["type"] == "http.response.start":
             self.started = True
-            try:
-                cookies = await session._commit() if session.accessed else []
-            except ToolkitError as exc:
-                # The response must not claim a success the session cannot back.
-                self.replaced = True
-                self.scope[REPLACED_KEY] = True  # outer layers: release, never store
-                instance = self.scope.get("path")
-                await send_problem(self._send, exc, instance, [(b"vary", b"Cookie")])
-                return
             if session.accessed:
+                try:  # a read settles without a coroutine: the common case awaits nothing
+                    cookies = [] if session._settled() else await session._commit()
+                except ToolkitError as exc:
+                    # The response must not claim a success the session cannot back.
+                    self.replaced = True
+                    self.scope[REPLACED_KEY] = True  # outer layers: release, never store
+                    instance = self.scope.get("path")
+                    await send_problem(self._send, exc, instance, [(b"vary", b"Cookie")])
+                    return
                 message["headers"] = _with_session_headers(message.get("headers", ()), cookies)
         elif self.replaced:
             return

@@ -264,12 +264,10 @@ class Session(MutableMapping[str, Any]):
                 changes[key] = self._data[key]
         return changes
 
-    async def _commit(self) -> list[str]:
-        """Write what the request changed; return the Set-Cookie values to send."""
-        self._committed = True
-        if not self._parsed or not self._loaded or self._degraded:
-            return []
-        if self._record is not None and not (
+    def _settled(self) -> bool:
+        """True when saving has nothing to do (a stored session only read: no write, no
+        cookie); the session then counts as saved, so later changes are reported as late."""
+        if self._record is None or (
             self._changed
             or self._deleted
             or self._snapshots
@@ -277,7 +275,15 @@ class Session(MutableMapping[str, Any]):
             or self._invalidated
             or self._resign
         ):
-            return []  # a read: nothing to write, no cookie to send
+            return False
+        self._committed = True
+        return True
+
+    async def _commit(self) -> list[str]:
+        """Write what the request changed; return the Set-Cookie values to send."""
+        self._committed = True
+        if not self._parsed or not self._loaded or self._degraded or self._settled():
+            return []
         mw = self._mw
         cookies: list[str] = []
         try:
