@@ -362,6 +362,11 @@ class Codec:
             )
         if not raw or raw[0] != _MAGIC:
             return self._from_json(raw, type_, tagged=False)
+        if type_ is None and raw[1:3] == b"j-":  # plain, uncompressed JSON: the common envelope
+            try:
+                return orjson.loads(raw[3:])
+            except orjson.JSONDecodeError as exc:
+                raise CodecError(f"corrupted JSON payload: {exc}") from exc
         fmt, payload = self._open_envelope(raw)
         kind = fmt.lower()
         if kind == b"j":
