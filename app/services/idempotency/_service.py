@@ -267,11 +267,13 @@ class IdempotencyService:
         interval: Duration | None = None,
         clock: Clock | None = None,
     ) -> Heartbeat:
-        """A task that renews the claim every *interval* seconds (default: a third of the lease).
+        """Renews the claim every *interval* seconds (default: a third of the lease).
 
         ``async with service.heartbeat(key, token) as hb: ...`` (or
-        ``hb.start()`` / ``await hb.stop()``). ``hb.lost`` turns True when a
-        renewal finds the claim gone; the heartbeat then stops. *clock* times
-        the waits between renewals (default ``LOOP_CLOCK``, the event loop's time).
+        ``hb.start()`` / ``await hb.stop()``). Starting arms a timer; the task
+        that renews is created only when the first renewal is due, so work that
+        ends sooner costs no task. ``hb.lost`` turns True when a renewal finds
+        the claim gone; the heartbeat then stops. *clock* times the renewals
+        (default ``LOOP_CLOCK``, the event loop's time).
         """
         return Heartbeat(self, key, token, interval=interval or self.lease / 3, clock=clock)

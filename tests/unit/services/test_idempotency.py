@@ -250,6 +250,25 @@ async def test_heartbeat_renews_each_interval_of_its_clock_until_the_claim_is_go
     assert clock.pending == 0  # stopped: nothing sleeps on the clock any more
 
 
+async def test_heartbeat_starts_no_task_before_its_first_renewal_is_due(client: Any) -> None:
+    svc = IdempotencyService(client, lease=0.3)
+    claim = await svc.claim("k")
+    assert claim.token is not None
+    clock = VirtualClock()
+    tasks = len(asyncio.all_tasks())
+    quick = svc.heartbeat("k", claim.token, clock=clock).start()  # a request that ends at once
+    assert len(asyncio.all_tasks()) == tasks and clock.pending == 1  # a timer, no task
+    await quick.stop()
+    assert clock.pending == 0 and quick.renewals == 0
+    await clock.advance(1)
+    assert len(asyncio.all_tasks()) == tasks  # the cancelled timer never made one
+    slow = svc.heartbeat("k", claim.token, clock=clock).start()
+    await clock.advance(0.1)  # the first interval passed: the renewing task runs now
+    assert slow.renewals == 1 and len(asyncio.all_tasks()) == tasks + 1
+    await slow.stop()
+    assert len(asyncio.all_tasks()) == tasks and clock.pending == 0
+
+
 async def test_heartbeat_interval_must_be_positive(svc: IdempotencyService) -> None:
     with pytest.raises(ConfigurationError, match="interval"):
         svc.heartbeat("k", "t", interval=-1)
