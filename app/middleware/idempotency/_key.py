@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
+import re
+import struct
 from collections.abc import Callable
 from typing import Final, Literal, TypeAlias
 
@@ -33,6 +36,9 @@ PrincipalFunc: TypeAlias = "Callable[[Scope], str | bytes | None]"
 """The authenticated principal from the ASGI scope; None or "" defers to ``resolve_caller``."""
 
 _MAX_KEY_LENGTH: Final = 255
+_BARE_KEY: Final = re.compile(rb"[\x21\x23-\x7e]{1,255}")
+"""A valid bare key: 1-255 visible ASCII characters, no double quote (the common case)."""
+_U32: Final = struct.Struct(">I").pack
 
 
 def parse_idempotency_key(value: bytes | str) -> str:
@@ -45,6 +51,8 @@ def parse_idempotency_key(value: bytes | str) -> str:
     """
     raw = value.encode("latin-1") if isinstance(value, str) else value
     text = raw.strip(b" \t")
+    if _BARE_KEY.fullmatch(text):
+        return text.decode("ascii")
     if text.startswith(b'"'):
         parsed = parse_sf_string(text)
         if parsed is None:
@@ -81,8 +89,8 @@ def default_principal(scope: Scope) -> str:
     return ""
 
 
-def _length_prefixed(*parts: bytes) -> bytes:
-    return b"".join(len(p).to_bytes(4, "big") + p for p in parts)
+def _length_prefixed(a: bytes, b: bytes, c: bytes, d: bytes) -> bytes:
+    return b"".join((_U32(len(a)), a, _U32(len(b)), b, _U32(len(c)), c, _U32(len(d)), d))
 
 
 def _encode(text: str | bytes | None) -> bytes:
@@ -93,8 +101,15 @@ def _encode(text: str | bytes | None) -> bytes:
 
 def record_name(secret: bytes, scope: str | bytes | None, method: str, route: str, key: str) -> str:
     """The record of a request: HMAC of the caller scope, method, route and key (hex, 128 bits)."""
-    message = _length_prefixed(_encode(scope), _encode(method), _encode(route), _encode(key))
-    return hmac.new(secret, message, hashlib.sha256).hexdigest()[:32]
+    mac = _keyed(secret).copy()
+    mac.update(_length_prefixed(_encode(scope), _encode(method), _encode(route), _encode(key)))
+    return mac.hexdigest()[:32]
+
+
+@functools.lru_cache(maxsize=16)
+def _keyed(secret: bytes) -> hmac.HMAC:
+    """An HMAC under *secret* with nothing absorbed: copies of it skip the key schedule."""
+    return hmac.new(secret, digestmod=hashlib.sha256)
 
 
 def request_fingerprint(

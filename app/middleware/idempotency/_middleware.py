@@ -198,6 +198,9 @@ class IdempotencyMiddleware:
 
     def record_names(self, caller: Caller, method: str, route: str, key: str) -> list[str]:
         """The record of this request under the current key, then under each fallback key."""
+        # no rotation under way: one digest of the caller, not one per key
+        if len(self._secrets) == 1:
+            return [record_name(self._secret, caller.digest(), method, route, key)]
         return [
             record_name(secret, scope, method, route, key)
             for secret, scope in zip(self._secrets, caller.scopes(), strict=False)

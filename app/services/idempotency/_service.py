@@ -95,6 +95,11 @@ class IdempotencyService:
     def _notify_key(self, key: str) -> str:
         return self._keys.tagged(key, "n")
 
+    def _record_keys(self, key: str) -> tuple[str, str]:
+        """``(record_key(key), _notify_key(key))``, escaping *key* once."""
+        record = self._keys.tagged(key)
+        return record, record + ":n"
+
     # -- the DESIGN.md contract ----------------------------------------------
 
     async def is_duplicate(self, key: str) -> bool:
@@ -175,6 +180,10 @@ class IdempotencyService:
 
         Raises ``RedisUnavailable`` when Redis is down.
         """
+        if not fallbacks and wait <= 0:  # the common case: one round trip, nothing to loop on
+            token = secrets.token_hex(16)
+            code, payload = await self._claim_script(key, fingerprint, token, b"0", b"0")
+            return self._answer(key, int(code), payload, token, result_type)
         register = b"1" if wait > 0 else b"0"
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
@@ -182,29 +191,41 @@ class IdempotencyService:
         while True:
             token = secrets.token_hex(16)
             for name in names:
-                record, notify = self.record_key(name), self._notify_key(name)
-                with self.guard:
-                    code, payload = await _CLAIM(
-                        self.redis,
-                        keys=(record, notify),
-                        args=(fingerprint, token, self._lease_ms, register, _look(name, key)),
-                    )
+                code, payload = await self._claim_script(
+                    name, fingerprint, token, register, _look(name, key)
+                )
                 if int(code) != _ABSENT:
                     break
-            status = STATUS[int(code)]
-            if status == "new":
-                return Claim("new", name, token=token)
-            if status == "completed":
-                return Claim("completed", name, result=self._codec.decode(payload, result_type))
-            if status == "mismatch":
-                return Claim("mismatch", name)
-            lease_left = max(int(payload), 0) / 1000
+            claim = self._answer(name, int(code), payload, token, result_type)
+            if claim.status != "in_flight":
+                return claim
             remaining = deadline - loop.time()
             if remaining <= 0:
-                return Claim("in_flight", name, lease_remaining=lease_left)
+                return claim
+            lease_left = claim.lease_remaining or 0.0
             block = min(remaining, self._max_block, max(lease_left, 0.01))
             with self.guard:
-                await self.redis.blpop([notify], timeout=block)
+                await self.redis.blpop([self._notify_key(name)], timeout=block)
+
+    async def _claim_script(
+        self, name: str, fingerprint: str, token: str, register: bytes, look: bytes
+    ) -> Any:
+        record, notify = self._record_keys(name)
+        with self.guard:
+            return await _CLAIM(
+                self.redis,
+                keys=(record, notify),
+                args=(fingerprint, token, self._lease_ms, register, look),
+            )
+
+    def _answer(self, name: str, code: int, payload: Any, token: str, result_type: Any) -> Claim:
+        if code == 0:
+            return Claim("new", name, token=token)
+        if code == 2:
+            return Claim("completed", name, result=self._codec.decode(payload, result_type))
+        if code == 3:
+            return Claim("mismatch", name)
+        return Claim(STATUS[code], name, lease_remaining=max(int(payload), 0) / 1000)
 
     async def complete(
         self, key: str, token: str, result: Any, *, ttl: Duration | None = None
@@ -226,7 +247,7 @@ class IdempotencyService:
         with self.guard:
             done = await _COMPLETE(
                 self.redis,
-                keys=(self.record_key(key), self._notify_key(key)),
+                keys=self._record_keys(key),
                 args=(token, blob, ttl_ms, _NOTIFY_TTL_MS),
             )
         return bool(done)
@@ -242,7 +263,7 @@ class IdempotencyService:
         with self.guard:
             done = await _RELEASE(
                 self.redis,
-                keys=(self.record_key(key), self._notify_key(key)),
+                keys=self._record_keys(key),
                 args=(token, _NOTIFY_TTL_MS),
             )
         return bool(done)
