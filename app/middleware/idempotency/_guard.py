@@ -160,7 +160,6 @@ class Guard:
                 records[0],
                 fingerprint,
                 wait=mw.wait_timeout,
-                result_type=StoredResponse,
                 fallbacks=records[1:],
             )
         except RedisUnavailable as exc:
@@ -178,7 +177,7 @@ class Guard:
             return
         if claim.status == "completed":
             mw.stats["replayed"] += 1
-            raise Abort(replay=claim.result)
+            raise Abort(replay=StoredResponse.unpack(claim.result))
         if claim.status == "mismatch":
             mw.stats["mismatches"] += 1
             raise Abort(
@@ -279,7 +278,7 @@ class Guard:
         body = b"".join(self._chunks) if self._chunks is not None else None
         if body is None:
             mw.stats["not_stored"] += 1
-        stored = StoredResponse(self._status, self._stored_headers, body)
+        stored = StoredResponse(self._status, self._stored_headers, body).pack()
         try:
             done = await service.complete(self._record, token, stored)
         except ToolkitError as exc:  # Redis down or refusing (OOM), or the codec

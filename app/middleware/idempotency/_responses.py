@@ -6,9 +6,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
+import orjson
+from pydantic import TypeAdapter, ValidationError
 from starlette.types import Scope, Send
 
-from app.core.errors import IdempotencyResponseNotKept, ToolkitError
+from app.core.errors import CodecError, IdempotencyResponseNotKept, ToolkitError
 from app.http.asgi import send_response
 from app.http.problems import PROBLEM_CONTENT_TYPE, send_problem
 
@@ -31,6 +33,36 @@ class StoredResponse:
     status: int
     headers: list[tuple[str, str]]
     body: bytes | None
+
+    def pack(self) -> bytes:
+        """One blob: a JSON head line ``[status, headers, kept]``, then the body bytes as sent.
+
+        The body is never parsed or re-encoded (no base64), so storing and
+        replaying cost the same whatever its size; the service's codec stores
+        the blob as bytes.
+        """
+        head = orjson.dumps([self.status, self.headers, self.body is not None])
+        return head + b"\n" + self.body if self.body is not None else head + b"\n"
+
+    @classmethod
+    def unpack(cls, stored: Any) -> StoredResponse:
+        """The response in a stored record: a ``pack`` blob, or the dict records written by
+        earlier releases (still replayed until they expire). ``CodecError`` when malformed."""
+        if not isinstance(stored, bytes):
+            return _legacy(stored)
+        head, _, body = stored.partition(b"\n")
+        try:
+            status, headers, kept = orjson.loads(head)
+            return cls(int(status), [(str(k), str(v)) for k, v in headers], body if kept else None)
+        except (orjson.JSONDecodeError, TypeError, ValueError) as exc:
+            raise CodecError(f"stored idempotent response is malformed: {exc}") from exc
+
+
+def _legacy(stored: Any) -> StoredResponse:
+    try:
+        return TypeAdapter(StoredResponse).validate_python(stored)
+    except ValidationError as exc:
+        raise CodecError(f"stored idempotent response is malformed: {exc}") from exc
 
 
 class Abort(Exception):

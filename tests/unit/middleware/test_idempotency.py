@@ -18,10 +18,13 @@ from hypothesis import strategies as st
 from app.api.deps import IdempotencyKeyDep, idempotency_key
 from app.api.problems import install_problem_handlers
 from app.core import redis as core_redis
+from app.core.codec import default_codec
 from app.core.errors import ConfigurationError, IdempotencyKeyInvalid
+from app.core.redis import client_decodes_responses
 from app.http.caller import resolve_caller
 from app.middleware.idempotency import (
     IdempotencyMiddleware,
+    StoredResponse,
     default_principal,
     parse_idempotency_key,
 )
@@ -214,6 +217,22 @@ async def test_replay_on_fakeredis_with_both_decode_modes(fake: Any) -> None:
         first = await client.post("/pay", headers={"Idempotency-Key": "k"})
         replay = await client.post("/pay", headers={"Idempotency-Key": "k"})
     assert replay.content == first.content and replay.headers["idempotent-replayed"] == "true"
+    assert app.state.runs == 1
+
+
+async def test_a_response_stored_by_an_earlier_release_still_replays(fake: Any) -> None:
+    codec = default_codec().with_text_safe(client_decodes_responses(fake))
+    app = _wired_app()
+    async with await _client(app) as client:
+        first = await client.post("/pay", headers={"Idempotency-Key": "k"})
+        [record] = [key async for key in fake.scan_iter() if await fake.hget(key, "r")]
+        stored = StoredResponse.unpack(codec.decode(await fake.hget(record, "r")))
+        assert stored.body == first.content and stored.status == 200
+        # earlier releases stored the dataclass itself through the codec (a tagged dict)
+        await fake.hset(record, "r", codec.encode(stored))
+        replay = await client.post("/pay", headers={"Idempotency-Key": "k"})
+    assert replay.content == first.content and replay.headers["idempotent-replayed"] == "true"
+    assert replay.headers["content-type"] == first.headers["content-type"]
     assert app.state.runs == 1
 
 
