@@ -19,7 +19,7 @@ from app.core.config import get_settings
 from app.services.streams import StreamConsumer, StreamMessage, StreamProducer, stream_keys
 from app.testing.plugin import RedisServerInfo
 from app.testing.waiting import eventually
-from tests.integration.services._streams_handlers import PROCESSED_KEY
+from tests.integration.services._streams_handlers import PROCESSED_KEY, STARTED_KEY
 
 ROOT = Path(__file__).resolve().parents[3]
 HANDLER = "tests.integration.services._streams_handlers:record"
@@ -138,8 +138,8 @@ async def test_sigterm_lets_in_flight_handlers_finish_and_acks_them(
     ids = await StreamProducer(real_redis, "jobs").add_many(range(4))
     worker = start_worker("graceful", "--concurrency", "4", delay=1.0)
 
-    async def all_in_flight() -> bool:
-        return len(await pending_for(real_redis, "graceful")) == 4
+    async def all_in_flight() -> bool:  # every handler started (not only read: see prefetch)
+        return await real_redis.llen(STARTED_KEY) == 4
 
     await eventually(all_in_flight)
     assert await processed(real_redis) == []
@@ -158,7 +158,7 @@ async def test_sigterm_past_the_shutdown_timeout_leaves_entries_pending(
     )
 
     async def all_in_flight() -> bool:
-        return len(await pending_for(real_redis, "impatient")) == 3
+        return await real_redis.llen(STARTED_KEY) == 3
 
     await eventually(all_in_flight)
     worker.send_signal(signal.SIGTERM)
