@@ -18,6 +18,8 @@ from app.core.errors import ConfigurationError
 
 __all__ = ["ClientIP", "parse_ip"]
 
+_PEERS_MAX = 4096  # peers whose answer is remembered (all forgotten when full)
+
 
 def parse_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     """An IP address from a peer or forwarding hop (``v4:port``, ``[v6]:port``), or None."""
@@ -53,7 +55,7 @@ class ClientIP:
     the last trusted address.
     """
 
-    __slots__ = ("_header", "_networks", "_prefix")
+    __slots__ = ("_header", "_networks", "_peers", "_prefix")
 
     def __init__(
         self,
@@ -67,6 +69,10 @@ class ClientIP:
         if not 1 <= ipv6_prefix <= 128:
             raise ConfigurationError("ipv6_prefix must be between 1 and 128")
         self._prefix = ipv6_prefix
+        # peer -> its answer, for peers that are not trusted proxies (the answer then
+        # depends on the peer alone): parsing and formatting an address costs more than
+        # the rest of a lookup. Bounded, so many peers only churn it.
+        self._peers: dict[str, str] = {}
 
     def _trusted(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
         return any(address in network for network in self._networks)
@@ -82,11 +88,19 @@ class ClientIP:
         if not client:
             return None
         peer = str(client[0])
+        known = self._peers.get(peer)
+        if known is not None:
+            return known
         address = parse_ip(peer)
         if address is None:
             return peer  # a unix socket or a test transport: its name is all there is
         if not self._networks or not self._trusted(address):
-            return self._format(address)
+            answer = self._format(address)
+            peers = self._peers
+            if len(peers) >= _PEERS_MAX:
+                peers.clear()
+            peers[peer] = answer
+            return answer
         hops = [
             hop
             for name, value in scope.get("headers", ())

@@ -582,6 +582,21 @@ def test_client_ip_reads_forwarded_for_right_to_left_past_trusted_proxies() -> N
         ClientIP(["not-a-network"])
 
 
+def test_client_ip_remembers_untrusted_peers_within_a_bound() -> None:
+    """Answers for direct peers are remembered (one parse per peer), never a proxy's (its
+    answer depends on the header), and many peers cannot grow the memory without bound."""
+    proxies = ClientIP(["10.0.0.0/8"])
+    for _ in range(3):
+        assert proxies.address(scope_with("203.0.113.9", "1.1.1.1")) == "203.0.113.9"
+        assert proxies.address(scope_with("2001:db8::1")) == "2001:db8::/64"
+    assert proxies.address(scope_with("10.0.0.2", "198.51.100.7")) == "198.51.100.7"
+    assert proxies.address(scope_with("10.0.0.2", "198.51.100.8")) == "198.51.100.8"
+    many = [f"198.{n // 65536}.{n // 256 % 256}.{n % 256}" for n in range(10_000)]
+    assert [proxies.address(scope_with(peer)) for peer in many] == many
+    assert len(proxies._peers) <= 4096
+    assert proxies.address(scope_with("203.0.113.9")) == "203.0.113.9"
+
+
 async def test_a_spoofed_forwarded_for_from_an_untrusted_peer_changes_nothing(
     serve: Serve,
 ) -> None:
