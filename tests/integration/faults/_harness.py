@@ -124,6 +124,12 @@ class Probe:
     """The Lua script (a file in a ``lua/`` under ``app/services``) that ``send`` runs once warm."""
     settings: Mapping[str, object] = field(default_factory=dict)
     """Settings this probe runs with (e.g. a failure mode)."""
+    cycle: int = 1
+    """Requests a worker sends before it repeats one (the HTTP cache probe cycles over four
+    URLs): until each was answered once, a working service may rightly answer the next one
+    otherwise (the first request for a URL is a cache MISS)."""
+    describe: Callable[[httpx.Response], str] | None = None
+    """What to record of an answer that is not healthy (default: status, type and body)."""
 
     def app(self) -> FastAPI:
         """The app this probe drives: its demo modules only."""
@@ -326,9 +332,12 @@ class Workload:
                     response = await probe.send(client, state)
                 status = response.status_code
                 verdict = probe.judge(response)
-                if verdict == "bad":
+                if verdict != "healthy":
                     detail = (
-                        f"{status} {response.headers.get('content-type')} {response.text[:200]}"
+                        probe.describe(response)
+                        if probe.describe is not None
+                        else f"{status} {response.headers.get('content-type')} "
+                        f"{response.text[:200]}"
                     )
             except TimeoutError:
                 verdict, detail = "bad", f"no answer within {REQUEST_BOUND}s (hung)"
@@ -373,6 +382,19 @@ class Workload:
             f"last answers: {self.observations[-6:]}",
             timeout=timeout,
         )
+
+    async def until_warm(self, *, timeout: float = DEFAULT_DEADLINE) -> None:
+        """Until every request each worker cycles through was answered healthy at least once.
+
+        ``workers x cycle`` healthy answers in a row: by pigeonhole one worker gave ``cycle``
+        of them in a row, one for each request of its cycle (every worker sends the same
+        cycle). A shorter streak can come from workers that lag behind and get HITs on
+        URLs already stored while a URL of the cycle is still uncached, and the next
+        request for that URL is then rightly a MISS (``app.middleware.http_cache``:
+        "Miss ... the origin answers; a storable response is stored").
+        """
+        cycle = max(p.cycle for p in self.probes)
+        await self.until_recovered(streak=max(3, self.workers * cycle), timeout=timeout)
 
     async def until_answers(self, n: int, *, phase: str, timeout: float = DEFAULT_DEADLINE) -> None:
         def enough() -> bool:

@@ -127,6 +127,15 @@ def _served_from_redis(response: httpx.Response) -> bool:
     return response.status_code == 200 and response.headers.get("x-cache") in {"HIT", "STALE"}
 
 
+def _http_cache_answer(response: httpx.Response) -> str:
+    """The URL, X-Cache and the origin's call count: 1 means the URL was never cached."""
+    h = response.headers
+    return (
+        f"{response.status_code} {response.request.url.path} X-Cache={h.get('x-cache')} "
+        f"X-Origin-Calls={h.get('x-origin-calls')}"
+    )
+
+
 async def _http_cache_works(client: httpx.AsyncClient, app: FastAPI) -> None:
     url = f"/http-cache/items/{uuid.uuid4().int % 10**9}"
     first, second = await client.get(url), await client.get(url)
@@ -148,6 +157,8 @@ HTTP_CACHE = Probe(
     degraded=lambda r: r.status_code == 200 and r.headers.get("x-cache") == "MISS",
     works=_http_cache_works,
     script="http_cache_lookup.lua",
+    cycle=4,  # a healthy streak long enough to show all four URLs cached
+    describe=_http_cache_answer,
 )
 
 

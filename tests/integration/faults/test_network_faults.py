@@ -50,7 +50,8 @@ async def test_latency_below_the_timeout_is_served_and_above_it_is_bounded(
 ) -> None:
     proxy, _, app = await _start_behind_proxy(probe, target, start_app)
     async with Workload(app, [probe]) as load:
-        await load.until_recovered(streak=3)
+        # Warm first: a URL the HTTP cache probe had not yet asked for is rightly a MISS.
+        await load.until_warm()
         proxy.latency = 0.03  # 60 ms a round trip: slow, within the 250 ms socket timeout
         load.phase = "slow"
         await load.until_answers(4, phase="slow")
@@ -62,7 +63,8 @@ async def test_latency_below_the_timeout_is_served_and_above_it_is_bounded(
         await load.until_recovered()
     load.assert_nothing_bad()
     slow = load.answers(phase="slow", whole=True)
-    assert slow and {o.verdict for o in slow} == {"healthy"}
+    assert slow, "no answer within the slow phase"
+    assert all(o.verdict == "healthy" for o in slow), [o for o in slow if o.verdict != "healthy"]
     load.assert_outage_answers("too slow")
     assert app_breaker().stats()["transitions"] >= 2  # it opened, and closed again
     # A timed-out call costs at most timeout x attempts per Redis call, far under the bound.
