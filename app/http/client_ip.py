@@ -15,6 +15,7 @@ from starlette.requests import HTTPConnection
 from starlette.types import Scope
 
 from app.core.errors import ConfigurationError
+from app.core.memo import BoundedMemo
 
 __all__ = ["ClientIP", "parse_ip"]
 
@@ -72,7 +73,7 @@ class ClientIP:
         # peer -> its answer, for peers that are not trusted proxies (the answer then
         # depends on the peer alone): parsing and formatting an address costs more than
         # the rest of a lookup. Bounded, so many peers only churn it.
-        self._peers: dict[str, str] = {}
+        self._peers: BoundedMemo[str, str] = BoundedMemo(_PEERS_MAX)
 
     def _trusted(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
         return any(address in network for network in self._networks)
@@ -95,12 +96,7 @@ class ClientIP:
         if address is None:
             return peer  # a unix socket or a test transport: its name is all there is
         if not self._networks or not self._trusted(address):
-            answer = self._format(address)
-            peers = self._peers
-            if len(peers) >= _PEERS_MAX:
-                peers.clear()
-            peers[peer] = answer
-            return answer
+            return self._peers.put(peer, self._format(address))
         hops = [
             hop
             for name, value in scope.get("headers", ())

@@ -13,6 +13,7 @@ from starlette.types import Scope
 
 from app.core.config import Settings
 from app.core.errors import ConfigurationError
+from app.core.memo import BoundedMemo
 from app.services.sessions import is_session_id
 
 __all__ = ["SessionCookie", "signing_keys"]
@@ -96,7 +97,7 @@ class SessionCookie:
         # cookie on every request, so the HMAC is computed once per value, not per
         # request. Only verified values enter (a forged one is checked every time);
         # the keys never change for this object, so an entry never goes stale.
-        self._verified: dict[str, tuple[str, int]] = {}
+        self._verified: BoundedMemo[str, tuple[str, int]] = BoundedMemo(_VERIFIED_MAX)
         secure = settings.app_env != "development" if https_only is None else https_only
         if same_site not in ("lax", "strict", "none"):
             raise ConfigurationError(f"same_site must be lax, strict or none, got {same_site!r}")
@@ -130,11 +131,7 @@ class SessionCookie:
             return None
         for index, signer in enumerate(self._signers):
             if hmac.compare_digest(self._mac(signer, session_id), sig):
-                verified = self._verified
-                if len(verified) >= _VERIFIED_MAX:
-                    verified.clear()
-                found = verified[value] = (session_id, index)
-                return found
+                return self._verified.put(value, (session_id, index))
         return None
 
     def read(self, scope: Scope) -> str | None:

@@ -9,6 +9,8 @@ from typing import Any, Final
 
 from pydantic import BaseModel, Field
 
+from app.core.memo import BoundedMemo
+
 __all__ = ["SessionRecord", "WriteResult", "hash_of", "new_record", "time_of"]
 
 
@@ -18,19 +20,17 @@ def hash_of(flat: Sequence[Any]) -> dict[Any, Any]:
     return dict(zip(items, items, strict=True))
 
 
-_TIMES: dict[Any, dt.datetime] = {}
-_TIMES_MAX: Final = 4096
+_TIMES: BoundedMemo[Any, dt.datetime] = BoundedMemo(4096)
+_times = _TIMES.get
 
 
 def time_of(ms: Any) -> dt.datetime:
     """The UTC datetime of a millisecond timestamp (int, or the digits as bytes or text)."""
     # Every load turns the same few stored timestamps (a session's created_at and
     # expires_at never change) into datetimes; datetimes are immutable, so they are shared.
-    found = _TIMES.get(ms)
+    found = _times(ms)
     if found is None:
-        if len(_TIMES) >= _TIMES_MAX:
-            _TIMES.clear()
-        found = _TIMES[ms] = dt.datetime.fromtimestamp(int(ms) / 1000, tz=dt.UTC)
+        found = _TIMES.put(ms, dt.datetime.fromtimestamp(int(ms) / 1000, tz=dt.UTC))
     return found
 
 
