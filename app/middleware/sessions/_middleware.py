@@ -10,7 +10,7 @@ from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.core.config import FailureMode, check_secret_keys, get_settings
-from app.core.errors import RedisUnavailable, ToolkitError
+from app.core.errors import ConfigurationError, RedisUnavailable, ToolkitError
 from app.core.guard import Duration, FailOpen, PerClient, as_seconds
 from app.core.redis import AnyRedis, get_redis
 from app.http.problems import send_problem
@@ -60,8 +60,8 @@ class SessionMiddleware:
             ``path="/"``, no domain; otherwise a warning says why it is off).
         persistent: send ``Max-Age`` (the absolute lifetime); False makes a
             browser-session cookie.
-        idle_ttl, absolute_ttl, regenerate_grace, namespace, subject_key: passed
-            to the ``SessionStore`` built for each client (one per client, on its
+        idle_ttl, absolute_ttl, regenerate_grace, touch_after, namespace, subject_key:
+            passed to the ``SessionStore`` built for each client (one per client, on its
             first request); bad durations raise ``ConfigurationError`` here.
         store: use this store instead (its client is used; ``get_redis()`` is not).
         failure_mode: ``closed`` (503 when Redis is down) or ``open`` (empty,
@@ -86,6 +86,7 @@ class SessionMiddleware:
         idle_ttl: Duration = DEFAULT_IDLE_TTL,
         absolute_ttl: Duration = DEFAULT_ABSOLUTE_TTL,
         regenerate_grace: Duration = 10.0,
+        touch_after: Duration | None = None,
         namespace: str = "session",
         subject_key: str | None = "user",
         store: SessionStore | None = None,
@@ -96,8 +97,13 @@ class SessionMiddleware:
         settings = get_settings()
         check_secret_keys(secret_key, source="SessionMiddleware(secret_key=...)")
         if store is None:  # the stores are built per client later: refuse bad values now
-            as_seconds(idle_ttl, "idle_ttl")
+            idle = as_seconds(idle_ttl, "idle_ttl")
             as_seconds(regenerate_grace, "regenerate_grace", allow_zero=True)
+            if (
+                touch_after is not None
+                and as_seconds(touch_after, "touch_after", allow_zero=True) >= idle
+            ):
+                raise ConfigurationError("touch_after must be shorter than idle_ttl")
             store_ttl = as_seconds(absolute_ttl, "absolute_ttl")
         else:
             store_ttl = store.absolute_ms / 1000
@@ -119,6 +125,7 @@ class SessionMiddleware:
             "idle_ttl": idle_ttl,
             "absolute_ttl": absolute_ttl,
             "regenerate_grace": regenerate_grace,
+            "touch_after": touch_after,
             "namespace": namespace,
             "subject_key": subject_key,
         }

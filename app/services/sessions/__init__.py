@@ -32,10 +32,13 @@ stored write into ``SessionConflict`` or a regeneration into ``SessionNotFound``
 ``delete`` a short tombstone lets a late writer learn the session was deleted
 (``SessionNotFound``), rather than expired.
 
-**Expiry.** Redis enforces both bounds: after every write, load and touch the
-record's TTL is ``min(idle_ttl, expires_at - now)`` computed in Lua from the
-server's ``TIME``, so a session dies after ``idle_ttl`` without activity and at
-``absolute_ttl`` after creation whatever happens.
+**Expiry.** Redis enforces both bounds: after every create, write, touch and
+restarting load the record's TTL is ``min(idle_ttl, expires_at - now)`` computed
+in Lua from the server's ``TIME``, so a session dies after ``idle_ttl`` without
+activity and at ``absolute_ttl`` after creation whatever happens. A load within
+``touch_after`` of this process's last restart of that session only reads (a
+plain ``HGETALL``: no key outlives its deadline), so the idle timeout may end
+up to ``touch_after`` early, never late.
 
 **Regeneration ends the old id at once.** ``regenerate`` (after a login) moves
 the record to a new id in one script; from that moment the old id reads

@@ -11,6 +11,7 @@ from typing import Any, Final
 
 from app.core.codec import Codec
 from app.core.errors import UsageError
+from app.core.memo import BoundedMemo
 from app.services.sessions._record import SessionRecord, new_record, time_of
 
 __all__ = ["RecordFields"]
@@ -33,7 +34,7 @@ class RecordFields:
     def __init__(self, codec: Codec, subject_key: str | None) -> None:
         self.codec = codec
         self.subject_key = subject_key
-        self._decoded: dict[bytes | str, Any] = {}
+        self._decoded: BoundedMemo[bytes | str, Any] = BoundedMemo(_REMEMBER_MAX)
 
     def subject_of(self, data: Mapping[str, Any]) -> str:
         key = self.subject_key
@@ -64,6 +65,19 @@ class RecordFields:
             out.append((name, encode(value)))
         return out
 
+    def read(self, session_id: str, fields: dict[Any, Any]) -> SessionRecord | None:
+        """``parse`` for a plain ``HGETALL`` reply: None when it is empty or no record.
+
+        A hash without ``expires_at`` and ``idle_ms`` was not written by this
+        store's scripts (they write every metadata field at once): it reads None.
+        """
+        if not fields:
+            return None
+        names = _TEXT_NAMES if isinstance(next(iter(fields)), str) else _BYTES_NAMES
+        if names[_EXPIRES] not in fields or names[_IDLE] not in fields:
+            return None
+        return self.parse(session_id, fields)
+
     def parse(self, session_id: str, fields: dict[Any, Any]) -> SessionRecord:
         """The record of *session_id* from its hash (field names and values bytes or text).
 
@@ -75,7 +89,7 @@ class RecordFields:
         # so that only the data and bookkeeping fields are looped over in Python.
         text = isinstance(next(iter(fields), ""), str)
         pop = fields.pop
-        unique_key, client_ip, locked, created, modified, expires, version, subject, prefix = (
+        unique_key, client_ip, locked, created, modified, expires, version, subject, prefix, _ = (
             _TEXT_NAMES if text else _BYTES_NAMES
         )
         record = new_record(
@@ -103,17 +117,16 @@ class RecordFields:
     def _decode(self, raw: bytes | str) -> Any:
         value = self.codec.decode(raw)
         if type(value) in _SCALARS and len(raw) <= _REMEMBER_MAX_LEN:
-            decoded = self._decoded
-            if len(decoded) >= _REMEMBER_MAX:
-                decoded.clear()
-            decoded[raw] = value
+            self._decoded.put(raw, value)
         return value
 
 
 _TEXT_NAMES: Final = (
     "unique_key", "client_ip", "locked", "created_at", "modified_at", "expires_at", "version",
-    "subject", "d:",
+    "subject", "d:", "idle_ms",
 )  # fmt: skip
+_EXPIRES: Final = 5  # indexes in _TEXT_NAMES / _BYTES_NAMES
+_IDLE: Final = 9
 _BYTES_NAMES: Final = tuple(name.encode() for name in _TEXT_NAMES)
 _UNSET: Final = object()
 _SCALARS: Final = frozenset({int, float, str, bool, bytes, type(None)})

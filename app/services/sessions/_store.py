@@ -10,13 +10,15 @@ from __future__ import annotations
 import asyncio
 import builtins
 import secrets
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from typing import Any, Final
 
 from app.core.codec import Codec, default_codec
-from app.core.errors import ToolkitError
+from app.core.errors import ConfigurationError, ToolkitError
 from app.core.guard import Duration, Guard, as_seconds, as_text, to_ms
 from app.core.keys import KeySpace
+from app.core.memo import BoundedMemo
 from app.core.redis import AnyRedis, client_decodes_responses, scan_keys
 from app.core.scripts import Script, ScriptArg
 from app.core.telemetry import traced
@@ -45,6 +47,10 @@ _LOAD = Script.from_package("app.services.sessions", "lua/session_load.lua")
 _DELETE = Script.from_package("app.services.sessions", "lua/session_delete.lua")
 _TOUCH = Script.from_package("app.services.sessions", "lua/session_touch.lua")
 
+_TOUCH_AFTER_SHARE: Final = 0.01
+"""Default ``touch_after``: this share of ``idle_ttl`` (18 s of the default 30 min)."""
+_TOUCHED_MAX: Final = 16_384  # sessions whose last idle restart this process remembers
+
 _BATCH = 100  # HGETALLs per pipeline
 _PARALLEL = 16  # concurrent deletes in delete_all_for (leaves the pool to the requests)
 
@@ -65,6 +71,14 @@ class SessionStore:
             moved (``was_regenerated``; writes through it say so). It never
             resolves to the new session: 0 forgets it at once.
         tombstone_ttl: seconds a deleted id is remembered as deleted.
+        touch_after: seconds after this process restarted a session's idle timeout
+            during which its ``load`` reads without restarting it again (a plain
+            ``HGETALL`` instead of the read-and-touch script). Default: 1% of
+            ``idle_ttl``; 0 restarts it on every load. A session then ends between
+            ``idle_ttl - touch_after`` and ``idle_ttl`` after its last request,
+            never later, and never past ``absolute_ttl``.
+        clock: the monotonic clock ``touch_after`` is measured on, in seconds
+            (default ``time.monotonic``; tests pass one they move by hand).
 
     Durations are seconds (int or float) or ``timedelta``, kept by Redis in whole
     milliseconds rounded up; a bad one (zero, negative, NaN, infinite, not a
@@ -89,12 +103,26 @@ class SessionStore:
         subject_key: str | None = "user",
         regenerate_grace: Duration = 10.0,
         tombstone_ttl: Duration = 60.0,
+        touch_after: Duration | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.redis = redis
         self.idle_ms = to_ms(as_seconds(idle_ttl, "idle_ttl"))
         self.absolute_ms = to_ms(as_seconds(absolute_ttl, "absolute_ttl"))
         self.grace_ms = to_ms(as_seconds(regenerate_grace, "regenerate_grace", allow_zero=True))
         self.tombstone_ms = to_ms(as_seconds(tombstone_ttl, "tombstone_ttl"))
+        self.touch_after = (
+            self.idle_ms / 1000 * _TOUCH_AFTER_SHARE
+            if touch_after is None
+            else as_seconds(touch_after, "touch_after", allow_zero=True)
+        )
+        if self.touch_after * 1000 >= self.idle_ms:
+            raise ConfigurationError("touch_after must be shorter than idle_ttl")
+        self._clock = clock
+        # session id -> the clock time until which a load need not restart its idle
+        # timeout (this process restarted it less than touch_after ago). Bounded: a
+        # forgotten session is only touched once more.
+        self._touched: BoundedMemo[str, float] = BoundedMemo(_TOUCHED_MAX)
         self.subject_key = subject_key
         self.codec = (codec or default_codec()).with_text_safe(client_decodes_responses(redis))
         self._keys = SessionKeys(KeySpace.of(namespace))
@@ -182,27 +210,39 @@ class SessionStore:
             return None
         with self.guard:
             fields = await self.redis.hgetall(self._keys.record(*parts))
-        if not fields:
-            return None
-        return self._fields.parse(session_id, fields)
+        return self._fields.read(session_id, fields)
 
     @traced("session.load", result=lambda record: "found" if record else "missing")
     async def load(self, session_id: str, *, touch: bool = True) -> SessionRecord | None:
         """Read a session as a request does, restarting its idle timeout.
 
         With *touch* the TTL restarts at ``min(idle_ttl, time to expires_at)``
-        in the same script that reads. Returns None when the id is unknown,
+        in the same script that reads, unless this store restarted it less than
+        ``touch_after`` ago: then the read is a plain ``HGETALL`` (every writer
+        bounds the key's TTL by ``expires_at``, so the key cannot outlive its
+        deadline and no check is needed). Returns None when the id is unknown,
         expired, deleted or was replaced by ``regenerate`` (whenever that was:
         the old id of a regenerated session never reads the new one's data).
         """
         parts = split_id(session_id)
         if parts is None:
             return None
+        key = self._keys.record(*parts)
+        if touch:
+            after = self.touch_after
+            now = self._clock() if after else 0.0
+            due = self._touched.get(session_id) if after else None
+            if due is None or now >= due:
+                with self.guard:
+                    flat = await _LOAD(self.redis, keys=[key])
+                if not flat:
+                    return None
+                if after:  # measured from before the call: the restart came later
+                    self._touched.put(session_id, now + after)
+                return self._fields.parse(session_id, hash_of(flat))
         with self.guard:
-            flat = await _LOAD(
-                self.redis, keys=[self._keys.record(*parts)], args=["1" if touch else "0"]
-            )
-        return self._fields.parse(session_id, hash_of(flat)) if flat else None
+            fields = await self.redis.hgetall(key)
+        return self._fields.read(session_id, fields)
 
     async def was_regenerated(self, session_id: str) -> bool:
         """True when *session_id* was replaced by ``regenerate`` less than ``regenerate_grace`` ago.

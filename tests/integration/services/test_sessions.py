@@ -12,7 +12,7 @@ from redis.asyncio import Redis
 from app.core.errors import RedisUnavailable, SessionConflict, SessionNotFound
 from app.services.sessions import SessionStore
 from app.testing.servers import RedisServer
-from app.testing.waiting import eventually
+from app.testing.waiting import ManualClock, eventually
 
 
 @pytest.fixture
@@ -117,6 +117,81 @@ async def test_idle_timeout_is_enforced_by_redis_and_restarted_by_activity(clien
     await _gone(client, key)  # left idle: Redis expires it
     assert await store.get(rec.id) is None
     assert await store.touch(rec.id) is False
+
+
+async def _as_if_elapsed(client: Any, key: str, seconds: float, idle_ms: int) -> None:
+    """Set *key*'s TTL to what it would be *seconds* after its last idle restart."""
+    await client.pexpire(key, idle_ms - int(seconds * 1000))
+
+
+async def test_loads_within_touch_after_read_and_the_next_one_restarts_the_idle_timeout(
+    client: Any,
+) -> None:
+    """The slack: a session a process restarted less than touch_after ago is only read;
+    once touch_after has passed, the next load restarts the idle timeout in full."""
+    clock = ManualClock()
+    store = SessionStore(client, idle_ttl=60, absolute_ttl=600, touch_after=5, clock=clock)
+    rec = await store.create(data={"a": 1})
+    key = _key(store, rec.id)
+    assert await store.load(rec.id) is not None  # restarts it: 60 s from now
+    await _as_if_elapsed(client, key, 3, store.idle_ms)
+    clock.advance(3)
+    assert (await store.load(rec.id)) == rec  # within touch_after: read only
+    assert await client.pttl(key) <= 57_000
+    await _as_if_elapsed(client, key, 5.5, store.idle_ms)
+    clock.advance(2.5)  # 5.5 s since the restart
+    assert (await store.load(rec.id)) == rec
+    assert await client.pttl(key) > 57_000  # restarted in full
+    assert await store.load(rec.id, touch=False) == rec
+
+
+async def test_touch_after_zero_restarts_the_idle_timeout_on_every_load(client: Any) -> None:
+    store = SessionStore(client, idle_ttl=60, touch_after=0)
+    rec = await store.create(data={"a": 1})
+    key = _key(store, rec.id)
+    for _ in range(3):
+        await _as_if_elapsed(client, key, 1, store.idle_ms)
+        assert await store.load(rec.id) is not None
+        assert await client.pttl(key) > 59_000
+
+
+async def test_an_idle_session_still_ends_when_loads_only_read(client: Any) -> None:
+    """Reads inside touch_after never extend the TTL: left alone, the session expires."""
+    clock = ManualClock()
+    store = SessionStore(client, idle_ttl=1, absolute_ttl=30, touch_after=0.5, clock=clock)
+    rec = await store.create(data={"a": 1})
+    key = _key(store, rec.id)
+    assert await store.load(rec.id) is not None
+    await _ttl_below(client, key, 800)
+    assert await store.load(rec.id) is not None  # the clock did not move: read only
+    assert await client.pttl(key) < 800
+    await _gone(client, key)
+    assert await store.load(rec.id) is None
+
+
+async def test_a_remembered_restart_never_lets_an_old_or_deleted_id_read(client: Any) -> None:
+    """The ids a process restarted recently are read with a plain HGETALL: a regenerated
+    id still never reads the new session's data, a deleted one reads nothing."""
+    store = SessionStore(client, idle_ttl=60)
+    rec = await store.create(data={"user": "alice"})
+    assert await store.load(rec.id) is not None  # remembered as just restarted
+    new_id = await store.regenerate(rec.id)
+    assert await store.load(rec.id) is None and await store.get(rec.id) is None
+    assert (await store.load(new_id)) is not None
+    assert (await store.load(new_id)) is not None  # the plain read of the new id
+    assert await store.delete(new_id)
+    assert await store.load(new_id) is None
+
+
+async def test_a_hash_the_store_did_not_write_reads_as_no_session(client: Any) -> None:
+    store = SessionStore(client, idle_ttl=60)
+    rec = await store.create(data={"a": 1})
+    key = _key(store, rec.id)
+    assert await store.load(rec.id) is not None
+    await client.hdel(key, "expires_at")  # no longer a record this store wrote
+    assert await store.load(rec.id) is None  # the plain read
+    assert await store.get(rec.id) is None
+    assert await store.load(rec.id, touch=False) is None
 
 
 async def test_absolute_lifetime_ends_a_session_however_active(client: Any) -> None:

@@ -210,12 +210,12 @@ async def test_requests_that_do_not_use_the_session_make_no_redis_call(
     r = await client.get("/plain", headers=with_cookie(value))  # cookie, session untouched
     assert r.status_code == 200 and "set-cookie" not in r.headers
     assert counting.commands == []
-    await client.get("/read", headers=with_cookie(value))  # the first load caches the script
-    counting.commands.clear()
-    r = await client.get("/read", headers=with_cookie(value))  # loaded, not modified: one read
+    await client.get("/read", headers=with_cookie(value))  # the first load restarts the idle
+    counting.commands.clear()  # timeout (read-and-touch script); the next ones within
+    r = await client.get("/read", headers=with_cookie(value))  # touch_after only read
     assert r.json()["data"] == {"a": "1"}
     assert "set-cookie" not in r.headers
-    assert counting.commands == ["EVALSHA"]
+    assert counting.commands == ["HGETALL"]
 
 
 async def test_a_new_session_is_stored_with_a_signed_cookie_and_safe_flags(
@@ -548,6 +548,8 @@ def test_bad_durations_fail_when_the_middleware_is_built() -> None:
         ("idle_ttl", 0),
         ("absolute_ttl", math.nan),
         ("regenerate_grace", -1),
+        ("touch_after", -1),
+        ("touch_after", 1800),  # not shorter than the default idle_ttl
     ]
     for option, value in bad:
         with pytest.raises(ConfigurationError, match=option):

@@ -400,6 +400,8 @@ async def test_bad_ttls_are_refused(client: Any) -> None:
         ("tombstone_ttl", True),
         ("tombstone_ttl", 0),
         ("regenerate_grace", None),
+        ("touch_after", -1),
+        ("touch_after", 1800),  # not shorter than the default idle_ttl
     ],
 )
 def test_bad_durations_are_configuration_errors_naming_the_option(

@@ -1,5 +1,5 @@
 -- KEYS[1] session record (hash)
--- ARGV[1] '1' to restart the idle timeout (bounded by the absolute deadline), '0' to only read
+-- (no ARGV) reads the record and restarts its idle timeout, bounded by the absolute deadline
 -- returns the whole record as a flat {field, value, ...} list, or an empty list when the id
 --         is unknown, expired, deleted or was regenerated away (the record moved to another
 --         id: the old one never reads the data of the session that replaced it)
@@ -34,7 +34,5 @@ if left <= 0 then
   redis.call('DEL', rec)
   return {}
 end
-if ARGV[1] == '1' then
-  redis.call('PEXPIRE', rec, math.min(tonumber(idle), left))
-end
+redis.call('PEXPIRE', rec, math.min(tonumber(idle), left))
 return all
