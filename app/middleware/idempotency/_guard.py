@@ -110,9 +110,11 @@ class Guard:
         """True once this request was claimed, or let through unprotected."""
         return self._token is not None or self.unprotected
 
-    def read_key(self, name: str, *, required: bool) -> str | None:
-        """The validated key, None when absent and optional; raises ``Abort`` (400)."""
-        values = header_values(self.scope, name.lower().encode("latin-1"))
+    def read_key(self, name: str, *, required: bool, lower: bytes | None = None) -> str | None:
+        """The validated key, None when absent and optional; raises ``Abort`` (400).
+
+        *lower* is *name* as lower-case bytes, when the caller has it already."""
+        values = header_values(self.scope, lower or name.lower().encode("latin-1"))
         if not values:
             if required:
                 raise Abort(

@@ -14,7 +14,7 @@ from app.core.errors import ConfigurationError, PayloadTooLarge, StateError
 from app.core.guard import Duration, FailOpen, PerClient, as_seconds
 from app.core.redis import AnyRedis
 from app.http.caller import Caller
-from app.middleware._order import enter_or_pass
+from app.middleware._order import enter_layer, enter_or_pass
 from app.middleware.idempotency._guard import SCOPE_KEY, Guard
 from app.middleware.idempotency._key import (
     DEFAULT_HEADER,
@@ -117,6 +117,7 @@ class IdempotencyMiddleware:
         self.methods = frozenset(m.upper() for m in methods)
         self.paths = None if paths is None else tuple(p.rstrip("/") or "/" for p in paths)
         self.header_name = header_name
+        self._header = header_name.lower().encode("latin-1")
         self.required = required
         self.ttl = ttl_seconds
         self.lease = lease_seconds
@@ -179,16 +180,14 @@ class IdempotencyMiddleware:
     def _store_for(self, client: AnyRedis) -> tuple[IdempotencyService, FailOpen]:
         return self._stores(client)
 
-    def _guards(self, scope: Scope) -> bool:
-        if scope["method"] not in self.methods:
-            return False
+    def _guards(self, path: str) -> bool:
+        """Does *path* fall under ``paths`` (a prefix, at a ``/`` boundary)?"""
         if self.paths is None:
             return True
-        path: str = scope["path"]
-        return any(
-            p == "/" or path == p or (path.startswith(p) and path[len(p)] == "/")
-            for p in self.paths
-        )
+        for p in self.paths:
+            if path == p or p == "/" or (path.startswith(p) and path[len(p)] == "/"):
+                return True
+        return False
 
     def scope_key(self, principal: str | bytes | None, method: str, route: str, key: str) -> str:
         """The record name under the current key: HMAC of the caller scope (a
@@ -213,13 +212,16 @@ class IdempotencyMiddleware:
     # -- ASGI -----------------------------------------------------------------
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if await enter_or_pass(self.app, "idempotency", scope, receive, send):
+        if scope["type"] != "http":
+            await enter_or_pass(self.app, "idempotency", scope, receive, send)
             return
-        self._refresh()
+        enter_layer(scope, "idempotency")
+        if self._settings is not get_settings():
+            self._refresh()
         guard = Guard(self, scope, send)
         scope[SCOPE_KEY] = guard
         try:
-            if self._guards(scope):
+            if scope["method"] in self.methods and self._guards(scope["path"]):
                 replay_receive = await self._begin(guard, scope, receive)
                 if replay_receive is None:  # the client left while sending its body
                     return
@@ -237,7 +239,7 @@ class IdempotencyMiddleware:
         await guard.finish()
 
     async def _begin(self, guard: Guard, scope: Scope, receive: Receive) -> Receive | None:
-        key = guard.read_key(self.header_name, required=self.required)
+        key = guard.read_key(self.header_name, required=self.required, lower=self._header)
         if key is None:
             return receive
         body = await _read_body(receive, self.max_request_body)

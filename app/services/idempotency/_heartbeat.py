@@ -71,7 +71,11 @@ class Heartbeat:
         """Start renewing (idempotent): the first renewal is one ``interval`` from now."""
         if self._timer is None and self._task is None:
             clock = self._clock
-            self._timer = clock.call_at(clock.now() + self.interval, self._spawn)
+            if clock is LOOP_CLOCK:  # the common case, without the clock's two calls
+                loop = asyncio.get_running_loop()
+                self._timer = loop.call_at(loop.time() + self.interval, self._spawn)
+            else:
+                self._timer = clock.call_at(clock.now() + self.interval, self._spawn)
         return self
 
     def _spawn(self) -> None:

@@ -116,6 +116,28 @@ def test_scope_key_separates_every_part() -> None:
     assert other_secret.scope_key("alice", "POST", "/pay", "k1") != base
 
 
+def test_record_names_and_fingerprints_stay_the_same_across_releases() -> None:
+    # A retry that reaches a worker of the next release must find the record this one
+    # stored: the record name and the fingerprint are part of the stored format.
+    mw = IdempotencyMiddleware(_app(), secret=b"0123456789abcdef" * 2)
+    mw._refresh()
+    assert mw.scope_key("a:" + "f" * 32, "POST", "/orders/{id}", "key-1") == (
+        "b2c59d9850793bce2e9eefbb1a95af71"
+    )
+    assert mw.scope_key(None, "POST", "/p\u00e9", "k") == "e5ccc450a910ba77050fddf83bc84a49"
+    assert mw.request_fingerprint("POST", "/orders/7", b"a=1", b'{"amount": 1}') == (
+        "3b623615ac175969bafea78b7700fc3a"
+    )
+    as_json = IdempotencyMiddleware(_app(), fingerprint="json")
+    assert as_json.request_fingerprint("POST", "/orders/7", b"", b'{"b": 1, "a": 2}') == (
+        "28e4497b74492eaa865f7a2a8876893d"
+    )
+    first3 = IdempotencyMiddleware(_app(), fingerprint=lambda body: body[:3])
+    assert first3.request_fingerprint("PATCH", "/x", b"", b"abcdef") == (
+        "0866d7589b9064163d295b8492635a8d"
+    )
+
+
 def test_secret_defaults_to_the_current_signing_key(settings_override: Any) -> None:
     settings_override(secret_key="s" * 40)
     a = IdempotencyMiddleware(_app())
