@@ -10,16 +10,24 @@ instead), and costs nothing extra while connections are free. With
 Helpers for any client, ours or a caller's: ``is_cluster``,
 ``client_decodes_responses``, ``scan_keys`` and ``unlink_matching`` (SCAN on
 every primary, never ``KEYS``).
+
+Importing this module also makes every redis.asyncio connection, ours or a
+caller's, deliver each cancellation to the awaiting caller on Python 3.11 (see
+``deliver_cancellations``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import importlib
 import logging
-from collections.abc import AsyncIterator
-from typing import Any, TypeAlias
+import sys
+import types
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, TypeAlias, TypeVar
 
+import redis.asyncio.connection
 from redis import exceptions as redis_exc
 from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.cluster import ClusterNode
@@ -48,6 +56,61 @@ __all__ = [
 ]
 
 log = logging.getLogger("app.redis")
+
+_T = TypeVar("_T")
+
+
+async def _wait_for(awaitable: Awaitable[_T], timeout: float | None) -> _T:
+    """``asyncio.wait_for`` as Python 3.12 defines it: ``asyncio.timeout`` around the await.
+
+    Python 3.11's own returns the inner result when the caller's cancellation
+    arrives as the inner step finishes (CPython gh-86296), so the cancelled
+    task runs on. Here the inner step runs in the caller's task: a cancellation
+    is always raised in the caller, and a timeout still raises ``TimeoutError``.
+    """
+    if timeout is None:
+        return await awaitable
+    async with asyncio.timeout(timeout):
+        return await awaitable
+
+
+class _AsyncioDeliveringCancellations(types.ModuleType):
+    """The ``asyncio`` module as one library module sees it: ``wait_for`` replaced."""
+
+    wait_for = staticmethod(_wait_for)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(asyncio, name)
+
+
+def deliver_cancellations(module: types.ModuleType) -> None:
+    """Make *module*'s ``asyncio.wait_for`` calls deliver every cancellation (Python < 3.12).
+
+    redis.asyncio wraps every command it writes in ``asyncio.wait_for`` (when
+    a ``socket_timeout`` is set, as the toolkit's clients always have it). On
+    Python 3.11 a cancellation that lands as the write completes was lost: the
+    command ran on in the cancelled task, which then returned normally. That
+    made every caller that cancels a Redis call (a lock release, a stopped
+    stream consumer, a pub/sub reader, ``asyncio.timeout`` around a command)
+    need a loop that cancels again. Only the name ``asyncio`` inside *module*
+    changes; nothing else in the process does. A no-op on Python 3.12 and later,
+    whose ``wait_for`` already behaves so.
+    """
+    if sys.version_info < (3, 12) and not isinstance(
+        getattr(module, "asyncio", None), _AsyncioDeliveringCancellations
+    ):
+        module.asyncio = _AsyncioDeliveringCancellations("asyncio")  # type: ignore[attr-defined]
+
+
+deliver_cancellations(redis.asyncio.connection)
+
+
+def deliver_fakeredis_cancellations() -> None:
+    """``deliver_cancellations`` for fakeredis, whose async connection waits for a reply in
+    ``asyncio.wait_for`` too; called wherever the toolkit makes fakeredis clients (the
+    ``memory://`` store, the test plugin), so fakeredis is imported only when used."""
+    deliver_cancellations(importlib.import_module("fakeredis._clients._async"))
+
 
 AnyRedis: TypeAlias = "Redis | RedisCluster"
 """Any client the toolkit accepts: standalone, Sentinel-managed or Cluster."""
@@ -186,6 +249,7 @@ def _fake_server() -> Any:
     if _memory_server is None:
         import fakeredis
 
+        deliver_fakeredis_cancellations()
         _memory_server = fakeredis.FakeServer()
     return _memory_server
 

@@ -58,9 +58,14 @@ from app.core.background import drain
 from app.core.codec import default_codec
 from app.core.config import get_settings
 from app.core.multiplex import MultiplexedRedis
+from app.core.pool import deliver_fakeredis_cancellations
 from app.testing.proxy import TcpProxy
 from app.testing.servers import PORT_SALT_ENV, RedisServer, redis_server_binary
 from app.testing.topologies import LocalCluster, LocalSentinel, topology_binaries_missing
+
+# Every fakeredis client a test makes (through the fixtures or directly) delivers its
+# cancellations like redis.asyncio's (see app.core.pool.deliver_cancellations).
+deliver_fakeredis_cancellations()
 
 __all__ = ["RedisServerInfo"]
 

@@ -163,6 +163,66 @@ async def test_pool_wait_is_bounded(
         await client.aclose()
 
 
+async def _cancel_at_each_turn(command: Callable[[], Any], turns: int = 12) -> list[int]:
+    """Cancel *command* after 1..*turns* loop turns; the turns whose cancel was lost.
+
+    A cancel that ``Task.cancel()`` accepted (the command had not finished) must
+    end the task with ``CancelledError``; a task that returns normally instead
+    ran on after its caller gave up.
+    """
+    lost = []
+    for turns_before in range(1, turns + 1):
+        for _ in range(5):
+            task = asyncio.create_task(command())
+            for _ in range(turns_before):
+                await asyncio.sleep(0)
+            if not task.cancel():
+                await task  # it had already finished: nothing to deliver
+                continue
+            try:
+                await task
+            except asyncio.CancelledError:
+                continue
+            lost.append(turns_before)
+    return lost
+
+
+@pytest.mark.parametrize("build", ["toolkit", "redis-py"])
+async def test_a_cancelled_command_on_a_pooled_connection_raises_in_its_caller(
+    real_redis: Redis, redis_server: Any, settings_override: Callable[..., None], build: str
+) -> None:
+    # redis.asyncio wraps each write in asyncio.wait_for (a socket_timeout is set); on
+    # Python 3.11 its wait_for returned the write's result to a caller cancelled as the
+    # write finished (CPython gh-86296), and the command ran on: seen at turns 1-3, every
+    # time, before app.core.pool delivered those cancellations. A caller's own client
+    # (built by redis-py) gets the same delivery once the toolkit is imported.
+    settings_override(redis_url=redis_server.url, redis_autopipeline=False)
+    client: Any = (
+        build_client() if build == "toolkit" else Redis.from_url(redis_server.url, socket_timeout=5)
+    )
+    try:
+        await client.set("cancel:k", "v")
+        assert await _cancel_at_each_turn(lambda: client.get("cancel:k")) == []
+        assert await client.get("cancel:k") == b"v"  # the connections are still usable
+    finally:
+        await client.aclose()
+
+
+async def test_a_write_that_cannot_finish_still_times_out(
+    redis_server: Any, tcp_proxy: Callable[..., Any]
+) -> None:
+    proxy = tcp_proxy()
+    client = Redis.from_url(proxy.url, socket_timeout=0.2, socket_connect_timeout=1)
+    try:
+        assert await client.ping()
+        proxy.stall()  # the proxy stops reading: the socket buffers fill, the write blocks
+        with pytest.raises(redis_exc.TimeoutError, match="writing"):
+            await client.set("k", b"x" * (32 << 20))
+    finally:
+        proxy.resume()
+        await client.aclose()
+
+
 async def test_health_reports_version_and_role(real_redis: Redis) -> None:
     report = await health(real_redis)
     assert report["status"] == "ok"
