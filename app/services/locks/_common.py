@@ -13,7 +13,6 @@ from typing import Final, TypeAlias
 
 from app.core.errors import ConfigurationError, LockError, LockLost
 from app.core.guard import Duration, Guard, PerClient, as_seconds
-from app.core.multiplex import MultiplexedRedis
 
 __all__ = [
     "LOCK_ATTRS",
@@ -24,7 +23,6 @@ __all__ = [
     "LostCallback",
     "Seconds",
     "blocking_bound",
-    "cancels_reach_caller",
     "lease_drift",
     "lease_guard",
     "lease_timing",
@@ -139,32 +137,15 @@ _GUARDS_PER_CLIENT: Final = 4096  # past this many (kind, name, lease), a client
 
 
 class _OnClient:
-    """What the package keeps per client object: its guards, how it delivers cancellations."""
+    """What the package keeps per client object: its guards."""
 
-    __slots__ = ("cancels_reach_caller", "guards")
+    __slots__ = ("guards",)
 
     def __init__(self, client: object) -> None:
         self.guards: dict[tuple[str, str, float], Guard] = {}
-        # See cancels_reach_caller(). A client is multiplexed from when it is built.
-        self.cancels_reach_caller = (
-            isinstance(client, MultiplexedRedis)
-            and client.multiplexer is not None
-            and not client.single_connection_client
-        )
 
 
 _on_client: PerClient[_OnClient] = PerClient(_OnClient)
-
-
-def cancels_reach_caller(client: object) -> bool:
-    """Does every cancellation of a command on *client* reach the awaiting caller?
-
-    True for the toolkit's multiplexed client (a command awaits one future; connecting
-    runs in a task of its own). Not for redis.asyncio's pooled connections: on Python
-    3.11 their ``asyncio.wait_for`` around a write drops a cancellation that arrives as
-    the write finishes, and the command then runs on in the cancelled task.
-    """
-    return _on_client(client).cancels_reach_caller
 
 
 def lease_guard(client: object, kind: str, name: str, lease: float) -> Guard:

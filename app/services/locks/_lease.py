@@ -22,7 +22,7 @@ from app.services.locks._common import (
     lease_timing,
     log,
 )
-from app.services.locks._tasks import in_background, shielded
+from app.services.locks._tasks import in_background
 
 __all__ = ["Lease"]
 
@@ -47,9 +47,6 @@ class Lease:
     """
 
     _kind = "lock"
-    _release_here = False
-    """True when every cancellation of a call on the object's client reaches the caller
-    (set per object by subclasses): a release then runs in the caller's task."""
 
     def __init__(
         self,
@@ -326,14 +323,11 @@ class Lease:
                 lock_name=self.name,
             )
         try:
-            if not self._release_here:
-                # Shielded: a cancellation of the caller is delivered at once (never lost
-                # inside the client), while the release itself runs to completion.
-                return await shielded(self._remote_release(token))
-            # The client delivers every cancellation to its caller, so no task is needed
-            # (it would cost three more loop turns per release): cancelled, the release is
-            # sent again in the background, which is safe: a compare-and-delete with this
-            # token can run twice (the second finds the key gone, or the first's receipt).
+            # In the caller's task (a task of its own would cost three more loop turns per
+            # release): every client delivers a cancellation to its caller (app.core.pool
+            # sees to redis.asyncio's), and a cancelled release is sent again in the
+            # background, which is safe: a compare-and-delete with this token can run twice
+            # (the second finds the key gone, or the first's receipt).
             try:
                 return await self._remote_release(token)
             except asyncio.CancelledError:

@@ -23,7 +23,6 @@ from app.services.locks._common import (
     LostCallback,
     Seconds,
     blocking_bound,
-    cancels_reach_caller,
     lease_guard,
     wait_bound,
     waited,
@@ -165,7 +164,6 @@ class RedisLock(Lease, OnOneRedis):
         )
         self._release_keys = keys.release
         self._guard = lease_guard(redis, "lock", name, self.timeout)
-        self._release_here = cancels_reach_caller(redis)
         self._fence: int | None = None
 
     def __repr__(self) -> str:
