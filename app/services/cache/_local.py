@@ -271,8 +271,9 @@ class LocalCache:
 async def cancel_and_wait(task: asyncio.Task[Any], *, attempts: int = 50) -> None:
     """Cancel *task* and wait for it to end, cancelling again if it swallowed the cancel.
 
-    A cancellation that races a timeout inside a client library can be lost on
-    Python 3.11 (the task then keeps waiting); re-cancelling every 0.1 s ends it.
+    The tasks run a caller's code (a refresh's factory, a listener), which may
+    catch a cancellation and carry on; re-cancelling every 0.1 s (at most
+    *attempts* times) still ends it, and shutdown never waits on it for longer.
     """
     for _ in range(attempts):
         task.cancel()

@@ -408,18 +408,18 @@ def _chunks(kind: int, names: list[bytes]) -> list[list[bytes]]:
 
 
 async def _cancel_all(tasks: list[asyncio.Task[Any]]) -> None:
-    """Cancel *tasks* and wait for them, cancelling again if one swallowed it.
+    """Cancel *tasks* and wait until every one has ended, even if this task is cancelled meanwhile.
 
-    On Python 3.11 ``asyncio.wait_for`` (used by redis-py when writing) can
-    swallow a cancellation that arrives as the write completes.
+    One cancel each is enough: a Redis call delivers it wherever it is
+    (``app.core.pool`` sees to redis.asyncio's writes on Python 3.11).
     """
+    for task in tasks:
+        task.cancel()
     pending = {t for t in tasks if not t.done()}
     interrupted = False
     while pending:
-        for task in pending:
-            task.cancel()
         try:
-            _, pending = await asyncio.wait(pending, timeout=0.1)
+            _, pending = await asyncio.wait(pending)
         except asyncio.CancelledError:  # we are being cancelled too: finish the cleanup first
             interrupted = True
             pending = {t for t in pending if not t.done()}

@@ -165,8 +165,8 @@ class _Claims:
 
     @staticmethod
     async def stop_renewer(task: asyncio.Task[None], done: asyncio.Event) -> None:
-        # The flag, not only cancel(): Python 3.11's wait_for (used by some clients, fakeredis
-        # among them) can swallow a cancellation that races with a reply.
+        # The flag, then cancel(): the renewer stops at its next check even if it is
+        # between awaits when the cancel lands.
         done.set()
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):

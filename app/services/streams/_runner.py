@@ -33,7 +33,6 @@ log = logging.getLogger("app.streams")
 
 _ERROR_BACKOFF: Final = (0.05, 2.0)  # loop backoff after a Redis error: base, cap (seconds)
 _REDIS_FAILED = (RedisUnavailable, StreamError)  # what the consumer's guard raises
-_RECANCEL: Final = 0.01  # seconds between cancellations of an abandoned blocking read
 
 
 class _Runner:
@@ -243,13 +242,9 @@ class _Runner:
             if not read.done():
                 read.cancel()  # redis-py drops the connection: the late reply cannot desync it
         if read not in done:
-            # Raises only if *this* task is cancelled meanwhile. Cancel again until the read
-            # ends: Python 3.11's ``wait_for`` (in redis-py's connect path, when the read
-            # needed a new connection) can swallow a cancellation that races with its inner
-            # step, and the read would then block for its whole wait after stop().
-            while not read.done():
-                await asyncio.wait({read}, timeout=_RECANCEL)
-                read.cancel()
+            # The cancel reaches the read whatever step it is in (app.core.pool delivers
+            # redis.asyncio's cancellations), so it ends now, not after its whole wait.
+            await asyncio.wait({read})
             if read.cancelled() or read.exception() is not None:
                 return []  # whatever the server had handed over stays pending for us
         return read.result()  # also a read that finished despite the cancel: handle it

@@ -221,13 +221,17 @@ async def test_reconnected_events_survive_overflow(
 
 
 async def _outage(b: Broadcaster, server: fakeredis.FakeServer, seconds: float = 0.3) -> None:
-    """Take the fake server down until the link has noticed, then bring it back."""
-    reconnects = b.stats()["reconnects"]
+    """Take the fake server down until the link has noticed, then bring it back; returns once
+    the link has reconnected and its subscriptions are active again (a gap is recorded)."""
+    reconnects, gap = b.stats()["reconnects"], b.stats()["last_gap_seconds"]
     server.connected = False
     await eventually(lambda: b.stats()["links"][0]["state"] != "connected")
     await asyncio.sleep(seconds)
     server.connected = True
-    await eventually(lambda: b.stats()["reconnects"] > reconnects)
+    await eventually(
+        lambda: b.stats()["reconnects"] > reconnects and b.stats()["last_gap_seconds"] != gap,
+        "the link to reconnect and resubscribe",
+    )
 
 
 async def test_outage_gives_reconnected_with_gap_then_messages_flow(

@@ -635,7 +635,11 @@ async def test_the_demo_consumer_starts_only_when_streams_routes_are_used(
     client = await make_app_client(None, fake_redis)
     assert (await client.get("/healthz")).status_code == 200
     assert await fake_redis.exists(stream_keys("events").stream) == 0  # nothing started
-    assert (await client.get("/streams/stats")).json()["worker"]["running"] is True
+
+    async def running() -> bool:  # the route starts it; it runs from its task's first turn
+        return bool((await client.get("/streams/stats")).json()["worker"]["running"])
+
+    await eventually(running, "the first streams route to start the demo consumer")
 
 
 async def test_the_demo_consumer_can_be_left_to_separate_workers(
