@@ -1,17 +1,17 @@
 """Auto-pipelining: concurrent commands share a few multiplexed connections.
 
-On by default (``REDIS_AUTOPIPELINE=false`` gives plain pooled redis.asyncio
-behaviour): the client ``get_redis()`` / ``build_client()`` returns is a ``MultiplexedRedis`` (standalone, Sentinel primary) or a
-``RedisCluster`` with per-node links (``app.core.multiplex_cluster``).
-Services never know which path ran their command; every command returns
-exactly what redis.asyncio returns.
+On by default (``REDIS_AUTOPIPELINE=false``: plain pooled redis.asyncio): ``get_redis()``
+returns a ``MultiplexedRedis`` (standalone, Sentinel primary) or a ``RedisCluster`` with
+per-node links (``app.core.multiplex_cluster``). Services never know which path ran
+their command; every command returns exactly what redis.asyncio returns.
 
 How: ``MultiplexedRedis`` is a ``redis.asyncio.Redis`` whose stateless commands
 do not check a connection out of the pool. Every command that tasks issue in
 the same event-loop tick is packed (by redis-py's own packer, so the bytes on
 the wire are the ones redis.asyncio sends) into one buffer, written with one
-``transport.write`` scheduled by ``loop.call_soon``, over one of a few
-long-lived *links* (``asyncio.Protocol`` connections; ``REDIS_AUTOPIPELINE_LINKS``,
+``transport.write`` scheduled by ``loop.call_soon`` (a sequential caller's command on an
+idle link is written at once), over one of a few long-lived *links*
+(``asyncio.Protocol`` connections; ``REDIS_AUTOPIPELINE_LINKS``,
 default 2, opened on demand, each command to the least loaded one). Replies are
 parsed by ``hiredis.Reader`` inside ``data_received`` and resolve the callers'
 futures in FIFO order; redis-py's response callbacks are then applied (RESP2
@@ -117,9 +117,8 @@ class _Request:
 class _Link(asyncio.Protocol):
     """One multiplexed connection: FIFO of reply slots over one transport.
 
-    Built from an ordinary redis-py connection after its handshake (AUTH,
-    HELLO, CLIENT SETNAME, SELECT: exactly what the pool's connections do), by
-    taking over its transport.
+    Built from an ordinary redis-py connection after its handshake (AUTH, HELLO, CLIENT
+    SETNAME, SELECT: exactly what the pool's connections do), by taking over its transport.
     """
 
     def __init__(self, conn: AbstractConnection, owner: NodeMultiplexer) -> None:
@@ -136,6 +135,7 @@ class _Link(asyncio.Protocol):
         self.last_received = self.loop.time()
         self._out: list[bytes] = []
         self._flush_scheduled = False
+        self._batched = self._last_batch = 0  # commands in _out / in the last write
         self._watchdog: asyncio.TimerHandle | None = None
         self.closed: asyncio.Future[None] = self.loop.create_future()
         """Done once the transport is closed (``connection_lost``)."""
@@ -175,11 +175,21 @@ class _Link(asyncio.Protocol):
     # -- writing ------------------------------------------------------------
 
     def send(self, packed: Iterable[bytes], request: _Request) -> None:
-        self._out.extend(packed)
-        self.pending.append(request)
-        if len(self.pending) > self.max_pending:
-            self.max_pending = len(self.pending)
-        if not self._flush_scheduled:
+        pending = self.pending
+        pending.append(request)
+        if len(pending) > self.max_pending:
+            self.max_pending = len(pending)
+        if self._flush_scheduled:
+            self._out.extend(packed)
+            self._batched += 1
+        elif len(pending) == 1 and self._last_batch <= 1 and self.alive:
+            # Idle, and the last write carried one command: a sequential caller's command
+            # leaves now, a loop turn earlier; concurrent callers still share a write.
+            self.transport.write(b"".join(packed))
+            self._last_batch = 1
+        else:
+            self._out.extend(packed)
+            self._batched = 1
             self._flush_scheduled = True
             self.loop.call_soon(self._flush)
         if self._watchdog is None and self.timeout is not None:
@@ -187,6 +197,8 @@ class _Link(asyncio.Protocol):
 
     def _flush(self) -> None:
         self._flush_scheduled = False
+        self._last_batch = self._batched
+        self._batched = 0
         if self._out and self.alive:
             data = b"".join(self._out)
             self._out.clear()
