@@ -48,9 +48,6 @@ No raw credential, session id or principal ever reaches a Redis key name.
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import hmac
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Final, Literal
@@ -60,6 +57,7 @@ from starlette.types import Scope
 
 from app.core.config import Settings, get_settings
 from app.core.errors import ConfigurationError
+from app.core.keys import HmacKey
 from app.http.client_ip import ClientIP
 
 __all__ = [
@@ -116,9 +114,9 @@ class Caller:
         return self.kind != "anonymous"
 
     def _digest(self, key: bytes) -> str:
-        mac = _keyed(key)
-        mac.update(_length_prefixed(_TAGS[self.kind], self._material))
-        return _TAGS[self.kind].decode() + ":" + mac.hexdigest()[:32]
+        tag = _TAGS[self.kind]
+        mac = HmacKey.of(key, _CONTEXT).hexdigest(_length_prefixed(tag, self._material))
+        return tag.decode() + ":" + mac[:32]
 
     def digest(self) -> str:
         """``<kind letter>:<HMAC under the current key>`` (128 bits, hex)."""
@@ -135,16 +133,6 @@ class Caller:
     def fallback_scopes(self) -> tuple[str, ...]:
         """``scopes()`` without the current one (empty when no fallback key is set)."""
         return self.scopes()[1:]
-
-
-@functools.lru_cache(maxsize=16)
-def _keyed_base(key: bytes) -> hmac.HMAC:
-    return hmac.new(key, _CONTEXT, hashlib.sha256)
-
-
-def _keyed(key: bytes) -> hmac.HMAC:
-    """A fresh HMAC under *key*, context already absorbed (the key schedule is reused)."""
-    return _keyed_base(key).copy()
 
 
 class CallerResolver:

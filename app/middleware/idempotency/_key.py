@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import re
 import struct
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Final, Literal, TypeAlias
+from typing import Final, Literal, TypeAlias
 
 import orjson
 from starlette.types import Scope
 
 from app.core.errors import IdempotencyKeyInvalid
+from app.core.keys import HmacKey
 from app.http.headers import parse_sf_string
 
 __all__ = [
@@ -100,31 +100,8 @@ def _encode(text: str | bytes | None) -> bytes:
 
 def record_name(secret: bytes, scope: str | bytes | None, method: str, route: str, key: str) -> str:
     """The record of a request: HMAC of the caller scope, method, route and key (hex, 128 bits)."""
-    inner, outer = _keyed(secret)
-    mac = inner.copy()
-    mac.update(_length_prefixed(_encode(scope), _encode(method), _encode(route), _encode(key)))
-    final = outer.copy()
-    final.update(mac.digest())
-    return final.hexdigest()[:32]
-
-
-if TYPE_CHECKING:
-    from _hashlib import HASH as _HashState
-
-_BLOCK: Final = 64  # SHA-256's block size, the HMAC pad length (RFC 2104)
-_IPAD: Final = bytes(x ^ 0x36 for x in range(256))
-_OPAD: Final = bytes(x ^ 0x5C for x in range(256))
-
-
-@functools.lru_cache(maxsize=16)
-def _keyed(secret: bytes) -> tuple[_HashState, _HashState]:
-    """HMAC-SHA256 under *secret* as its two padded hash states (RFC 2104), nothing absorbed.
-
-    Copying two plain hash states costs half of copying an ``hmac.HMAC``; the
-    result is the same HMAC (a test pins record names across releases)."""
-    block = hashlib.sha256(secret).digest() if len(secret) > _BLOCK else secret
-    block = block.ljust(_BLOCK, b"\0")
-    return hashlib.sha256(block.translate(_IPAD)), hashlib.sha256(block.translate(_OPAD))
+    data = _length_prefixed(_encode(scope), _encode(method), _encode(route), _encode(key))
+    return HmacKey.of(secret).hexdigest(data)[:32]
 
 
 def request_fingerprint(

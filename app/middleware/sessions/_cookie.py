@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import hashlib
 import hmac
 import logging
 from collections.abc import Sequence
@@ -13,6 +12,7 @@ from starlette.types import Scope
 
 from app.core.config import Settings
 from app.core.errors import ConfigurationError
+from app.core.keys import HmacKey
 from app.core.memo import BoundedMemo
 from app.services.sessions import is_session_id
 
@@ -92,7 +92,7 @@ class SessionCookie:
         host_prefix: bool | None,
         max_age: int | None,
     ) -> None:
-        self._signers = [hmac.new(key, _CONTEXT, hashlib.sha256) for key in keys]
+        self._signers = [HmacKey(key, _CONTEXT) for key in keys]
         # Cookie values that passed verify(), and its answer: a client sends the same
         # cookie on every request, so the HMAC is computed once per value, not per
         # request. Only verified values enter (a forged one is checked every time);
@@ -112,10 +112,9 @@ class SessionCookie:
         self._set_suffix = (f"; Max-Age={max_age}" if max_age is not None else "") + flags
         self._expire_suffix = f"; {_EXPIRED}" + flags
 
-    def _mac(self, signer: hmac.HMAC, session_id: str) -> str:
-        mac = signer.copy()
-        mac.update(session_id.encode("ascii"))
-        return base64.urlsafe_b64encode(mac.digest()).rstrip(b"=").decode("ascii")
+    def _mac(self, signer: HmacKey, session_id: str) -> str:
+        mac = signer.digest(session_id.encode("ascii"))
+        return base64.urlsafe_b64encode(mac).rstrip(b"=").decode("ascii")
 
     def sign(self, session_id: str) -> str:
         """The cookie value for *session_id*, signed with the current key."""

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import fnmatch
+import hashlib
+import hmac
 
 import pytest
 from hypothesis import given
@@ -11,6 +13,7 @@ from hypothesis import strategies as st
 from app.core.errors import InvalidKey, PatternTooComplex
 from app.core.keys import (
     MAX_PATTERN_WILDCARDS,
+    HmacKey,
     KeySpace,
     bound_pattern,
     digest,
@@ -169,3 +172,18 @@ def test_star_glob_matcher_ends_on_the_backtracking_worst_case() -> None:
     matches = star_glob_matcher("*a" * 40 + "*b")
     assert not matches("a" * 100_000)
     assert matches("a" * 100_000 + "b")
+
+
+@pytest.mark.parametrize("context", [b"", b"toolkit:caller:v1", bytes(range(256)) * 2])
+def test_hmac_key_gives_the_standard_hmac_for_any_secret_length(context: bytes) -> None:
+    # Signatures and record names stored by earlier releases must still match: HmacKey is
+    # hmac.new(secret, context + data, sha256) whatever the secret's length (shorter than,
+    # equal to and longer than SHA-256's 64-byte block, which is hashed first).
+    for length in (0, 1, 31, 32, 63, 64, 65, 127, 200):
+        secret = bytes((7 * i + length) % 256 for i in range(length))
+        key = HmacKey(secret, context)
+        for data in (b"", b"s:1", b"x" * 1000):
+            expected = hmac.new(secret, context + data, hashlib.sha256)
+            assert key.digest(data) == expected.digest()
+            assert key.hexdigest(data) == expected.hexdigest()
+    assert HmacKey.of(b"k", context) is HmacKey.of(b"k", context)  # built once per key
