@@ -47,13 +47,17 @@ class Clock(Protocol):
         """Call *callback* (in the event loop, from no task) once ``now()`` reaches *when*."""
         ...
 
+    def call_later(self, delay: float, callback: Callable[[], object]) -> Timer:
+        """``call_at(now() + delay, callback)``."""
+        ...
+
     def timeout_at(self, when: float) -> AbstractAsyncContextManager[object]:
         """``async with``: cancel the block at *when* and raise ``TimeoutError`` out of it."""
         ...
 
 
 class LoopClock:
-    """The running event loop's clock: ``loop.time()``, ``asyncio.sleep``, ``loop.call_at``."""
+    """The running event loop's clock: ``loop.time()``, ``asyncio.sleep``, ``loop.call_at``/``call_later``."""
 
     __slots__ = ()
 
@@ -65,6 +69,9 @@ class LoopClock:
 
     def call_at(self, when: float, callback: Callable[[], object]) -> Timer:
         return asyncio.get_running_loop().call_at(when, callback)
+
+    def call_later(self, delay: float, callback: Callable[[], object]) -> Timer:
+        return asyncio.get_running_loop().call_later(delay, callback)
 
     def timeout_at(self, when: float) -> AbstractAsyncContextManager[object]:
         return asyncio.timeout_at(when)

@@ -102,6 +102,10 @@ class VirtualClock:
             return asyncio.get_running_loop().call_soon(callback)
         return self._push(when, callback)
 
+    def call_later(self, delay: float, callback: Callable[[], object]) -> Timer:
+        """Run *callback* once the clock has moved *delay* on."""
+        return self.call_at(self._now + delay, callback)
+
     def timeout_at(self, when: float) -> AbstractAsyncContextManager[object]:
         return self._timeout_at(when)
 

@@ -70,12 +70,7 @@ class Heartbeat:
     def start(self) -> Heartbeat:
         """Start renewing (idempotent): the first renewal is one ``interval`` from now."""
         if self._timer is None and self._task is None:
-            clock = self._clock
-            if clock is LOOP_CLOCK:  # the common case, without the clock's two calls
-                loop = asyncio.get_running_loop()
-                self._timer = loop.call_at(loop.time() + self.interval, self._spawn)
-            else:
-                self._timer = clock.call_at(clock.now() + self.interval, self._spawn)
+            self._timer = self._clock.call_later(self.interval, self._spawn)
         return self
 
     def _spawn(self) -> None:

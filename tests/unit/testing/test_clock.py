@@ -93,6 +93,16 @@ async def test_timers_fire_at_their_time_unless_cancelled() -> None:
     assert fired == ["kept", "past"]
 
 
+async def test_call_later_counts_from_now() -> None:
+    clock = VirtualClock(start=10)
+    fired: list[str] = []
+    clock.call_later(2, lambda: fired.append("later"))
+    await clock.advance(1.5)
+    assert fired == []
+    await clock.advance(0.5)
+    assert fired == ["later"]
+
+
 async def test_timeout_at_cancels_the_block_when_the_clock_passes_it() -> None:
     clock = VirtualClock()
     reached_end = False
