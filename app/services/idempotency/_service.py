@@ -92,13 +92,13 @@ class IdempotencyService:
         """The Redis key of *key*'s record (escaped, hash-tagged)."""
         return self._keys.tagged(key)
 
-    def _notify_key(self, key: str) -> str:
-        return self._keys.tagged(key, "n")
-
     def _record_keys(self, key: str) -> tuple[str, str]:
-        """``(record_key(key), _notify_key(key))``, escaping *key* once."""
+        """*key*'s record and its wake-up list (same hash tag), escaping *key* once."""
         record = self._keys.tagged(key)
         return record, record + ":n"
+
+    def _notify_key(self, key: str) -> str:
+        return self._record_keys(key)[1]
 
     # -- the DESIGN.md contract ----------------------------------------------
 
@@ -219,13 +219,15 @@ class IdempotencyService:
             )
 
     def _answer(self, name: str, code: int, payload: Any, token: str, result_type: Any) -> Claim:
-        if code == 0:
-            return Claim("new", name, token=token)
-        if code == 2:
-            return Claim("completed", name, result=self._codec.decode(payload, result_type))
-        if code == 3:
-            return Claim("mismatch", name)
-        return Claim(STATUS[code], name, lease_remaining=max(int(payload), 0) / 1000)
+        """The ``Claim`` for the claim script's reply (``code``, ``payload``) on record *name*."""
+        status = STATUS[code]
+        if status == "new":
+            return Claim(status, name, token=token)
+        if status == "completed":
+            return Claim(status, name, result=self._codec.decode(payload, result_type))
+        if status == "mismatch":
+            return Claim(status, name)
+        return Claim(status, name, lease_remaining=max(int(payload), 0) / 1000)
 
     async def complete(
         self, key: str, token: str, result: Any, *, ttl: Duration | None = None
