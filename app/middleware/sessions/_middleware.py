@@ -10,7 +10,7 @@ from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.core.config import FailureMode, check_secret_keys, get_settings
-from app.core.errors import ConfigurationError, RedisUnavailable, ToolkitError
+from app.core.errors import RedisUnavailable, ToolkitError
 from app.core.guard import Duration, FailOpen, PerClient, as_seconds
 from app.core.redis import AnyRedis, get_redis
 from app.http.problems import send_problem
@@ -21,6 +21,7 @@ from app.services.sessions import (
     DEFAULT_ABSOLUTE_TTL,
     DEFAULT_IDLE_TTL,
     SessionStore,
+    touch_after_seconds,
 )
 
 __all__ = ["SessionMiddleware"]
@@ -97,13 +98,8 @@ class SessionMiddleware:
         settings = get_settings()
         check_secret_keys(secret_key, source="SessionMiddleware(secret_key=...)")
         if store is None:  # the stores are built per client later: refuse bad values now
-            idle = as_seconds(idle_ttl, "idle_ttl")
+            touch_after_seconds(touch_after, as_seconds(idle_ttl, "idle_ttl"))
             as_seconds(regenerate_grace, "regenerate_grace", allow_zero=True)
-            if (
-                touch_after is not None
-                and as_seconds(touch_after, "touch_after", allow_zero=True) >= idle
-            ):
-                raise ConfigurationError("touch_after must be shorter than idle_ttl")
             store_ttl = as_seconds(absolute_ttl, "absolute_ttl")
         else:
             store_ttl = store.absolute_ms / 1000

@@ -59,7 +59,12 @@ extra ids (skipped and pruned) but never misses one.
 
 from app.services.sessions._ids import is_session_id, new_session_id
 from app.services.sessions._record import SessionRecord, WriteResult
-from app.services.sessions._store import DEFAULT_ABSOLUTE_TTL, DEFAULT_IDLE_TTL, SessionStore
+from app.services.sessions._store import (
+    DEFAULT_ABSOLUTE_TTL,
+    DEFAULT_IDLE_TTL,
+    SessionStore,
+    touch_after_seconds,
+)
 
 __all__ = [
     "DEFAULT_ABSOLUTE_TTL",
@@ -69,4 +74,5 @@ __all__ = [
     "WriteResult",
     "is_session_id",
     "new_session_id",
+    "touch_after_seconds",
 ]

@@ -51,6 +51,21 @@ _TOUCH_AFTER_SHARE: Final = 0.01
 """Default ``touch_after``: this share of ``idle_ttl`` (18 s of the default 30 min)."""
 _TOUCHED_MAX: Final = 16_384  # sessions whose last idle restart this process remembers
 
+
+def touch_after_seconds(touch_after: Duration | None, idle_seconds: float) -> float:
+    """*touch_after* checked against *idle_seconds* (default: 1% of it), in seconds.
+
+    ``ConfigurationError`` when it is not a duration (0 allowed) or not shorter
+    than the idle timeout.
+    """
+    if touch_after is None:
+        return idle_seconds * _TOUCH_AFTER_SHARE
+    seconds = as_seconds(touch_after, "touch_after", allow_zero=True)
+    if seconds >= idle_seconds:
+        raise ConfigurationError("touch_after must be shorter than idle_ttl")
+    return seconds
+
+
 _BATCH = 100  # HGETALLs per pipeline
 _PARALLEL = 16  # concurrent deletes in delete_all_for (leaves the pool to the requests)
 
@@ -111,13 +126,7 @@ class SessionStore:
         self.absolute_ms = to_ms(as_seconds(absolute_ttl, "absolute_ttl"))
         self.grace_ms = to_ms(as_seconds(regenerate_grace, "regenerate_grace", allow_zero=True))
         self.tombstone_ms = to_ms(as_seconds(tombstone_ttl, "tombstone_ttl"))
-        self.touch_after = (
-            self.idle_ms / 1000 * _TOUCH_AFTER_SHARE
-            if touch_after is None
-            else as_seconds(touch_after, "touch_after", allow_zero=True)
-        )
-        if self.touch_after * 1000 >= self.idle_ms:
-            raise ConfigurationError("touch_after must be shorter than idle_ttl")
+        self.touch_after = touch_after_seconds(touch_after, self.idle_ms / 1000)
         self._clock = clock
         # session id -> the clock time until which a load need not restart its idle
         # timeout (this process restarted it less than touch_after ago). Bounded: a
@@ -229,16 +238,15 @@ class SessionStore:
             return None
         key = self._keys.record(*parts)
         if touch:
-            after = self.touch_after
-            now = self._clock() if after else 0.0
-            due = self._touched.get(session_id) if after else None
+            now = self._clock()  # before the call: the restart it makes comes later
+            due = self._touched.get(session_id)  # never set with touch_after=0
             if due is None or now >= due:
                 with self.guard:
                     flat = await _LOAD(self.redis, keys=[key])
                 if not flat:
                     return None
-                if after:  # measured from before the call: the restart came later
-                    self._touched.put(session_id, now + after)
+                if self.touch_after:
+                    self._touched.put(session_id, now + self.touch_after)
                 return self._fields.parse(session_id, hash_of(flat))
         with self.guard:
             fields = await self.redis.hgetall(key)
