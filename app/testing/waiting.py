@@ -11,9 +11,9 @@ from __future__ import annotations
 import asyncio
 import inspect
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
-__all__ = ["DEFAULT_DEADLINE", "ManualClock", "eventually", "pop_signal"]
+__all__ = ["DEFAULT_DEADLINE", "ManualClock", "cancel_after", "eventually", "pop_signal"]
 
 #: Seconds a condition may take on a loaded machine before the test fails. Deadlines
 #: bound a hang; they are never a speed assertion, so they are deliberately long.
@@ -77,6 +77,29 @@ async def pop_signal(
         if item is not None:
             return item
     raise AssertionError(f"not within {timeout:g} s: {what or f'an item on {key!r}'}")
+
+
+async def cancel_after(
+    turns: int, start: Callable[[], Awaitable[Any]]
+) -> Literal["finished", "cancelled", "lost"]:
+    """Run ``start()`` in a task, cancel it after *turns* loop turns, and wait for the task.
+
+    ``"finished"``: it had ended before the cancel (nothing to deliver).
+    ``"cancelled"``: the cancel was accepted and the task ended with ``CancelledError``.
+    ``"lost"``: the cancel was accepted, yet the task returned normally: it ran on after
+    its caller gave up. Any other error of the task propagates.
+    """
+    task = asyncio.ensure_future(start())
+    for _ in range(turns):
+        await asyncio.sleep(0)
+    if not task.cancel():
+        await task
+        return "finished"
+    try:
+        await task
+    except asyncio.CancelledError:
+        return "cancelled"
+    return "lost"
 
 
 class ManualClock:

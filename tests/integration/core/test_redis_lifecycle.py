@@ -24,7 +24,7 @@ from app.core.redis import (
 )
 from app.core.scripts import Script
 from app.testing.servers import RedisServer, free_port
-from app.testing.waiting import eventually
+from app.testing.waiting import cancel_after, eventually
 
 pytestmark = pytest.mark.integration
 
@@ -164,27 +164,14 @@ async def test_pool_wait_is_bounded(
 
 
 async def _cancel_at_each_turn(command: Callable[[], Any], turns: int = 12) -> list[int]:
-    """Cancel *command* after 1..*turns* loop turns; the turns whose cancel was lost.
-
-    A cancel that ``Task.cancel()`` accepted (the command had not finished) must
-    end the task with ``CancelledError``; a task that returns normally instead
-    ran on after its caller gave up.
-    """
-    lost = []
-    for turns_before in range(1, turns + 1):
-        for _ in range(5):
-            task = asyncio.create_task(command())
-            for _ in range(turns_before):
-                await asyncio.sleep(0)
-            if not task.cancel():
-                await task  # it had already finished: nothing to deliver
-                continue
-            try:
-                await task
-            except asyncio.CancelledError:
-                continue
-            lost.append(turns_before)
-    return lost
+    """Cancel *command* after 1..*turns* loop turns, 5 times each; the turns whose cancel was
+    lost (``cancel_after``: accepted, yet the command returned normally)."""
+    return [
+        turns_before
+        for turns_before in range(1, turns + 1)
+        for _ in range(5)
+        if await cancel_after(turns_before, command) == "lost"
+    ]
 
 
 @pytest.mark.parametrize("build", ["toolkit", "redis-py"])
