@@ -50,7 +50,7 @@ def _why(exc: BaseException) -> str:
 
 
 def _positive(value: int, name: str) -> int:
-    if not isinstance(value, int) or value < 1:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ConfigurationError(f"{name} must be a positive integer, got {value!r}")
     return value
 

@@ -517,8 +517,13 @@ def test_options_are_validated() -> None:
     client = slot_checking_fake_redis()
     with pytest.raises(ConfigurationError, match="renew_interval"):
         consumer(client, recorder([]), claim_idle=1, renew_interval=1)
-    with pytest.raises(ConfigurationError):
-        consumer(client, recorder([]), concurrency=0)
+    for option in ("batch_size", "concurrency", "max_deliveries", "dead_letter_maxlen"):
+        for bad in (0, -1, 1.5, True):  # True is an int to Python, never a count here
+            with pytest.raises(ConfigurationError, match=option):
+                consumer(client, recorder([]), **{option: bad})
+    for bad in (0, True):
+        with pytest.raises(ConfigurationError, match="maxlen"):
+            StreamProducer(client, "events", maxlen=bad)
     for bad in (-1, 1.5, True):
         with pytest.raises(ConfigurationError, match="prefetch"):
             consumer(client, recorder([]), prefetch=bad)
