@@ -2,7 +2,8 @@
 
 No app-wide middleware: ``rate_limit`` is a dependency and writes its own
 ``RateLimit`` headers. ``/redis`` is one ``GET`` on the toolkit client, the
-same stack as the other routes.
+same stack as the other routes; ``/redis-dep`` is the same ``GET`` with the client
+from a FastAPI dependency, which shows what one ``Depends`` costs a route.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 import orjson
 from fastapi import APIRouter, Depends, FastAPI
 
+from app.api.deps import RedisDep
 from app.api.problems import install_problem_handlers
 from app.core.redis import get_redis, redis_lifespan
 from app.middleware.http_cache import HttpCacheRoute, cache_response
@@ -63,6 +65,12 @@ async def bare() -> dict[str, Any]:
 @app.get("/redis")
 async def one_get() -> dict[str, Any]:
     return orjson.loads(await get_redis().get(KEY))
+
+
+@app.get("/redis-dep")
+async def one_get_dep(redis: RedisDep) -> dict[str, Any]:
+    """``/redis`` written the FastAPI way: the client from a dependency (``RedisDep``)."""
+    return orjson.loads(await redis.get(KEY))
 
 
 @app.get("/cached")

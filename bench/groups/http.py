@@ -72,6 +72,8 @@ ENDPOINTS = [
     Endpoint("plain /redis (one GET, redis.asyncio)", "plain", "/redis"),
     Endpoint("ours /bare", "ours", "/bare"),
     Endpoint(ONE_GET, "ours", "/redis"),
+    Endpoint("ours /redis-dep (one GET, client from RedisDep)", "ours", "/redis-dep",
+             compare=ONE_GET),
     Endpoint("ours /cached (@cached, Redis hit)", "ours", "/cached", compare=ONE_GET),
     Endpoint("ours /cached-local (@cached, local-tier hit)", "ours", "/cached-local", compare=ONE_GET),
     Endpoint("ours /http-cached (response cache, Redis hit)", "ours", "/http-cached",
