@@ -6,7 +6,7 @@ See the package docstring for the record lifecycle and the waiters' wake-up list
 from __future__ import annotations
 
 import asyncio
-import secrets
+import os
 from collections.abc import Sequence
 from typing import Any, Final
 
@@ -14,7 +14,7 @@ from app.core.clock import Clock
 from app.core.codec import Codec, default_codec
 from app.core.errors import ConfigurationError
 from app.core.guard import Duration, Guard, as_seconds, as_text, block_cap, to_ms
-from app.core.keys import KeySpace
+from app.core.keys import KeySpace, escape
 from app.core.redis import AnyRedis, client_decodes_responses
 from app.core.scripts import Script
 from app.core.telemetry import traced
@@ -56,7 +56,16 @@ class IdempotencyService:
     refuses raises ``RedisCommandError`` (Redis's text in ``__cause__``).
     """
 
-    __slots__ = ("_codec", "_keys", "_lease_ms", "_max_block", "_ttl_ms", "guard", "redis")
+    __slots__ = (
+        "_codec",
+        "_keys",
+        "_lease_ms",
+        "_max_block",
+        "_root",
+        "_ttl_ms",
+        "guard",
+        "redis",
+    )
 
     def __init__(
         self,
@@ -71,6 +80,7 @@ class IdempotencyService:
         self._ttl_ms = to_ms(as_seconds(ttl, "ttl"))
         self._lease_ms = to_ms(as_seconds(lease, "lease"))
         self._keys = KeySpace.of(namespace)
+        self._root = self._keys.root
         text_safe = client_decodes_responses(redis)
         self._codec = (codec or default_codec()).with_text_safe(text_safe)
         # a BLPOP must return before the client's socket timeout gives up on it
@@ -94,7 +104,7 @@ class IdempotencyService:
 
     def _record_keys(self, key: str) -> tuple[str, str]:
         """*key*'s record and its wake-up list (same hash tag), escaping *key* once."""
-        record = self._keys.tagged(key)
+        record = f"{self._root}{{{escape(key)}}}"  # self._keys.tagged(key), root read once
         return record, record + ":n"
 
     def _notify_key(self, key: str) -> str:
@@ -122,7 +132,9 @@ class IdempotencyService:
         ``CodecError`` for an unencodable result and ``RedisUnavailable`` when
         Redis is down.
         """
-        await self._complete(key, _UNCLAIMED, result, ttl)
+        keys, args = self._completion(key, _UNCLAIMED, result, ttl)
+        with self.guard:
+            await _COMPLETE(self.redis, keys=keys, args=args)
 
     async def get_result(self, key: str, type_: Any = None) -> Any:
         """The stored result of *key*, or None when unknown, expired or still in flight.
@@ -181,15 +193,21 @@ class IdempotencyService:
         Raises ``RedisUnavailable`` when Redis is down.
         """
         if not fallbacks and wait <= 0:  # the common case: one round trip, nothing to loop on
-            token = secrets.token_hex(16)
-            code, payload = await self._claim_script(key, fingerprint, token, b"0", b"0")
+            token = os.urandom(16).hex()  # secrets.token_hex(16), without its two calls
+            record, notify = self._record_keys(key)
+            with self.guard:
+                code, payload = await _CLAIM(
+                    self.redis,
+                    keys=(record, notify),
+                    args=(fingerprint, token, self._lease_ms, b"0", b"0"),
+                )
             return self._answer(key, int(code), payload, token, result_type)
         register = b"1" if wait > 0 else b"0"
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
         names = [*(name for name in fallbacks if name != key), key]
         while True:
-            token = secrets.token_hex(16)
+            token = os.urandom(16).hex()
             for name in names:
                 code, payload = await self._claim_script(
                     name, fingerprint, token, register, _look(name, key)
@@ -241,18 +259,17 @@ class IdempotencyService:
         """
         if not token:
             raise ConfigurationError("complete() needs the owner token from claim()")
-        return await self._complete(key, token, result, ttl)
-
-    async def _complete(self, key: str, token: str, result: Any, ttl: Duration | None) -> bool:
-        ttl_ms = self._ttl_ms if ttl is None else to_ms(as_seconds(ttl, "ttl"))
-        blob = self._codec.encode(result)
+        keys, args = self._completion(key, token, result, ttl)
         with self.guard:
-            done = await _COMPLETE(
-                self.redis,
-                keys=self._record_keys(key),
-                args=(token, blob, ttl_ms, _NOTIFY_TTL_MS),
-            )
+            done = await _COMPLETE(self.redis, keys=keys, args=args)
         return bool(done)
+
+    def _completion(
+        self, key: str, token: str, result: Any, ttl: Duration | None
+    ) -> tuple[tuple[str, str], tuple[str, bytes, int, int]]:
+        """The complete script's keys and arguments (``CodecError`` for an unencodable result)."""
+        ttl_ms = self._ttl_ms if ttl is None else to_ms(as_seconds(ttl, "ttl"))
+        return self._record_keys(key), (token, self._codec.encode(result), ttl_ms, _NOTIFY_TTL_MS)
 
     async def release(self, key: str, token: str) -> bool:
         """Drop the in-flight claim *token* owns so the key can be claimed again.
