@@ -273,7 +273,9 @@ class Guard:
         self._settled = True
         service, token, mw = self._service, self._token, self._mw
         assert service is not None and token is not None
-        await self._stop_heartbeat()
+        heartbeat, self._heartbeat = self._heartbeat, None
+        if heartbeat is not None and not heartbeat.cancel():  # a renewal task runs: end it
+            await self._end_heartbeat(heartbeat)
         if self._release:
             await self._release_claim()
             return
@@ -316,9 +318,12 @@ class Guard:
     async def _stop_heartbeat(self) -> None:
         heartbeat, self._heartbeat = self._heartbeat, None
         if heartbeat is not None:
-            await heartbeat.stop()
-            if heartbeat.lost:
-                self._mw.stats["lease_lost"] += 1
+            await self._end_heartbeat(heartbeat)
+
+    async def _end_heartbeat(self, heartbeat: Heartbeat) -> None:
+        await heartbeat.stop()
+        if heartbeat.lost:
+            self._mw.stats["lease_lost"] += 1
 
     async def _release_claim(self) -> None:
         service, token = self._service, self._token

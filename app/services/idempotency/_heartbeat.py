@@ -79,11 +79,24 @@ class Heartbeat:
             self._run(), name=f"idempotency-heartbeat:{self.key}"
         )
 
-    async def stop(self) -> None:
-        """Stop renewing and wait for the renewal task, if one started, to end (safe to call twice)."""
+    def cancel(self) -> bool:
+        """Stop renewing without waiting, if no renewal has started: True when stopped.
+
+        False when the renewal task already runs; ``await stop()`` then ends it.
+        Most requests end before their first renewal, and stop here without
+        awaiting anything.
+        """
+        if self._task is not None:
+            return False
         timer, self._timer = self._timer, None
         if timer is not None:
             timer.cancel()
+        return True
+
+    async def stop(self) -> None:
+        """Stop renewing and wait for the renewal task, if one started, to end (safe to call twice)."""
+        if self.cancel():
+            return
         task, self._task = self._task, None
         if task is not None and not task.done():
             task.cancel()
