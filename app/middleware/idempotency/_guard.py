@@ -26,7 +26,12 @@ from app.http.asgi import header_values
 from app.http.caller import Caller, caller_resolver, resolve_caller
 from app.middleware._order import session_replaced
 from app.middleware.idempotency._key import DEFAULT_HEADER, PrincipalFunc, parse_idempotency_key
-from app.middleware.idempotency._responses import NOT_STORED_HEADER, Abort, StoredResponse
+from app.middleware.idempotency._responses import (
+    NOT_STORED_HEADER,
+    Abort,
+    StoredResponse,
+    pack_response,
+)
 from app.services.idempotency import Heartbeat, IdempotencyService
 
 __all__ = ["SCOPE_KEY", "Guard", "GuardOwner", "guard_request"]
@@ -282,7 +287,7 @@ class Guard:
         body = b"".join(self._chunks) if self._chunks is not None else None
         if body is None:
             mw.stats["not_stored"] += 1
-        stored = StoredResponse(self._status, self._stored_headers, body).pack()
+        stored = pack_response(self._status, self._stored_headers, body)
         try:
             done = await service.complete(self._record, token, stored)
         except ToolkitError as exc:  # Redis down or refusing (OOM), or the codec

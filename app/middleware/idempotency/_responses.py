@@ -20,6 +20,7 @@ __all__ = [
     "REPLAYED_HEADER",
     "Abort",
     "StoredResponse",
+    "pack_response",
 ]
 
 REPLAYED_HEADER: Final = (b"idempotent-replayed", b"true")
@@ -41,8 +42,7 @@ class StoredResponse:
         replaying cost the same whatever its size; the service's codec stores
         the blob as bytes.
         """
-        head = orjson.dumps([self.status, self.headers, self.body is not None])
-        return head + b"\n" + self.body if self.body is not None else head + b"\n"
+        return pack_response(self.status, self.headers, self.body)
 
     @classmethod
     def unpack(cls, stored: Any) -> StoredResponse:
@@ -56,6 +56,12 @@ class StoredResponse:
             return cls(int(status), [(str(k), str(v)) for k, v in headers], body if kept else None)
         except (orjson.JSONDecodeError, TypeError, ValueError) as exc:
             raise CodecError(f"stored idempotent response is malformed: {exc}") from exc
+
+
+def pack_response(status: int, headers: list[tuple[str, str]], body: bytes | None) -> bytes:
+    """``StoredResponse(status, headers, body).pack()``, without building the response."""
+    head = orjson.dumps([status, headers, body is not None])
+    return head + b"\n" + body if body is not None else head + b"\n"
 
 
 def _legacy(stored: Any) -> StoredResponse:
