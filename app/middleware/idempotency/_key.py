@@ -100,8 +100,13 @@ def _encode(text: str | bytes | None) -> bytes:
 
 def record_name(secret: bytes, scope: str | bytes | None, method: str, route: str, key: str) -> str:
     """The record of a request: HMAC of the caller scope, method, route and key (hex, 128 bits)."""
-    data = _length_prefixed(_encode(scope), _encode(method), _encode(route), _encode(key))
-    return HmacKey.of(secret).hexdigest(data)[:32]
+    data = _length_prefixed(
+        _encode(scope),
+        method.encode("utf-8", "surrogateescape"),
+        route.encode("utf-8", "surrogateescape"),
+        key.encode("utf-8", "surrogateescape"),
+    )
+    return HmacKey.of(secret).digest(data)[:16].hex()
 
 
 def request_fingerprint(
@@ -117,5 +122,10 @@ def request_fingerprint(
             digest_of_body = b"r" + body
     else:
         digest_of_body = _encode(mode(body))
-    message = _length_prefixed(_encode(method), _encode(path), query, digest_of_body)
-    return hashlib.sha256(message).hexdigest()[:32]
+    message = _length_prefixed(
+        method.encode("utf-8", "surrogateescape"),
+        path.encode("utf-8", "surrogateescape"),
+        query,
+        digest_of_body,
+    )
+    return hashlib.sha256(message).digest()[:16].hex()
