@@ -92,6 +92,12 @@ def _length_prefixed(*parts: bytes) -> bytes:
     return b"".join(len(p).to_bytes(4, "big") + p for p in parts)
 
 
+_HEADS: Final[dict[str, tuple[str, bytes]]] = {
+    kind: (tag.decode() + ":", _length_prefixed(tag)) for kind, tag in _TAGS.items()
+}
+"""Per kind: the digest's prefix, and the length-prefixed tag that opens the HMAC's message."""
+
+
 @dataclass(frozen=True, slots=True)
 class Caller:
     """The caller of one request (see the module docstring for the order).
@@ -114,9 +120,10 @@ class Caller:
         return self.kind != "anonymous"
 
     def _digest(self, key: bytes) -> str:
-        tag = _TAGS[self.kind]
-        mac = HmacKey.of(key, _CONTEXT).hexdigest(_length_prefixed(tag, self._material))
-        return tag.decode() + ":" + mac[:32]
+        prefix, head = _HEADS[self.kind]
+        material = self._material
+        mac = HmacKey.of(key, _CONTEXT).digest(head + len(material).to_bytes(4, "big") + material)
+        return prefix + mac[:16].hex()
 
     def digest(self) -> str:
         """``<kind letter>:<HMAC under the current key>`` (128 bits, hex)."""
@@ -142,7 +149,7 @@ class CallerResolver:
     for apps that need another configuration for one layer.
     """
 
-    __slots__ = ("_client_ip", "_cookies", "_headers", "keys")
+    __slots__ = ("_client_ip", "_cookies", "_headers", "_scanned", "keys")
 
     def __init__(
         self,
@@ -161,6 +168,7 @@ class CallerResolver:
             raise ConfigurationError("CallerResolver needs at least one non-empty key")
         self.keys = tuple(keys)
         self._headers = frozenset(h.strip().lower().encode("latin-1") for h in credential_headers)
+        self._scanned = self._headers | {b"cookie"}
         self._client_ip = ClientIP(trusted_proxies)
         self._cookies = (f"__Host-{session_cookie}", session_cookie) if session_cookie else ()
 
@@ -176,23 +184,35 @@ class CallerResolver:
 
     def credentials(self, scope: Scope) -> list[tuple[bytes, bytes]]:
         """The request's credential headers, sorted (names lower case)."""
-        found = [
-            (name.lower(), value)
-            for name, value in scope.get("headers", ())
-            if name.lower() in self._headers
-        ]
-        found.sort()
-        return found
+        return self._scan(scope)[0]
+
+    def _scan(self, scope: Scope) -> tuple[list[tuple[bytes, bytes]], list[bytes]]:
+        """One pass over the headers: the credential headers, sorted, and the Cookie values."""
+        credentials: list[tuple[bytes, bytes]] = []
+        cookies: list[bytes] = []
+        scanned, wanted = self._scanned, self._headers
+        for name, value in scope.get("headers", ()):
+            lower = name.lower()
+            if lower in scanned:  # most headers are neither
+                if lower in wanted:
+                    credentials.append((lower, value))
+                if lower == b"cookie":
+                    cookies.append(value)
+        credentials.sort()
+        return credentials, cookies
 
     def session_cookie(self, scope: Scope) -> bytes | None:
         """The session cookie's value (``__Host-`` name first), or None."""
-        if not self._cookies:
+        return self._session_cookie(self._scan(scope)[1])
+
+    def _session_cookie(self, headers: list[bytes]) -> bytes | None:
+        """The session cookie's value in the ``Cookie`` header values *headers*, or None."""
+        if not self._cookies or not headers:
             return None
         found: dict[str, str] = {}
-        for name, value in scope.get("headers", ()):
-            if name.lower() == b"cookie":
-                for key, item in cookie_parser(value.decode("latin-1")).items():
-                    found.setdefault(key, item)
+        for value in headers:
+            for key, item in cookie_parser(value.decode("latin-1")).items():
+                found.setdefault(key, item)
         for name in self._cookies:
             if found.get(name):
                 return found[name].encode("latin-1")
@@ -211,22 +231,23 @@ class CallerResolver:
         address = None
         principal = scope.get(PRINCIPAL_KEY)
         if principal is None or principal == "":
-            principal = _starlette_identity(scope.get("user"))
+            user = scope.get("user")
+            principal = None if user is None else _starlette_identity(user)
         if principal is not None and principal != "":
             return Caller("principal", address, _material(principal), self.keys)
-        credentials = self.credentials(scope)
+        credentials, cookies = self._scan(scope)
         session_id = getattr(scope.get("session"), "id", None)
         if isinstance(session_id, str) and session_id:
             material = b"id\x00" + session_id.encode()
             return Caller("session", address, _with_others(material, credentials), self.keys)
-        cookie = self.session_cookie(scope)
+        cookie = self._session_cookie(cookies)
         if cookie:
             material = b"cookie\x00" + cookie
             return Caller("session", address, _with_others(material, credentials), self.keys)
         if credentials:
             material = _length_prefixed(*(part for pair in credentials for part in pair))
             return Caller("credentials", address, material, self.keys)
-        address = self.address(scope)
+        address = self._client_ip.address(scope)
         return Caller("anonymous", address, (address or "").encode(), self.keys)
 
 
@@ -282,7 +303,7 @@ def resolve_caller(conn: HTTPConnection | Scope) -> Caller:
     Cheap after the first call. Only ``set_principal`` replaces the kept
     answer (callers asked later then see the principal).
     """
-    scope = _scope_of(conn)
+    scope = conn if type(conn) is dict else _scope_of(conn)
     found = scope.get(CALLER_KEY)
     if isinstance(found, Caller):
         return found
