@@ -222,10 +222,15 @@ class IdempotencyMiddleware:
         scope[SCOPE_KEY] = guard
         try:
             if scope["method"] in self.methods and self._guards(scope["path"]):
-                replay_receive = await self._begin(guard, scope, receive)
-                if replay_receive is None:  # the client left while sending its body
-                    return
-                receive = replay_receive
+                key = guard.read_key(self.header_name, required=self.required, lower=self._header)
+                if key is not None:
+                    body = await _read_body(receive, self.max_request_body)
+                    if body is None:  # the client left while sending its body
+                        return
+                    guard.auto = True
+                    principal = self.principal(scope) if self.principal else None
+                    await guard.begin(key, body, scope["path"], principal)
+                    receive = _replaying(body, receive)
             await self.app(scope, receive, guard.send)
         except Abort as abort:
             await guard.finish()
@@ -237,19 +242,6 @@ class IdempotencyMiddleware:
             await guard.finish()
             raise
         await guard.finish()
-
-    async def _begin(self, guard: Guard, scope: Scope, receive: Receive) -> Receive | None:
-        key = guard.read_key(self.header_name, required=self.required, lower=self._header)
-        if key is None:
-            return receive
-        body = await _read_body(receive, self.max_request_body)
-        if body is None:
-            return None
-        guard.auto = True
-        await guard.begin(
-            key, body, scope["path"], self.principal(scope) if self.principal else None
-        )
-        return _replaying(body, receive)
 
 
 async def _read_body(receive: Receive, limit: int) -> bytes | None:
