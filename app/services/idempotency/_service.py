@@ -199,7 +199,7 @@ class IdempotencyService:
                 code, payload = await _CLAIM(
                     self.redis,
                     keys=(record, notify),
-                    args=(fingerprint, token, self._lease_ms, b"0", b"0"),
+                    args=(fingerprint, token, self._lease_ms),  # no waiting, no look-only
                 )
             return self._answer(key, int(code), payload, token, result_type)
         register = b"1" if wait > 0 else b"0"

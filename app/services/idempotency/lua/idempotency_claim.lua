@@ -4,9 +4,9 @@
 -- ARGV[1] request fingerprint ("" when the caller does not compare payloads)
 -- ARGV[2] owner token for a new claim (random, chosen by the caller)
 -- ARGV[3] in-flight lease in ms (the record expires then unless renewed or completed)
--- ARGV[4] "1" to register as a waiter when the key is in flight, else "0"
+-- ARGV[4] "1" to register as a waiter when the key is in flight, else "0" (absent: "0")
 -- ARGV[5] "1" to look only: an absent record stays absent (answer {4, ""}); used for the
---         records of a caller under fallback keys during a secret rotation
+--         records of a caller under fallback keys during a secret rotation (absent: "0")
 -- returns {0, token}  new: the caller owns the claim
 --         {1, pttl}   in flight with the same fingerprint (pttl: ms left on the lease)
 --         {2, result} completed: the stored result
