@@ -316,4 +316,4 @@ class IdempotencyService:
         the claim gone; the heartbeat then stops. *clock* times the renewals
         (default ``LOOP_CLOCK``, the event loop's time).
         """
-        return Heartbeat(self, key, token, interval=interval or self.lease / 3, clock=clock)
+        return Heartbeat(self, key, token, interval=interval or self._lease_ms / 3000, clock=clock)
