@@ -319,7 +319,9 @@ def as_seconds(value: object, what: str, *, allow_zero: bool = False) -> float:
     """
     if isinstance(value, timedelta):
         seconds = value.total_seconds()
-    elif isinstance(value, int | float) and not isinstance(value, bool):
+    elif isinstance(value, (int, float)) and not isinstance(
+        value, bool
+    ):  # a tuple: `int | float` builds a Union per call
         try:
             seconds = float(value)
         except OverflowError:  # an int past float range: refused below as infinite

@@ -26,7 +26,7 @@ import hashlib
 import re
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final
 
 from app.core.config import get_settings
@@ -195,15 +195,13 @@ class KeySpace:
 
     prefix: str
     service: str
+    root: str = field(init=False, repr=False, compare=False)
+    """``<prefix>:<service>:`` — every key of this space starts with it."""
 
     def __post_init__(self) -> None:
         _check_name("key prefix", self.prefix)
         _check_name("service name", self.service)
-
-    @property
-    def root(self) -> str:
-        """``<prefix>:<service>:`` — every key of this space starts with it."""
-        return f"{self.prefix}:{self.service}:"
+        object.__setattr__(self, "root", f"{self.prefix}:{self.service}:")  # built once
 
     def key(self, *parts: str | bytes | int) -> str:
         """A key from escaped *parts* (at least one)."""
@@ -214,7 +212,7 @@ class KeySpace:
     def tagged(self, tag: str | bytes | int, *parts: str | bytes | int) -> str:
         """A key whose escaped *tag* is a Cluster hash tag; extra *parts* follow it."""
         base = f"{self.root}{{{escape(tag)}}}"
-        return base + "".join(":" + escape(p) for p in parts)
+        return base + "".join(":" + escape(p) for p in parts) if parts else base
 
     def pattern(self, glob: str = "*") -> str:
         """A ``SCAN MATCH`` pattern confined to this space.

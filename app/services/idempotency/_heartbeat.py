@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 from typing import Protocol
 
 from app.core.clock import LOOP_CLOCK, Clock, Timer
@@ -62,11 +61,7 @@ class Heartbeat:
         self._clock: Clock = LOOP_CLOCK if clock is None else clock
         self.key = key
         self.token = token
-        self.interval = (
-            interval  # a positive finite float (the service's default) is valid as it is
-            if type(interval) is float and 0.0 < interval < math.inf
-            else as_seconds(interval, "heartbeat interval")  # ConfigurationError if bad
-        )
+        self.interval = as_seconds(interval, "heartbeat interval")  # ConfigurationError if bad
         self.lost = False
         self.renewals = 0
         self._timer: Timer | None = None

@@ -14,7 +14,7 @@ from app.core.clock import Clock
 from app.core.codec import Codec, default_codec
 from app.core.errors import ConfigurationError
 from app.core.guard import Duration, Guard, as_seconds, as_text, block_cap, to_ms
-from app.core.keys import KeySpace, escape
+from app.core.keys import KeySpace
 from app.core.redis import AnyRedis, client_decodes_responses
 from app.core.scripts import Script
 from app.core.telemetry import traced
@@ -61,7 +61,6 @@ class IdempotencyService:
         "_keys",
         "_lease_ms",
         "_max_block",
-        "_root",
         "_ttl_ms",
         "guard",
         "redis",
@@ -80,7 +79,6 @@ class IdempotencyService:
         self._ttl_ms = to_ms(as_seconds(ttl, "ttl"))
         self._lease_ms = to_ms(as_seconds(lease, "lease"))
         self._keys = KeySpace.of(namespace)
-        self._root = self._keys.root
         text_safe = client_decodes_responses(redis)
         self._codec = (codec or default_codec()).with_text_safe(text_safe)
         # a BLPOP must return before the client's socket timeout gives up on it
@@ -104,7 +102,7 @@ class IdempotencyService:
 
     def _record_keys(self, key: str) -> tuple[str, str]:
         """*key*'s record and its wake-up list (same hash tag), escaping *key* once."""
-        record = f"{self._root}{{{escape(key)}}}"  # self._keys.tagged(key), root read once
+        record = self._keys.tagged(key)
         return record, record + ":n"
 
     def _notify_key(self, key: str) -> str:
