@@ -520,7 +520,8 @@ def test_options_are_validated() -> None:
     for option in ("batch_size", "concurrency", "max_deliveries", "dead_letter_maxlen"):
         for bad in (0, -1, 1.5, True):  # True is an int to Python, never a count here
             with pytest.raises(ConfigurationError, match=option):
-                consumer(client, recorder([]), **{option: bad})
+                options: dict[str, Any] = {option: bad}
+                consumer(client, recorder([]), **options)
     for bad in (0, True):
         with pytest.raises(ConfigurationError, match="maxlen"):
             StreamProducer(client, "events", maxlen=bad)
