@@ -329,11 +329,13 @@ async def test_wait_mode_is_bounded(make_client: MakeClient) -> None:
 
 
 async def test_heartbeat_keeps_a_slow_request_claimed(make_client: MakeClient) -> None:
-    app, client = await make_client(lease=0.3)
+    app, client = await make_client(lease=1.0)  # renewed every 1/3 s: a loaded loop keeps it
     first = asyncio.create_task(client.post("/items?gate=1", json={}, headers=KEY))
     await app.state.entered.wait()
-    await asyncio.sleep(0.9)  # three leases: only the heartbeat keeps the claim
-    assert (await client.post("/items?gate=1", json={}, headers=KEY)).status_code == 409
+    await asyncio.sleep(3.0)  # three leases: only the heartbeat keeps the claim
+    # A lost claim would let this request in, to wait on the gate: bounded, so it fails, not hangs.
+    second = await asyncio.wait_for(client.post("/items?gate=1", json={}, headers=KEY), 10)
+    assert second.status_code == 409
     app.state.gate.set()
     assert (await first).status_code == 201
     assert app.state.calls["items"] == 1
