@@ -294,6 +294,8 @@ def caller_resolver(settings: Settings | None = None) -> CallerResolver:
 
 
 def _scope_of(conn: HTTPConnection | Scope) -> Scope:
+    if type(conn) is dict:  # an ASGI scope, the middlewares' case: no isinstance walk
+        return conn
     return conn.scope if isinstance(conn, HTTPConnection) else conn
 
 
@@ -303,7 +305,7 @@ def resolve_caller(conn: HTTPConnection | Scope) -> Caller:
     Cheap after the first call. Only ``set_principal`` replaces the kept
     answer (callers asked later then see the principal).
     """
-    scope = conn if type(conn) is dict else _scope_of(conn)
+    scope = _scope_of(conn)
     found = scope.get(CALLER_KEY)
     if isinstance(found, Caller):
         return found
